@@ -1,0 +1,523 @@
+"""Public layer API: paired ``*_forward`` / ``*_backward`` functions on NCHW arrays.
+
+Every forward returns ``out, cache`` and every backward takes ``(dout, cache)``, as in the
+CS231n assignments. Arguments are checked here, once: a wrong shape or value raises
+``ValueError``, a wrong type or dtype raises ``TypeError``, and the message names the argument,
+what was expected and what came. Inputs are never modified. float32 and float64 are supported
+throughout and the output dtype is the input dtype; all arrays of one call must share a dtype.
+
+The heavy loops run in the compiled Cython kernels of :mod:`cnnserve._ext`; matrix products
+go to numpy's BLAS. There is no pure-Python fallback: :mod:`cnnserve.reference` holds plain
+loop versions for testing only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+try:
+    from cnnserve._ext import conv as _conv
+except ImportError as exc:  # pragma: no cover - exercised by a test in a patched interpreter
+    raise ImportError(
+        "cnnserve's compiled Cython kernels (cnnserve._ext) are missing or failed to load "
+        f"({exc}). Build them from the repository root with `make install` "
+        "(or `pip install -e .`; `python setup.py build_ext --inplace` for a quick rebuild)."
+    ) from exc
+
+__all__ = [
+    "ConvCache",
+    "conv_forward",
+    "conv_backward",
+    "relu_forward",
+    "relu_backward",
+    "affine_forward",
+    "affine_backward",
+    "softmax_forward",
+    "softmax_backward",
+    "softmax_loss",
+    "svm_loss",
+    "dropout_forward",
+    "dropout_backward",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks shared by every layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_array(a: Any, name: str, ndim: int | None = None, layout: str = "") -> np.ndarray:
+    """Return ``a`` if it is a non-empty float32/float64 ndarray of ``ndim`` dimensions."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        shape_hint = f" {layout}" if layout else ""
+        raise ValueError(f"{name} must be {ndim}-D{shape_hint}, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {a.shape}")
+    return a
+
+
+def _check_same_dtype(first_name: str, first: np.ndarray, **others: np.ndarray) -> None:
+    """Raise TypeError unless every array in ``others`` has the dtype of ``first``."""
+    for name, a in others.items():
+        if a.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {a.dtype} but {first_name} has dtype {first.dtype}: "
+                "all arrays of one layer call must share one dtype"
+            )
+
+
+def _check_shape(a: np.ndarray, name: str, expected: tuple[int, ...], meaning: str) -> None:
+    if a.shape != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} {meaning}, got {a.shape}")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) and ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_params(
+    params: Any, name: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+) -> Mapping:
+    """Check that ``params`` is a mapping with only ``allowed`` keys and all ``required`` ones."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be a dict, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(allowed), key=str)
+    if unknown:
+        raise ValueError(
+            f"{name} has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"expected keys: {', '.join(map(repr, allowed))}"
+        )
+    for key in required:
+        if key not in params:
+            raise ValueError(f"{name} is missing the required key {key!r}")
+    return params
+
+
+def _window_count(size: int, window: int, stride: int, pad: int, what: str) -> int:
+    """Number of window positions along one axis: ``(size + 2*pad - window) / stride + 1``.
+
+    Raises ValueError when the window does not fit or the positions do not tile the padded
+    axis exactly (the result is never silently floored).
+    """
+    span = size + 2 * pad - window
+    if span < 0:
+        raise ValueError(
+            f"{what} is larger than the input: window {window} > {size} + 2*pad ({pad}) = "
+            f"{size + 2 * pad}"
+        )
+    if span % stride:
+        raise ValueError(
+            f"{what} does not divide evenly: ({size} + 2*{pad} - {window}) = {span} is not a "
+            f"multiple of stride {stride}; crop or pad the input so that it is"
+        )
+    return span // stride + 1
+
+
+def _check_dout(dout: Any, expected_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Check an upstream gradient against the forward output it belongs to."""
+    dout = _check_array(dout, "dout")
+    if dout.shape != tuple(expected_shape):
+        raise ValueError(
+            f"dout must have the shape of the forward output {tuple(expected_shape)}, "
+            f"got {dout.shape}"
+        )
+    if dout.dtype != dtype:
+        raise TypeError(f"dout has dtype {dout.dtype} but the forward pass ran in {dtype}")
+    return dout
+
+
+def _check_cache(cache: Any, cache_type: type, forward_name: str) -> None:
+    if not isinstance(cache, cache_type):
+        raise TypeError(
+            f"cache must be the {cache_type.__name__} returned by {forward_name}, "
+            f"got {type(cache).__name__}"
+        )
+
+
+def _check_labels(y: Any, num_samples: int, num_classes: int) -> np.ndarray:
+    """Check class labels ``y`` of shape (N,) with values in ``[0, num_classes)``."""
+    if not isinstance(y, np.ndarray):
+        raise TypeError(f"y must be a numpy.ndarray of integer labels, got {type(y).__name__}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"y must have an integer dtype, got {y.dtype}")
+    if y.shape != (num_samples,):
+        raise ValueError(f"y must have shape ({num_samples},) (one label per row of x), got {y.shape}")
+    if y.min() < 0 or y.max() >= num_classes:
+        bad = int(y[(y < 0) | (y >= num_classes)][0])
+        raise ValueError(f"labels in y must be in [0, {num_classes}), got {bad}")
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvCache(NamedTuple):
+    """What :func:`conv_backward` needs from :func:`conv_forward`."""
+
+    x: np.ndarray  # (N, C, H, W), the caller's array
+    w: np.ndarray  # (F, C, HH, WW)
+    b: np.ndarray  # (F,)
+    conv_param: dict  # {'stride': int, 'pad': int}, a normalised copy
+    cols: np.ndarray  # (C*HH*WW, N*H_out*W_out), im2col of the padded input
+
+
+def _conv_param(conv_param: Any) -> tuple[int, int]:
+    params = _check_params(conv_param, "conv_param", ("stride", "pad"))
+    stride = _check_int(params.get("stride", 1), "conv_param['stride']", 1)
+    pad = _check_int(params.get("pad", 0), "conv_param['pad']", 0)
+    return stride, pad
+
+
+def conv_forward(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray, conv_param: dict
+) -> tuple[np.ndarray, ConvCache]:
+    """Forward pass of a 2-D convolution (cross-correlation, as in every CNN library).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+        Input batch.
+    w : ndarray, shape (F, C, HH, WW)
+        Filters; HH and WW may differ.
+    b : ndarray, shape (F,)
+        Biases.
+    conv_param : dict
+        ``'stride'`` (int >= 1, default 1) and ``'pad'`` (int >= 0, default 0): zeros added on
+        every side of the height and width axes.
+
+    Returns
+    -------
+    out : ndarray, shape (N, F, H_out, W_out)
+    cache : ConvCache
+        For :func:`conv_backward`.
+
+    Shape
+    -----
+    ``H_out = (H + 2*pad - HH) / stride + 1`` and ``W_out = (W + 2*pad - WW) / stride + 1``;
+    both divisions must be exact, else ValueError.
+    """
+    x = _check_array(x, "x", 4, "(N, C, H, W)")
+    w = _check_array(w, "w", 4, "(F, C, HH, WW)")
+    b = _check_array(b, "b", 1, "(F,)")
+    _check_same_dtype("x", x, w=w, b=b)
+    N, C, H, W = x.shape
+    F, Cw, HH, WW = w.shape
+    if Cw != C:
+        raise ValueError(
+            f"w has {Cw} input channels but x has {C}: w must be (F, C, HH, WW) with "
+            f"C = x.shape[1] = {C}, got shape {w.shape}"
+        )
+    _check_shape(b, "b", (F,), "(one bias per filter)")
+    stride, pad = _conv_param(conv_param)
+    H_out = _window_count(H, HH, stride, pad, "conv: filter height HH along H")
+    W_out = _window_count(W, WW, stride, pad, "conv: filter width WW along W")
+
+    cols = np.empty((C * HH * WW, N * H_out * W_out), dtype=x.dtype)
+    _conv.im2col(np.ascontiguousarray(x), cols, HH, WW, stride, pad)
+    prod = w.reshape(F, -1) @ cols  # (F, N*H_out*W_out)
+    out = np.empty((N, F, H_out, W_out), dtype=x.dtype)
+    # One pass does the (F, N) -> (N, F) transpose and adds the bias.
+    np.add(prod.reshape(F, N, H_out, W_out).transpose(1, 0, 2, 3), b[:, None, None], out=out)
+    cache = ConvCache(x, w, b, {"stride": stride, "pad": pad}, cols)
+    return out, cache
+
+
+def conv_backward(
+    dout: np.ndarray, cache: ConvCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward pass of :func:`conv_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, F, H_out, W_out)
+        Upstream gradient.
+    cache : ConvCache
+        From :func:`conv_forward`.
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C, H, W)
+    dw : ndarray, shape (F, C, HH, WW)
+    db : ndarray, shape (F,)
+    """
+    _check_cache(cache, ConvCache, "conv_forward")
+    x, w, b, conv_param, cols = cache
+    N, C, H, W = x.shape
+    F, _, HH, WW = w.shape
+    P = cols.shape[1] // N
+    stride, pad = conv_param["stride"], conv_param["pad"]
+    H_out = (H + 2 * pad - HH) // stride + 1
+    dout = _check_dout(dout, (N, F, H_out, P // H_out), x.dtype)
+
+    dout_mat = dout.transpose(1, 0, 2, 3).reshape(F, N * P)  # (F, N*H_out*W_out), a copy
+    db = dout_mat.sum(axis=1)
+    dw = (dout_mat @ cols.T).reshape(w.shape)  # (F, C, HH, WW)
+    dcols = w.reshape(F, -1).T @ dout_mat  # (C*HH*WW, N*H_out*W_out)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    _conv.col2im(dcols, dx, HH, WW, stride, pad)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise layers, affine, softmax and losses (vectorised NumPy: no loops to compile)
+# ---------------------------------------------------------------------------------------------
+
+
+def relu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rectified linear unit ``max(0, x)``.
+
+    Parameters
+    ----------
+    x : ndarray, any shape
+
+    Returns
+    -------
+    out : ndarray, same shape and dtype as x
+    cache : ndarray
+        ``x`` itself.
+    """
+    x = _check_array(x, "x")
+    return np.maximum(x, 0), x
+
+
+def relu_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
+    """Backward pass of :func:`relu_forward`: ``dout`` where ``x > 0``, else 0.
+
+    Returns
+    -------
+    dx : ndarray, same shape as x
+    """
+    x = _check_array(cache, "cache")
+    dout = _check_dout(dout, x.shape, x.dtype)
+    return np.where(x > 0, dout, 0).astype(x.dtype, copy=False)
+
+
+def affine_forward(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Fully connected layer ``x.reshape(N, D) @ w + b``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, d_1, ..., d_k)
+        Each sample is flattened in C order to D = d_1 * ... * d_k values.
+    w : ndarray, shape (D, M)
+    b : ndarray, shape (M,)
+
+    Returns
+    -------
+    out : ndarray, shape (N, M)
+    cache : tuple (x, w, b)
+    """
+    x = _check_array(x, "x")
+    w = _check_array(w, "w", 2, "(D, M)")
+    b = _check_array(b, "b", 1, "(M,)")
+    _check_same_dtype("x", x, w=w, b=b)
+    if x.ndim < 2:
+        raise ValueError(f"x must be at least 2-D (N, d_1, ..., d_k), got shape {x.shape}")
+    D = int(np.prod(x.shape[1:]))
+    if w.shape[0] != D:
+        raise ValueError(
+            f"w must have {D} rows (x.shape[1:] = {x.shape[1:]} flattens to D = {D}), "
+            f"got shape {w.shape}"
+        )
+    _check_shape(b, "b", (w.shape[1],), "(one bias per output unit)")
+    out = x.reshape(x.shape[0], D) @ w
+    out += b
+    return out, (x, w, b)
+
+
+def affine_backward(
+    dout: np.ndarray, cache: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward pass of :func:`affine_forward`.
+
+    Returns
+    -------
+    dx : ndarray, shape (N, d_1, ..., d_k)
+    dw : ndarray, shape (D, M)
+    db : ndarray, shape (M,)
+    """
+    x, w, _ = cache
+    N, M = x.shape[0], w.shape[1]
+    dout = _check_dout(dout, (N, M), x.dtype)
+    dx = (dout @ w.T).reshape(x.shape)
+    dw = x.reshape(N, -1).T @ dout
+    db = dout.sum(axis=0)
+    return dx, dw, db
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) scores, shifted by the row max for stability."""
+    shifted = x - x.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def softmax_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over classes: ``exp(x_ij) / sum_k exp(x_ik)``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C)
+
+    Returns
+    -------
+    out : ndarray, shape (N, C)
+        Rows are probabilities summing to 1.
+    cache : ndarray
+        ``out``.
+    """
+    x = _check_array(x, "x", 2, "(N, C)")
+    out = _softmax(x)
+    return out, out
+
+
+def softmax_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
+    """Backward pass of :func:`softmax_forward`: ``p * (dout - sum(dout * p, axis=1))``.
+
+    Returns
+    -------
+    dx : ndarray, shape (N, C)
+    """
+    p = _check_array(cache, "cache", 2, "(N, C)")
+    dout = _check_dout(dout, p.shape, p.dtype)
+    return p * (dout - (dout * p).sum(axis=1, keepdims=True))
+
+
+def softmax_loss(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of softmax scores, and its gradient.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C)
+        Class scores.
+    y : ndarray of int, shape (N,)
+        Labels, ``0 <= y[i] < C``.
+
+    Returns
+    -------
+    loss : float
+    dx : ndarray, shape (N, C)
+    """
+    x = _check_array(x, "x", 2, "(N, C)")
+    N, C = x.shape
+    y = _check_labels(y, N, C)
+    shifted = x - x.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=1))  # (N,)
+    rows = np.arange(N)
+    loss = float(np.mean(log_z - shifted[rows, y]))
+    dx = np.exp(shifted - log_z[:, None])  # probabilities, (N, C)
+    dx[rows, y] -= 1
+    dx /= N
+    return loss, dx
+
+
+def svm_loss(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean multiclass hinge loss ``sum_{j != y} max(0, x_j - x_y + 1)``, and its gradient.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C)
+    y : ndarray of int, shape (N,)
+
+    Returns
+    -------
+    loss : float
+    dx : ndarray, shape (N, C)
+    """
+    x = _check_array(x, "x", 2, "(N, C)")
+    N, C = x.shape
+    y = _check_labels(y, N, C)
+    rows = np.arange(N)
+    margins = np.maximum(0, x - x[rows, y][:, None] + 1)  # (N, C)
+    margins[rows, y] = 0
+    loss = float(margins.sum() / N)
+    dx = (margins > 0).astype(x.dtype)
+    dx[rows, y] -= dx.sum(axis=1)
+    dx /= N
+    return loss, dx
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------
+
+
+def dropout_forward(x: np.ndarray, dropout_param: dict) -> tuple[np.ndarray, tuple]:
+    """Inverted dropout: keep each unit with probability ``p`` and scale kept ones by ``1/p``.
+
+    Parameters
+    ----------
+    x : ndarray, any shape
+    dropout_param : dict
+        ``'p'`` (required): the probability of KEEPING a unit, ``0 < p <= 1``;
+        ``'mode'`` (required): ``'train'`` drops units, ``'test'`` returns ``x`` unchanged;
+        ``'seed'`` (optional int): makes the mask reproducible (numpy's default_rng).
+
+    Returns
+    -------
+    out : ndarray, same shape and dtype as x
+    cache : tuple (dropout_param, mask)
+        ``mask`` is None in test mode.
+    """
+    x = _check_array(x, "x")
+    params = _check_params(dropout_param, "dropout_param", ("p", "mode", "seed"), ("p", "mode"))
+    p, mode = params["p"], params["mode"]
+    if isinstance(p, bool) or not isinstance(p, int | float | np.floating | np.integer):
+        raise TypeError(f"dropout_param['p'] must be a number, got {type(p).__name__}")
+    if not 0 < p <= 1:
+        raise ValueError(f"dropout_param['p'] is the keep probability, in (0, 1]; got {p}")
+    if mode not in ("train", "test"):
+        raise ValueError(f"dropout_param['mode'] must be 'train' or 'test', got {mode!r}")
+    seed = params.get("seed")
+    if seed is not None:
+        _check_int(seed, "dropout_param['seed']", 0)
+    if mode == "test":
+        return x.copy(), (dict(params), None)
+    rng = np.random.default_rng(seed)
+    mask = (rng.random(x.shape, dtype=x.dtype) < p).astype(x.dtype)
+    mask *= x.dtype.type(1.0 / p)
+    return x * mask, (dict(params), mask)
+
+
+def dropout_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
+    """Backward pass of :func:`dropout_forward`: ``dout * mask`` in train mode, else ``dout``.
+
+    Returns
+    -------
+    dx : ndarray, same shape as dout
+    """
+    params, mask = cache
+    dout = _check_array(dout, "dout")
+    if mask is None:
+        return dout.copy()
+    dout = _check_dout(dout, mask.shape, mask.dtype)
+    return dout * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Numeric gradients and error measures shared by the tests."""
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def numeric_gradient(
+    f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, dout: np.ndarray, h: float = 1e-6
+) -> np.ndarray:
+    """Central-difference gradient of ``sum(f(x) * dout)`` with respect to ``x``.
+
+    ``x`` is perturbed in place one entry at a time and restored; use float64.
+
+    Parameters
+    ----------
+    f : callable
+        Maps an array shaped like ``x`` to an array shaped like ``dout`` (or a scalar when
+        ``dout`` is 1.0).
+    x : ndarray
+    dout : ndarray or float
+
+    Returns
+    -------
+    grad : ndarray, shape of x
+    """
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        old = x[idx]
+        x[idx] = old + h
+        pos = np.array(f(x), copy=True)
+        x[idx] = old - h
+        neg = np.array(f(x), copy=True)
+        x[idx] = old
+        grad[idx] = np.sum((pos - neg) * dout) / (2 * h)
+    return grad
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest elementwise relative error ``|a - b| / max(1e-8, |a| + |b|)``."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b))))
+
+
+def tolerance(dtype: np.dtype) -> dict[str, float]:
+    """``np.testing.assert_allclose`` tolerances for comparing a kernel with the reference."""
+    if np.dtype(dtype) == np.float32:
+        return {"rtol": 1e-4, "atol": 1e-5}
+    return {"rtol": 1e-10, "atol": 1e-12}
