@@ -155,7 +155,9 @@ def _check_labels(y: Any, num_samples: int, num_classes: int) -> np.ndarray:
     if not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"y must have an integer dtype, got {y.dtype}")
     if y.shape != (num_samples,):
-        raise ValueError(f"y must have shape ({num_samples},) (one label per row of x), got {y.shape}")
+        raise ValueError(
+            f"y must have shape ({num_samples},) (one label per row of x), got {y.shape}"
+        )
     if y.min() < 0 or y.max() >= num_classes:
         bad = int(y[(y < 0) | (y >= num_classes)][0])
         raise ValueError(f"labels in y must be in [0, {num_classes}), got {bad}")
@@ -238,9 +240,7 @@ def conv_forward(
     return out, cache
 
 
-def conv_backward(
-    dout: np.ndarray, cache: ConvCache
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward pass of :func:`conv_forward`.
 
     Parameters
