@@ -11,6 +11,10 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 
+cdef extern from "cnn_threads.h":
+    int cnn_threads_for(Py_ssize_t work) noexcept nogil
+
+
 cdef inline Py_ssize_t _first_valid(Py_ssize_t offset, Py_ssize_t stride) noexcept nogil:
     """Smallest o >= 0 with o * stride + offset >= 0."""
     if offset >= 0:
@@ -36,8 +40,9 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
     cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
     cdef Py_ssize_t P = H_out * W_out
     cdef Py_ssize_t nc, n, c, i, j, ho, wo, row, col, hi, off_w, wo_lo, wo_hi
+    cdef int threads = cnn_threads_for(N * C * HH * WW * P)
     with nogil:
-        for nc in prange(N * C, schedule="static"):
+        for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
             for i in range(HH):
@@ -74,8 +79,9 @@ def col2im(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
     cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
     cdef Py_ssize_t P = H_out * W_out
     cdef Py_ssize_t nc, n, c, i, j, ho, wo, row, col, hi, wi, off_w, wo_lo, wo_hi
+    cdef int threads = cnn_threads_for(N * C * (H * W + HH * WW * P))
     with nogil:
-        for nc in prange(N * C, schedule="static"):
+        for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
             for hi in range(H):

@@ -48,3 +48,15 @@ def tolerance(dtype: np.dtype) -> dict[str, float]:
     if np.dtype(dtype) == np.float32:
         return {"rtol": 1e-4, "atol": 1e-5}
     return {"rtol": 1e-10, "atol": 1e-12}
+
+
+def scaled_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute difference relative to the larger array's largest magnitude.
+
+    Unlike :func:`rel_error`, an entry near zero does not dominate: central differences have
+    an absolute error set by the scale of the whole function, not of each entry.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), 1e-12)
+    return float(np.max(np.abs(a - b))) / scale

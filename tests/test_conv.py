@@ -1,0 +1,193 @@
+"""Convolution: the Cython im2col/col2im path against the loop reference and numeric gradients."""
+
+import numpy as np
+import pytest
+
+from cnnserve import layers, reference
+from tests.gradcheck import numeric_gradient, scaled_error, tolerance
+
+# (N, C, H, W, F, HH, WW, stride, pad): batch of 1, single channel, non-square kernels and
+# inputs, stride 1/2/3, pad 0 and pad > 0, kernel == input, 1x1 kernels.
+SHAPES = [
+    (1, 1, 5, 5, 1, 3, 3, 1, 0),
+    (2, 3, 7, 7, 4, 3, 3, 1, 1),
+    (3, 2, 9, 8, 3, 3, 2, 2, 0),
+    (2, 3, 8, 11, 2, 2, 5, 3, 0),
+    (1, 4, 10, 10, 5, 4, 4, 3, 0),
+    (2, 3, 6, 9, 2, 4, 3, 2, 2),
+    (2, 2, 5, 7, 3, 5, 7, 1, 0),
+    (3, 5, 4, 6, 6, 1, 1, 1, 0),
+    (2, 3, 5, 5, 2, 3, 3, 3, 2),
+    (1, 2, 3, 3, 2, 5, 5, 1, 1),
+]
+
+
+def _ids(shape):
+    N, C, H, W, F, HH, WW, s, p = shape
+    return f"x{N}x{C}x{H}x{W}-w{F}x{HH}x{WW}-s{s}p{p}"
+
+
+def _random_problem(shape, dtype, seed=0):
+    N, C, H, W, F, HH, WW, stride, pad = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, HH, WW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    return x, w, b, {"stride": stride, "pad": pad}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_forward_and_backward_match_reference(shape, dtype):
+    x, w, b, param = _random_problem(shape, dtype)
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    np.testing.assert_allclose(out, ref_out, **tolerance(dtype))
+
+    dout = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+    grads = layers.conv_backward(dout, cache)
+    ref_grads = reference.conv_backward_naive(dout, ref_cache)
+    for name, got, want in zip(("dx", "dw", "db"), grads, ref_grads, strict=True):
+        assert got.dtype == dtype, name
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, err_msg=name, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_backward_matches_numeric_gradient(shape):
+    x, w, b, param = _random_problem(shape, np.float64, seed=3)
+    out, cache = layers.conv_forward(x, w, b, param)
+    dout = np.random.default_rng(4).standard_normal(out.shape)
+    dx, dw, db = layers.conv_backward(dout, cache)
+
+    num_dx = numeric_gradient(lambda v: layers.conv_forward(v, w, b, param)[0], x, dout)
+    num_dw = numeric_gradient(lambda v: layers.conv_forward(x, v, b, param)[0], w, dout)
+    num_db = numeric_gradient(lambda v: layers.conv_forward(x, w, v, param)[0], b, dout)
+    assert scaled_error(dx, num_dx) < 1e-8
+    assert scaled_error(dw, num_dw) < 1e-8
+    assert scaled_error(db, num_db) < 1e-8
+
+
+def test_reference_backward_handles_pad_zero():
+    """The source notes' backward returned an empty dx for pad=0; ours must not."""
+    x, w, b, param = _random_problem((2, 2, 5, 5, 3, 3, 3, 1, 0), np.float64)
+    out, cache = reference.conv_forward_naive(x, w, b, param)
+    dx, _, _ = reference.conv_backward_naive(np.ones_like(out), cache)
+    assert dx.shape == x.shape
+    num = numeric_gradient(lambda v: reference.conv_forward_naive(v, w, b, param)[0], x, 1.0)
+    assert scaled_error(dx, num) < 1e-8
+
+
+def test_known_values():
+    """A hand-computed 2x2 valid convolution with stride 1."""
+    x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)
+    w = np.array([[[[1.0, 0.0], [0.0, -1.0]]]])
+    b = np.array([0.5])
+    out, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})
+    # out[i, j] = x[i, j] - x[i+1, j+1] + 0.5 = -4 + 0.5
+    np.testing.assert_array_equal(out, np.full((1, 1, 2, 2), -3.5))
+    out, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 1})
+    assert out.shape == (1, 1, 4, 4)
+    assert out[0, 0, 0, 0] == -x[0, 0, 0, 0] + 0.5  # only w[1, 1] meets the image
+    assert out[0, 0, 3, 3] == x[0, 0, 2, 2] + 0.5  # only w[0, 0] meets the image
+
+
+def test_default_param_is_stride_1_pad_0():
+    x, w, b, _ = _random_problem((1, 2, 5, 5, 2, 3, 3, 1, 0), np.float64)
+    out_default, _ = layers.conv_forward(x, w, b, {})
+    out_explicit, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})
+    np.testing.assert_array_equal(out_default, out_explicit)
+
+
+def test_non_contiguous_inputs_and_inputs_untouched():
+    x, w, b, param = _random_problem((2, 3, 7, 7, 4, 3, 3, 2, 1), np.float64)
+    x_f = np.asfortranarray(x)
+    w_view = np.ascontiguousarray(w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # strided view
+    b_view = np.repeat(b, 2)[::2]
+    assert not x_f.flags.c_contiguous and not w_view.flags.c_contiguous
+    assert not b_view.flags.c_contiguous
+    copies = [a.copy() for a in (x_f, w_view, b_view)]
+    out, cache = layers.conv_forward(x_f, w_view, b_view, param)
+    np.testing.assert_allclose(out, reference.conv_forward_naive(x, w, b, param)[0], rtol=1e-12)
+    dout = np.asfortranarray(np.random.default_rng(0).standard_normal(out.shape))
+    dx, dw, db = layers.conv_backward(dout, cache)
+    ref = reference.conv_backward_naive(np.ascontiguousarray(dout), (x, w, b, param))
+    for got, want in zip((dx, dw, db), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for a, copy in zip((x_f, w_view, b_view), copies, strict=True):
+        np.testing.assert_array_equal(a, copy)
+
+
+def test_cache_keeps_a_private_copy_of_conv_param():
+    x, w, b, param = _random_problem((1, 1, 5, 5, 1, 3, 3, 1, 1), np.float64)
+    out, cache = layers.conv_forward(x, w, b, param)
+    param["pad"] = 0  # the caller reuses its dict; the pending backward must not change
+    dx, _, _ = layers.conv_backward(np.ones_like(out), cache)
+    assert dx.shape == x.shape
+
+
+def test_float32_close_to_float64():
+    x, w, b, param = _random_problem((4, 8, 12, 12, 16, 3, 3, 1, 1), np.float64)
+    out64, cache64 = layers.conv_forward(x, w, b, param)
+    args32 = [a.astype(np.float32) for a in (x, w, b)]
+    out32, cache32 = layers.conv_forward(*args32, param)
+    np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=1e-4)
+    dout = np.random.default_rng(0).standard_normal(out64.shape)
+    for g32, g64 in zip(
+        layers.conv_backward(dout.astype(np.float32), cache32),
+        layers.conv_backward(dout, cache64),
+        strict=True,
+    ):
+        np.testing.assert_allclose(g32, g64, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def _good():
+    return _random_problem((2, 3, 8, 8, 4, 3, 3, 1, 1), np.float64)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda a: a.update(x=a["x"][0]), ValueError, r"x must be 4-D \(N, C, H, W\), got shape \(3, 8, 8\)"),
+        (lambda a: a.update(w=a["w"][0]), ValueError, r"w must be 4-D \(F, C, HH, WW\)"),
+        (lambda a: a.update(b=a["b"][:, None]), ValueError, r"b must be 1-D"),
+        (lambda a: a.update(x=a["x"].tolist()), TypeError, r"x must be a numpy.ndarray, got list"),
+        (lambda a: a.update(x=a["x"].astype(np.int64)), TypeError, r"x must have dtype float32 or float64, got int64"),
+        (lambda a: a.update(w=a["w"].astype(object)), TypeError, r"w must have dtype float32 or float64, got object"),
+        (lambda a: a.update(w=a["w"].astype(np.float32)), TypeError, r"w has dtype float32 but x has dtype float64"),
+        (lambda a: a.update(w=a["w"][:, :2]), ValueError, r"w has 2 input channels but x has 3"),
+        (lambda a: a.update(b=a["b"][:3]), ValueError, r"b must have shape \(4,\) \(one bias per filter\), got \(3,\)"),
+        (lambda a: a.update(x=a["x"][:0]), ValueError, r"x must not be empty"),
+        (lambda a: a.update(param={"stride": 0, "pad": 1}), ValueError, r"conv_param\['stride'\] must be >= 1, got 0"),
+        (lambda a: a.update(param={"stride": 1, "pad": -1}), ValueError, r"conv_param\['pad'\] must be >= 0, got -1"),
+        (lambda a: a.update(param={"stride": 1.0, "pad": 1}), TypeError, r"conv_param\['stride'\] must be an int, got float"),
+        (lambda a: a.update(param={"stride": True, "pad": 1}), TypeError, r"conv_param\['stride'\] must be an int, got bool"),
+        (lambda a: a.update(param={"strides": 1}), ValueError, r"conv_param has unknown key\(s\) 'strides'"),
+        (lambda a: a.update(param=[1, 1]), TypeError, r"conv_param must be a dict, got list"),
+        (lambda a: a.update(param={"stride": 3, "pad": 1}), ValueError, r"\(8 \+ 2\*1 - 3\) = 7 is not a multiple of stride 3"),
+        (lambda a: a.update(param={"stride": 1, "pad": 0}, w=np.ones((4, 3, 9, 3))), ValueError, r"window 9 > 8 \+ 2\*pad \(0\) = 8"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises(mutate, error, match):
+    x, w, b, param = _good()
+    args = {"x": x, "w": w, "b": b, "param": param}
+    mutate(args)
+    with pytest.raises(error, match=match):
+        layers.conv_forward(args["x"], args["w"], args["b"], args["param"])
+
+
+def test_backward_rejects_bad_dout_and_cache():
+    x, w, b, param = _good()
+    out, cache = layers.conv_forward(x, w, b, param)
+    with pytest.raises(ValueError, match=r"dout must have the shape of the forward output \(2, 4, 8, 8\)"):
+        layers.conv_backward(out[:, :2], cache)
+    with pytest.raises(TypeError, match=r"dout has dtype float32 but the forward pass ran in float64"):
+        layers.conv_backward(out.astype(np.float32), cache)
+    with pytest.raises(TypeError, match=r"cache must be the ConvCache returned by conv_forward, got tuple"):
+        layers.conv_backward(out, (x, w, b, param))
