@@ -63,7 +63,10 @@ class BuildExt(build_ext):
 
 def _extensions() -> list[Extension]:
     pyx_files = sorted((HERE / KERNEL_DIR).glob("*.pyx"))
-    return [Extension(f"cnnserve._ext.{p.stem}", [f"{KERNEL_DIR}/{p.name}"], include_dirs=[KERNEL_DIR]) for p in pyx_files]
+    return [
+        Extension(f"cnnserve._ext.{p.stem}", [f"{KERNEL_DIR}/{p.name}"], include_dirs=[KERNEL_DIR])
+        for p in pyx_files
+    ]
 
 
 setup(

@@ -68,9 +68,18 @@ def test_affine_matches_reference_and_numeric_gradient(x_shape, M, dtype):
         np.testing.assert_allclose(g, want, **tolerance(dtype))
     if dtype == np.float64:
         dx, dw, db = got
-        assert scaled_error(dx, numeric_gradient(lambda v: layers.affine_forward(v, w, b)[0], x, dout)) < 1e-9
-        assert scaled_error(dw, numeric_gradient(lambda v: layers.affine_forward(x, v, b)[0], w, dout)) < 1e-9
-        assert scaled_error(db, numeric_gradient(lambda v: layers.affine_forward(x, w, v)[0], b, dout)) < 1e-9
+        assert (
+            scaled_error(dx, numeric_gradient(lambda v: layers.affine_forward(v, w, b)[0], x, dout))
+            < 1e-9
+        )
+        assert (
+            scaled_error(dw, numeric_gradient(lambda v: layers.affine_forward(x, v, b)[0], w, dout))
+            < 1e-9
+        )
+        assert (
+            scaled_error(db, numeric_gradient(lambda v: layers.affine_forward(x, w, v)[0], b, dout))
+            < 1e-9
+        )
 
 
 def test_affine_bad_input():
@@ -86,7 +95,9 @@ def test_affine_bad_input():
     with pytest.raises(TypeError, match=r"x must have dtype float32 or float64, got int64"):
         layers.affine_forward(x.astype(np.int64), w, b)
     out, cache = layers.affine_forward(x, w, b)
-    with pytest.raises(ValueError, match=r"dout must have the shape of the forward output \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"dout must have the shape of the forward output \(2, 5\)"
+    ):
         layers.affine_backward(out.T, cache)
 
 
@@ -106,7 +117,9 @@ def test_softmax_forward_backward(dtype):
     assert p.dtype == dtype
     dout = rng.standard_normal(p.shape).astype(dtype)
     dx = layers.softmax_backward(dout, cache)
-    np.testing.assert_allclose(dx, reference.softmax_backward_naive(dout, ref_cache), **tolerance(dtype))
+    np.testing.assert_allclose(
+        dx, reference.softmax_backward_naive(dout, ref_cache), **tolerance(dtype)
+    )
     if dtype == np.float64:
         num = numeric_gradient(lambda v: layers.softmax_forward(v)[0], x, dout)
         assert scaled_error(dx, num) < 1e-8

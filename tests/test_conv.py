@@ -185,9 +185,15 @@ def test_bad_input_raises(mutate, error, match):
 def test_backward_rejects_bad_dout_and_cache():
     x, w, b, param = _good()
     out, cache = layers.conv_forward(x, w, b, param)
-    with pytest.raises(ValueError, match=r"dout must have the shape of the forward output \(2, 4, 8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"dout must have the shape of the forward output \(2, 4, 8, 8\)"
+    ):
         layers.conv_backward(out[:, :2], cache)
-    with pytest.raises(TypeError, match=r"dout has dtype float32 but the forward pass ran in float64"):
+    with pytest.raises(
+        TypeError, match=r"dout has dtype float32 but the forward pass ran in float64"
+    ):
         layers.conv_backward(out.astype(np.float32), cache)
-    with pytest.raises(TypeError, match=r"cache must be the ConvCache returned by conv_forward, got tuple"):
+    with pytest.raises(
+        TypeError, match=r"cache must be the ConvCache returned by conv_forward, got tuple"
+    ):
         layers.conv_backward(out, (x, w, b, param))
