@@ -13,6 +13,7 @@ loop versions for testing only.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -170,13 +171,39 @@ def _check_labels(y: Any, num_samples: int, num_classes: int) -> np.ndarray:
 
 
 class ConvCache(NamedTuple):
-    """What :func:`conv_backward` needs from :func:`conv_forward`."""
+    """What :func:`conv_backward` needs from :func:`conv_forward`.
 
-    x: np.ndarray  # (N, C, H, W), the caller's array
+    It unpacks like the source notes' cache, ``x, w, b, conv_param = cache``.
+    """
+
+    x: np.ndarray  # (N, C, H, W), C-contiguous (the caller's array when it already was)
     w: np.ndarray  # (F, C, HH, WW)
     b: np.ndarray  # (F,)
     conv_param: dict  # {'stride': int, 'pad': int}, a normalised copy
-    cols: np.ndarray  # (C*HH*WW, N*H_out*W_out), im2col of the padded input
+
+
+# The column matrix of a whole batch can be hundreds of MB; it is built for a chunk of images
+# at a time in a per-thread buffer that is reused across calls, so the GEMMs read data that
+# is still in cache and no call pays for page-faulting a fresh allocation.
+_CHUNK_BYTES = 8 * 2**20
+_workspaces = threading.local()
+
+
+def _workspace(name: str, size: int, dtype: np.dtype) -> np.ndarray:
+    """A reusable 1-D buffer of at least ``size`` elements, private to the calling thread."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    key = (name, np.dtype(dtype))
+    buf = buffers.get(key)
+    if buf is None or buf.size < size:
+        buf = buffers[key] = np.empty(size, dtype=dtype)
+    return buf[:size]
+
+
+def _image_chunks(N: int, elems_per_image: int, itemsize: int):
+    """Yield ``(n0, n1)`` ranges of images whose column matrices fit in ``_CHUNK_BYTES``."""
+    step = max(1, min(N, _CHUNK_BYTES // max(1, elems_per_image * itemsize)))
+    for n0 in range(0, N, step):
+        yield n0, min(N, n0 + step)
 
 
 def _conv_param(conv_param: Any) -> tuple[int, int]:
@@ -213,6 +240,11 @@ def conv_forward(
     -----
     ``H_out = (H + 2*pad - HH) / stride + 1`` and ``W_out = (W + 2*pad - WW) / stride + 1``;
     both divisions must be exact, else ValueError.
+
+    Notes
+    -----
+    Each chunk of images is unrolled by the im2col kernel into a (C*HH*WW, n*H_out*W_out)
+    column matrix and multiplied by the (F, C*HH*WW) filter matrix in one BLAS GEMM.
     """
     x = _check_array(x, "x", 4, "(N, C, H, W)")
     w = _check_array(w, "w", 4, "(F, C, HH, WW)")
@@ -230,14 +262,20 @@ def conv_forward(
     H_out = _window_count(H, HH, stride, pad, "conv: filter height HH along H")
     W_out = _window_count(W, WW, stride, pad, "conv: filter width WW along W")
 
-    cols = np.empty((C * HH * WW, N * H_out * W_out), dtype=x.dtype)
-    _conv.im2col(np.ascontiguousarray(x), cols, HH, WW, stride, pad)
-    prod = w.reshape(F, -1) @ cols  # (F, N*H_out*W_out)
+    x = np.ascontiguousarray(x)
+    K, P = C * HH * WW, H_out * W_out
+    w_mat = w.reshape(F, K)
     out = np.empty((N, F, H_out, W_out), dtype=x.dtype)
-    # One pass does the (F, N) -> (N, F) transpose and adds the bias.
-    np.add(prod.reshape(F, N, H_out, W_out).transpose(1, 0, 2, 3), b[:, None, None], out=out)
-    cache = ConvCache(x, w, b, {"stride": stride, "pad": pad}, cols)
-    return out, cache
+    for n0, n1 in _image_chunks(N, K * P, x.itemsize):
+        m = n1 - n0
+        cols = _workspace("cols", K * m * P, x.dtype).reshape(K, m * P)
+        _conv.im2col(x[n0:n1], cols, HH, WW, stride, pad)
+        prod = _workspace("prod", F * m * P, x.dtype).reshape(F, m * P)
+        np.matmul(w_mat, cols, out=prod)
+        # One pass does the (F, n) -> (n, F) transpose and adds the bias.
+        chunk = prod.reshape(F, m, H_out, W_out).transpose(1, 0, 2, 3)  # (m, F, H_out, W_out)
+        np.add(chunk, b[:, None, None], out=out[n0:n1])
+    return out, ConvCache(x, w, b, {"stride": stride, "pad": pad})
 
 
 def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,23 +293,41 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     dx : ndarray, shape (N, C, H, W)
     dw : ndarray, shape (F, C, HH, WW)
     db : ndarray, shape (F,)
+
+    Notes
+    -----
+    The column matrix is rebuilt chunk by chunk rather than kept from the forward pass: the
+    cache stays the size of the input, and the rebuild costs less than one of the GEMMs.
     """
     _check_cache(cache, ConvCache, "conv_forward")
-    x, w, b, conv_param, cols = cache
+    x, w, _, conv_param = cache
     N, C, H, W = x.shape
     F, _, HH, WW = w.shape
-    P = cols.shape[1] // N
     stride, pad = conv_param["stride"], conv_param["pad"]
     H_out = (H + 2 * pad - HH) // stride + 1
-    dout = _check_dout(dout, (N, F, H_out, P // H_out), x.dtype)
+    W_out = (W + 2 * pad - WW) // stride + 1
+    dout = _check_dout(dout, (N, F, H_out, W_out), x.dtype)
 
-    dout_mat = dout.transpose(1, 0, 2, 3).reshape(F, N * P)  # (F, N*H_out*W_out), a copy
-    db = dout_mat.sum(axis=1)
-    dw = (dout_mat @ cols.T).reshape(w.shape)  # (F, C, HH, WW)
-    dcols = w.reshape(F, -1).T @ dout_mat  # (C*HH*WW, N*H_out*W_out)
+    K, P = C * HH * WW, H_out * W_out
+    w_mat = w.reshape(F, K)
+    db = dout.sum(axis=(0, 2, 3))
+    dw = np.zeros((F, K), dtype=x.dtype)
+    dw_chunk = None
     dx = np.empty(x.shape, dtype=x.dtype)
-    _conv.col2im(dcols, dx, HH, WW, stride, pad)
-    return dx, dw, db
+    for n0, n1 in _image_chunks(N, K * P, x.itemsize):
+        m = n1 - n0
+        cols = _workspace("cols", K * m * P, x.dtype).reshape(K, m * P)
+        _conv.im2col(x[n0:n1], cols, HH, WW, stride, pad)
+        dout_mat = _workspace("prod", F * m * P, x.dtype).reshape(F, m * P)
+        np.copyto(dout_mat.reshape(F, m, H_out, W_out), dout[n0:n1].transpose(1, 0, 2, 3))
+        if n0 == 0:
+            np.matmul(dout_mat, cols.T, out=dw)
+        else:
+            dw_chunk = np.matmul(dout_mat, cols.T, out=dw_chunk)
+            dw += dw_chunk
+        np.matmul(w_mat.T, dout_mat, out=cols)  # cols now holds dcols, (K, m*P)
+        _conv.col2im(cols, dx[n0:n1], HH, WW, stride, pad)
+    return dx, dw.reshape(w.shape), db
 
 
 # ---------------------------------------------------------------------------------------------
