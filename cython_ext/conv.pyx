@@ -39,7 +39,9 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
     cdef Py_ssize_t H_out = (H + 2 * pad - HH) // stride + 1
     cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
     cdef Py_ssize_t P = H_out * W_out
-    cdef Py_ssize_t nc, n, c, i, j, ho, wo, row, col, hi, off_w, wo_lo, wo_hi
+    cdef Py_ssize_t nc, n, c, i, j, ho, wo, hi, off_w, wo_lo, wo_hi
+    cdef const floating* src
+    cdef floating* dst
     cdef int threads = cnn_threads_for(N * C * HH * WW * P)
     with nogil:
         for nc in prange(N * C, schedule="static", num_threads=threads):
@@ -47,25 +49,30 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
             c = nc % C
             for i in range(HH):
                 for j in range(WW):
-                    row = (c * HH + i) * WW + j
                     off_w = j - pad
                     wo_lo = _first_valid(off_w, stride)
                     wo_hi = _end_valid(off_w, stride, W, W_out)
                     if wo_hi < wo_lo:
                         wo_hi = wo_lo
                     for ho in range(H_out):
-                        col = n * P + ho * W_out
+                        # row (c, i, j) of cols, columns of image n, output row ho
+                        dst = &cols[(c * HH + i) * WW + j, n * P + ho * W_out]
                         hi = ho * stride - pad + i
                         if hi < 0 or hi >= H:
                             for wo in range(W_out):
-                                cols[row, col + wo] = 0
+                                dst[wo] = 0
                             continue
+                        src = &x[n, c, hi, 0]
                         for wo in range(wo_lo):
-                            cols[row, col + wo] = 0
-                        for wo in range(wo_lo, wo_hi):
-                            cols[row, col + wo] = x[n, c, hi, wo * stride + off_w]
+                            dst[wo] = 0
+                        if stride == 1:  # a contiguous copy the compiler vectorises
+                            for wo in range(wo_lo, wo_hi):
+                                dst[wo] = src[wo + off_w]
+                        else:
+                            for wo in range(wo_lo, wo_hi):
+                                dst[wo] = src[wo * stride + off_w]
                         for wo in range(wo_hi, W_out):
-                            cols[row, col + wo] = 0
+                            dst[wo] = 0
 
 
 def col2im(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
@@ -78,18 +85,19 @@ def col2im(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
     cdef Py_ssize_t H_out = (H + 2 * pad - HH) // stride + 1
     cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
     cdef Py_ssize_t P = H_out * W_out
-    cdef Py_ssize_t nc, n, c, i, j, ho, wo, row, col, hi, wi, off_w, wo_lo, wo_hi
+    cdef Py_ssize_t nc, n, c, i, j, ho, wo, hi, wi, off_w, wo_lo, wo_hi
+    cdef const floating* src
+    cdef floating* dst
     cdef int threads = cnn_threads_for(N * C * (H * W + HH * WW * P))
     with nogil:
         for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
-            for hi in range(H):
-                for wi in range(W):
-                    dx[n, c, hi, wi] = 0
+            dst = &dx[n, c, 0, 0]
+            for wi in range(H * W):
+                dst[wi] = 0
             for i in range(HH):
                 for j in range(WW):
-                    row = (c * HH + i) * WW + j
                     off_w = j - pad
                     wo_lo = _first_valid(off_w, stride)
                     wo_hi = _end_valid(off_w, stride, W, W_out)
@@ -97,6 +105,11 @@ def col2im(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
                         hi = ho * stride - pad + i
                         if hi < 0 or hi >= H:
                             continue
-                        col = n * P + ho * W_out
-                        for wo in range(wo_lo, wo_hi):
-                            dx[n, c, hi, wo * stride + off_w] += cols[row, col + wo]
+                        src = &cols[(c * HH + i) * WW + j, n * P + ho * W_out]
+                        dst = &dx[n, c, hi, 0]
+                        if stride == 1:
+                            for wo in range(wo_lo, wo_hi):
+                                dst[wo + off_w] += src[wo]
+                        else:
+                            for wo in range(wo_lo, wo_hi):
+                                dst[wo * stride + off_w] += src[wo]
