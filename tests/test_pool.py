@@ -6,12 +6,15 @@ import pytest
 from cnnserve import layers, reference
 from tests.gradcheck import numeric_gradient, rel_error, tolerance
 
-# (N, C, H, W, pool_height, pool_width, stride): batch of 1 and single channel, 2x2/2 tiling,
-# 3x3/2 overlapping, non-square windows with stride 1, stride 3 (with gaps between windows),
-# window == input, 1-wide windows.
+# (N, C, H, W, pool_height, pool_width, stride): batch of 1 and single channel, 2x2/2 tiling
+# (the kernel's unrolled path), 2x2 at strides 1 and 3 (the generic path), 3x3/2 overlapping,
+# non-square windows with stride 1, stride 3 (with gaps between windows), window == input,
+# 1-wide windows.
 SHAPES = [
     (1, 1, 4, 4, 2, 2, 2),
     (2, 3, 8, 6, 2, 2, 2),
+    (2, 2, 5, 4, 2, 2, 1),
+    (1, 2, 8, 5, 2, 2, 3),
     (2, 3, 7, 9, 3, 3, 2),
     (3, 2, 5, 7, 2, 3, 1),
     (2, 2, 7, 10, 1, 4, 3),
