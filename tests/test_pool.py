@@ -104,7 +104,7 @@ def test_non_contiguous_inputs(kind, dtype):
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 2, 4, 4, 2, 2, 2), (1, 2, 7, 5, 3, 3, 2), (2, 1, 5, 6, 2, 3, 1)], ids=_ids
+    "shape", [(1, 2, 4, 4, 2, 2, 2), (1, 1, 7, 5, 3, 3, 2), (1, 1, 5, 6, 2, 3, 1)], ids=_ids
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_matches_numeric_gradient(kind, shape):
