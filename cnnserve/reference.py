@@ -179,6 +179,89 @@ def svm_loss_naive(x, y):
 # ---------------------------------------------------------------------------------------------
 
 
+def _pool_sizes(x_shape, pool_param):
+    _, _, H, W = x_shape
+    ph, pw = pool_param["pool_height"], pool_param["pool_width"]
+    stride = pool_param["stride"]
+    return ph, pw, stride, _positions(H, ph, stride), _positions(W, pw, stride)
+
+
+def max_pool_forward_naive(x, pool_param):
+    """Max of every ``pool_height x pool_width`` window, by explicit loops.
+
+    Shapes: x (N, C, H, W) -> out (N, C, H_out, W_out) with
+    ``H_out = (H - pool_height) / stride + 1`` (exact). A window holding a NaN gives NaN.
+    Returns ``out, (x, pool_param)``.
+    """
+    N, C = x.shape[:2]
+    ph, pw, stride, H_out, W_out = _pool_sizes(x.shape, pool_param)
+    out = np.zeros((N, C, H_out, W_out), dtype=x.dtype)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H_out):
+                for j in range(W_out):
+                    hs, ws = i * stride, j * stride
+                    out[n, c, i, j] = np.max(x[n, c, hs : hs + ph, ws : ws + pw])
+    return out, (x, pool_param)
+
+
+def max_pool_backward_naive(dout, cache):
+    """Backward of :func:`max_pool_forward_naive`: returns ``dx``.
+
+    Each window's gradient goes to ONE position, the first maximum in row-major order
+    (``np.argmax`` of the C-order window returns the first occurrence, or the first NaN), not
+    to every tied maximum as in the source notes. Overlapping windows accumulate.
+    """
+    x, pool_param = cache
+    N, C = x.shape[:2]
+    ph, pw, stride, H_out, W_out = _pool_sizes(x.shape, pool_param)
+    dx = np.zeros_like(x)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H_out):
+                for j in range(W_out):
+                    hs, ws = i * stride, j * stride
+                    k = int(np.argmax(x[n, c, hs : hs + ph, ws : ws + pw]))
+                    dx[n, c, hs + k // pw, ws + k % pw] += dout[n, c, i, j]
+    return dx
+
+
+def avg_pool_forward_naive(x, pool_param):
+    """Mean of every ``pool_height x pool_width`` window, by explicit loops.
+
+    Same shapes as :func:`max_pool_forward_naive`; returns ``out, (x, pool_param)``.
+    """
+    N, C = x.shape[:2]
+    ph, pw, stride, H_out, W_out = _pool_sizes(x.shape, pool_param)
+    out = np.zeros((N, C, H_out, W_out), dtype=x.dtype)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H_out):
+                for j in range(W_out):
+                    hs, ws = i * stride, j * stride
+                    out[n, c, i, j] = np.sum(x[n, c, hs : hs + ph, ws : ws + pw]) / (ph * pw)
+    return out, (x, pool_param)
+
+
+def avg_pool_backward_naive(dout, cache):
+    """Backward of :func:`avg_pool_forward_naive`: returns ``dx``.
+
+    Each window's ``dout / (pool_height * pool_width)`` is added to every position of the
+    window; overlapping windows accumulate.
+    """
+    x, pool_param = cache
+    N, C = x.shape[:2]
+    ph, pw, stride, H_out, W_out = _pool_sizes(x.shape, pool_param)
+    dx = np.zeros_like(x)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H_out):
+                for j in range(W_out):
+                    hs, ws = i * stride, j * stride
+                    dx[n, c, hs : hs + ph, ws : ws + pw] += dout[n, c, i, j] / (ph * pw)
+    return dx
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
