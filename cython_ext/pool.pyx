@@ -18,6 +18,10 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 
+cdef extern from "cnn_threads.h":
+    int cnn_threads_for(Py_ssize_t work) noexcept nogil
+
+
 cdef inline bint _replaces(floating v, floating best) noexcept nogil:
     """True if ``v`` takes over from ``best`` in a row-major scan: larger, or the first NaN.
 
@@ -87,8 +91,9 @@ def max_pool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef Py_ssize_t H_out = out.shape[2], W_out = out.shape[3]
     cdef Py_ssize_t nc, n, c
     cdef bint two_by_two = pool_height == 2 and pool_width == 2 and stride == 2
+    cdef int threads = cnn_threads_for(N * C * H_out * W_out * pool_height * pool_width)
     with nogil:
-        for nc in prange(N * C, schedule="static"):
+        for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
             if two_by_two:
@@ -109,8 +114,9 @@ def max_pool_backward(const floating[:, :, :, ::1] dout, const Py_ssize_t[:, :, 
     cdef Py_ssize_t N = dx.shape[0], C = dx.shape[1], P = dx.shape[2]
     cdef Py_ssize_t H_out = dout.shape[2], W_out = dout.shape[3]
     cdef Py_ssize_t nc, n, c, k, ho, wo
+    cdef int threads = cnn_threads_for(N * C * (P + H_out * W_out))
     with nogil:
-        for nc in prange(N * C, schedule="static"):
+        for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
             for k in range(P):
@@ -131,8 +137,9 @@ def avg_pool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef Py_ssize_t nc, n, c, ho, wo, i, j, h0, w0
     cdef double area = <double>(pool_height * pool_width)
     cdef double s
+    cdef int threads = cnn_threads_for(N * C * H_out * W_out * pool_height * pool_width)
     with nogil:
-        for nc in prange(N * C, schedule="static"):
+        for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
             for ho in range(H_out):
@@ -157,8 +164,9 @@ def avg_pool_backward(const floating[:, :, :, ::1] dout, floating[:, :, :, ::1] 
     cdef Py_ssize_t nc, n, c, ho, wo, i, j, h0, w0
     cdef Py_ssize_t area = pool_height * pool_width
     cdef floating g
+    cdef int threads = cnn_threads_for(N * C * (H * W + H_out * W_out * pool_height * pool_width))
     with nogil:
-        for nc in prange(N * C, schedule="static"):
+        for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
             for i in range(H):
