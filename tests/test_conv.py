@@ -197,3 +197,49 @@ def test_backward_rejects_bad_dout_and_cache():
         TypeError, match=r"cache must be the ConvCache returned by conv_forward, got tuple"
     ):
         layers.conv_backward(out, (x, w, b, param))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunking and threads
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000])
+def test_chunked_batches_match_reference(monkeypatch, chunk_bytes):
+    """Batches split into several im2col chunks (1 image, or a few) give the same results."""
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", chunk_bytes)
+    shape = (5, 3, 7, 7, 4, 3, 3, 2, 1)
+    x, w, b, param = _random_problem(shape, np.float64)
+    n_chunks = len(list(layers._image_chunks(5, 3 * 3 * 3 * 16, 8)))
+    assert n_chunks > 1
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    dout = np.random.default_rng(2).standard_normal(out.shape)
+    for got, want in zip(
+        layers.conv_backward(dout, cache),
+        reference.conv_backward_naive(dout, ref_cache),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_concurrent_calls_from_threads_match_sequential():
+    """Kernels release the GIL and the im2col buffers are per thread: calls do not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [
+        _random_problem((4, 8, 20 + 2 * k, 20, 16, 3, 3, 1, 1), np.float32, seed=k) for k in range(6)
+    ]
+
+    def run(problem):
+        x, w, b, param = problem
+        out, cache = layers.conv_forward(x, w, b, param)
+        return (out, *layers.conv_backward(np.ones_like(out), cache))
+
+    sequential = [run(p) for p in problems]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(run, problems * 8))
+    for k, result in enumerate(concurrent):
+        for got, want in zip(result, sequential[k % len(problems)], strict=True):
+            np.testing.assert_array_equal(got, want)
