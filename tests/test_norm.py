@@ -134,26 +134,54 @@ def test_batchnorm_test_mode_matches_reference(name, dtype):
         _assert_close(grad, grad_ref, dtype)
 
 
+# The kernels run serially below this many elements of x and split the work over OpenMP
+# threads from it on (PARALLEL_MIN_SIZE in cython_ext/norm.pyx).
+PARALLEL_MIN_SIZE = 32768
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("name", "shape", "G"),
     [
-        ("batchnorm", (64, 200), None),
-        ("spatial_batchnorm", (8, 32, 6, 5), None),
-        ("layernorm", (50, 40), None),
-        ("groupnorm", (6, 32, 5, 4), 8),
+        ("batchnorm", (64, 520), None),
+        ("spatial_batchnorm", (8, 32, 12, 12), None),
+        ("layernorm", (80, 420), None),
+        ("groupnorm", (4, 32, 16, 16), 16),
     ],
     ids=["batchnorm", "spatial_batchnorm", "layernorm", "groupnorm"],
 )
-def test_matches_reference_many_channels(name, shape, G):
-    """Enough channels and samples that every thread of the parallel loops has work."""
-    x, gamma, beta, dout = _make(name, shape, np.float64, seed=3)
+def test_matches_reference_parallel_path(name, shape, G, dtype):
+    """Inputs large enough for the kernels' parallel loops, with work for every thread."""
+    assert np.prod(shape) >= PARALLEL_MIN_SIZE
+    x, gamma, beta, dout = _make(name, shape, dtype, seed=3)
     out, cache = _forward(name, True, x, gamma, beta, G)
     out_ref, cache_ref = _forward(name, False, x, gamma, beta, G)
-    _assert_close(out, out_ref, np.float64)
+    _assert_close(out, out_ref, dtype)
     for grad, grad_ref in zip(
         _backward(name, True, dout, cache), _backward(name, False, dout, cache_ref), strict=True
     ):
-        _assert_close(grad, grad_ref, np.float64)
+        _assert_close(grad, grad_ref, dtype)
+    if "batchnorm" in name:
+        rng = np.random.default_rng(4)
+        C = shape[1]
+        stats = {
+            "running_mean": rng.standard_normal(C).astype(dtype),
+            "running_var": rng.uniform(0.5, 2.0, C).astype(dtype),
+        }
+        out, cache = _forward(name, True, x, gamma, beta, param={"mode": "test", **stats})
+        out_ref, cache_ref = _forward(name, False, x, gamma, beta, param={"mode": "test", **stats})
+        _assert_close(out, out_ref, dtype)
+        for grad, grad_ref in zip(
+            _backward(name, True, dout, cache),
+            _backward(name, False, dout, cache_ref),
+            strict=True,
+        ):
+            _assert_close(grad, grad_ref, dtype)
+    # Each channel or group is reduced by one thread in a fixed order: the serial path (on one
+    # slice of the batch that is below the threshold) gives bit-identical layer-norm rows.
+    if name in ("layernorm", "groupnorm"):
+        out_one, _ = _forward(name, True, x[:1].copy(), gamma, beta, G)
+        np.testing.assert_array_equal(out_one, out[:1])
 
 
 @pytest.mark.parametrize(("name", "shape", "G"), CASES, ids=CASE_IDS)
