@@ -265,3 +265,158 @@ def avg_pool_backward_naive(dout, cache):
 # ---------------------------------------------------------------------------------------------
 # Normalisation
 # ---------------------------------------------------------------------------------------------
+
+
+def batchnorm_forward_naive(x, gamma, beta, bn_param):
+    """Batchnorm of (N, D) features, one feature at a time, as a staged computation graph.
+
+    'train': per feature ``mu = sum(x) / N``, ``var = sum((x - mu)**2) / N`` (biased), then the
+    running statistics are replaced by ``momentum * old + (1 - momentum) * batch`` (new arrays;
+    missing ones start as zeros and ones). 'test': the running statistics are used and
+    ``bn_param`` is not changed. Returns ``out, cache`` for :func:`batchnorm_backward_naive`.
+    """
+    mode = bn_param["mode"]
+    eps = bn_param.get("eps", 1e-5)
+    momentum = bn_param.get("momentum", 0.9)
+    N, D = x.shape
+    running_mean = bn_param.get("running_mean", np.zeros(D, dtype=x.dtype))
+    running_var = bn_param.get("running_var", np.ones(D, dtype=x.dtype))
+    xmu = np.zeros_like(x)  # x - mu, (N, D)
+    var = np.zeros(D, dtype=x.dtype)
+    if mode == "train":
+        mu = np.zeros(D, dtype=x.dtype)
+        for d in range(D):
+            mu[d] = np.sum(x[:, d]) / N
+            for n in range(N):
+                xmu[n, d] = x[n, d] - mu[d]
+            var[d] = np.sum(xmu[:, d] ** 2) / N
+        bn_param["running_mean"] = momentum * running_mean + (1 - momentum) * mu
+        bn_param["running_var"] = momentum * running_var + (1 - momentum) * var
+    elif mode == "test":
+        for d in range(D):
+            xmu[:, d] = x[:, d] - running_mean[d]
+            var[d] = running_var[d]
+    else:
+        raise ValueError(f"unknown batchnorm mode {mode!r}")
+    sqrtvar = np.sqrt(var + eps)  # (D,)
+    ivar = 1 / sqrtvar  # (D,)
+    xhat = xmu * ivar  # (N, D)
+    out = gamma * xhat + beta
+    return out, (mode, xhat, gamma, xmu, ivar, sqrtvar, var, eps)
+
+
+def batchnorm_backward_naive(dout, cache):
+    """Backward of :func:`batchnorm_forward_naive`, node by node back through its graph.
+
+    'train' graph: ``mu = mean(x)``, ``xmu = x - mu``, ``sq = xmu**2``, ``var = mean(sq)``,
+    ``sqrtvar = sqrt(var + eps)``, ``ivar = 1 / sqrtvar``, ``xhat = xmu * ivar``,
+    ``out = gamma * xhat + beta``. In 'test' mode mu and var are constants. Returns
+    ``dx, dgamma, dbeta``.
+    """
+    mode, xhat, gamma, xmu, ivar, sqrtvar, var, eps = cache
+    N = dout.shape[0]
+    dbeta = np.sum(dout, axis=0)
+    dgamma = np.sum(dout * xhat, axis=0)
+    dxhat = dout * gamma
+    dxmu1 = dxhat * ivar  # through xhat = xmu * ivar, directly
+    if mode == "test":
+        return dxmu1, dgamma, dbeta
+    divar = np.sum(dxhat * xmu, axis=0)
+    dsqrtvar = -1 / sqrtvar**2 * divar
+    dvar = 0.5 / np.sqrt(var + eps) * dsqrtvar
+    dsq = np.ones_like(xmu) / N * dvar
+    dxmu2 = 2 * xmu * dsq  # through sq = xmu**2
+    dxmu = dxmu1 + dxmu2
+    dmu = -np.sum(dxmu, axis=0)
+    dx = dxmu + np.ones_like(xmu) / N * dmu  # through xmu = x - mu and mu = mean(x)
+    return dx, dgamma, dbeta
+
+
+def spatial_batchnorm_forward_naive(x, gamma, beta, bn_param):
+    """Batchnorm of (N, C, H, W) per channel: (N*H*W, C) rows through the (N, D) version."""
+    N, C, H, W = x.shape
+    rows = x.transpose(0, 2, 3, 1).reshape(N * H * W, C)
+    out, cache = batchnorm_forward_naive(rows, gamma, beta, bn_param)
+    return out.reshape(N, H, W, C).transpose(0, 3, 1, 2), (x.shape, cache)
+
+
+def spatial_batchnorm_backward_naive(dout, cache):
+    """Backward of :func:`spatial_batchnorm_forward_naive`: returns ``dx, dgamma, dbeta``."""
+    (N, C, H, W), bn_cache = cache
+    drows = dout.transpose(0, 2, 3, 1).reshape(N * H * W, C)
+    dx, dgamma, dbeta = batchnorm_backward_naive(drows, bn_cache)
+    return dx.reshape(N, H, W, C).transpose(0, 3, 1, 2), dgamma, dbeta
+
+
+def _normalize_block(block, eps):
+    """Return ``xhat``, ``1 / sqrt(var + eps)`` of one block of values (any shape)."""
+    mu = np.sum(block) / block.size
+    var = np.sum((block - mu) ** 2) / block.size
+    ivar = 1 / np.sqrt(var + eps)
+    return (block - mu) * ivar, ivar
+
+
+def _normalize_block_backward(dxhat, xhat, ivar):
+    """dx of one block from dxhat through the Jacobian of xhat (x normalised by its own stats).
+
+    ``d xhat_i / d x_j = ivar * (delta_ij - 1/K - xhat_i * xhat_j / K)`` for K values.
+    """
+    K = xhat.size
+    xh = xhat.reshape(K)
+    jac = ivar * (np.eye(K, dtype=xhat.dtype) - 1 / K - np.outer(xh, xh) / K)  # (K, K)
+    return (jac.T @ dxhat.reshape(K)).reshape(xhat.shape)
+
+
+def layernorm_forward_naive(x, gamma, beta, ln_param):
+    """Layer norm of (N, D): each row normalised by its own mean and biased variance."""
+    eps = ln_param.get("eps", 1e-5)
+    N, D = x.shape
+    xhat = np.zeros_like(x)
+    ivar = np.zeros(N, dtype=x.dtype)
+    out = np.zeros_like(x)
+    for n in range(N):
+        xhat[n], ivar[n] = _normalize_block(x[n], eps)
+        for d in range(D):
+            out[n, d] = gamma[d] * xhat[n, d] + beta[d]
+    return out, (xhat, ivar, gamma)
+
+
+def layernorm_backward_naive(dout, cache):
+    """Backward of :func:`layernorm_forward_naive` through each row's Jacobian."""
+    xhat, ivar, gamma = cache
+    dx = np.zeros_like(xhat)
+    for n in range(xhat.shape[0]):
+        dx[n] = _normalize_block_backward(dout[n] * gamma, xhat[n], ivar[n])
+    return dx, np.sum(dout * xhat, axis=0), np.sum(dout, axis=0)
+
+
+def spatial_groupnorm_forward_naive(x, gamma, beta, G, gn_param):
+    """Group norm of (N, C, H, W): each sample's channels in G groups of C/G, normalised per
+    (sample, group); gamma and beta are (1, C, 1, 1)."""
+    eps = gn_param.get("eps", 1e-5)
+    N, C, H, W = x.shape
+    Cg = C // G
+    xhat = np.zeros_like(x)
+    ivar = np.zeros((N, G), dtype=x.dtype)
+    for n in range(N):
+        for g in range(G):
+            group = slice(g * Cg, (g + 1) * Cg)
+            xhat[n, group], ivar[n, g] = _normalize_block(x[n, group], eps)
+    out = gamma * xhat + beta
+    return out, (xhat, ivar, gamma, G)
+
+
+def spatial_groupnorm_backward_naive(dout, cache):
+    """Backward of :func:`spatial_groupnorm_forward_naive`; dgamma, dbeta are (1, C, 1, 1)."""
+    xhat, ivar, gamma, G = cache
+    N, C, H, W = xhat.shape
+    Cg = C // G
+    dxhat = dout * gamma
+    dx = np.zeros_like(xhat)
+    for n in range(N):
+        for g in range(G):
+            group = slice(g * Cg, (g + 1) * Cg)
+            dx[n, group] = _normalize_block_backward(dxhat[n, group], xhat[n, group], ivar[n, g])
+    dgamma = np.sum(dout * xhat, axis=(0, 2, 3), keepdims=True)
+    dbeta = np.sum(dout, axis=(0, 2, 3), keepdims=True)
+    return dx, dgamma, dbeta

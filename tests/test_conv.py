@@ -54,6 +54,29 @@ def test_forward_and_backward_match_reference(shape, dtype):
         np.testing.assert_allclose(got, want, err_msg=name, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 16, 16, 4, 3, 3, 1, 1), (4, 8, 21, 17, 3, 5, 3, 2, 0)], ids=_ids
+)
+def test_parallel_path_matches_reference(shape, dtype):
+    """Problems above the kernels' serial threshold (cython_ext/cnn_threads.h), so im2col and
+    col2im split the (image, channel) planes over OpenMP threads."""
+    N, C, H, W, F, HH, WW, stride, pad = shape
+    P = ((H + 2 * pad - HH) // stride + 1) * ((W + 2 * pad - WW) // stride + 1)
+    assert N * C * HH * WW * P >= 32768
+    x, w, b, param = _random_problem(shape, dtype, seed=6)
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
+    np.testing.assert_allclose(out, ref_out, **tolerance(dtype))
+    dout = np.random.default_rng(7).standard_normal(out.shape).astype(dtype)
+    for got, want in zip(
+        layers.conv_backward(dout, cache),
+        reference.conv_backward_naive(dout, ref_cache),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, **tolerance(dtype))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_backward_matches_numeric_gradient(shape):
     x, w, b, param = _random_problem(shape, np.float64, seed=3)
@@ -229,7 +252,8 @@ def test_concurrent_calls_from_threads_match_sequential():
     from concurrent.futures import ThreadPoolExecutor
 
     problems = [
-        _random_problem((4, 8, 20 + 2 * k, 20, 16, 3, 3, 1, 1), np.float32, seed=k) for k in range(6)
+        _random_problem((4, 8, 20 + 2 * k, 20, 16, 3, 3, 1, 1), np.float32, seed=k)
+        for k in range(6)
     ]
 
     def run(problem):

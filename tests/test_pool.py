@@ -87,6 +87,18 @@ def test_forward_and_backward_match_reference(kind, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8, 16, 16, 16, 2, 2, 2), (8, 16, 17, 17, 3, 3, 2)], ids=_ids)
+@pytest.mark.parametrize("kind", KINDS)
+def test_parallel_path_matches_reference(kind, shape, dtype):
+    """Inputs above the kernels' serial threshold (cython_ext/cnn_threads.h), so the OpenMP
+    loops split the planes over threads."""
+    N, C, H, W, ph, pw, stride = shape
+    assert N * C * H * W >= 32768
+    x, param = _random_problem(shape, dtype, seed=5)
+    _check_against_reference(kind, x, param)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_contiguous_inputs(kind, dtype):
     rng = np.random.default_rng(2)
