@@ -1,5 +1,5 @@
-"""Layer benchmark: conv forward+backward and max pooling in float32, against the loop
-reference and (when importable) PyTorch's CPU path with 2 threads, measured in the same run.
+"""Layer benchmark: conv, max pooling and spatial batch norm, forward+backward in float32,
+against the loop reference and (when importable) PyTorch's CPU path with 2 threads.
 
 Usage::
 
@@ -7,43 +7,47 @@ Usage::
     python bench/layers.py --repeat 3      # fewer repetitions (noisy machines: keep >= 5)
     python bench/layers.py --no-reference  # skip the slow loop reference
 
-Times are medians of ``--repeat`` runs after one warm-up. The loop reference is timed on a
-slice of the problem (one image, at most 4 filters or channels) and scaled linearly to the full
-shape: its loops are linear in N and F (C for pooling), so the scaled time is what the full run
-would take, without spending minutes on it.
+Times are medians of ``--repeat`` runs after one warm-up. Both sides run in the same
+invocation, row by row, on identical arrays: cnnserve in this process, PyTorch in a helper
+process started with this process's original environment. Two OpenMP runtimes in one process
+make each other's idle threads compete for the 2 cores, which would distort both columns.
+
+The loop reference is timed on a slice of the problem (one image, at most 4 filters or
+channels) and scaled linearly to the full shape: its loops are linear in N and F (C for
+pooling and batch norm), so the scaled time is what the full run would take, without spending
+minutes on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-try:  # before cnnserve, so that torch's OpenMP runtime starts with its own default settings
-    import torch
-except ImportError:
-    torch = None
-
-from cnnserve import layers, reference
-
-CONV_SHAPES = [  # (N, C, H, W, F, K, stride, pad)
-    (64, 3, 32, 32, 32, 7, 1, 3),
-    (64, 32, 32, 32, 64, 3, 1, 1),
-    (64, 64, 16, 16, 128, 3, 1, 1),
-    (16, 3, 227, 227, 64, 11, 4, 0),
-    (1, 512, 12, 12, 4096, 7, 1, 0),
-]
-POOL_SHAPES = [  # (N, C, H, W, K, stride)
-    (64, 64, 32, 32, 2, 2),
-    (64, 64, 33, 33, 3, 2),
-]
 THREADS = 2
+ROWS = [  # (kind, shape)
+    *[
+        ("conv", s)  # (N, C, H, W, F, K, stride, pad)
+        for s in [
+            (64, 3, 32, 32, 32, 7, 1, 3),
+            (64, 32, 32, 32, 64, 3, 1, 1),
+            (64, 64, 16, 16, 128, 3, 1, 1),
+            (16, 3, 227, 227, 64, 11, 4, 0),
+            (1, 512, 12, 12, 4096, 7, 1, 0),
+        ]
+    ],
+    ("maxpool", (64, 64, 32, 32, 2, 2)),  # (N, C, H, W, K, stride)
+    ("maxpool", (64, 64, 33, 33, 3, 2)),
+    ("spatial_batchnorm", (64, 64, 32, 32)),  # (N, C, H, W)
+]
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -57,99 +61,181 @@ def median_time(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def load_torch():
-    """The torch module set to ``THREADS`` threads, or None when it is not installed."""
-    if torch is not None:
-        torch.set_num_threads(THREADS)
-    return torch
+def make_arrays(kind: str, shape: tuple) -> dict[str, np.ndarray]:
+    """The same float32 inputs, for cnnserve and for torch (fixed seed)."""
+    rng = np.random.default_rng(0)
+    if kind == "conv":
+        N, C, H, W, F, K, stride, pad = shape
+        out_size = (H + 2 * pad - K) // stride + 1
+        return {
+            "x": rng.standard_normal((N, C, H, W), dtype=np.float32),
+            "w": rng.standard_normal((F, C, K, K), dtype=np.float32) * 0.1,
+            "b": rng.standard_normal(F, dtype=np.float32),
+            "dout": rng.standard_normal((N, F, out_size, out_size), dtype=np.float32),
+        }
+    if kind == "maxpool":
+        N, C, H, W, K, stride = shape
+        out_size = (H - K) // stride + 1
+        return {
+            "x": rng.standard_normal((N, C, H, W), dtype=np.float32),
+            "dout": rng.standard_normal((N, C, out_size, out_size), dtype=np.float32),
+        }
+    N, C, H, W = shape
+    return {
+        "x": rng.standard_normal((N, C, H, W), dtype=np.float32),
+        "gamma": rng.standard_normal(C, dtype=np.float32),
+        "beta": rng.standard_normal(C, dtype=np.float32),
+        "dout": rng.standard_normal((N, C, H, W), dtype=np.float32),
+    }
 
 
 def conv_flops(N, C, H, W, F, K, stride, pad) -> float:
-    """Multiply-adds x 2 of forward (1x) plus backward (dx and dw: 2x)."""
+    """2 x multiply-adds of forward (1x) plus backward (dx and dw: 2x)."""
     out = (H + 2 * pad - K) // stride + 1
     return 3 * 2.0 * N * F * out * out * C * K * K
 
 
-def bench_conv(shape, repeat, torch, with_reference) -> dict:
-    N, C, H, W, F, K, stride, pad = shape
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((N, C, H, W), dtype=np.float32)
-    w = rng.standard_normal((F, C, K, K), dtype=np.float32) * 0.1
-    b = rng.standard_normal(F, dtype=np.float32)
-    param = {"stride": stride, "pad": pad}
-    out, _ = layers.conv_forward(x, w, b, param)
-    dout = rng.standard_normal(out.shape, dtype=np.float32)
-
-    def ours():
-        _, cache = layers.conv_forward(x, w, b, param)
-        layers.conv_backward(dout, cache)
-
-    row = {"ours": median_time(ours, repeat)}
-    row["gflops"] = conv_flops(*shape) / row["ours"] / 1e9
-    row["fwd"] = median_time(lambda: layers.conv_forward(x, w, b, param), repeat)
-
-    if with_reference:
-        f_slice = min(F, 4)
-        xs, ws, bs = x[:1], w[:f_slice], b[:f_slice]
-        ds = dout[:1, :f_slice]
-
-        def ref():
-            _, cache = reference.conv_forward_naive(xs, ws, bs, param)
-            reference.conv_backward_naive(ds, cache)
-
-        row["reference"] = median_time(ref, 1) * N * (F / f_slice)
-
-    if torch is not None:
-        tx = torch.from_numpy(x).requires_grad_(True)
-        tw = torch.from_numpy(w).requires_grad_(True)
-        tb = torch.from_numpy(b).requires_grad_(True)
-        tdout = torch.from_numpy(dout)
-
-        def theirs():
-            y = torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=pad)
-            y.backward(tdout)
-            tx.grad = tw.grad = tb.grad = None
-
-        row["torch"] = median_time(theirs, repeat)
-    return row
+# ---------------------------------------------------------------------------------------------
+# cnnserve side (this process)
+# ---------------------------------------------------------------------------------------------
 
 
-def bench_pool(shape, repeat, torch, with_reference) -> dict:
-    N, C, H, W, K, stride = shape
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((N, C, H, W), dtype=np.float32)
-    param = {"pool_height": K, "pool_width": K, "stride": stride}
-    out, _ = layers.max_pool_forward(x, param)
-    dout = rng.standard_normal(out.shape, dtype=np.float32)
+def ours_step(
+    kind: str, shape: tuple, a: dict, naive: bool = False, backward: bool = True
+) -> Callable[[], object]:
+    """cnnserve's forward (+ backward) step for a row, or the loop reference's (``naive``)."""
+    from cnnserve import layers, reference
 
-    def ours():
-        _, cache = layers.max_pool_forward(x, param)
-        layers.max_pool_backward(dout, cache)
+    impl = reference if naive else layers
+    suffix = "_naive" if naive else ""
+    if kind == "conv":
+        param = {"stride": shape[6], "pad": shape[7]}
+        name = "conv"
 
-    row = {"ours": median_time(ours, repeat)}
-    row["fwd"] = median_time(lambda: layers.max_pool_forward(x, param), repeat)
-    if with_reference:
-        c_slice = min(C, 4)
+        def forward():
+            return getattr(impl, f"conv_forward{suffix}")(a["x"], a["w"], a["b"], param)
+    elif kind == "maxpool":
+        param = {"pool_height": shape[4], "pool_width": shape[4], "stride": shape[5]}
+        name = "max_pool"
 
-        def ref():
-            _, cache = reference.max_pool_forward_naive(x[:1, :c_slice], param)
-            reference.max_pool_backward_naive(dout[:1, :c_slice], cache)
+        def forward():
+            return getattr(impl, f"max_pool_forward{suffix}")(a["x"], param)
+    else:
+        name = "spatial_batchnorm"
 
-        row["reference"] = median_time(ref, 1) * N * (C / c_slice)
-    if torch is not None:
-        tx = torch.from_numpy(x).requires_grad_(True)
-        tdout = torch.from_numpy(dout)
+        def forward():
+            fn = getattr(impl, f"spatial_batchnorm_forward{suffix}")
+            return fn(a["x"], a["gamma"], a["beta"], {"mode": "train"})
 
-        def theirs():
-            y = torch.nn.functional.max_pool2d(tx, K, stride)
-            y.backward(tdout)
-            tx.grad = None
-
-        row["torch"] = median_time(theirs, repeat)
-    return row
+    if not backward:
+        return forward
+    bwd = getattr(impl, f"{name}_backward{suffix}")
+    return lambda: bwd(a["dout"], forward()[1])
 
 
-def describe_machine(torch) -> list[str]:
+def reference_slice(kind: str, a: dict) -> tuple[dict, float]:
+    """Arrays cut to one image and at most 4 filters/channels, and the factor to scale by."""
+    N = a["x"].shape[0]
+    if kind == "conv":
+        F = a["w"].shape[0]
+        f = min(F, 4)
+        cut = {"x": a["x"][:1], "w": a["w"][:f], "b": a["b"][:f], "dout": a["dout"][:1, :f]}
+        return cut, N * F / f
+    C = a["x"].shape[1]
+    c = min(C, 4)
+    cut = {key: (v[:1, :c] if v.ndim == 4 else v[:c]) for key, v in a.items()}
+    if kind == "spatial_batchnorm":  # batch statistics need the whole batch: keep N
+        cut = {key: (v[:, :c] if v.ndim == 4 else v[:c]) for key, v in a.items()}
+        return cut, C / c
+    return cut, N * C / c
+
+
+# ---------------------------------------------------------------------------------------------
+# torch side (a helper process)
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_step(torch, kind: str, shape: tuple) -> Callable[[], object]:
+    """The same forward+backward step in ``torch.nn.functional``, on the same arrays."""
+    F = torch.nn.functional
+    t = {k: torch.from_numpy(v) for k, v in make_arrays(kind, shape).items()}
+    leaves = [t[k].requires_grad_(True) for k in ("x", "w", "b", "gamma", "beta") if k in t]
+    if kind == "conv":
+
+        def forward():
+            return F.conv2d(t["x"], t["w"], t["b"], stride=shape[6], padding=shape[7])
+    elif kind == "maxpool":
+
+        def forward():
+            return F.max_pool2d(t["x"], shape[4], shape[5])
+    else:
+        running = [torch.zeros(shape[1]), torch.ones(shape[1])]
+
+        def forward():
+            return F.batch_norm(t["x"], *running, t["gamma"], t["beta"], training=True)
+
+    def step():
+        forward().backward(t["dout"])
+        for leaf in leaves:
+            leaf.grad = None
+
+    return step
+
+
+def torch_worker() -> int:
+    """Read ``{"kind", "shape", "repeat"}`` lines on stdin; answer ``{"seconds"}`` lines."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    print(json.dumps({"version": torch.__version__, "threads": torch.get_num_threads()}))
+    sys.stdout.flush()
+    for line in sys.stdin:
+        job = json.loads(line)
+        step = torch_step(torch, job["kind"], tuple(job["shape"]))
+        print(json.dumps({"seconds": median_time(step, job["repeat"])}))
+        sys.stdout.flush()
+    return 0
+
+
+class TorchProcess:
+    """A helper process that times the torch side of each row."""
+
+    def __init__(self, env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--torch-worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def time(self, kind: str, shape: tuple, repeat: int) -> float:
+        job = {"kind": kind, "shape": list(shape), "repeat": repeat}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def start_torch(env: dict[str, str]) -> TorchProcess | None:
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return None
+    except ImportError:
+        return None
+    return TorchProcess(env)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_machine(torch: TorchProcess | None) -> list[str]:
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, numpy {np.__version__}",
@@ -159,60 +245,68 @@ def describe_machine(torch) -> list[str]:
 
         for pool in threadpool_info():
             lines.append(
-                f"  {pool['user_api']}: {pool['internal_api']} {pool.get('version')} "
-                f"({pool['num_threads']} threads, {pool.get('architecture', '?')})"
+                f"  {pool['user_api']}: {pool['internal_api']} {pool.get('version') or ''} "
+                f"({pool['num_threads']} threads)"
             )
     except ImportError:
         lines.append("  (pip install threadpoolctl to list the BLAS and OpenMP pools)")
     if torch is not None:
-        lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        lines.append(f"torch {torch.info['version']}, {torch.info['threads']} threads")
     else:
         lines.append("torch: not installed, no comparison column")
     return lines
 
 
-def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:9.2f}"
+def label(kind: str, shape: tuple) -> str:
+    if kind == "conv":
+        N, C, H, W, F, K, stride, pad = shape
+        return f"conv {N}x{C}x{H}x{W} F{F} {K}x{K} s{stride} p{pad}"
+    if kind == "maxpool":
+        N, C, H, W, K, stride = shape
+        return f"maxpool {N}x{C}x{H}x{W} {K}x{K} s{stride}"
+    return "spatial batchnorm {}x{}x{}x{}".format(*shape)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per row (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the loop reference")
+    parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch = load_torch()
-    print("\n".join(describe_machine(torch)))
-    with_ref = not args.no_reference
+    if args.torch_worker:
+        return torch_worker()
 
+    torch = start_torch(dict(os.environ))  # before cnnserve sets its OpenMP defaults
+    print("\n".join(describe_machine(torch)))
     header = (
         f"{'layer (float32, fwd+bwd)':<38} {'ms':>9} {'fwd ms':>9} {'GFLOP/s':>8} "
         f"{'ref x':>9} {'torch ms':>9} {'ours/torch':>10}"
     )
-    print()
-    print(header)
-    print("-" * len(header))
+    print(f"\n{header}\n{'-' * len(header)}")
     ratios = []
-    rows = [("conv", s) for s in CONV_SHAPES] + [("pool", s) for s in POOL_SHAPES]
-    for kind, shape in rows:
-        if kind == "conv":
-            N, C, H, W, F, K, stride, pad = shape
-            label = f"conv {N}x{C}x{H}x{W} F{F} {K}x{K} s{stride} p{pad}"
-            row = bench_conv(shape, args.repeat, torch, with_ref)
-            gflops = f"{row['gflops']:8.1f}"
-        else:
-            N, C, H, W, K, stride = shape
-            label = f"maxpool {N}x{C}x{H}x{W} {K}x{K} s{stride}"
-            row = bench_pool(shape, args.repeat, torch, with_ref)
-            gflops = f"{'-':>8}"
-        speedup = f"{row['reference'] / row['ours']:9.0f}" if "reference" in row else f"{'-':>9}"
-        ratio = row["ours"] / row["torch"] if "torch" in row else None
-        if ratio is not None:
-            ratios.append(ratio)
+    for kind, shape in ROWS:
+        a = make_arrays(kind, shape)
+        ours = median_time(ours_step(kind, shape, a), args.repeat)
+        fwd_time = median_time(ours_step(kind, shape, a, backward=False), args.repeat)
+        gflops = f"{conv_flops(*shape) / ours / 1e9:8.1f}" if kind == "conv" else f"{'-':>8}"
+        speedup = f"{'-':>9}"
+        if not args.no_reference:
+            cut, scale = reference_slice(kind, a)
+            ref = median_time(ours_step(kind, shape, cut, naive=True), 1) * scale
+            speedup = f"{ref / ours:9.0f}"
+        theirs = torch.time(kind, shape, args.repeat) if torch is not None else None
+        ratio = f"{'-':>10}"
+        if theirs is not None:
+            ratios.append(ours / theirs)
+            ratio = f"{ours / theirs:10.2f}"
+        torch_ms = f"{'-':>9}" if theirs is None else f"{theirs * 1e3:9.2f}"
         print(
-            f"{label:<38} {fmt_ms(row['ours'])} {fmt_ms(row['fwd'])} {gflops} {speedup} "
-            f"{fmt_ms(row.get('torch'))} {'-' if ratio is None else f'{ratio:10.2f}':>10}",
+            f"{label(kind, shape):<38} {ours * 1e3:9.2f} {fwd_time * 1e3:9.2f} {gflops} "
+            f"{speedup} {torch_ms} {ratio}",
             flush=True,
         )
+    if torch is not None:
+        torch.close()
     if ratios:
         gmean = float(np.exp(np.mean(np.log(ratios))))
         print(f"\ngeometric mean of ours/torch over {len(ratios)} rows: {gmean:.2f}")
