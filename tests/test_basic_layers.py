@@ -233,3 +233,13 @@ def test_dropout_seed_is_reproducible_and_test_mode_is_identity():
 def test_dropout_bad_param(param, error, match):
     with pytest.raises(error, match=match):
         layers.dropout_forward(np.ones((2, 2)), param)
+
+
+def test_dropout_backward_matches_numeric_gradient():
+    """With a fixed seed the mask is a fixed function of nothing but x's shape."""
+    x = _rng(9).standard_normal((5, 8))
+    param = {"mode": "train", "p": 0.6, "seed": 3}
+    out, cache = layers.dropout_forward(x, param)
+    dout = _rng(10).standard_normal(out.shape)
+    num = numeric_gradient(lambda v: layers.dropout_forward(v, param)[0], x, dout)
+    assert scaled_error(layers.dropout_backward(dout, cache), num) < 1e-9
