@@ -7,7 +7,8 @@ from cnnserve import layers, reference
 from tests.gradcheck import numeric_gradient, scaled_error, tolerance
 
 # (N, C, H, W, F, HH, WW, stride, pad): batch of 1, single channel, non-square kernels and
-# inputs, stride 1/2/3, pad 0 and pad > 0, kernel == input, 1x1 kernels.
+# inputs, stride 1/2/3, pad 0 and pad > 0, kernel == input, 1x1 kernels (the pointwise
+# path without im2col, and at stride 2 through im2col).
 SHAPES = [
     (1, 1, 5, 5, 1, 3, 3, 1, 0),
     (2, 3, 7, 7, 4, 3, 3, 1, 1),
@@ -17,6 +18,8 @@ SHAPES = [
     (2, 3, 6, 9, 2, 4, 3, 2, 2),
     (2, 2, 5, 7, 3, 5, 7, 1, 0),
     (3, 5, 4, 6, 6, 1, 1, 1, 0),
+    (1, 6, 5, 3, 2, 1, 1, 1, 0),
+    (2, 3, 5, 7, 4, 1, 1, 2, 0),
     (2, 3, 5, 5, 2, 3, 3, 3, 2),
     (1, 2, 3, 3, 2, 5, 5, 1, 1),
 ]
