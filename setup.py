@@ -6,8 +6,8 @@ serially, with the same results.
 """
 
 import os
-import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,13 +48,13 @@ class BuildExt(build_ext):
     """``build_ext`` that adds OpenMP flags when the compiler supports them."""
 
     def build_extensions(self):
-        compiler_cmd = list(getattr(self.compiler, "compiler_so", None) or ["cc"])
-        compiler_cmd = [compiler_cmd[0]] if shutil.which(compiler_cmd[0]) else ["cc"]
+        # The whole compiler command (it may be a wrapper such as "ccache gcc"), without -c.
+        compiler_cmd = [arg for arg in self.compiler.compiler_so if arg != "-c"]
         use_openmp = os.environ.get("CNNSERVE_NO_OPENMP") != "1" and _compiler_accepts_openmp(
             compiler_cmd
         )
         if not use_openmp:
-            print("cnnserve: building WITHOUT OpenMP; kernels will run on one thread")
+            sys.stderr.write("cnnserve: building WITHOUT OpenMP; kernels will run on one thread\n")
         for ext in self.extensions:
             ext.extra_compile_args = ["-O3", *(["-fopenmp"] if use_openmp else [])]
             ext.extra_link_args = ["-fopenmp"] if use_openmp else []

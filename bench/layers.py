@@ -235,6 +235,18 @@ def start_torch(env: dict[str, str]) -> TorchProcess | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def limit_threads() -> None:
+    """Give cnnserve the THREADS threads that torch gets (BLAS and OpenMP), on any machine."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print(f"threadpoolctl is not installed: cnnserve may use more than {THREADS} threads")
+        return
+    from cnnserve import layers  # noqa: F401  (loads the OpenMP runtime to be limited)
+
+    threadpool_limits(limits=THREADS)
+
+
 def describe_machine(torch: TorchProcess | None) -> list[str]:
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -260,7 +272,7 @@ def describe_machine(torch: TorchProcess | None) -> list[str]:
 def label(kind: str, shape: tuple) -> str:
     if kind == "conv":
         N, C, H, W, F, K, stride, pad = shape
-        return f"conv {N}x{C}x{H}x{W} F{F} {K}x{K} s{stride} p{pad}"
+        return f"conv {N}x{C}x{H}x{W} F={F} {K}x{K} s{stride} p{pad}"
     if kind == "maxpool":
         N, C, H, W, K, stride = shape
         return f"maxpool {N}x{C}x{H}x{W} {K}x{K} s{stride}"
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch_worker()
 
     torch = start_torch(dict(os.environ))  # before cnnserve sets its OpenMP defaults
+    limit_threads()
     print("\n".join(describe_machine(torch)))
     header = (
         f"{'layer (float32, fwd+bwd)':<38} {'ms':>9} {'fwd ms':>9} {'GFLOP/s':>8} "

@@ -13,8 +13,10 @@ loop versions for testing only.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,11 +29,13 @@ except ImportError as exc:  # pragma: no cover - exercised by a test in a patche
     raise ImportError(
         "cnnserve's compiled Cython kernels (cnnserve._ext) are missing or failed to load "
         f"({exc}). Build them from the repository root with `make install` "
-        "(or `pip install -e .`; `python setup.py build_ext --inplace` for a quick rebuild)."
+        "(or `pip install -e .` in your environment)."
     ) from exc
 
 __all__ = [
+    "AffineCache",
     "ConvCache",
+    "DropoutCache",
     "conv_forward",
     "conv_backward",
     "relu_forward",
@@ -55,9 +59,19 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _check_array(a: Any, name: str, ndim: int | None = None, layout: str = "") -> np.ndarray:
-    """Return ``a`` if it is a non-empty float32/float64 ndarray of ``ndim`` dimensions."""
+    """Return ``a`` as an ndarray if it is a non-empty float32/float64 array of ``ndim`` dims.
+
+    Subclasses are viewed as plain ndarrays (a memmap works), except those whose meaning a
+    plain array would lose: masked arrays (the mask) and np.matrix (its 2-D algebra).
+    """
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if isinstance(a, np.ma.MaskedArray | np.matrix):
+        raise TypeError(
+            f"{name} must be a plain numpy.ndarray, got {type(a).__name__}: fill masked "
+            "values or convert with np.asarray first"
+        )
+    a = np.asarray(a)
     if a.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:
@@ -83,13 +97,39 @@ def _check_shape(a: np.ndarray, name: str, expected: tuple[int, ...], meaning: s
         raise ValueError(f"{name} must have shape {tuple(expected)} {meaning}, got {a.shape}")
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool) and ``>= minimum``."""
+# Window sizes, strides and pads are C integers in the kernels.
+_MAX_INT_PARAM = 2**31 - 1
+
+
+def _check_int(value: Any, name: str, minimum: int, maximum: int = _MAX_INT_PARAM) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) in ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        bound = f">= {minimum}" if value < minimum else f"<= {maximum}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return int(value)
+
+
+def _check_number(
+    value: Any, name: str, low: float, high: float, interval: str, meaning: str = ""
+) -> float:
+    """Return ``value`` as a float if it is a real number (not a bool) in the given interval.
+
+    ``interval`` is one of ``'()'``, ``'(]'``, ``'[)'``, ``'[]'``: which ends are included.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf") if value > 0 else float("-inf")
+    above = number >= low if interval[0] == "[" else number > low
+    below = number <= high if interval[1] == "]" else number < high
+    if not (above and below):  # also rejects NaN
+        what = f"{name} ({meaning})" if meaning else name
+        raise ValueError(f"{what} must be in {interval[0]}{low}, {high}{interval[1]}, got {value}")
+    return number
 
 
 def _check_params(
@@ -117,15 +157,14 @@ def _window_count(size: int, window: int, stride: int, pad: int, what: str) -> i
     axis exactly (the result is never silently floored).
     """
     span = size + 2 * pad - window
+    padded = f"{size} + 2*pad ({pad}) = {size + 2 * pad}" if pad else f"{size}"
     if span < 0:
-        raise ValueError(
-            f"{what} is larger than the input: window {window} > {size} + 2*pad ({pad}) = "
-            f"{size + 2 * pad}"
-        )
+        raise ValueError(f"{what} is larger than the input: window {window} > {padded}")
     if span % stride:
+        spelled = f"({size} + 2*{pad} - {window})" if pad else f"({size} - {window})"
         raise ValueError(
-            f"{what} does not divide evenly: ({size} + 2*{pad} - {window}) = {span} is not a "
-            f"multiple of stride {stride}; crop or pad the input so that it is"
+            f"{what} does not divide evenly: {spelled} = {span} is not a multiple of stride "
+            f"{stride}; crop or pad the input so that it is"
         )
     return span // stride + 1
 
@@ -184,28 +223,59 @@ class ConvCache(NamedTuple):
     conv_param: dict  # {'stride': int, 'pad': int}, a normalised copy
 
 
-# The column matrix of a whole batch can be hundreds of MB; it is built for a chunk of images
-# at a time in a per-thread buffer that is reused across calls, so the GEMMs read data that
-# is still in cache and no call pays for page-faulting a fresh allocation.
+class _ScratchPool:
+    """Scratch buffers for column matrices, shared by all threads and reused across calls.
+
+    A call borrows its buffers (no two running calls ever share one) and returns them when it
+    ends. At most ``keep`` buffers of at most ``max_bytes`` each stay allocated between calls,
+    so the memory held while idle is bounded whatever the number of threads; a larger buffer
+    (one huge image) is freed when its call ends.
+    """
+
+    def __init__(self, keep: int, max_bytes: int):
+        self.keep = keep
+        self.max_bytes = max_bytes
+        self._free: list[np.ndarray] = []  # 1-D uint8 buffers
+        self._lock = threading.Lock()
+
+    def _take(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            fits = [i for i, buf in enumerate(self._free) if buf.nbytes >= nbytes]
+            if fits:  # the smallest buffer that is large enough
+                return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def _give(self, buf: np.ndarray) -> None:
+        if buf.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._free.append(buf)
+            if len(self._free) > self.keep:  # drop the smallest
+                self._free.sort(key=lambda b: b.nbytes)
+                del self._free[0]
+
+    @contextmanager
+    def borrow(self, sizes: tuple[int, ...], dtype: np.dtype) -> Iterator[list[np.ndarray]]:
+        """1-D arrays of ``dtype`` with the given numbers of elements, for one ``with`` block."""
+        itemsize = np.dtype(dtype).itemsize
+        raw = [self._take(size * itemsize) for size in sizes]
+        try:
+            yield [buf[: size * itemsize].view(dtype) for buf, size in zip(raw, sizes, strict=True)]
+        finally:
+            for buf in raw:
+                self._give(buf)
+
+
+# The column matrix of a whole batch can be hundreds of MB: it is built for a chunk of about
+# _CHUNK_BYTES of images at a time, in reused scratch buffers, so the GEMMs read data that is
+# still in cache and no call pays for page-faulting a fresh allocation.
 _CHUNK_BYTES = 8 * 2**20
-_workspaces = threading.local()
+_SCRATCH = _ScratchPool(keep=4, max_bytes=4 * _CHUNK_BYTES)
 
 
-def _workspace(name: str, size: int, dtype: np.dtype) -> np.ndarray:
-    """A reusable 1-D buffer of at least ``size`` elements, private to the calling thread."""
-    buffers = _workspaces.__dict__.setdefault("buffers", {})
-    key = (name, np.dtype(dtype))
-    buf = buffers.get(key)
-    if buf is None or buf.size < size:
-        buf = buffers[key] = np.empty(size, dtype=dtype)
-    return buf[:size]
-
-
-def _image_chunks(N: int, elems_per_image: int, itemsize: int):
-    """Yield ``(n0, n1)`` ranges of images whose column matrices fit in ``_CHUNK_BYTES``."""
-    step = max(1, min(N, _CHUNK_BYTES // max(1, elems_per_image * itemsize)))
-    for n0 in range(0, N, step):
-        yield n0, min(N, n0 + step)
+def _images_per_chunk(N: int, elems_per_image: int, itemsize: int) -> int:
+    """How many images' column matrices fit in ``_CHUNK_BYTES`` (at least 1, at most N)."""
+    return max(1, min(N, _CHUNK_BYTES // max(1, elems_per_image * itemsize)))
 
 
 def _is_pointwise(HH: int, WW: int, stride: int, pad: int) -> bool:
@@ -279,15 +349,17 @@ def conv_forward(
         out += b[:, None]
         return out.reshape(N, F, H_out, W_out), cache
     out = np.empty((N, F, H_out, W_out), dtype=x.dtype)
-    for n0, n1 in _image_chunks(N, K * P, x.itemsize):
-        m = n1 - n0
-        cols = _workspace("cols", K * m * P, x.dtype).reshape(K, m * P)
-        _conv.im2col(x[n0:n1], cols, HH, WW, stride, pad)
-        prod = _workspace("prod", F * m * P, x.dtype).reshape(F, m * P)
-        np.matmul(w_mat, cols, out=prod)
-        # One pass does the (F, n) -> (n, F) transpose and adds the bias.
-        chunk = prod.reshape(F, m, H_out, W_out).transpose(1, 0, 2, 3)  # (m, F, H_out, W_out)
-        np.add(chunk, b[:, None, None], out=out[n0:n1])
+    step = _images_per_chunk(N, K * P, x.itemsize)
+    with _SCRATCH.borrow((K * step * P, F * step * P), x.dtype) as (cols_buf, prod_buf):
+        for n0 in range(0, N, step):
+            m = min(step, N - n0)
+            cols = cols_buf[: K * m * P].reshape(K, m * P)
+            _conv.im2col(x[n0 : n0 + m], cols, HH, WW, stride, pad)
+            prod = prod_buf[: F * m * P].reshape(F, m * P)
+            np.matmul(w_mat, cols, out=prod)
+            # One pass does the (F, m) -> (m, F) transpose and adds the bias.
+            chunk = prod.reshape(F, m, H_out, W_out).transpose(1, 0, 2, 3)  # (m, F, H_out, W_out)
+            np.add(chunk, b[:, None, None], out=out[n0 : n0 + m])
     return out, cache
 
 
@@ -332,19 +404,21 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     dw = np.empty((F, K), dtype=x.dtype)
     dw_chunk = None
     dx = np.empty(x.shape, dtype=x.dtype)
-    for n0, n1 in _image_chunks(N, K * P, x.itemsize):
-        m = n1 - n0
-        cols = _workspace("cols", K * m * P, x.dtype).reshape(K, m * P)
-        _conv.im2col(x[n0:n1], cols, HH, WW, stride, pad)
-        dout_mat = _workspace("prod", F * m * P, x.dtype).reshape(F, m * P)
-        np.copyto(dout_mat.reshape(F, m, H_out, W_out), dout[n0:n1].transpose(1, 0, 2, 3))
-        if n0 == 0:
-            np.matmul(dout_mat, cols.T, out=dw)
-        else:
-            dw_chunk = np.matmul(dout_mat, cols.T, out=dw_chunk)
-            dw += dw_chunk
-        np.matmul(w_mat.T, dout_mat, out=cols)  # cols now holds dcols, (K, m*P)
-        _conv.col2im(cols, dx[n0:n1], HH, WW, stride, pad)
+    step = _images_per_chunk(N, K * P, x.itemsize)
+    with _SCRATCH.borrow((K * step * P, F * step * P), x.dtype) as (cols_buf, dout_buf):
+        for n0 in range(0, N, step):
+            m = min(step, N - n0)
+            cols = cols_buf[: K * m * P].reshape(K, m * P)
+            _conv.im2col(x[n0 : n0 + m], cols, HH, WW, stride, pad)
+            dout_mat = dout_buf[: F * m * P].reshape(F, m * P)
+            np.copyto(dout_mat.reshape(F, m, H_out, W_out), dout[n0 : n0 + m].transpose(1, 0, 2, 3))
+            if n0 == 0:
+                np.matmul(dout_mat, cols.T, out=dw)
+            else:
+                dw_chunk = np.matmul(dout_mat, cols.T, out=dw_chunk)
+                dw += dw_chunk
+            np.matmul(w_mat.T, dout_mat, out=cols)  # cols now holds dcols, (K, m*P)
+            _conv.col2im(cols, dx[n0 : n0 + m], HH, WW, stride, pad)
     return dx, dw.reshape(w.shape), db
 
 
@@ -354,50 +428,75 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
 
 
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rectified linear unit ``max(0, x)``.
+    """Rectified linear unit ``max(0, x)``, elementwise.
 
     Parameters
     ----------
     x : ndarray, any shape
+        float32 or float64.
 
     Returns
     -------
-    out : ndarray, same shape and dtype as x
+    out : ndarray, shape of x, dtype of x
     cache : ndarray
-        ``x`` itself.
+        ``x`` itself (a reference: do not modify x before the backward pass).
+
+    Shape
+    -----
+    ``out.shape == x.shape``.
     """
     x = _check_array(x, "x")
-    return np.maximum(x, 0), x
+    return np.maximum(x, 0, out=np.empty_like(x)), x
 
 
 def relu_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
     """Backward pass of :func:`relu_forward`: ``dout`` where ``x > 0``, else 0.
 
+    Parameters
+    ----------
+    dout : ndarray, shape of x
+        Upstream gradient, in the dtype of x.
+    cache : ndarray
+        From :func:`relu_forward`.
+
     Returns
     -------
-    dx : ndarray, same shape as x
+    dx : ndarray, shape of x
+        The gradient at exactly ``x == 0`` is 0, as in PyTorch.
     """
     x = _check_array(cache, "cache")
     dout = _check_dout(dout, x.shape, x.dtype)
     return np.where(x > 0, dout, 0).astype(x.dtype, copy=False)
 
 
-def affine_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+class AffineCache(NamedTuple):
+    """What :func:`affine_backward` needs from :func:`affine_forward` (``x, w, b = cache``)."""
+
+    x: np.ndarray  # (N, d_1, ..., d_k), the caller's array
+    w: np.ndarray  # (D, M)
+    b: np.ndarray  # (M,)
+
+
+def affine_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, AffineCache]:
     """Fully connected layer ``x.reshape(N, D) @ w + b``.
 
     Parameters
     ----------
     x : ndarray, shape (N, d_1, ..., d_k)
-        Each sample is flattened in C order to D = d_1 * ... * d_k values.
+        Each sample is flattened in C order to D = d_1 * ... * d_k values (an (N, C, H, W)
+        volume in NCHW order).
     w : ndarray, shape (D, M)
     b : ndarray, shape (M,)
 
     Returns
     -------
     out : ndarray, shape (N, M)
-    cache : tuple (x, w, b)
+    cache : AffineCache
+        For :func:`affine_backward`; it references x, w and b.
+
+    Shape
+    -----
+    ``(N, d_1, ..., d_k) -> (N, M)`` with ``D = d_1 * ... * d_k == w.shape[0]``.
     """
     x = _check_array(x, "x")
     w = _check_array(w, "w", 2, "(D, M)")
@@ -405,7 +504,7 @@ def affine_forward(
     _check_same_dtype("x", x, w=w, b=b)
     if x.ndim < 2:
         raise ValueError(f"x must be at least 2-D (N, d_1, ..., d_k), got shape {x.shape}")
-    D = int(np.prod(x.shape[1:]))
+    D = math.prod(x.shape[1:])
     if w.shape[0] != D:
         raise ValueError(
             f"w must have {D} rows (x.shape[1:] = {x.shape[1:]} flattens to D = {D}), "
@@ -414,13 +513,20 @@ def affine_forward(
     _check_shape(b, "b", (w.shape[1],), "(one bias per output unit)")
     out = x.reshape(x.shape[0], D) @ w
     out += b
-    return out, (x, w, b)
+    return out, AffineCache(x, w, b)
 
 
 def affine_backward(
-    dout: np.ndarray, cache: tuple[np.ndarray, np.ndarray, np.ndarray]
+    dout: np.ndarray, cache: AffineCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward pass of :func:`affine_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, M)
+        Upstream gradient.
+    cache : AffineCache
+        From :func:`affine_forward`.
 
     Returns
     -------
@@ -428,6 +534,7 @@ def affine_backward(
     dw : ndarray, shape (D, M)
     db : ndarray, shape (M,)
     """
+    _check_cache(cache, AffineCache, "affine_forward")
     x, w, _ = cache
     N, M = x.shape[0], w.shape[1]
     dout = _check_dout(dout, (N, M), x.dtype)
@@ -446,26 +553,38 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def softmax_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax over classes: ``exp(x_ij) / sum_k exp(x_ik)``.
+    """Softmax over classes: ``out[i, j] = exp(x[i, j]) / sum_k exp(x[i, k])``.
 
     Parameters
     ----------
     x : ndarray, shape (N, C)
+        Class scores.
 
     Returns
     -------
     out : ndarray, shape (N, C)
         Rows are probabilities summing to 1.
-    cache : ndarray
-        ``out``.
+    cache : ndarray, shape (N, C)
+        A private copy of ``out``, so that editing ``out`` in place (``out[range(N), y] -= 1``)
+        does not change the backward pass.
+
+    Shape
+    -----
+    ``(N, C) -> (N, C)``.
     """
     x = _check_array(x, "x", 2, "(N, C)")
     out = _softmax(x)
-    return out, out
+    return out, out.copy()
 
 
 def softmax_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
     """Backward pass of :func:`softmax_forward`: ``p * (dout - sum(dout * p, axis=1))``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape (N, C)
+    cache : ndarray, shape (N, C)
+        From :func:`softmax_forward` (the probabilities p).
 
     Returns
     -------
@@ -535,56 +654,74 @@ def svm_loss(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def dropout_forward(x: np.ndarray, dropout_param: dict) -> tuple[np.ndarray, tuple]:
+class DropoutCache(NamedTuple):
+    """What :func:`dropout_backward` needs from :func:`dropout_forward`."""
+
+    dropout_param: dict  # a copy of the checked dropout_param
+    shape: tuple[int, ...]  # shape of x
+    dtype: np.dtype  # dtype of x
+    mask: np.ndarray | None  # 0 or 1/p, shape of x, in 'train' mode; None in 'test' mode
+
+
+def dropout_forward(x: np.ndarray, dropout_param: dict) -> tuple[np.ndarray, DropoutCache]:
     """Inverted dropout: keep each unit with probability ``p`` and scale kept ones by ``1/p``.
+
+    The expected value of every output equals the input, so nothing changes at test time.
 
     Parameters
     ----------
     x : ndarray, any shape
     dropout_param : dict
         ``'p'`` (required): the probability of KEEPING a unit, ``0 < p <= 1``;
-        ``'mode'`` (required): ``'train'`` drops units, ``'test'`` returns ``x`` unchanged;
-        ``'seed'`` (optional int): makes the mask reproducible (numpy's default_rng).
+        ``'mode'`` (required): ``'train'`` drops units, ``'test'`` returns a copy of ``x``;
+        ``'seed'`` (optional int >= 0): the same seed gives the same mask (numpy's
+        ``default_rng``); without it every call draws a fresh mask.
 
     Returns
     -------
-    out : ndarray, same shape and dtype as x
-    cache : tuple (dropout_param, mask)
-        ``mask`` is None in test mode.
+    out : ndarray, shape and dtype of x
+    cache : DropoutCache
+        For :func:`dropout_backward`.
+
+    Shape
+    -----
+    ``out.shape == x.shape``.
     """
     x = _check_array(x, "x")
     params = _check_params(dropout_param, "dropout_param", ("p", "mode", "seed"), ("p", "mode"))
-    p, mode = params["p"], params["mode"]
-    if isinstance(p, bool) or not isinstance(p, int | float | np.floating | np.integer):
-        raise TypeError(f"dropout_param['p'] must be a number, got {type(p).__name__}")
-    if not 0 < p <= 1:
-        raise ValueError(f"dropout_param['p'] is the keep probability, in (0, 1]; got {p}")
+    p = _check_number(params["p"], "dropout_param['p']", 0, 1, "(]", "the keep probability")
+    mode = params["mode"]
     if mode not in ("train", "test"):
         raise ValueError(f"dropout_param['mode'] must be 'train' or 'test', got {mode!r}")
     seed = params.get("seed")
     if seed is not None:
-        _check_int(seed, "dropout_param['seed']", 0)
+        seed = _check_int(seed, "dropout_param['seed']", 0, maximum=2**128)
     if mode == "test":
-        return x.copy(), (dict(params), None)
+        return x.copy(), DropoutCache(dict(params), x.shape, x.dtype, None)
     rng = np.random.default_rng(seed)
     mask = (rng.random(x.shape, dtype=x.dtype) < p).astype(x.dtype)
     mask *= x.dtype.type(1.0 / p)
-    return x * mask, (dict(params), mask)
+    return x * mask, DropoutCache(dict(params), x.shape, x.dtype, mask)
 
 
-def dropout_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
+def dropout_backward(dout: np.ndarray, cache: DropoutCache) -> np.ndarray:
     """Backward pass of :func:`dropout_forward`: ``dout * mask`` in train mode, else ``dout``.
+
+    Parameters
+    ----------
+    dout : ndarray, shape of x
+    cache : DropoutCache
+        From :func:`dropout_forward`.
 
     Returns
     -------
-    dx : ndarray, same shape as dout
+    dx : ndarray, shape and dtype of x
     """
-    params, mask = cache
-    dout = _check_array(dout, "dout")
-    if mask is None:
+    _check_cache(cache, DropoutCache, "dropout_forward")
+    dout = _check_dout(dout, cache.shape, cache.dtype)
+    if cache.mask is None:
         return dout.copy()
-    dout = _check_dout(dout, mask.shape, mask.dtype)
-    return dout * mask
+    return dout * cache.mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,6 +802,7 @@ def max_pool_forward(x: np.ndarray, pool_param: dict) -> tuple[np.ndarray, MaxPo
     argmax = np.empty((N, C, H_out, W_out), dtype=np.intp)
     ph, pw, stride = norm["pool_height"], norm["pool_width"], norm["stride"]
     _pool.max_pool_forward(np.ascontiguousarray(x), out, argmax, ph, pw, stride)
+    argmax.flags.writeable = False  # the backward kernel indexes dx with it
     return out, MaxPoolCache(x.shape, x.dtype, argmax)
 
 
@@ -824,12 +962,7 @@ class GroupnormCache(NamedTuple):
 
 def _check_eps(params: Mapping, name: str) -> float:
     """Return ``params['eps']`` (default 1e-5) as a float after checking it is finite and > 0."""
-    eps = params.get("eps", 1e-5)
-    if isinstance(eps, bool) or not isinstance(eps, int | float | np.integer | np.floating):
-        raise TypeError(f"{name}['eps'] must be a number, got {type(eps).__name__} {eps!r}")
-    if not (np.isfinite(eps) and eps > 0):
-        raise ValueError(f"{name}['eps'] must be a finite number > 0, got {eps}")
-    return float(eps)
+    return _check_number(params.get("eps", 1e-5), f"{name}['eps']", 0, math.inf, "()")
 
 
 def _check_mode(params: Mapping, name: str) -> str | None:
@@ -843,16 +976,8 @@ def _check_mode(params: Mapping, name: str) -> str | None:
 
 
 def _check_momentum(params: Mapping) -> float:
-    momentum = params.get("momentum", 0.9)
-    if isinstance(momentum, bool) or not isinstance(
-        momentum, int | float | np.integer | np.floating
-    ):
-        raise TypeError(
-            f"bn_param['momentum'] must be a number, got {type(momentum).__name__} {momentum!r}"
-        )
-    if not 0 <= momentum < 1:
-        raise ValueError(f"bn_param['momentum'] must be in [0, 1), got {momentum}")
-    return float(momentum)
+    """Return ``params['momentum']`` (default 0.9) after checking it is in [0, 1)."""
+    return _check_number(params.get("momentum", 0.9), "bn_param['momentum']", 0, 1, "[)")
 
 
 def _running_stat(params: Mapping, key: str, x: np.ndarray, C: int, default: float) -> np.ndarray:
@@ -892,6 +1017,9 @@ def _batchnorm_forward(
     N, C = x.shape[:2]
     running_mean = _running_stat(params, "running_mean", x, C, 0.0)
     running_var = _running_stat(params, "running_var", x, C, 1.0)
+    for key, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if not np.all(np.isfinite(stat)):
+            raise ValueError(f"bn_param[{key!r}] must be finite, got NaN or inf")
     if np.any(running_var < 0):
         raise ValueError("bn_param['running_var'] must be >= 0, got a negative variance")
     if mode == "train" and not callable(getattr(params, "__setitem__", None)):
@@ -1040,15 +1168,28 @@ def batchnorm_backward(
 def batchnorm_backward_alt(
     dout: np.ndarray, cache: BatchnormCache
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Backward pass of :func:`batchnorm_forward` by the simplified formula.
+    """Backward pass of :func:`batchnorm_forward` by the simplified formula, in NumPy.
 
-    CS231n asks for two backward passes: one staged through the computation graph and this
-    "alternative" one from the simplified expression. Here both names run the same compiled
-    kernel, which uses the simplified expression, and give identical results; see
-    :func:`batchnorm_backward` for the formula, parameters and returns.
+    CS231n asks for two backward passes: one through the computation graph and this
+    "alternative" one from the closed-form expression. :func:`batchnorm_backward` runs the
+    compiled kernel; this one evaluates the same expression with vectorised NumPy (in float64,
+    cast back to x's dtype). They agree to rounding, and the kernel is the faster of the two.
+    Parameters and returns are those of :func:`batchnorm_backward`.
     """
     _check_cache(cache, BatchnormCache, "batchnorm_forward")
-    return _batchnorm_backward(dout, cache)
+    x, gamma, mean, inv_std, mode = cache
+    dout = _check_dout(dout, x.shape, x.dtype)
+    d = dout.astype(np.float64)
+    xhat = (x - mean) * inv_std  # (N, D), float64
+    dbeta = d.sum(axis=0)
+    dgamma = (d * xhat).sum(axis=0)
+    if mode == "train":
+        # dx = gamma / (N * std) * (N * dout - sum(dout) - xhat * sum(dout * xhat))
+        N = x.shape[0]
+        dx = (gamma * inv_std / N) * (N * d - dbeta - xhat * dgamma)
+    else:  # fixed statistics: out is an affine function of x
+        dx = gamma * inv_std * d
+    return dx.astype(x.dtype), dgamma.astype(x.dtype), dbeta.astype(x.dtype)
 
 
 def spatial_batchnorm_forward(

@@ -13,6 +13,17 @@ from cython.parallel cimport prange
 
 cdef extern from "cnn_threads.h":
     int cnn_threads_for(Py_ssize_t work) noexcept nogil
+    int cnn_openmp_enabled() noexcept nogil
+
+
+def openmp_enabled():
+    """True if these kernels were compiled with OpenMP (else every loop runs serially)."""
+    return cnn_openmp_enabled() == 1
+
+
+def threads_for(Py_ssize_t work):
+    """The number of threads a kernel call with ``work`` inner-loop operations runs on."""
+    return cnn_threads_for(work)
 
 
 cdef inline Py_ssize_t _first_valid(Py_ssize_t offset, Py_ssize_t stride) noexcept nogil:
@@ -50,7 +61,10 @@ def im2col(const floating[:, :, :, ::1] x, floating[:, ::1] cols,
             for i in range(HH):
                 for j in range(WW):
                     off_w = j - pad
+                    # Columns [wo_lo, wo_hi) read the image; the rest of the row is padding.
                     wo_lo = _first_valid(off_w, stride)
+                    if wo_lo > W_out:
+                        wo_lo = W_out
                     wo_hi = _end_valid(off_w, stride, W, W_out)
                     if wo_hi < wo_lo:
                         wo_hi = wo_lo

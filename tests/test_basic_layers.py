@@ -222,9 +222,9 @@ def test_dropout_seed_is_reproducible_and_test_mode_is_identity():
     [
         ({"mode": "train"}, ValueError, r"dropout_param is missing the required key 'p'"),
         ({"p": 0.5}, ValueError, r"dropout_param is missing the required key 'mode'"),
-        ({"p": 0.0, "mode": "train"}, ValueError, r"keep probability, in \(0, 1\]; got 0.0"),
-        ({"p": 1.5, "mode": "train"}, ValueError, r"keep probability, in \(0, 1\]; got 1.5"),
-        ({"p": "0.5", "mode": "train"}, TypeError, r"dropout_param\['p'\] must be a number, got str"),
+        ({"p": 0.0, "mode": "train"}, ValueError, r"dropout_param\['p'\] \(the keep probability\) must be in \(0, 1\], got 0.0"),
+        ({"p": 1.5, "mode": "train"}, ValueError, r"\(the keep probability\) must be in \(0, 1\], got 1.5"),
+        ({"p": "0.5", "mode": "train"}, TypeError, r"dropout_param\['p'\] must be a number, got str '0.5'"),
         ({"p": 0.5, "mode": "eval"}, ValueError, r"dropout_param\['mode'\] must be 'train' or 'test', got 'eval'"),
         ({"p": 0.5, "mode": "train", "seed": -1}, ValueError, r"dropout_param\['seed'\] must be >= 0"),
         ({"p": 0.5, "mode": "train", "keep": 1}, ValueError, r"unknown key\(s\) 'keep'"),
@@ -243,3 +243,47 @@ def test_dropout_backward_matches_numeric_gradient():
     dout = _rng(10).standard_normal(out.shape)
     num = numeric_gradient(lambda v: layers.dropout_forward(v, param)[0], x, dout)
     assert scaled_error(layers.dropout_backward(dout, cache), num) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_softmax_cache_is_independent_of_the_returned_probabilities():
+    x = _rng(11).standard_normal((4, 5))
+    p, cache = layers.softmax_forward(x)
+    dout = _rng(12).standard_normal(p.shape)
+    expected = layers.softmax_backward(dout, cache)
+    p[np.arange(4), [0, 1, 2, 3]] -= 1  # the CS231n idiom, done in place
+    np.testing.assert_array_equal(layers.softmax_backward(dout, cache), expected)
+
+
+def test_relu_of_a_0d_array_is_an_array():
+    out, cache = layers.relu_forward(np.array(-1.5))
+    assert isinstance(out, np.ndarray) and out.shape == () and out == 0
+    assert layers.relu_backward(np.array(2.0), cache) == 0
+
+
+@pytest.mark.parametrize(
+    ("backward", "cache", "match"),
+    [
+        (layers.affine_backward, (np.ones((2, 3)), np.ones((3, 4)), np.ones(4)), r"cache must be the AffineCache returned by affine_forward, got tuple"),
+        (layers.dropout_backward, ({"p": 0.5, "mode": "test"}, None), r"cache must be the DropoutCache returned by dropout_forward, got tuple"),
+    ],
+)  # fmt: skip
+def test_backward_rejects_a_cache_from_elsewhere(backward, cache, match):
+    with pytest.raises(TypeError, match=match):
+        backward(np.ones((2, 4)), cache)
+
+
+def test_dropout_test_mode_backward_checks_dout():
+    _, cache = layers.dropout_forward(np.ones((3, 4)), {"mode": "test", "p": 0.5})
+    with pytest.raises(
+        ValueError, match=r"dout must have the shape of the forward output \(3, 4\)"
+    ):
+        layers.dropout_backward(np.ones((7, 7)), cache)
+    with pytest.raises(
+        TypeError, match=r"dout has dtype float32 but the forward pass ran in float64"
+    ):
+        layers.dropout_backward(np.ones((3, 4), np.float32), cache)

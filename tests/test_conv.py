@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cnnserve import layers, reference
+from cnnserve._ext import conv as conv_ext
 from tests.gradcheck import numeric_gradient, scaled_error, tolerance
 
 # (N, C, H, W, F, HH, WW, stride, pad): batch of 1, single channel, non-square kernels and
@@ -197,7 +198,11 @@ def _good():
         (lambda a: a.update(param={"strides": 1}), ValueError, r"conv_param has unknown key\(s\) 'strides'"),
         (lambda a: a.update(param=[1, 1]), TypeError, r"conv_param must be a dict, got list"),
         (lambda a: a.update(param={"stride": 3, "pad": 1}), ValueError, r"\(8 \+ 2\*1 - 3\) = 7 is not a multiple of stride 3"),
-        (lambda a: a.update(param={"stride": 1, "pad": 0}, w=np.ones((4, 3, 9, 3))), ValueError, r"window 9 > 8 \+ 2\*pad \(0\) = 8"),
+        (lambda a: a.update(param={"stride": 1, "pad": 0}, w=np.ones((4, 3, 9, 3))), ValueError, r"filter height HH along H is larger than the input: window 9 > 8$"),
+        (lambda a: a.update(param={"stride": 1, "pad": 1}, w=np.ones((4, 3, 3, 11))), ValueError, r"filter width WW along W is larger than the input: window 11 > 8 \+ 2\*pad \(1\) = 10"),
+        (lambda a: a.update(param={"stride": 2**31, "pad": 1}), ValueError, r"conv_param\['stride'\] must be <= 2147483647, got 2147483648"),
+        (lambda a: a.update(param={"stride": 1, "pad": 10**30}), ValueError, r"conv_param\['pad'\] must be <= 2147483647"),
+        (lambda a: a.update(x=np.ma.masked_array(a["x"])), TypeError, r"x must be a plain numpy.ndarray, got MaskedArray"),
     ],
 )  # fmt: skip
 def test_bad_input_raises(mutate, error, match):
@@ -236,8 +241,7 @@ def test_chunked_batches_match_reference(monkeypatch, chunk_bytes):
     monkeypatch.setattr(layers, "_CHUNK_BYTES", chunk_bytes)
     shape = (5, 3, 7, 7, 4, 3, 3, 2, 1)
     x, w, b, param = _random_problem(shape, np.float64)
-    n_chunks = len(list(layers._image_chunks(5, 3 * 3 * 3 * 16, 8)))
-    assert n_chunks > 1
+    assert layers._images_per_chunk(5, 3 * 3 * 3 * 16, 8) < 5  # several chunks
     out, cache = layers.conv_forward(x, w, b, param)
     ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
     np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -270,3 +274,30 @@ def test_concurrent_calls_from_threads_match_sequential():
     for k, result in enumerate(concurrent):
         for got, want in zip(result, sequential[k % len(problems)], strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "HH", "WW", "stride", "pad"),
+    [((1, 1, 1, 1), 1, 9, 1, 4), ((2, 2, 3, 2), 5, 6, 2, 2), ((1, 3, 2, 2), 6, 6, 3, 2)],
+)
+def test_im2col_writes_only_its_own_cells_when_the_filter_overhangs(x_shape, HH, WW, stride, pad):
+    """Filters that overhang the image by more than one output column: nothing is written
+    outside the output buffer, every cell is written, and the results are right."""
+    x = np.random.default_rng(0).standard_normal(x_shape)
+    N, C, H, W = x_shape
+    H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
+    size = C * HH * WW * N * H_out * W_out
+    guarded = np.full(size + 64, np.nan)
+    cols = guarded[:size].reshape(C * HH * WW, N * H_out * W_out)
+    conv_ext.im2col(x, cols, HH, WW, stride, pad)
+    assert np.isnan(guarded[size:]).all(), "im2col wrote past the end of its output"
+    assert not np.isnan(cols).any(), "im2col left cells unwritten"
+    w = np.random.default_rng(1).standard_normal((2, C, HH, WW))
+    b = np.zeros(2)
+    param = {"stride": stride, "pad": pad}
+    out, cache = layers.conv_forward(x, w, b, param)
+    np.testing.assert_allclose(out, reference.conv_forward_naive(x, w, b, param)[0], rtol=1e-12)
+    dx, dw, _ = layers.conv_backward(np.ones_like(out), cache)
+    ref_dx, ref_dw, _ = reference.conv_backward_naive(np.ones_like(out), (x, w, b, param))
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-12, atol=1e-12)

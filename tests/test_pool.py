@@ -93,7 +93,8 @@ def test_parallel_path_matches_reference(kind, shape, dtype):
     """Inputs above the kernels' serial threshold (cython_ext/cnn_threads.h), so the OpenMP
     loops split the planes over threads."""
     N, C, H, W, ph, pw, stride = shape
-    assert N * C * H * W >= 32768
+    H_out, W_out = (H - ph) // stride + 1, (W - pw) // stride + 1
+    assert N * C * H_out * W_out * ph * pw >= 32768  # the forward kernels' work
     x, param = _random_problem(shape, dtype, seed=5)
     _check_against_reference(kind, x, param)
 
@@ -330,3 +331,11 @@ def test_backward_rejects_wrong_cache_type():
         layers.avg_pool_backward(dout, max_cache)
     with pytest.raises(TypeError, match=r"cache must be the MaxPoolCache .*, got tuple"):
         layers.max_pool_backward(dout, (GOOD_X, GOOD_PARAM))
+
+
+def test_max_pool_cache_argmax_is_read_only():
+    """The backward kernel indexes dx with it: a tampered index must not reach the kernel."""
+    _, cache = layers.max_pool_forward(GOOD_X, GOOD_PARAM)
+    assert not cache.argmax.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        cache.argmax[0, 0, 0, 0] = 10**12
