@@ -6,21 +6,23 @@ Every kernel sees its input as a C-contiguous ``(N, C, S)`` array: batchnorm on 
 layernorm on ``(N, D)`` is the group family with ``C = D, S = 1, G = 1``.
 
 * Channel family: one mean and variance per channel ``c``, over the ``M = N * S`` values
-  ``x[:, c, :]``. Work is split over channels.
+  ``x[:, c, :]``. Work is split over blocks of ``CHANNEL_BLOCK`` consecutive channels, read
+  sample by sample, so that a block's rows ``x[n, c0:c1, :]`` are one contiguous run even
+  when ``S = 1`` (a column-by-column walk would touch one cache line per value).
 * Group family: ``G`` groups of ``C / G`` consecutive channels; one mean and variance per
   ``(n, g)``, over the ``K = (C / G) * S`` values ``x[n, g*C/G:(g+1)*C/G, :]`` (a contiguous
-  block). Work is split over the ``N * G`` blocks; ``dgamma`` and ``dbeta`` are reduced in a
-  second loop split over channels, so no two threads write the same entry.
+  run). Work is split over the ``N * G`` runs; ``dgamma`` and ``dbeta`` are reduced in a
+  second loop split over channel blocks, so no two threads write the same entry.
 
-Sums are accumulated in double whatever the data type, and the variance is computed in two
-passes (the mean first, then the mean of squared deviations), so a large common offset does
-not cancel the signal. The statistics (``mean``, ``var``, ``inv_std = 1 / sqrt(var + eps)``)
-are double arrays. Kernels never validate and only write into buffers the caller allocated.
+Sums are accumulated in double whatever the data type, over four interleaved partial sums
+(independent additions that the CPU overlaps, where one running sum would wait on itself at
+every element). The variance is computed in two passes (the mean first, then the mean of
+squared deviations), so a large common offset does not cancel the signal. The statistics
+(``mean``, ``var``, ``inv_std = 1 / sqrt(var + eps)``) are double arrays. Kernels never
+validate and only write into buffers the caller allocated.
 
-Calls on fewer than ``CNN_PARALLEL_MIN_WORK`` elements (``cnn_threads.h``) run on one thread:
-an OpenMP region costs more than such a call, and with several OpenMP processes on one machine
-(service workers, test runs) their waiting threads slow each other down many times over. Each
-channel or block is computed by one thread in a fixed order, so results do not depend on the
+Calls on fewer than ``CNN_PARALLEL_MIN_WORK`` elements (``cnn_threads.h``) run on one thread.
+Each channel or run is summed by one thread in a fixed order, so results do not depend on the
 number of threads.
 """
 
@@ -31,73 +33,161 @@ from libc.math cimport sqrt
 cdef extern from "cnn_threads.h":
     int cnn_threads_for(Py_ssize_t work) noexcept nogil
 
+cdef enum:
+    CHANNEL_BLOCK = 16  # channels per work item of the channel-wise reductions
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums over one contiguous run of values
+# ---------------------------------------------------------------------------------------------
+
+
+cdef inline double _sum(const floating* p, Py_ssize_t n) noexcept nogil:
+    """``sum(p[:n])`` in double."""
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        a0 += p[i]
+        a1 += p[i + 1]
+        a2 += p[i + 2]
+        a3 += p[i + 3]
+        i += 4
+    while i < n:
+        a0 += p[i]
+        i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+cdef inline double _sum_sq_dev(const floating* p, Py_ssize_t n, double m) noexcept nogil:
+    """``sum((p[:n] - m) ** 2)`` in double."""
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, d0, d1, d2, d3
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        d0 = p[i] - m
+        d1 = p[i + 1] - m
+        d2 = p[i + 2] - m
+        d3 = p[i + 3] - m
+        a0 += d0 * d0
+        a1 += d1 * d1
+        a2 += d2 * d2
+        a3 += d3 * d3
+        i += 4
+    while i < n:
+        d0 = p[i] - m
+        a0 += d0 * d0
+        i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+cdef inline void _sum_dy_dev(const floating* dy, const floating* p, Py_ssize_t n, double m,
+                             double* sum_dy, double* sum_dy_dev) noexcept nogil:
+    """Add ``sum(dy[:n])`` to ``sum_dy[0]`` and ``sum(dy[:n] * (p[:n] - m))`` to ``sum_dy_dev[0]``."""
+    cdef double a0 = 0.0, a1 = 0.0, b0 = 0.0, b1 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 2 <= n:
+        a0 += dy[i]
+        a1 += dy[i + 1]
+        b0 += dy[i] * (p[i] - m)
+        b1 += dy[i + 1] * (p[i + 1] - m)
+        i += 2
+    while i < n:
+        a0 += dy[i]
+        b0 += dy[i] * (p[i] - m)
+        i += 1
+    sum_dy[0] += a0 + a1
+    sum_dy_dev[0] += b0 + b1
+
 
 # ---------------------------------------------------------------------------------------------
 # Channel family (batchnorm, spatial batchnorm)
 # ---------------------------------------------------------------------------------------------
 
 
-cdef inline void _channel_forward_one(
-    const floating[:, :, ::1] x, const floating[::1] gamma, const floating[::1] beta,
-    double eps, floating[:, :, ::1] out, double[::1] mean, double[::1] var,
-    double[::1] inv_std, Py_ssize_t c,
+cdef void _channel_stats_block(
+    const floating[:, :, ::1] x, double eps, double[::1] mean, double[::1] var,
+    double[::1] inv_std, Py_ssize_t c0, Py_ssize_t c1,
 ) noexcept nogil:
-    cdef Py_ssize_t N = x.shape[0], S = x.shape[2]
+    """Mean, biased variance and inverse std of channels ``c0:c1``."""
+    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c
     cdef double M = <double>(N * S)
-    cdef Py_ssize_t n, s
-    cdef double acc = 0.0, m, d, v
+    cdef double acc[CHANNEL_BLOCK]
+    for c in range(c0, c1):
+        acc[c - c0] = 0.0
     for n in range(N):
-        for s in range(S):
-            acc += x[n, c, s]
-    m = acc / M
-    acc = 0.0
+        for c in range(c0, c1):
+            acc[c - c0] += _sum(&x[n, c, 0], S)
+    for c in range(c0, c1):
+        mean[c] = acc[c - c0] / M
+        acc[c - c0] = 0.0
     for n in range(N):
-        for s in range(S):
-            d = x[n, c, s] - m
-            acc += d * d
-    v = acc / M
-    mean[c] = m
-    var[c] = v
-    inv_std[c] = 1.0 / sqrt(v + eps)
-    _channel_affine_one(x, mean, inv_std, gamma, beta, out, c)
+        for c in range(c0, c1):
+            acc[c - c0] += _sum_sq_dev(&x[n, c, 0], S, mean[c])
+    for c in range(c0, c1):
+        var[c] = acc[c - c0] / M
+        inv_std[c] = 1.0 / sqrt(var[c] + eps)
 
 
-cdef inline void _channel_affine_one(
+cdef void _channel_affine_block(
     const floating[:, :, ::1] x, const double[::1] mean, const double[::1] inv_std,
-    const floating[::1] gamma, const floating[::1] beta, floating[:, :, ::1] out, Py_ssize_t c,
+    const floating[::1] gamma, const floating[::1] beta, floating[:, :, ::1] out,
+    Py_ssize_t c0, Py_ssize_t c1,
 ) noexcept nogil:
-    cdef Py_ssize_t N = x.shape[0], S = x.shape[2]
-    cdef Py_ssize_t n, s
-    cdef double m = mean[c], scale = gamma[c] * inv_std[c], shift = beta[c]
+    """``out = (x - mean) * (gamma * inv_std) + beta`` for channels ``c0:c1``."""
+    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c, s
+    cdef double m, scale, shift
+    cdef const floating* src
+    cdef floating* dst
     for n in range(N):
-        for s in range(S):
-            out[n, c, s] = <floating>((x[n, c, s] - m) * scale + shift)
+        for c in range(c0, c1):
+            m = mean[c]
+            scale = gamma[c] * inv_std[c]
+            shift = beta[c]
+            src = &x[n, c, 0]
+            dst = &out[n, c, 0]
+            for s in range(S):
+                dst[s] = <floating>((src[s] - m) * scale + shift)
 
 
-cdef inline void _channel_backward_one(
+cdef void _channel_backward_block(
     const floating[:, :, ::1] dout, const floating[:, :, ::1] x, const double[::1] mean,
     const double[::1] inv_std, const floating[::1] gamma, bint batch_stats,
-    floating[:, :, ::1] dx, floating[::1] dgamma, floating[::1] dbeta, Py_ssize_t c,
+    floating[:, :, ::1] dx, floating[::1] dgamma, floating[::1] dbeta,
+    Py_ssize_t c0, Py_ssize_t c1,
 ) noexcept nogil:
-    cdef Py_ssize_t N = x.shape[0], S = x.shape[2]
+    """Gradients for channels ``c0:c1`` (see :func:`channel_backward`)."""
+    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c, s
     cdef double M = <double>(N * S)
-    cdef Py_ssize_t n, s
-    cdef double m = mean[c], istd = inv_std[c]
-    cdef double sum_dy = 0.0, sum_dy_xhat = 0.0, g, xhat, k_mean = 0.0, k_xhat = 0.0
+    cdef double sum_dy[CHANNEL_BLOCK]
+    cdef double sum_dy_dev[CHANNEL_BLOCK]
+    cdef double m, istd, g, k_mean, k_xhat
+    cdef const floating* dyp
+    cdef const floating* xp
+    cdef floating* dxp
+    for c in range(c0, c1):
+        sum_dy[c - c0] = 0.0
+        sum_dy_dev[c - c0] = 0.0
     for n in range(N):
-        for s in range(S):
-            sum_dy += dout[n, c, s]
-            sum_dy_xhat += dout[n, c, s] * ((x[n, c, s] - m) * istd)
-    dbeta[c] = <floating>sum_dy
-    dgamma[c] = <floating>sum_dy_xhat
-    g = gamma[c] * istd
-    if batch_stats:
-        k_mean = sum_dy / M
-        k_xhat = sum_dy_xhat / M
+        for c in range(c0, c1):
+            _sum_dy_dev(&dout[n, c, 0], &x[n, c, 0], S, mean[c],
+                        &sum_dy[c - c0], &sum_dy_dev[c - c0])
+    for c in range(c0, c1):
+        dbeta[c] = <floating>sum_dy[c - c0]
+        dgamma[c] = <floating>(sum_dy_dev[c - c0] * inv_std[c])  # sum(dout * xhat)
     for n in range(N):
-        for s in range(S):
-            xhat = (x[n, c, s] - m) * istd
-            dx[n, c, s] = <floating>(g * (dout[n, c, s] - k_mean - xhat * k_xhat))
+        for c in range(c0, c1):
+            m = mean[c]
+            istd = inv_std[c]
+            g = gamma[c] * istd
+            k_mean = 0.0
+            k_xhat = 0.0
+            if batch_stats:
+                k_mean = sum_dy[c - c0] / M
+                k_xhat = sum_dy_dev[c - c0] * istd / M
+            dyp = &dout[n, c, 0]
+            xp = &x[n, c, 0]
+            dxp = &dx[n, c, 0]
+            for s in range(S):
+                dxp[s] = <floating>(g * (dyp[s] - k_mean - (xp[s] - m) * istd * k_xhat))
 
 
 def channel_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
@@ -108,22 +198,27 @@ def channel_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
     Writes ``out`` (N, C, S) and the (C,) arrays ``mean``, ``var`` (biased: divided by
     ``N * S``) and ``inv_std = 1 / sqrt(var + eps)``.
     """
-    cdef Py_ssize_t C = x.shape[1], c
+    cdef Py_ssize_t C = x.shape[1], blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK, k, c0, c1
     cdef int threads = cnn_threads_for(x.shape[0] * C * x.shape[2])
     with nogil:
-        for c in prange(C, schedule="static", num_threads=threads):
-            _channel_forward_one(x, gamma, beta, eps, out, mean, var, inv_std, c)
+        for k in prange(blocks, schedule="static", num_threads=threads):
+            c0 = k * CHANNEL_BLOCK
+            c1 = min(C, c0 + CHANNEL_BLOCK)
+            _channel_stats_block(x, eps, mean, var, inv_std, c0, c1)
+            _channel_affine_block(x, mean, inv_std, gamma, beta, out, c0, c1)
 
 
 def channel_affine(const floating[:, :, ::1] x, const double[::1] mean,
                    const double[::1] inv_std, const floating[::1] gamma,
                    const floating[::1] beta, floating[:, :, ::1] out):
     """``out = gamma * (x - mean) * inv_std + beta`` with given per-channel statistics."""
-    cdef Py_ssize_t C = x.shape[1], c
+    cdef Py_ssize_t C = x.shape[1], blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK, k, c0, c1
     cdef int threads = cnn_threads_for(x.shape[0] * C * x.shape[2])
     with nogil:
-        for c in prange(C, schedule="static", num_threads=threads):
-            _channel_affine_one(x, mean, inv_std, gamma, beta, out, c)
+        for k in prange(blocks, schedule="static", num_threads=threads):
+            c0 = k * CHANNEL_BLOCK
+            c1 = min(C, c0 + CHANNEL_BLOCK)
+            _channel_affine_block(x, mean, inv_std, gamma, beta, out, c0, c1)
 
 
 def channel_backward(const floating[:, :, ::1] dout, const floating[:, :, ::1] x,
@@ -139,12 +234,14 @@ def channel_backward(const floating[:, :, ::1] dout, const floating[:, :, ::1] x
       ``dx = gamma * inv_std / M * (M * dout - sum(dout) - xhat * sum(dout * xhat))``;
     * otherwise (fixed statistics, test mode): ``dx = gamma * inv_std * dout``.
     """
-    cdef Py_ssize_t C = x.shape[1], c
+    cdef Py_ssize_t C = x.shape[1], blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK, k, c0, c1
     cdef int threads = cnn_threads_for(x.shape[0] * C * x.shape[2])
     with nogil:
-        for c in prange(C, schedule="static", num_threads=threads):
-            _channel_backward_one(dout, x, mean, inv_std, gamma, batch_stats,
-                                  dx, dgamma, dbeta, c)
+        for k in prange(blocks, schedule="static", num_threads=threads):
+            c0 = k * CHANNEL_BLOCK
+            c1 = min(C, c0 + CHANNEL_BLOCK)
+            _channel_backward_block(dout, x, mean, inv_std, gamma, batch_stats,
+                                    dx, dgamma, dbeta, c0, c1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +249,7 @@ def channel_backward(const floating[:, :, ::1] dout, const floating[:, :, ::1] x
 # ---------------------------------------------------------------------------------------------
 
 
-cdef inline void _group_forward_one(
+cdef void _group_forward_one(
     const floating[:, :, ::1] x, const floating[::1] gamma, const floating[::1] beta,
     Py_ssize_t G, double eps, floating[:, :, ::1] out, double[:, ::1] mean,
     double[:, ::1] inv_std, Py_ssize_t ng,
@@ -160,27 +257,31 @@ cdef inline void _group_forward_one(
     cdef Py_ssize_t S = x.shape[2], Cg = x.shape[1] // G
     cdef double K = <double>(Cg * S)
     cdef Py_ssize_t n = ng // G, g = ng % G, c, s
-    cdef double acc = 0.0, m, d, istd, gc, bc
-    for c in range(g * Cg, (g + 1) * Cg):
-        for s in range(S):
-            acc += x[n, c, s]
-    m = acc / K
-    acc = 0.0
-    for c in range(g * Cg, (g + 1) * Cg):
-        for s in range(S):
-            d = x[n, c, s] - m
-            acc += d * d
-    istd = 1.0 / sqrt(acc / K + eps)
+    cdef double m, istd, gc, bc
+    cdef const floating* run = &x[n, g * Cg, 0]  # the group's Cg * S values, contiguous
+    cdef const floating* src
+    cdef floating* dst
+    m = _sum(run, Cg * S) / K
+    istd = 1.0 / sqrt(_sum_sq_dev(run, Cg * S, m) / K + eps)
     mean[n, g] = m
     inv_std[n, g] = istd
+    if S == 1:  # layernorm: one value per channel, a flat loop over the run
+        dst = &out[n, g * Cg, 0]
+        for c in range(Cg):
+            gc = gamma[g * Cg + c] * istd
+            bc = beta[g * Cg + c]
+            dst[c] = <floating>((run[c] - m) * gc + bc)
+        return
     for c in range(g * Cg, (g + 1) * Cg):
         gc = gamma[c] * istd
         bc = beta[c]
+        src = &x[n, c, 0]
+        dst = &out[n, c, 0]
         for s in range(S):
-            out[n, c, s] = <floating>((x[n, c, s] - m) * gc + bc)
+            dst[s] = <floating>((src[s] - m) * gc + bc)
 
 
-cdef inline void _group_backward_dx_one(
+cdef void _group_backward_dx_one(
     const floating[:, :, ::1] dout, const floating[:, :, ::1] x, const double[:, ::1] mean,
     const double[:, ::1] inv_std, const floating[::1] gamma, Py_ssize_t G,
     floating[:, :, ::1] dx, Py_ssize_t ng,
@@ -189,39 +290,81 @@ cdef inline void _group_backward_dx_one(
     cdef double K = <double>(Cg * S)
     cdef Py_ssize_t n = ng // G, g = ng % G, c, s
     cdef double m = mean[n, g], istd = inv_std[n, g]
-    cdef double dxhat, xhat, gc, mean_dxhat = 0.0, mean_dxhat_xhat = 0.0
-    for c in range(g * Cg, (g + 1) * Cg):
-        gc = gamma[c]
-        for s in range(S):
-            dxhat = dout[n, c, s] * gc
-            mean_dxhat += dxhat
-            mean_dxhat_xhat += dxhat * ((x[n, c, s] - m) * istd)
+    cdef double gc, sum_dy, sum_dy_dev, mean_dxhat = 0.0, mean_dxhat_xhat = 0.0
+    cdef const floating* dyp
+    cdef const floating* xp
+    cdef floating* dxp
+    cdef Py_ssize_t c0 = g * Cg
+    # With dxhat = dout * gamma[c]: mean(dxhat) and mean(dxhat * xhat) over the group.
+    if S == 1:  # layernorm: one value per channel, a flat loop over the run
+        dyp = &dout[n, c0, 0]
+        xp = &x[n, c0, 0]
+        dxp = &dx[n, c0, 0]
+        for c in range(Cg):
+            gc = gamma[c0 + c]
+            mean_dxhat += dyp[c] * gc
+            mean_dxhat_xhat += dyp[c] * gc * (xp[c] - m)
+        mean_dxhat /= K
+        mean_dxhat_xhat *= istd / K
+        for c in range(Cg):
+            gc = gamma[c0 + c]  # a double: the products below are formed in double
+            dxp[c] = <floating>(
+                istd * (dyp[c] * gc - mean_dxhat - (xp[c] - m) * istd * mean_dxhat_xhat)
+            )
+        return
+    for c in range(c0, c0 + Cg):
+        sum_dy = 0.0
+        sum_dy_dev = 0.0
+        _sum_dy_dev(&dout[n, c, 0], &x[n, c, 0], S, m, &sum_dy, &sum_dy_dev)
+        mean_dxhat += gamma[c] * sum_dy
+        mean_dxhat_xhat += gamma[c] * sum_dy_dev
     mean_dxhat /= K
-    mean_dxhat_xhat /= K
-    for c in range(g * Cg, (g + 1) * Cg):
+    mean_dxhat_xhat *= istd / K
+    for c in range(c0, c0 + Cg):
         gc = gamma[c]
+        dyp = &dout[n, c, 0]
+        xp = &x[n, c, 0]
+        dxp = &dx[n, c, 0]
         for s in range(S):
-            xhat = (x[n, c, s] - m) * istd
-            dx[n, c, s] = <floating>(
-                istd * (dout[n, c, s] * gc - mean_dxhat - xhat * mean_dxhat_xhat)
+            dxp[s] = <floating>(
+                istd * (dyp[s] * gc - mean_dxhat - (xp[s] - m) * istd * mean_dxhat_xhat)
             )
 
 
-cdef inline void _group_backward_params_one(
+cdef void _group_backward_params_block(
     const floating[:, :, ::1] dout, const floating[:, :, ::1] x, const double[:, ::1] mean,
     const double[:, ::1] inv_std, Py_ssize_t G, floating[::1] dgamma, floating[::1] dbeta,
-    Py_ssize_t c,
+    Py_ssize_t c0, Py_ssize_t c1,
 ) noexcept nogil:
-    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], g = c // (x.shape[1] // G), n, s
-    cdef double m, istd, sum_dy = 0.0, sum_dy_xhat = 0.0
+    """``dbeta[c] = sum(dout)`` and ``dgamma[c] = sum(dout * xhat)`` for channels c0:c1."""
+    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], Cg = x.shape[1] // G, n, c, g
+    cdef double sum_dy[CHANNEL_BLOCK]
+    cdef double sum_dy_xhat[CHANNEL_BLOCK]
+    cdef Py_ssize_t group_of[CHANNEL_BLOCK]
+    cdef double dev
+    for c in range(c0, c1):
+        sum_dy[c - c0] = 0.0
+        sum_dy_xhat[c - c0] = 0.0
+        group_of[c - c0] = c // Cg
+    cdef const floating* dyp
+    cdef const floating* xp
     for n in range(N):
-        m = mean[n, g]
-        istd = inv_std[n, g]
-        for s in range(S):
-            sum_dy += dout[n, c, s]
-            sum_dy_xhat += dout[n, c, s] * ((x[n, c, s] - m) * istd)
-    dgamma[c] = <floating>sum_dy_xhat
-    dbeta[c] = <floating>sum_dy
+        if S == 1:  # layernorm: the block is one short contiguous run per sample
+            dyp = &dout[n, c0, 0]
+            xp = &x[n, c0, 0]
+            for c in range(c1 - c0):
+                g = group_of[c]
+                sum_dy[c] += dyp[c]
+                sum_dy_xhat[c] += dyp[c] * ((xp[c] - mean[n, g]) * inv_std[n, g])
+            continue
+        for c in range(c0, c1):
+            g = group_of[c - c0]
+            dev = 0.0
+            _sum_dy_dev(&dout[n, c, 0], &x[n, c, 0], S, mean[n, g], &sum_dy[c - c0], &dev)
+            sum_dy_xhat[c - c0] += dev * inv_std[n, g]
+    for c in range(c0, c1):
+        dgamma[c] = <floating>sum_dy_xhat[c - c0]
+        dbeta[c] = <floating>sum_dy[c - c0]
 
 
 def group_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
@@ -250,11 +393,14 @@ def group_backward(const floating[:, :, ::1] dout, const floating[:, :, ::1] x,
     mean(dxhat * xhat))``; ``dgamma[c]`` and ``dbeta[c]`` sum ``dout * xhat`` and ``dout``
     over the samples and the ``S`` positions of channel ``c``.
     """
-    cdef Py_ssize_t NG = x.shape[0] * G, C = x.shape[1], ng, c
+    cdef Py_ssize_t NG = x.shape[0] * G, C = x.shape[1], ng, k, c0, c1
+    cdef Py_ssize_t blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
     cdef int threads = cnn_threads_for(x.shape[0] * C * x.shape[2])
     with nogil:
-        # dx: one (n, g) block per iteration; then dgamma, dbeta: one channel each.
+        # dx: one (n, g) run per iteration; then dgamma, dbeta: one channel block each.
         for ng in prange(NG, schedule="static", num_threads=threads):
             _group_backward_dx_one(dout, x, mean, inv_std, gamma, G, dx, ng)
-        for c in prange(C, schedule="static", num_threads=threads):
-            _group_backward_params_one(dout, x, mean, inv_std, G, dgamma, dbeta, c)
+        for k in prange(blocks, schedule="static", num_threads=threads):
+            c0 = k * CHANNEL_BLOCK
+            c1 = min(C, c0 + CHANNEL_BLOCK)
+            _group_backward_params_block(dout, x, mean, inv_std, G, dgamma, dbeta, c0, c1)
