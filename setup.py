@@ -6,7 +6,6 @@ serially, with the same results.
 """
 
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,29 +28,29 @@ COMPILER_DIRECTIVES = {
 }
 
 
-def _compiler_accepts_openmp(compiler_cmd: list[str]) -> bool:
-    """Compile and link a one-line OpenMP program with ``-fopenmp``."""
+def _compiler_accepts_openmp(compiler) -> bool:
+    """Compile and link a one-line OpenMP program with this build's compiler and linker."""
     source = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "check_openmp.c")
         with open(src, "w") as fh:
             fh.write(source)
-        cmd = [*compiler_cmd, "-fopenmp", src, "-o", os.path.join(tmp, "a.out")]
         try:
-            result = subprocess.run(cmd, capture_output=True, check=False)
-        except OSError:
+            objects = compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
+            compiler.link_executable(
+                objects, "check_openmp", output_dir=tmp, extra_postargs=["-fopenmp"]
+            )
+        except Exception:  # CompileError, LinkError, or a compiler that is not gcc-like
             return False
-        return result.returncode == 0
+        return True
 
 
 class BuildExt(build_ext):
     """``build_ext`` that adds OpenMP flags when the compiler supports them."""
 
     def build_extensions(self):
-        # The whole compiler command (it may be a wrapper such as "ccache gcc"), without -c.
-        compiler_cmd = [arg for arg in self.compiler.compiler_so if arg != "-c"]
         use_openmp = os.environ.get("CNNSERVE_NO_OPENMP") != "1" and _compiler_accepts_openmp(
-            compiler_cmd
+            self.compiler
         )
         if not use_openmp:
             sys.stderr.write("cnnserve: building WITHOUT OpenMP; kernels will run on one thread\n")

@@ -14,6 +14,7 @@ loop versions for testing only.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -104,11 +105,17 @@ _MAX_INT_PARAM = 2**31 - 1
 def _check_int(value: Any, name: str, minimum: int, maximum: int = _MAX_INT_PARAM) -> int:
     """Return ``value`` as an int if it is an integer (not a bool) in ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {_short(repr(value))}")
     if not minimum <= value <= maximum:
         bound = f">= {minimum}" if value < minimum else f"<= {maximum}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise ValueError(f"{name} must be {bound}, got {_short(value)}")
     return int(value)
+
+
+def _short(value: Any) -> str:
+    """``str(value)``, abbreviated when it is very long (a 400-digit integer)."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} characters)"
 
 
 def _check_number(
@@ -119,7 +126,9 @@ def _check_number(
     ``interval`` is one of ``'()'``, ``'(]'``, ``'[)'``, ``'[]'``: which ends are included.
     """
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be a number, got {type(value).__name__} {_short(repr(value))}"
+        )
     try:
         number = float(value)
     except OverflowError:
@@ -128,7 +137,8 @@ def _check_number(
     below = number <= high if interval[1] == "]" else number < high
     if not (above and below):  # also rejects NaN
         what = f"{name} ({meaning})" if meaning else name
-        raise ValueError(f"{what} must be in {interval[0]}{low}, {high}{interval[1]}, got {value}")
+        bounds = f"{interval[0]}{low}, {high}{interval[1]}"
+        raise ValueError(f"{what} must be in {bounds}, got {_short(value)}")
     return number
 
 
@@ -273,14 +283,28 @@ _CHUNK_BYTES = 8 * 2**20
 _SCRATCH = _ScratchPool(keep=4, max_bytes=4 * _CHUNK_BYTES)
 
 
+def _reset_scratch_in_child() -> None:
+    """A fork copies the pool's lock in whatever state another thread left it: start afresh."""
+    global _SCRATCH
+    _SCRATCH = _ScratchPool(keep=_SCRATCH.keep, max_bytes=_SCRATCH.max_bytes)
+
+
+os.register_at_fork(after_in_child=_reset_scratch_in_child)
+
+
 def _images_per_chunk(N: int, elems_per_image: int, itemsize: int) -> int:
-    """How many images' column matrices fit in ``_CHUNK_BYTES`` (at least 1, at most N)."""
+    """How many images' scratch matrices fit in ``_CHUNK_BYTES`` (at least 1, at most N)."""
     return max(1, min(N, _CHUNK_BYTES // max(1, elems_per_image * itemsize)))
 
 
-def _is_pointwise(HH: int, WW: int, stride: int, pad: int) -> bool:
-    """A 1x1 filter at stride 1 without padding: each output pixel sees one input pixel."""
-    return HH == WW == stride == 1 and pad == 0
+def _is_pointwise(HH: int, WW: int, stride: int, pad: int, P: int) -> bool:
+    """A 1x1 filter at stride 1 without padding, over maps of at least 64 pixels.
+
+    Each output pixel then sees one input pixel and a product per image needs no im2col. With
+    fewer pixels per image those products are too thin for BLAS (one matrix-vector product
+    per image at 1x1): the im2col path's single GEMM over the batch is faster.
+    """
+    return HH == WW == stride == 1 and pad == 0 and P >= 64
 
 
 def _conv_param(conv_param: Any) -> tuple[int, int]:
@@ -343,13 +367,19 @@ def conv_forward(
     K, P = C * HH * WW, H_out * W_out
     w_mat = w.reshape(F, K)
     cache = ConvCache(x, w, b, {"stride": stride, "pad": pad})
-    if _is_pointwise(HH, WW, stride, pad):
+    if P == 1 and pad == 0:
+        # The filter covers the whole image (an affine layer written as a convolution, as
+        # after FC-to-conv conversion): one (N, K) @ (K, F) product, no im2col.
+        out = x.reshape(N, K) @ w_mat.T  # (N, F)
+        out += b
+        return out.reshape(N, F, 1, 1), cache
+    if _is_pointwise(HH, WW, stride, pad, P):
         # A 1x1 convolution is one (F, C) @ (C, H*W) product per image: no im2col, no transpose.
         out = np.matmul(w_mat, x.reshape(N, C, P))  # (N, F, H*W)
         out += b[:, None]
         return out.reshape(N, F, H_out, W_out), cache
     out = np.empty((N, F, H_out, W_out), dtype=x.dtype)
-    step = _images_per_chunk(N, K * P, x.itemsize)
+    step = _images_per_chunk(N, max(K, F) * P, x.itemsize)
     with _SCRATCH.borrow((K * step * P, F * step * P), x.dtype) as (cols_buf, prod_buf):
         for n0 in range(0, N, step):
             m = min(step, N - n0)
@@ -396,7 +426,12 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     K, P = C * HH * WW, H_out * W_out
     w_mat = w.reshape(F, K)
     db = dout.sum(axis=(0, 2, 3))
-    if _is_pointwise(HH, WW, stride, pad):
+    if P == 1 and pad == 0:  # the whole-image filter of conv_forward
+        dout2 = dout.reshape(N, F)
+        dx = (dout2 @ w_mat).reshape(x.shape)  # (N, K) -> (N, C, H, W)
+        dw = dout2.T @ x.reshape(N, K)  # (F, K)
+        return dx, dw.reshape(w.shape), db
+    if _is_pointwise(HH, WW, stride, pad, P):
         dout3 = dout.reshape(N, F, P)
         dx = np.matmul(w_mat.T, dout3).reshape(x.shape)  # (N, C, H*W) -> (N, C, H, W)
         dw = np.tensordot(dout3, x.reshape(N, C, P), axes=([0, 2], [0, 2]))  # (F, C)
@@ -404,7 +439,7 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     dw = np.empty((F, K), dtype=x.dtype)
     dw_chunk = None
     dx = np.empty(x.shape, dtype=x.dtype)
-    step = _images_per_chunk(N, K * P, x.itemsize)
+    step = _images_per_chunk(N, max(K, F) * P, x.itemsize)
     with _SCRATCH.borrow((K * step * P, F * step * P), x.dtype) as (cols_buf, dout_buf):
         for n0 in range(0, N, step):
             m = min(step, N - n0)
@@ -698,6 +733,8 @@ def dropout_forward(x: np.ndarray, dropout_param: dict) -> tuple[np.ndarray, Dro
         seed = _check_int(seed, "dropout_param['seed']", 0, maximum=2**128)
     if mode == "test":
         return x.copy(), DropoutCache(dict(params), x.shape, x.dtype, None)
+    if 1.0 / p > float(np.finfo(x.dtype).max):
+        raise ValueError(f"dropout_param['p'] = {p} is too small for {x.dtype}: 1/p overflows")
     rng = np.random.default_rng(seed)
     mask = (rng.random(x.shape, dtype=x.dtype) < p).astype(x.dtype)
     mask *= x.dtype.type(1.0 / p)
@@ -826,10 +863,25 @@ def max_pool_backward(dout: np.ndarray, cache: MaxPoolCache) -> np.ndarray:
     """
     _check_cache(cache, MaxPoolCache, "max_pool_forward")
     x_shape, dtype, argmax = cache
-    dout = _check_dout(dout, argmax.shape, dtype)
     N, C, H, W = x_shape
+    # The kernel writes dx at these indices unchecked: a cache that was edited or built by
+    # hand must fail here, not corrupt memory.
+    if (
+        not isinstance(argmax, np.ndarray)
+        or argmax.dtype != np.intp
+        or argmax.ndim != 4
+        or argmax.shape[:2] != (N, C)
+        or (argmax.size and (argmax.min() < 0 or argmax.max() >= H * W))
+    ):
+        raise ValueError(
+            "cache.argmax does not belong to an input of shape "
+            f"{tuple(x_shape)}: pass the cache that max_pool_forward returned, unchanged"
+        )
+    dout = _check_dout(dout, argmax.shape, dtype)
     dx = np.empty(x_shape, dtype=dtype)
-    _pool.max_pool_backward(np.ascontiguousarray(dout), argmax, dx.reshape(N, C, H * W))
+    _pool.max_pool_backward(
+        np.ascontiguousarray(dout), np.ascontiguousarray(argmax), dx.reshape(N, C, H * W)
+    )
     return dx
 
 

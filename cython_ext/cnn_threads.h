@@ -1,19 +1,20 @@
-/* Thread count for one parallel kernel call.
+/* Thread count for one parallel kernel call; included by every kernel module.
  *
  * A parallel region costs a few microseconds to start and, on a busy machine, a waiting
  * thread can lose a whole scheduler slice at each barrier. Calls whose work (in inner-loop
  * element operations) is below CNN_PARALLEL_MIN_WORK therefore run on one thread.
  *
- * GNU libgomp is not fork-safe: in a child forked after a parallel region (multiprocessing's
- * default start method on Linux, servers that fork workers after loading a model), the next
- * parallel region waits forever for threads that do not exist there. A fork handler marks
- * the child, and every kernel call in it runs on one thread.
+ * GNU libgomp is not fork-safe: in a child forked after the parent ran a parallel region with
+ * several threads, the next such region waits forever for threads that do not exist there.
+ * Each module records whether it ran one (cnn_parallel_used); cnnserve/_ext/__init__.py
+ * checks every module before a fork and, in the child, makes all of them single-threaded
+ * (cnn_single_threaded). The flags are per module (each extension is its own shared object),
+ * which is why the decision is taken in Python, across modules.
  */
 #ifndef CNN_THREADS_H
 #define CNN_THREADS_H
 
 #include <stddef.h>
-#include <pthread.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -21,13 +22,8 @@
 
 #define CNN_PARALLEL_MIN_WORK 32768
 
-static int cnn_forked_child = 0;
-
-static void cnn_mark_forked_child(void) { cnn_forked_child = 1; }
-
-__attribute__((constructor)) static void cnn_register_fork_handler(void) {
-    pthread_atfork(NULL, NULL, cnn_mark_forked_child);
-}
+static int cnn_parallel_used = 0;
+static int cnn_single_threaded = 0;
 
 /* 1 if the kernels were compiled with OpenMP, else 0. */
 static inline int cnn_openmp_enabled(void) {
@@ -38,15 +34,24 @@ static inline int cnn_openmp_enabled(void) {
 #endif
 }
 
-/* Threads that a call of this much work uses (1 below the threshold or in a forked child). */
-static inline int cnn_threads_for(Py_ssize_t work) {
+/* Threads that a call with this much work would run on (a query: changes nothing). */
+static inline int cnn_thread_count(ptrdiff_t work) {
 #ifdef _OPENMP
-    if (work >= CNN_PARALLEL_MIN_WORK && !cnn_forked_child) {
+    if (work >= CNN_PARALLEL_MIN_WORK && !cnn_single_threaded) {
         return omp_get_max_threads();
     }
 #endif
     (void)work;
     return 1;
+}
+
+/* Threads for a kernel call about to run, recording when it uses more than one. */
+static inline int cnn_threads_for(ptrdiff_t work) {
+    int threads = cnn_thread_count(work);
+    if (threads > 1) {
+        cnn_parallel_used = 1;
+    }
+    return threads;
 }
 
 #endif

@@ -11,19 +11,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 
-cdef extern from "cnn_threads.h":
-    int cnn_threads_for(Py_ssize_t work) noexcept nogil
-    int cnn_openmp_enabled() noexcept nogil
-
-
-def openmp_enabled():
-    """True if these kernels were compiled with OpenMP (else every loop runs serially)."""
-    return cnn_openmp_enabled() == 1
-
-
-def threads_for(Py_ssize_t work):
-    """The number of threads a kernel call with ``work`` inner-loop operations runs on."""
-    return cnn_threads_for(work)
+include "cnn_threads.pxi"
 
 
 cdef inline Py_ssize_t _first_valid(Py_ssize_t offset, Py_ssize_t stride) noexcept nogil:

@@ -30,8 +30,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-cdef extern from "cnn_threads.h":
-    int cnn_threads_for(Py_ssize_t work) noexcept nogil
+include "cnn_threads.pxi"
 
 cdef enum:
     CHANNEL_BLOCK = 16  # channels per work item of the channel-wise reductions

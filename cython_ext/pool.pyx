@@ -18,8 +18,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 
-cdef extern from "cnn_threads.h":
-    int cnn_threads_for(Py_ssize_t work) noexcept nogil
+include "cnn_threads.pxi"
 
 
 cdef inline bint _replaces(floating v, floating best) noexcept nogil:

@@ -287,3 +287,17 @@ def test_dropout_test_mode_backward_checks_dout():
         TypeError, match=r"dout has dtype float32 but the forward pass ran in float64"
     ):
         layers.dropout_backward(np.ones((3, 4), np.float32), cache)
+
+
+def test_dropout_keep_probability_too_small_for_the_dtype():
+    with pytest.raises(ValueError, match=r"dropout_param\['p'\] = 1e-39 is too small for float32"):
+        layers.dropout_forward(np.ones((2, 2), np.float32), {"mode": "train", "p": 1e-39})
+    out, _ = layers.dropout_forward(np.ones((2, 2)), {"mode": "train", "p": 1e-39, "seed": 0})
+    assert np.isfinite(out).all()  # float64 holds 1/p
+
+
+def test_huge_numbers_are_abbreviated_in_messages():
+    with pytest.raises(
+        ValueError, match=r"must be in \(0, 1\], got 100000000000\.\.\.\(401 characters\)"
+    ):
+        layers.dropout_forward(np.ones(2), {"mode": "train", "p": 10**400})

@@ -8,8 +8,9 @@ from cnnserve._ext import conv as conv_ext
 from tests.gradcheck import numeric_gradient, scaled_error, tolerance
 
 # (N, C, H, W, F, HH, WW, stride, pad): batch of 1, single channel, non-square kernels and
-# inputs, stride 1/2/3, pad 0 and pad > 0, kernel == input, 1x1 kernels (the pointwise
-# path without im2col, and at stride 2 through im2col).
+# inputs, stride 1/2/3, pad 0 and pad > 0, kernel == input (the whole-image path, one GEMM),
+# 1x1 kernels (the pointwise path without im2col from 64 pixels on; below that, at stride 2
+# and with padding through im2col).
 SHAPES = [
     (1, 1, 5, 5, 1, 3, 3, 1, 0),
     (2, 3, 7, 7, 4, 3, 3, 1, 1),
@@ -20,7 +21,11 @@ SHAPES = [
     (2, 2, 5, 7, 3, 5, 7, 1, 0),
     (3, 5, 4, 6, 6, 1, 1, 1, 0),
     (1, 6, 5, 3, 2, 1, 1, 1, 0),
+    (2, 3, 8, 9, 4, 1, 1, 1, 0),
     (2, 3, 5, 7, 4, 1, 1, 2, 0),
+    (2, 3, 4, 4, 2, 1, 1, 1, 1),
+    (3, 4, 5, 6, 3, 5, 6, 1, 0),
+    (2, 3, 1, 1, 4, 1, 1, 1, 0),
     (2, 3, 5, 5, 2, 3, 3, 3, 2),
     (1, 2, 3, 3, 2, 5, 5, 1, 1),
 ]
@@ -127,10 +132,13 @@ def test_default_param_is_stride_1_pad_0():
     np.testing.assert_array_equal(out_default, out_explicit)
 
 
-def test_non_contiguous_inputs_and_inputs_untouched():
-    x, w, b, param = _random_problem((2, 3, 7, 7, 4, 3, 3, 2, 1), np.float64)
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 7, 7, 4, 3, 3, 2, 1), (2, 3, 8, 9, 4, 1, 1, 1, 0), (3, 4, 5, 6, 3, 5, 6, 1, 0)], ids=_ids
+)  # fmt: skip
+def test_non_contiguous_inputs_and_inputs_untouched(shape):
+    x, w, b, param = _random_problem(shape, np.float64)
     x_f = np.asfortranarray(x)
-    w_view = np.ascontiguousarray(w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # strided view
+    w_view = np.repeat(w, 2, axis=0)[::2]  # a strided view
     b_view = np.repeat(b, 2)[::2]
     assert not x_f.flags.c_contiguous and not w_view.flags.c_contiguous
     assert not b_view.flags.c_contiguous
@@ -255,7 +263,7 @@ def test_chunked_batches_match_reference(monkeypatch, chunk_bytes):
 
 
 def test_concurrent_calls_from_threads_match_sequential():
-    """Kernels release the GIL and the im2col buffers are per thread: calls do not interfere."""
+    """Kernels release the GIL and every call borrows its own scratch buffers."""
     from concurrent.futures import ThreadPoolExecutor
 
     problems = [

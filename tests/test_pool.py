@@ -339,3 +339,20 @@ def test_max_pool_cache_argmax_is_read_only():
     assert not cache.argmax.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         cache.argmax[0, 0, 0, 0] = 10**12
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda c: c._replace(argmax=np.full_like(c.argmax, 10**9)),
+        lambda c: c._replace(argmax=np.full_like(c.argmax, -1)),
+        lambda c: c._replace(argmax=c.argmax.astype(np.int32)),
+        lambda c: c._replace(x_shape=(2, 3, 2, 2)),
+        lambda c: c._replace(x_shape=(1, 3, 8, 8)),
+    ],
+)
+def test_max_pool_backward_rejects_an_edited_cache(tamper):
+    """An argmax that does not fit the input would make the kernel write out of bounds."""
+    out, cache = layers.max_pool_forward(GOOD_X, GOOD_PARAM)
+    with pytest.raises(ValueError, match=r"cache.argmax does not belong to an input of shape"):
+        layers.max_pool_backward(np.ones_like(out), tamper(cache))

@@ -3,65 +3,106 @@
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 
 from cnnserve import layers
 from cnnserve._ext import conv as conv_ext
+from cnnserve._ext import norm as norm_ext
+from cnnserve._ext import pool as pool_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kernels_are_built_with_openmp():
     """setup.py adds -fopenmp when gcc accepts it; a serial build would pass every other test."""
-    assert conv_ext.openmp_enabled()
-    all_threads = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0] or os.cpu_count())
+    for module in (conv_ext, norm_ext, pool_ext):
+        assert module.openmp_enabled()
+    # OpenMP's default team is the CPUs this process may run on.
+    usable = len(os.sched_getaffinity(0))
+    all_threads = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0] or usable)
     assert conv_ext.threads_for(10**9) == all_threads
     assert conv_ext.threads_for(10) == 1  # small calls run serially
 
 
-def test_forked_child_runs_kernels_instead_of_hanging():
-    """GNU OpenMP hangs in a child forked after a parallel region; the kernels must not."""
-    code = textwrap.dedent(
-        """
-        import os, sys
-        import numpy as np
-        from cnnserve import layers
+FORK_SCRIPT = """
+import os, signal, sys
+import numpy as np
+from cnnserve import layers
+from cnnserve._ext import conv, norm, pool
 
-        x = np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)
-        param = {"pool_height": 2, "pool_width": 2, "stride": 2}
-        expected, _ = layers.max_pool_forward(x, param)  # a parallel region in the parent
-        w = np.ones((4, 16, 3, 3), np.float32)
-        conv_expected, _ = layers.conv_forward(x, w, np.zeros(4, np.float32), {"pad": 1})
-        pid = os.fork()
-        if pid == 0:
-            out, _ = layers.max_pool_forward(x, param)
-            conv_out, _ = layers.conv_forward(x, w, np.zeros(4, np.float32), {"pad": 1})
-            ok = np.array_equal(out, expected) and np.allclose(conv_out, conv_expected)
-            os._exit(0 if ok else 3)
-        _, status = os.waitpid(pid, 0)
-        print("child exit", os.waitstatus_to_exitcode(status))
-        """
-    )
+run_parallel_first = sys.argv[1] == "parallel"
+x = np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)
+param = {"pool_height": 2, "pool_width": 2, "stride": 2}
+w = np.ones((4, 16, 3, 3), np.float32)
+assert pool.threads_for(10**9) == 2, "the parent must be able to run 2 threads"
+if run_parallel_first:
+    expected, _ = layers.max_pool_forward(x, param)  # a 2-thread region in the parent
+    assert pool._parallel_used()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hung child is killed, never left behind
+    threads = [m.threads_for(10**9) for m in (conv, norm, pool)]
+    out, _ = layers.max_pool_forward(x, param)
+    conv_out, _ = layers.conv_forward(x, w, np.zeros(4, np.float32), {"pad": 1})
+    ok = np.array_equal(out, layers.max_pool_forward(x, param)[0]) and conv_out.shape == (8, 4, 32, 32)
+    print("child threads", threads, flush=True)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+def _run_fork_script(mode: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-c", FORK_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
     )
-    assert result.returncode == 0, result.stderr
-    assert "child exit 0" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
-def test_scratch_memory_held_between_calls_is_bounded():
-    pool = layers._SCRATCH
-    # One image whose column matrix (576 x 16384 float32 = 36 MiB) is over the pool's limit.
-    x = np.ones((1, 64, 128, 128), np.float32)
+def test_child_forked_after_a_parallel_region_runs_kernels_on_one_thread():
+    """GNU OpenMP hangs in a child forked after a parallel region; the kernels must not."""
+    stdout = _run_fork_script("parallel")
+    assert "child threads [1, 1, 1]" in stdout, stdout
+    assert "child exit 0" in stdout, stdout
+
+
+def test_child_forked_before_any_parallel_region_keeps_its_threads():
+    stdout = _run_fork_script("serial")
+    assert "child threads [2, 2, 2]" in stdout, stdout
+    assert "child exit 0" in stdout, stdout
+
+
+def test_conv_scratch_is_reused_and_large_buffers_are_freed(monkeypatch):
+    pool = layers._ScratchPool(keep=4, max_bytes=layers._SCRATCH.max_bytes)
+    monkeypatch.setattr(layers, "_SCRATCH", pool)
+    taken = []
+    take = pool._take
+    monkeypatch.setattr(pool, "_take", lambda nbytes: taken.append(take(nbytes)) or taken[-1])
     w = np.ones((8, 64, 3, 3), np.float32)
-    out, cache = layers.conv_forward(x, w, np.zeros(8, np.float32), {"pad": 1})
-    layers.conv_backward(out, cache)
-    held = [buf.nbytes for buf in pool._free]
-    assert len(held) <= pool.keep
-    assert all(nbytes <= pool.max_bytes for nbytes in held)
+    b = np.zeros(8, np.float32)
+    # One image whose column matrix (576 x 16384 float32 = 36 MiB) is over the pool's limit.
+    big = np.ones((1, 64, 128, 128), np.float32)
+    out, cache = layers.conv_forward(big, w, b, {"pad": 1})
+    assert max(buf.nbytes for buf in taken) > pool.max_bytes
+    assert all(buf.nbytes <= pool.max_bytes for buf in pool._free)  # the big one was freed
+    # Small calls: the second reuses the buffers of the first.
+    small = np.ones((2, 64, 8, 8), np.float32)
+    taken.clear()
+    layers.conv_forward(small, w, b, {"pad": 1})
+    first = {id(buf) for buf in taken}
+    taken.clear()
+    layers.conv_forward(small, w, b, {"pad": 1})
+    assert {id(buf) for buf in taken} == first
+    assert len(pool._free) <= pool.keep
 
 
 def test_scratch_pool_reuses_and_bounds_buffers():

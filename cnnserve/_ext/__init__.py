@@ -3,13 +3,48 @@
 Kernels take typed memoryviews of one floating type, write into buffers the caller allocated,
 release the GIL and never validate their arguments: :mod:`cnnserve.layers` does that.
 
-Idle OpenMP threads are made to sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, unless
-the environment already sets it): the layers alternate OpenMP kernels with BLAS calls whose
-own threads need the same cores, and on a 2-core machine a spinning OpenMP thread slowed a
-convolution backward pass by more than ten times. The setting is read when the OpenMP runtime
-loads, so it applies when cnnserve is imported before anything else that uses OpenMP.
+Two process-wide OpenMP settings live here:
+
+* Idle OpenMP threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, unless the
+  environment already sets it): the layers alternate OpenMP kernels with BLAS calls whose own
+  threads need the same cores, and on a 2-core machine a spinning OpenMP thread slowed a
+  convolution backward pass by more than ten times. The setting is read when the OpenMP
+  runtime loads, so it applies when cnnserve is imported before anything else that uses
+  OpenMP.
+* GNU OpenMP cannot be used across ``fork()``: in a child forked after a parallel region ran
+  in the parent, the next parallel region hangs. A fork hook checks whether any kernel module
+  ran one and, if so, makes every kernel in the child run on one thread (multiprocessing's
+  fork start method and pre-forking servers keep working; their children run serially).
 """
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_KERNEL_MODULES = ("conv", "norm", "pool")
+_child_single_threaded = False  # read by the kernel modules when they are imported
+_parallel_before_fork = False
+
+
+def _loaded_kernel_modules() -> list:
+    modules = (sys.modules.get(f"{__name__}.{name}") for name in _KERNEL_MODULES)
+    return [module for module in modules if module is not None]
+
+
+def _before_fork() -> None:
+    global _parallel_before_fork
+    _parallel_before_fork = _child_single_threaded or any(
+        module._parallel_used() for module in _loaded_kernel_modules()
+    )
+
+
+def _after_fork_in_child() -> None:
+    global _child_single_threaded
+    if _parallel_before_fork:
+        _child_single_threaded = True
+        for module in _loaded_kernel_modules():
+            module._set_single_threaded(True)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -1,0 +1,38 @@
+# Shared by every kernel module (``include "cnn_threads.pxi"``): the thread-count policy of
+# cnn_threads.h and the per-module hooks that cnnserve/_ext/__init__.py uses around fork().
+
+cdef extern from "cnn_threads.h":
+    int cnn_threads_for(Py_ssize_t work) noexcept nogil
+    int cnn_thread_count(Py_ssize_t work) noexcept nogil
+    int cnn_openmp_enabled() noexcept nogil
+    int cnn_parallel_used
+    int cnn_single_threaded
+
+
+def openmp_enabled():
+    """True if this module was compiled with OpenMP (else every loop runs serially)."""
+    return cnn_openmp_enabled() == 1
+
+
+def threads_for(Py_ssize_t work):
+    """The number of threads a kernel call with ``work`` inner-loop operations runs on."""
+    return cnn_thread_count(work)
+
+
+def _parallel_used():
+    """True once a kernel of this module has run a parallel region with several threads."""
+    return cnn_parallel_used == 1
+
+
+def _set_single_threaded(bint flag):
+    """Make every kernel of this module run on the calling thread (used after fork)."""
+    global cnn_single_threaded
+    cnn_single_threaded = 1 if flag else 0
+
+
+# A module first imported in a child that was forked after a parallel region (by another
+# module) starts single-threaded too.
+import cnnserve._ext as _package
+
+if getattr(_package, "_child_single_threaded", False):
+    _set_single_threaded(True)
