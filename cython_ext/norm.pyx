@@ -97,6 +97,14 @@ cdef inline void _sum_dy_dev(const floating* dy, const floating* p, Py_ssize_t n
     sum_dy_dev[0] += b0 + b1
 
 
+cdef inline void _affine_run(const floating* src, floating* dst, Py_ssize_t n, double m,
+                             double scale, double shift) noexcept nogil:
+    """``dst[:n] = (src[:n] - m) * scale + shift``, computed in double."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = <floating>((src[i] - m) * scale + shift)
+
+
 # ---------------------------------------------------------------------------------------------
 # Channel family (batchnorm, spatial batchnorm)
 # ---------------------------------------------------------------------------------------------
@@ -132,19 +140,10 @@ cdef void _channel_affine_block(
     Py_ssize_t c0, Py_ssize_t c1,
 ) noexcept nogil:
     """``out = (x - mean) * (gamma * inv_std) + beta`` for channels ``c0:c1``."""
-    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c, s
-    cdef double m, scale, shift
-    cdef const floating* src
-    cdef floating* dst
+    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c
     for n in range(N):
         for c in range(c0, c1):
-            m = mean[c]
-            scale = gamma[c] * inv_std[c]
-            shift = beta[c]
-            src = &x[n, c, 0]
-            dst = &out[n, c, 0]
-            for s in range(S):
-                dst[s] = <floating>((src[s] - m) * scale + shift)
+            _affine_run(&x[n, c, 0], &out[n, c, 0], S, mean[c], gamma[c] * inv_std[c], beta[c])
 
 
 cdef void _channel_backward_block(
@@ -255,10 +254,9 @@ cdef void _group_forward_one(
 ) noexcept nogil:
     cdef Py_ssize_t S = x.shape[2], Cg = x.shape[1] // G
     cdef double K = <double>(Cg * S)
-    cdef Py_ssize_t n = ng // G, g = ng % G, c, s
+    cdef Py_ssize_t n = ng // G, g = ng % G, c
     cdef double m, istd, gc, bc
     cdef const floating* run = &x[n, g * Cg, 0]  # the group's Cg * S values, contiguous
-    cdef const floating* src
     cdef floating* dst
     m = _sum(run, Cg * S) / K
     istd = 1.0 / sqrt(_sum_sq_dev(run, Cg * S, m) / K + eps)
@@ -272,12 +270,7 @@ cdef void _group_forward_one(
             dst[c] = <floating>((run[c] - m) * gc + bc)
         return
     for c in range(g * Cg, (g + 1) * Cg):
-        gc = gamma[c] * istd
-        bc = beta[c]
-        src = &x[n, c, 0]
-        dst = &out[n, c, 0]
-        for s in range(S):
-            dst[s] = <floating>((src[s] - m) * gc + bc)
+        _affine_run(&x[n, c, 0], &out[n, c, 0], S, m, gamma[c] * istd, beta[c])
 
 
 cdef void _group_backward_dx_one(
