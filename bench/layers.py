@@ -91,8 +91,22 @@ def make_arrays(kind: str, shape: tuple) -> dict[str, np.ndarray]:
 
 def conv_flops(N, C, H, W, F, K, stride, pad) -> float:
     """2 x multiply-adds of forward (1x) plus backward (dx and dw: 2x)."""
+    return 3 * conv_forward_flops(N, C, H, W, F, K, stride, pad)
+
+
+def conv_forward_flops(N, C, H, W, F, K, stride, pad) -> float:
+    """2 x multiply-adds of the forward pass of a direct convolution (its GEMM's FLOPs)."""
     out = (H + 2 * pad - K) // stride + 1
-    return 3 * 2.0 * N * F * out * out * C * K * K
+    return 2.0 * N * F * out * out * C * K * K
+
+
+def gemm_rate(repeat: int, size: int = 2048) -> float:
+    """FLOP/s of numpy's float32 GEMM on (size x size) matrices: the machine's BLAS rate."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    return 2.0 * size**3 / median_time(lambda: np.matmul(a, b, out=out), repeat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per row (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the loop reference")
+    parser.add_argument(
+        "--only", default="", help="run only the rows whose label contains this text"
+    )
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_worker:
@@ -291,38 +308,56 @@ def main(argv: list[str] | None = None) -> int:
     torch = start_torch(dict(os.environ))  # before cnnserve sets its OpenMP defaults
     limit_threads()
     print("\n".join(describe_machine(torch)))
+    rate = gemm_rate(args.repeat)
+    print(f"numpy float32 GEMM 2048x2048x2048, {THREADS} threads: {rate / 1e9:.1f} GFLOP/s")
+    rows = [(kind, shape) for kind, shape in ROWS if args.only in label(kind, shape)]
+    conv_rows = [shape for kind, shape in rows if kind == "conv"]
+    # The two conv rows with the largest forward GEMMs (FLOPs; ties keep the table order).
+    largest = sorted(conv_rows, key=lambda s: -conv_forward_flops(*s))[:2]
     header = (
-        f"{'layer (float32, fwd+bwd)':<38} {'ms':>9} {'fwd ms':>9} {'GFLOP/s':>8} "
-        f"{'ref x':>9} {'torch ms':>9} {'ours/torch':>10}"
+        f"{'layer (float32, fwd+bwd)':<38} {'ms':>8} {'GFLOP/s':>8} {'fwd ms':>8} "
+        f"{'fwd GF/s':>8} {'%GEMM':>6} {'ref x':>7} {'torch ms':>9} {'ours/torch':>10}"
     )
     print(f"\n{header}\n{'-' * len(header)}")
-    ratios = []
-    for kind, shape in ROWS:
+    ratios: dict[str, list[float]] = {"conv": [], "all": []}
+    for kind, shape in rows:
         a = make_arrays(kind, shape)
         ours = median_time(ours_step(kind, shape, a), args.repeat)
         fwd_time = median_time(ours_step(kind, shape, a, backward=False), args.repeat)
-        gflops = f"{conv_flops(*shape) / ours / 1e9:8.1f}" if kind == "conv" else f"{'-':>8}"
-        speedup = f"{'-':>9}"
+        gflops = fwd_gflops = share = "-"
+        if kind == "conv":
+            gflops = f"{conv_flops(*shape) / ours / 1e9:.1f}"
+            fwd_rate = conv_forward_flops(*shape) / fwd_time
+            fwd_gflops = f"{fwd_rate / 1e9:.1f}"
+            share = f"{100 * fwd_rate / rate:.0f}{'*' if shape in largest else ''}"
+        speedup = "-"
         if not args.no_reference:
             cut, scale = reference_slice(kind, a)
             ref = median_time(ours_step(kind, shape, cut, naive=True), 1) * scale
-            speedup = f"{ref / ours:9.0f}"
+            speedup = f"{ref / ours:.0f}"
         theirs = torch.time(kind, shape, args.repeat) if torch is not None else None
-        ratio = f"{'-':>10}"
+        ratio = torch_ms = "-"
         if theirs is not None:
-            ratios.append(ours / theirs)
-            ratio = f"{ours / theirs:10.2f}"
-        torch_ms = f"{'-':>9}" if theirs is None else f"{theirs * 1e3:9.2f}"
+            ratios["all"].append(ours / theirs)
+            if kind == "conv":
+                ratios["conv"].append(ours / theirs)
+            ratio = f"{ours / theirs:.2f}"
+            torch_ms = f"{theirs * 1e3:.2f}"
         print(
-            f"{label(kind, shape):<38} {ours * 1e3:9.2f} {fwd_time * 1e3:9.2f} {gflops} "
-            f"{speedup} {torch_ms} {ratio}",
+            f"{label(kind, shape):<38} {ours * 1e3:8.2f} {gflops:>8} {fwd_time * 1e3:8.2f} "
+            f"{fwd_gflops:>8} {share:>6} {speedup:>7} {torch_ms:>9} {ratio:>10}",
             flush=True,
         )
     if torch is not None:
         torch.close()
-    if ratios:
-        gmean = float(np.exp(np.mean(np.log(ratios))))
-        print(f"\ngeometric mean of ours/torch over {len(ratios)} rows: {gmean:.2f}")
+    print(
+        "\nGFLOP/s count a direct convolution's multiply-adds (fwd: 1x, fwd+bwd: 3x); %GEMM is "
+        "fwd GF/s over the GEMM rate above, * marks the two largest forward GEMMs."
+    )
+    for name, values in ratios.items():
+        if values:
+            gmean = float(np.exp(np.mean(np.log(values))))
+            print(f"geometric mean of ours/torch over {len(values)} {name} rows: {gmean:.2f}")
     return 0
 
 

@@ -297,6 +297,76 @@ def _images_per_chunk(N: int, elems_per_image: int, itemsize: int) -> int:
     return max(1, min(N, _CHUNK_BYTES // max(1, elems_per_image * itemsize)))
 
 
+# The fused kernels build the columns of a block of output rows of one image in a per-thread
+# buffer of about this size (a fraction of a core's L2 cache), so that BLAS reads them while
+# they are still in cache.
+_BLOCK_BYTES = 2**20
+# Below this many columns per block (output pixels of one image), a per-image product is too
+# thin for BLAS and the weights are re-read for too little work: the batched chunk path wins.
+_FUSED_MIN_COLUMNS = 64
+
+
+class _SingleThreadBLAS:
+    """Context manager: BLAS runs on one thread while any fused conv kernel runs.
+
+    The fused kernels call BLAS from inside their OpenMP threads; a multithreaded BLAS would
+    then start its own threads in each of them and oversubscribe the cores (measured 2-10x
+    slower). Calls nest and may overlap across Python threads: the first one in sets every
+    BLAS library of the process (found by threadpoolctl) to one thread, the last one out
+    restores the previous settings. Meanwhile NumPy products from other Python threads also
+    run on one BLAS thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._controller = None
+        self._limiter = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                if self._controller is None:
+                    from threadpoolctl import ThreadpoolController
+
+                    self._controller = ThreadpoolController().select(user_api="blas")
+                self._limiter = self._controller.limit(limits=1)
+            self._depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_BLAS_1 = _SingleThreadBLAS()
+
+
+def _reset_blas_limit_in_child() -> None:
+    """A fork copies the lock in whatever state another thread left it: start afresh."""
+    global _BLAS_1
+    _BLAS_1 = _SingleThreadBLAS()
+
+
+os.register_at_fork(after_in_child=_reset_blas_limit_in_child)
+
+
+def _fused_plan(N: int, K: int, H_out: int, W_out: int, F: int, itemsize: int) -> tuple[int, int]:
+    """``(threads, rows_per_block)`` for the fused per-image kernels, or ``(0, 0)`` if the
+    batched chunk path should run instead.
+
+    The fused kernels split the batch over OpenMP threads by image: they need at least one
+    image per thread, and blocks of at least ``_FUSED_MIN_COLUMNS`` output pixels.
+    """
+    threads = _conv.threads_for(N * F * K * H_out * W_out)
+    rows = max(1, min(H_out, _BLOCK_BYTES // (K * W_out * itemsize)))
+    if N < threads or rows * W_out < _FUSED_MIN_COLUMNS:
+        return 0, 0
+    return threads, rows
+
+
 def _is_pointwise(HH: int, WW: int, stride: int, pad: int, P: int) -> bool:
     """A 1x1 filter at stride 1 without padding, over maps of at least 64 pixels.
 
@@ -379,6 +449,15 @@ def conv_forward(
         out += b[:, None]
         return out.reshape(N, F, H_out, W_out), cache
     out = np.empty((N, F, H_out, W_out), dtype=x.dtype)
+    threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
+    if threads:
+        w_mat = np.ascontiguousarray(w_mat)
+        with _SCRATCH.borrow((threads * K * rows * W_out,), x.dtype) as (cols_buf,), _BLAS_1:
+            _conv.conv_forward_fused(
+                x, w_mat, np.ascontiguousarray(b), out.reshape(N, F, P),
+                cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads,
+            )  # fmt: skip
+        return out, cache
     step = _images_per_chunk(N, max(K, F) * P, x.itemsize)
     with _SCRATCH.borrow((K * step * P, F * step * P), x.dtype) as (cols_buf, prod_buf):
         for n0 in range(0, N, step):
@@ -425,6 +504,20 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
 
     K, P = C * HH * WW, H_out * W_out
     w_mat = w.reshape(F, K)
+    threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
+    if threads and not _is_pointwise(HH, WW, stride, pad, P):
+        # Per image and thread: dw and db partial sums, dx written directly (NCHW).
+        dx = np.empty(x.shape, dtype=x.dtype)
+        dw_parts = np.empty((threads, F, K), dtype=x.dtype)
+        db_parts = np.empty((threads, F), dtype=np.float64)
+        dout3 = np.ascontiguousarray(dout).reshape(N, F, P)
+        with _SCRATCH.borrow((threads * K * rows * W_out,), x.dtype) as (cols_buf,), _BLAS_1:
+            _conv.conv_backward_fused(
+                x, np.ascontiguousarray(w_mat), dout3, dx, dw_parts, db_parts,
+                cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads,
+            )  # fmt: skip
+        dw = dw_parts.sum(axis=0) if threads > 1 else dw_parts[0]
+        return dx, dw.reshape(w.shape), db_parts.sum(axis=0).astype(x.dtype)
     db = dout.sum(axis=(0, 2, 3))
     if P == 1 and pad == 0:  # the whole-image filter of conv_forward
         dout2 = dout.reshape(N, F)
