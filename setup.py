@@ -62,8 +62,14 @@ class BuildExt(build_ext):
 
 def _extensions() -> list[Extension]:
     pyx_files = sorted((HERE / KERNEL_DIR).glob("*.pyx"))
+    headers = sorted(f"{KERNEL_DIR}/{h.name}" for h in (HERE / KERNEL_DIR).glob("*.h"))
     return [
-        Extension(f"cnnserve._ext.{p.stem}", [f"{KERNEL_DIR}/{p.name}"], include_dirs=[KERNEL_DIR])
+        Extension(
+            f"cnnserve._ext.{p.stem}",
+            [f"{KERNEL_DIR}/{p.name}"],
+            include_dirs=[KERNEL_DIR],
+            depends=headers,  # rebuild when a C helper header changes
+        )
         for p in pyx_files
     ]
 

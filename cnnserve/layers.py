@@ -307,36 +307,54 @@ _FUSED_MIN_COLUMNS = 64
 
 
 class _SingleThreadBLAS:
-    """Context manager: BLAS runs on one thread while any fused conv kernel runs.
+    """Context manager: BLAS runs on one thread inside the fused conv kernels.
 
-    The fused kernels call BLAS from inside their OpenMP threads; a multithreaded BLAS would
-    then start its own threads in each of them and oversubscribe the cores (measured 2-10x
-    slower). Calls nest and may overlap across Python threads: the first one in sets every
-    BLAS library of the process (found by threadpoolctl) to one thread, the last one out
-    restores the previous settings. Meanwhile NumPy products from other Python threads also
-    run on one BLAS thread.
+    The fused kernels call BLAS (``scipy.linalg.cython_blas``) from inside their OpenMP
+    threads; a multithreaded BLAS would start its own threads in each of them and
+    oversubscribe the cores (measured 2-10x slower).
+
+    When SciPy has its own BLAS library (the wheels' ``scipy.libs/libscipy_openblas``, which
+    only SciPy calls), that library is set to one thread once, at the first fused call, and
+    left so: switching it per call wakes OpenBLAS's worker threads, which then spin and take
+    the cores from the kernel. Otherwise (SciPy and NumPy share a BLAS, as in conda) every
+    BLAS library is set to one thread while any fused kernel runs and restored by the last
+    one out; calls nest and may overlap across Python threads.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
-        self._controller = None
+        self._controller = None  # None: not set up yet; False: SciPy's BLAS is single-threaded
         self._limiter = None
+
+    def _setup(self) -> None:
+        from threadpoolctl import ThreadpoolController
+
+        blas = ThreadpoolController().select(user_api="blas")
+        own = [
+            c
+            for c in blas.lib_controllers
+            if os.path.basename(os.path.dirname(c.filepath)) == "scipy.libs"
+        ]
+        if own:
+            for lib in own:
+                lib.set_num_threads(1)
+            self._controller = False
+        else:
+            self._controller = blas
 
     def __enter__(self) -> None:
         with self._lock:
-            if self._depth == 0:
-                if self._controller is None:
-                    from threadpoolctl import ThreadpoolController
-
-                    self._controller = ThreadpoolController().select(user_api="blas")
+            if self._controller is None:
+                self._setup()
+            if self._controller is not False and self._depth == 0:
                 self._limiter = self._controller.limit(limits=1)
             self._depth += 1
 
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 0 and self._limiter is not None:
                 self._limiter.restore_original_limits()
                 self._limiter = None
 
@@ -365,6 +383,48 @@ def _fused_plan(N: int, K: int, H_out: int, W_out: int, F: int, itemsize: int) -
     if N < threads or rows * W_out < _FUSED_MIN_COLUMNS:
         return 0, 0
     return threads, rows
+
+
+# Winograd F(2x2, 3x3): 3x3 filters at stride 1 take 16 products per 2x2 output tile where a
+# direct convolution takes 36. One thread's transform buffers for one image, about
+# 16 * (C + F) * tiles values, must stay below this size; larger images use the direct path.
+_WINOGRAD_MAX_BYTES = 4 * 2**20
+# Minimum output pixels per image for the Winograd path (smaller maps are mostly border).
+_WINOGRAD_MIN_PIXELS = 16
+_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def _winograd_plan(
+    N: int, C: int, F: int, HH: int, WW: int, stride: int, H_out: int, W_out: int, itemsize: int
+) -> tuple[int, int]:
+    """``(threads, scratch elements per thread)`` for the Winograd kernels, or ``(0, 0)``.
+
+    Taken for 3x3 filters at stride 1, with at least one image per thread, output maps of at
+    least ``_WINOGRAD_MIN_PIXELS`` pixels and per-image buffers within
+    ``_WINOGRAD_MAX_BYTES``.
+    """
+    if (HH, WW, stride) != (3, 3, 1) or H_out * W_out < _WINOGRAD_MIN_PIXELS:
+        return 0, 0
+    threads = _conv.threads_for(N * F * C * 9 * H_out * W_out)
+    scratch = _conv.winograd_scratch(C, F, H_out, W_out, 1)
+    if N < threads or scratch * itemsize > _WINOGRAD_MAX_BYTES:
+        return 0, 0
+    return threads, scratch
+
+
+def _winograd_filters(w: np.ndarray) -> np.ndarray:
+    """``U = G w G^T`` for (F, C, 3, 3) filters, as (16, F, C): plane ``4 * a + b`` holds
+    ``U[a, b]`` of every filter and channel."""
+    G = _WINOGRAD_G.astype(w.dtype)
+    U = G @ w @ G.T  # (F, C, 4, 4)
+    return np.ascontiguousarray(U.transpose(2, 3, 0, 1)).reshape(16, *w.shape[:2])
+
+
+def _winograd_filter_grad(dU: np.ndarray) -> np.ndarray:
+    """``dw = G^T dU G`` from the (16, F, C) gradient of :func:`_winograd_filters`."""
+    G = _WINOGRAD_G.astype(dU.dtype)
+    dU = dU.reshape(4, 4, *dU.shape[1:]).transpose(2, 3, 0, 1)  # (F, C, 4, 4)
+    return G.T @ dU @ G  # (F, C, 3, 3)
 
 
 def _is_pointwise(HH: int, WW: int, stride: int, pad: int, P: int) -> bool:
@@ -449,6 +509,14 @@ def conv_forward(
         out += b[:, None]
         return out.reshape(N, F, H_out, W_out), cache
     out = np.empty((N, F, H_out, W_out), dtype=x.dtype)
+    threads, scratch = _winograd_plan(N, C, F, HH, WW, stride, H_out, W_out, x.itemsize)
+    if threads:
+        with _SCRATCH.borrow((threads * scratch,), x.dtype) as (buf,), _BLAS_1:
+            _conv.winograd_forward(
+                x, _winograd_filters(w), np.ascontiguousarray(b), out,
+                buf.reshape(threads, scratch), pad, 1, threads,
+            )  # fmt: skip
+        return out, cache
     threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
     if threads:
         w_mat = np.ascontiguousarray(w_mat)
@@ -504,6 +572,18 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
 
     K, P = C * HH * WW, H_out * W_out
     w_mat = w.reshape(F, K)
+    threads, scratch = _winograd_plan(N, C, F, HH, WW, stride, H_out, W_out, x.itemsize)
+    if threads:
+        dx = np.empty(x.shape, dtype=x.dtype)
+        dU_parts = np.empty((threads, 16, F, C), dtype=x.dtype)
+        db_parts = np.empty((threads, F), dtype=np.float64)
+        with _SCRATCH.borrow((threads * scratch,), x.dtype) as (buf,), _BLAS_1:
+            _conv.winograd_backward(
+                x, _winograd_filters(w), np.ascontiguousarray(dout), dx, dU_parts, db_parts,
+                buf.reshape(threads, scratch), pad, 1, threads,
+            )  # fmt: skip
+        dw = _winograd_filter_grad(dU_parts.sum(axis=0) if threads > 1 else dU_parts[0])
+        return dx, dw, db_parts.sum(axis=0).astype(x.dtype)
     threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
     if threads and not _is_pointwise(HH, WW, stride, pad, P):
         # Per image and thread: dw and db partial sums, dx written directly (NCHW).

@@ -304,3 +304,201 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                 _gemm("N", "T", <int>pb, <int>K, <int>F, 1, d, <int>P, &w_mat[0, 0], <int>K, 0,
                       cols, <int>pb)
                 _col2im_rows(cols, dxn, C, H, W, HH, WW, stride, pad, W_out, ho0, ho1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Winograd F(2x2, 3x3) for 3x3 filters at stride 1
+#
+# The output is cut into 2x2 tiles; tile (ti, tj) reads the 4x4 input patch whose top-left
+# corner is (2*ti - pad, 2*tj - pad). With B^T, G and A^T the F(2x2, 3x3) matrices,
+#   U = G g G^T (per filter and channel, made by the wrapper), V = B^T d B (per channel and
+#   tile), M[xi] = U[xi] @ V[xi] for each of the 16 positions xi (one GEMM each), and the
+#   output tile is A^T M A.
+# The backward pass is the exact gradient of that computation: dM = A dY A^T,
+# dU[xi] = sum over tiles dM[xi] @ V[xi].T (the wrapper turns dU into dw = G^T dU G) and
+# dV[xi] = U[xi].T @ dM[xi], scattered back as B dV B^T. Transforms only add, subtract and
+# (in G) halve, so rounding stays within a few ulps of the direct convolution.
+#
+# Buffers: V is (16, C, Tb) and M, dM are (16, F, Tb), with Tb the tiles of a block of images
+# (tile t = image_in_block * th * tw + ti * tw + tj). The 16 planes of a buffer lie
+# _plane(rows, Tb) elements apart, 16 more than rows * Tb: the transforms touch all 16 planes
+# at once, and planes a multiple of 4 KiB apart would share one set of the L1 cache.
+# ---------------------------------------------------------------------------------------------
+
+
+cdef extern from "cnn_winograd.h" nogil:
+    void cnn_wino_input_f(const float* x, float* padded, float* V, Py_ssize_t C, Py_ssize_t H,
+                          Py_ssize_t W, Py_ssize_t pad, Py_ssize_t th, Py_ssize_t tw,
+                          Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t vs)
+    void cnn_wino_input_d(const double* x, double* padded, double* V, Py_ssize_t C,
+                          Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t th,
+                          Py_ssize_t tw, Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t vs)
+    void cnn_wino_output_f(const float* M, float* out, const float* b, Py_ssize_t F,
+                           Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t th, Py_ssize_t tw,
+                           Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t ms)
+    void cnn_wino_output_d(const double* M, double* out, const double* b, Py_ssize_t F,
+                           Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t th, Py_ssize_t tw,
+                           Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t ms)
+    void cnn_wino_dout_f(const float* dout, float* dM, float* edge, Py_ssize_t F,
+                         Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t th, Py_ssize_t tw,
+                         Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t ms)
+    void cnn_wino_dout_d(const double* dout, double* dM, double* edge, Py_ssize_t F,
+                         Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t th, Py_ssize_t tw,
+                         Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t ms)
+    void cnn_wino_dinput_f(const float* dV, float* padded, float* dx, Py_ssize_t C,
+                           Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t th,
+                           Py_ssize_t tw, Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t vs)
+    void cnn_wino_dinput_d(const double* dV, double* padded, double* dx, Py_ssize_t C,
+                           Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t th,
+                           Py_ssize_t tw, Py_ssize_t Tb, Py_ssize_t t0, Py_ssize_t vs)
+
+
+cdef inline Py_ssize_t _plane(Py_ssize_t rows, Py_ssize_t Tb) noexcept nogil:
+    """Distance between two of the 16 planes of a (16, rows, Tb) transform buffer."""
+    return rows * Tb + 16
+
+
+def winograd_scratch(Py_ssize_t C, Py_ssize_t F, Py_ssize_t H_out, Py_ssize_t W_out,
+                     Py_ssize_t images_per_block):
+    """Elements of one thread's scratch row for :func:`winograd_forward` / ``_backward``."""
+    cdef Py_ssize_t th = (H_out + 1) // 2, tw = (W_out + 1) // 2
+    cdef Py_ssize_t Tb = th * tw * images_per_block
+    return ((2 * th + 2) * (2 * tw + 2) + 16 * tw + 6 * tw + 6
+            + 16 * _plane(C, Tb) + 16 * _plane(F, Tb))
+
+
+cdef inline void _wino_input(const floating* x, floating* padded, floating* V, Py_ssize_t C,
+                             Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t th,
+                             Py_ssize_t tw, Py_ssize_t Tb, Py_ssize_t t0) noexcept nogil:
+    if floating is float:
+        cnn_wino_input_f(x, padded, V, C, H, W, pad, th, tw, Tb, t0, _plane(C, Tb))
+    else:
+        cnn_wino_input_d(x, padded, V, C, H, W, pad, th, tw, Tb, t0, _plane(C, Tb))
+
+
+cdef inline void _wino_output(const floating* M, floating* out, const floating* b, Py_ssize_t F,
+                              Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t th, Py_ssize_t tw,
+                              Py_ssize_t Tb, Py_ssize_t t0) noexcept nogil:
+    if floating is float:
+        cnn_wino_output_f(M, out, b, F, H_out, W_out, th, tw, Tb, t0, _plane(F, Tb))
+    else:
+        cnn_wino_output_d(M, out, b, F, H_out, W_out, th, tw, Tb, t0, _plane(F, Tb))
+
+
+cdef inline void _wino_dout(const floating* dout, floating* dM, floating* edge, Py_ssize_t F,
+                            Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t th, Py_ssize_t tw,
+                            Py_ssize_t Tb, Py_ssize_t t0) noexcept nogil:
+    if floating is float:
+        cnn_wino_dout_f(dout, dM, edge, F, H_out, W_out, th, tw, Tb, t0, _plane(F, Tb))
+    else:
+        cnn_wino_dout_d(dout, dM, edge, F, H_out, W_out, th, tw, Tb, t0, _plane(F, Tb))
+
+
+cdef inline void _wino_dinput(const floating* dV, floating* padded, floating* dx, Py_ssize_t C,
+                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t th,
+                              Py_ssize_t tw, Py_ssize_t Tb, Py_ssize_t t0) noexcept nogil:
+    if floating is float:
+        cnn_wino_dinput_f(dV, padded, dx, C, H, W, pad, th, tw, Tb, t0, _plane(C, Tb))
+    else:
+        cnn_wino_dinput_d(dV, padded, dx, C, H, W, pad, th, tw, Tb, t0, _plane(C, Tb))
+
+
+def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
+                     const floating[::1] b, floating[:, :, :, ::1] out,
+                     floating[:, ::1] scratch, Py_ssize_t pad, Py_ssize_t images_per_block,
+                     int threads):
+    """3x3 stride-1 convolution of ``x`` (N, C, H, W) into ``out`` (N, F, H_out, W_out) by
+    Winograd F(2x2, 3x3), with ``U`` (16, F, C) the transformed filters.
+
+    Blocks of ``images_per_block`` images are split over ``threads`` OpenMP threads; each
+    thread's ``scratch`` row holds a padded plane, V (16, C, Tb) and M (16, F, Tb).
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = U.shape[1], H_out = out.shape[2], W_out = out.shape[3]
+    cdef Py_ssize_t th = (H_out + 1) // 2, tw = (W_out + 1) // 2, T = th * tw
+    cdef Py_ssize_t Tb = T * images_per_block
+    cdef Py_ssize_t n_blocks = (N + images_per_block - 1) // images_per_block
+    cdef Py_ssize_t blk, n, n0, n1, xi
+    cdef Py_ssize_t plane = (2 * th + 2) * (2 * tw + 2) + 16 * tw + 6 * tw + 6
+    cdef int tid
+    cdef floating* padded
+    cdef floating* V
+    cdef floating* M
+    with nogil:
+        for blk in prange(n_blocks, schedule="static", num_threads=threads):
+            tid = threadid()
+            padded = &scratch[tid, 0]
+            V = padded + plane
+            M = V + 16 * _plane(C, Tb)
+            n0 = blk * images_per_block
+            n1 = min(n0 + images_per_block, N)
+            for n in range(n0, n1):
+                _wino_input(&x[n, 0, 0, 0], padded, V, C, H, W, pad, th, tw, Tb, (n - n0) * T)
+            for xi in range(16):
+                # column-major: M[xi] (Tb x F) = V[xi] (Tb x C) @ U[xi]^T (C x F)
+                _gemm("N", "N", <int>((n1 - n0) * T), <int>F, <int>C, 1, V + xi * _plane(C, Tb),
+                      <int>Tb, &U[xi, 0, 0], <int>C, 0, M + xi * _plane(F, Tb), <int>Tb)
+            for n in range(n0, n1):
+                _wino_output(M, &out[n, 0, 0, 0], &b[0], F, H_out, W_out, th, tw, Tb,
+                             (n - n0) * T)
+
+
+def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
+                      const floating[:, :, :, ::1] dout, floating[:, :, :, ::1] dx,
+                      floating[:, :, :, ::1] dU_parts, double[:, ::1] db_parts,
+                      floating[:, ::1] scratch, Py_ssize_t pad, Py_ssize_t images_per_block,
+                      int threads):
+    """Gradients of :func:`winograd_forward`: ``dx`` (overwritten), and per thread ``t`` the
+    transformed filter gradient ``dU_parts[t]`` (16, F, C) and ``db_parts[t]`` (F,) in
+    double. Each thread's ``scratch`` row holds a padded plane, V (16, C, Tb) (reused for dV)
+    and dM (16, F, Tb).
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = U.shape[1], H_out = dout.shape[2], W_out = dout.shape[3]
+    cdef Py_ssize_t th = (H_out + 1) // 2, tw = (W_out + 1) // 2, T = th * tw
+    cdef Py_ssize_t Tb = T * images_per_block
+    cdef Py_ssize_t n_blocks = (N + images_per_block - 1) // images_per_block
+    cdef Py_ssize_t blk, n, n0, n1, xi, f, p, t, e
+    cdef Py_ssize_t plane = (2 * th + 2) * (2 * tw + 2) + 16 * tw + 6 * tw + 6
+    cdef Py_ssize_t P = H_out * W_out
+    cdef int tid, nt
+    cdef floating* padded
+    cdef floating* V
+    cdef floating* dM
+    cdef const floating* d
+    cdef double s
+    for t in range(dU_parts.shape[0]):
+        for f in range(F):
+            db_parts[t, f] = 0
+        for xi in range(16):
+            for f in range(F):
+                for e in range(C):
+                    dU_parts[t, xi, f, e] = 0
+    with nogil:
+        for blk in prange(n_blocks, schedule="static", num_threads=threads):
+            tid = threadid()
+            padded = &scratch[tid, 0]
+            V = padded + plane
+            dM = V + 16 * _plane(C, Tb)
+            n0 = blk * images_per_block
+            n1 = min(n0 + images_per_block, N)
+            nt = <int>((n1 - n0) * T)
+            for n in range(n0, n1):
+                _wino_input(&x[n, 0, 0, 0], padded, V, C, H, W, pad, th, tw, Tb, (n - n0) * T)
+                _wino_dout(&dout[n, 0, 0, 0], dM, padded, F, H_out, W_out, th, tw, Tb, (n - n0) * T)
+                for f in range(F):
+                    d = &dout[n, f, 0, 0]
+                    s = 0
+                    for p in range(P):
+                        s = s + d[p]
+                    db_parts[tid, f] += s
+            for xi in range(16):
+                # dU[xi] (F, C) += dM[xi] (F, Tb) @ V[xi].T; column-major (C x F)
+                _gemm("T", "N", <int>C, <int>F, nt, 1, V + xi * _plane(C, Tb), <int>Tb,
+                      dM + xi * _plane(F, Tb), <int>Tb, 1, &dU_parts[tid, xi, 0, 0], <int>C)
+                # dV[xi] (C, Tb) = U[xi].T @ dM[xi], into V; column-major (Tb x C)
+                _gemm("N", "T", nt, <int>C, <int>F, 1, dM + xi * _plane(F, Tb), <int>Tb,
+                      &U[xi, 0, 0], <int>C, 0, V + xi * _plane(C, Tb), <int>Tb)
+            for n in range(n0, n1):
+                _wino_dinput(V, padded, &dx[n, 0, 0, 0], C, H, W, pad, th, tw, Tb,
+                             (n - n0) * T)
