@@ -520,7 +520,8 @@ def conv_forward(
     threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
     if threads:
         w_mat = np.ascontiguousarray(w_mat)
-        with _SCRATCH.borrow((threads * K * rows * W_out,), x.dtype) as (cols_buf,), _BLAS_1:
+        scratch = _conv.fused_scratch(C, H, W, HH, WW, pad, W_out, rows)
+        with _SCRATCH.borrow((threads * scratch,), x.dtype) as (cols_buf,), _BLAS_1:
             _conv.conv_forward_fused(
                 x, w_mat, np.ascontiguousarray(b), out.reshape(N, F, P),
                 cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads,
@@ -591,7 +592,8 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
         dw_parts = np.empty((threads, F, K), dtype=x.dtype)
         db_parts = np.empty((threads, F), dtype=np.float64)
         dout3 = np.ascontiguousarray(dout).reshape(N, F, P)
-        with _SCRATCH.borrow((threads * K * rows * W_out,), x.dtype) as (cols_buf,), _BLAS_1:
+        scratch = _conv.fused_scratch(C, H, W, HH, WW, pad, W_out, rows)
+        with _SCRATCH.borrow((threads * scratch,), x.dtype) as (cols_buf,), _BLAS_1:
             _conv.conv_backward_fused(
                 x, np.ascontiguousarray(w_mat), dout3, dx, dw_parts, db_parts,
                 cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads,

@@ -136,79 +136,82 @@ cdef inline void _gemm(char* transa, char* transb, int m, int n, int k, floating
               c, &ldc)
 
 
-cdef void _im2col_rows(const floating* x, floating* cols, Py_ssize_t C, Py_ssize_t H,
-                       Py_ssize_t W, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
-                       Py_ssize_t pad, Py_ssize_t W_out, Py_ssize_t ho0,
-                       Py_ssize_t ho1) noexcept nogil:
-    """Columns of output rows ``ho0:ho1`` of one image ``x`` (C, H, W).
-
-    ``cols`` is (C*HH*WW, (ho1-ho0)*W_out), C-contiguous; every entry is written.
-    """
-    cdef Py_ssize_t pb = (ho1 - ho0) * W_out
-    cdef Py_ssize_t c, i, j, ho, wo, hi, off_w, wo_lo, wo_hi
-    cdef const floating* src
+cdef void _pad_image(const floating* x, floating* padded, Py_ssize_t C, Py_ssize_t H,
+                     Py_ssize_t W, Py_ssize_t pad) noexcept nogil:
+    """Copy one image ``x`` (C, H, W) into ``padded`` (C, H + 2*pad, W + 2*pad), zeros around."""
+    cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad, c, h, k
     cdef floating* dst
+    cdef const floating* src
+    for c in range(C):
+        dst = padded + c * Hp * Wp
+        for k in range(pad * Wp):
+            dst[k] = 0
+        for h in range(H):
+            src = x + (c * H + h) * W
+            dst = padded + (c * Hp + h + pad) * Wp
+            for k in range(pad):
+                dst[k] = 0
+            for k in range(W):
+                dst[pad + k] = src[k]
+            for k in range(pad + W, Wp):
+                dst[k] = 0
+        dst = padded + (c * Hp + H + pad) * Wp
+        for k in range(pad * Wp):
+            dst[k] = 0
+
+
+cdef void _im2col_rows(const floating* padded, floating* cols, Py_ssize_t C, Py_ssize_t Hp,
+                       Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                       Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1) noexcept nogil:
+    """Columns of output rows ``ho0:ho1`` of one zero-padded image ``padded`` (C, Hp, Wp).
+
+    ``cols`` is (C*HH*WW, (ho1-ho0)*W_out), C-contiguous; every entry is written. The padding
+    is already in ``padded``, so each output row is one plain (strided) copy.
+    """
+    cdef Py_ssize_t c, i, j, ho, wo
+    cdef const floating* src
+    cdef floating* dst = cols
     for c in range(C):
         for i in range(HH):
             for j in range(WW):
-                off_w = j - pad
-                wo_lo = _first_valid(off_w, stride)
-                if wo_lo > W_out:
-                    wo_lo = W_out
-                wo_hi = _end_valid(off_w, stride, W, W_out)
-                if wo_hi < wo_lo:
-                    wo_hi = wo_lo
-                dst = cols + ((c * HH + i) * WW + j) * pb
                 for ho in range(ho0, ho1):
-                    hi = ho * stride - pad + i
-                    if hi < 0 or hi >= H:
+                    src = padded + (c * Hp + ho * stride + i) * Wp + j
+                    if stride == 1:  # a contiguous copy the compiler vectorises
                         for wo in range(W_out):
-                            dst[wo] = 0
+                            dst[wo] = src[wo]
                     else:
-                        src = x + (c * H + hi) * W
-                        for wo in range(wo_lo):
-                            dst[wo] = 0
-                        if stride == 1:
-                            for wo in range(wo_lo, wo_hi):
-                                dst[wo] = src[wo + off_w]
-                        else:
-                            for wo in range(wo_lo, wo_hi):
-                                dst[wo] = src[wo * stride + off_w]
-                        for wo in range(wo_hi, W_out):
-                            dst[wo] = 0
+                        for wo in range(W_out):
+                            dst[wo] = src[wo * stride]
                     dst += W_out
 
 
-cdef void _col2im_rows(const floating* cols, floating* dx, Py_ssize_t C, Py_ssize_t H,
-                       Py_ssize_t W, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
-                       Py_ssize_t pad, Py_ssize_t W_out, Py_ssize_t ho0,
-                       Py_ssize_t ho1) noexcept nogil:
-    """Add the column gradient of output rows ``ho0:ho1`` into one image's ``dx`` (C, H, W).
-
-    ``cols`` is laid out as in :func:`_im2col_rows`; padding entries are dropped.
-    """
-    cdef Py_ssize_t pb = (ho1 - ho0) * W_out
-    cdef Py_ssize_t c, i, j, ho, wo, hi, off_w, wo_lo, wo_hi
-    cdef const floating* src
+cdef void _col2im_rows(const floating* cols, floating* dpadded, Py_ssize_t C, Py_ssize_t Hp,
+                       Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                       Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1) noexcept nogil:
+    """Add the column gradient of output rows ``ho0:ho1`` into ``dpadded`` (C, Hp, Wp), the
+    gradient of one zero-padded image; ``cols`` is laid out as in :func:`_im2col_rows`."""
+    cdef Py_ssize_t c, i, j, ho, wo
+    cdef const floating* src = cols
     cdef floating* dst
     for c in range(C):
         for i in range(HH):
             for j in range(WW):
-                off_w = j - pad
-                wo_lo = _first_valid(off_w, stride)
-                wo_hi = _end_valid(off_w, stride, W, W_out)
-                src = cols + ((c * HH + i) * WW + j) * pb
                 for ho in range(ho0, ho1):
-                    hi = ho * stride - pad + i
-                    if hi >= 0 and hi < H:
-                        dst = dx + (c * H + hi) * W
-                        if stride == 1:
-                            for wo in range(wo_lo, wo_hi):
-                                dst[wo + off_w] += src[wo]
-                        else:
-                            for wo in range(wo_lo, wo_hi):
-                                dst[wo * stride + off_w] += src[wo]
+                    dst = dpadded + (c * Hp + ho * stride + i) * Wp + j
+                    if stride == 1:
+                        for wo in range(W_out):
+                            dst[wo] += src[wo]
+                    else:
+                        for wo in range(W_out):
+                            dst[wo * stride] += src[wo]
                     src += W_out
+
+
+def fused_scratch(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t HH, Py_ssize_t WW,
+                  Py_ssize_t pad, Py_ssize_t W_out, Py_ssize_t rows_per_block):
+    """Elements of one thread's scratch row for :func:`conv_forward_fused` / ``_backward``:
+    a block of columns, then two zero-padded images (the input and its gradient)."""
+    return C * HH * WW * rows_per_block * W_out + 2 * C * (H + 2 * pad) * (W + 2 * pad)
 
 
 def conv_forward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w_mat,
@@ -217,9 +220,9 @@ def conv_forward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w_
                        Py_ssize_t rows_per_block, int threads):
     """``out[n]`` (F, H_out*W_out) = ``w_mat`` (F, K) @ columns of ``x[n]`` + ``b``, per image.
 
-    Images are split over ``threads`` OpenMP threads; thread ``t`` builds the columns of
-    ``rows_per_block`` output rows at a time in ``scratch[t]`` (at least K*rows_per_block*W_out
-    entries) and multiplies them with one single-threaded BLAS call that writes straight into
+    Images are split over ``threads`` OpenMP threads; thread ``t`` copies its image with zero
+    padding and builds the columns of ``rows_per_block`` output rows at a time in
+    ``scratch[t]`` (:func:`fused_scratch` entries) and multiplies them with one single-threaded BLAS call that writes straight into
     ``out`` (NCHW: no transpose). The caller limits BLAS to one thread.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -228,18 +231,22 @@ def conv_forward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w_
     cdef Py_ssize_t H_out = P // W_out
     cdef Py_ssize_t n, f, p, ho0, ho1, pb, blk
     cdef Py_ssize_t n_blocks = (H_out + rows_per_block - 1) // rows_per_block
+    cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad
     cdef int tid
     cdef floating* cols
+    cdef floating* padded
     cdef floating* o
     with nogil:
         for n in prange(N, schedule="static", num_threads=threads):
             tid = threadid()
             cols = &scratch[tid, 0]
+            padded = cols + K * rows_per_block * W_out
+            _pad_image(&x[n, 0, 0, 0], padded, C, H, W, pad)
             for blk in range(n_blocks):
                 ho0 = blk * rows_per_block
                 ho1 = min(ho0 + rows_per_block, H_out)
                 pb = (ho1 - ho0) * W_out
-                _im2col_rows(&x[n, 0, 0, 0], cols, C, H, W, HH, WW, stride, pad, W_out, ho0, ho1)
+                _im2col_rows(padded, cols, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
                 o = &out[n, 0, ho0 * W_out]
                 for f in range(F):
                     for p in range(pb):
@@ -266,7 +273,11 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
     cdef Py_ssize_t F = w_mat.shape[0], K = w_mat.shape[1], P = dout.shape[2]
     cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
     cdef Py_ssize_t H_out = P // W_out
-    cdef Py_ssize_t n, f, p, ho0, ho1, pb, t, e, blk
+    cdef Py_ssize_t n, f, p, ho0, ho1, pb, t, e, blk, c, h
+    cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad
+    cdef floating* padded
+    cdef floating* dpadded
+    cdef const floating* src
     cdef Py_ssize_t n_blocks = (H_out + rows_per_block - 1) // rows_per_block
     cdef int tid
     cdef floating* cols
@@ -282,9 +293,11 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
         for n in prange(N, schedule="static", num_threads=threads):
             tid = threadid()
             cols = &scratch[tid, 0]
-            dxn = &dx[n, 0, 0, 0]
-            for e in range(C * H * W):
-                dxn[e] = 0
+            padded = cols + K * rows_per_block * W_out
+            dpadded = padded + C * Hp * Wp
+            _pad_image(&x[n, 0, 0, 0], padded, C, H, W, pad)
+            for e in range(C * Hp * Wp):
+                dpadded[e] = 0
             for f in range(F):
                 d = &dout[n, f, 0]
                 s = 0
@@ -295,7 +308,7 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                 ho0 = blk * rows_per_block
                 ho1 = min(ho0 + rows_per_block, H_out)
                 pb = (ho1 - ho0) * W_out
-                _im2col_rows(&x[n, 0, 0, 0], cols, C, H, W, HH, WW, stride, pad, W_out, ho0, ho1)
+                _im2col_rows(padded, cols, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
                 d = &dout[n, 0, ho0 * W_out]
                 # dw (F, K) += dout_block (F, pb) @ cols.T (pb, K); column-major: (K x F)
                 _gemm("T", "N", <int>K, <int>F, <int>pb, 1, cols, <int>pb, d, <int>P, 1,
@@ -303,7 +316,14 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                 # dcols (K, pb) = w_mat.T (K, F) @ dout_block (F, pb); column-major: (pb x K)
                 _gemm("N", "T", <int>pb, <int>K, <int>F, 1, d, <int>P, &w_mat[0, 0], <int>K, 0,
                       cols, <int>pb)
-                _col2im_rows(cols, dxn, C, H, W, HH, WW, stride, pad, W_out, ho0, ho1)
+                _col2im_rows(cols, dpadded, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
+            # the gradient of the image is the interior of the padded gradient
+            for c in range(C):
+                for h in range(H):
+                    dxn = &dx[n, c, h, 0]
+                    src = dpadded + (c * Hp + h + pad) * Wp + pad
+                    for e in range(W):
+                        dxn[e] = src[e]
 
 
 # ---------------------------------------------------------------------------------------------
