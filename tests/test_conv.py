@@ -309,3 +309,171 @@ def test_im2col_writes_only_its_own_cells_when_the_filter_overhangs(x_shape, HH,
     ref_dx, ref_dw, _ = reference.conv_backward_naive(np.ones_like(out), (x, w, b, param))
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths: Winograd F(2x2, 3x3), fused per-image im2col + BLAS, and the batched chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def _path(shape, dtype) -> str:
+    """Which implementation conv_forward / conv_backward take for this problem."""
+    N, C, H, W, F, HH, WW, stride, pad = shape
+    H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
+    itemsize = np.dtype(dtype).itemsize
+    if H_out * W_out == 1 and pad == 0:
+        return "whole-image"
+    if layers._is_pointwise(HH, WW, stride, pad, H_out * W_out):
+        return "pointwise"
+    if layers._winograd_plan(N, C, F, HH, WW, stride, H_out, W_out, itemsize)[0]:
+        return "winograd"
+    if layers._fused_plan(N, C * HH * WW, H_out, W_out, F, itemsize)[0]:
+        return "fused"
+    return "chunks"
+
+
+# (shape, path): odd output sizes, pad 0 to 2, batch of 1, non-square kernels, stride 2 and 3,
+# the serial and the OpenMP (2-thread) variants, and both sides of every switch.
+FAST_PATH_SHAPES = [
+    ((1, 3, 4, 4, 2, 3, 3, 1, 1), "winograd"),  # 4x4 output: the smallest Winograd map
+    ((2, 3, 5, 3, 2, 3, 3, 1, 0), "chunks"),  # 3x1 output: below _WINOGRAD_MIN_PIXELS
+    ((2, 3, 7, 9, 4, 3, 3, 1, 0), "winograd"),  # 5x7 output: half tiles on two edges
+    ((1, 2, 6, 5, 3, 3, 3, 1, 2), "winograd"),  # pad 2: tiles that are mostly padding
+    ((3, 4, 11, 8, 5, 3, 3, 1, 1), "winograd"),
+    ((2, 8, 16, 16, 4, 3, 3, 1, 1), "winograd"),  # OpenMP, one image per thread
+    ((5, 6, 12, 13, 7, 3, 3, 1, 1), "winograd"),  # OpenMP, more images than threads
+    ((2, 3, 9, 10, 3, 2, 3, 1, 0), "fused"),  # 8x8 output: exactly _FUSED_MIN_COLUMNS
+    ((2, 3, 9, 9, 3, 2, 3, 1, 0), "chunks"),  # 8x7 output: one column short of it
+    ((1, 2, 17, 15, 3, 3, 3, 2, 1), "fused"),  # stride 2, batch of 1
+    ((2, 3, 25, 27, 4, 4, 3, 3, 0), "fused"),  # stride 3, non-square kernel
+    ((3, 3, 16, 16, 6, 7, 7, 1, 3), "fused"),  # OpenMP; the 7x7 layer of the bench
+    ((1, 3, 40, 40, 8, 5, 5, 1, 2), "chunks"),  # OpenMP-sized work but one image for 2 threads
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "path"), FAST_PATH_SHAPES, ids=lambda v: v if isinstance(v, str) else _ids(v)
+)
+def test_fast_paths_match_reference(shape, path, dtype):
+    """Against the loop reference run in float64 on the same inputs: float64 to 1e-10, float32
+    to 1e-5 of the largest magnitude (elementwise tolerances would fail on large sums in any
+    float32 implementation, the reference's own included)."""
+    assert _path(shape, dtype) == path
+    x, w, b, param = _random_problem(shape, dtype, seed=11)
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(
+        *(a.astype(np.float64) for a in (x, w, b)), param
+    )
+    dout = np.random.default_rng(12).standard_normal(out.shape).astype(dtype)
+    grads = layers.conv_backward(dout, cache)
+    ref_grads = reference.conv_backward_naive(dout.astype(np.float64), ref_cache)
+    for name, got, want in zip(
+        ("out", "dx", "dw", "db"), (out, *grads), (ref_out, *ref_grads), strict=True
+    ):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        if dtype == np.float64:
+            np.testing.assert_allclose(got, want, err_msg=name, **tolerance(dtype))
+        else:
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2, 5, 7, 3, 3, 3, 1, 1), (1, 2, 6, 6, 2, 3, 3, 1, 0), (2, 2, 9, 10, 2, 2, 3, 1, 0), (1, 2, 17, 16, 2, 3, 2, 2, 1)],
+    ids=_ids,
+)  # fmt: skip
+def test_fast_paths_match_numeric_gradient(shape):
+    assert _path(shape, np.float64) in ("winograd", "fused")
+    x, w, b, param = _random_problem(shape, np.float64, seed=13)
+    out, cache = layers.conv_forward(x, w, b, param)
+    dout = np.random.default_rng(14).standard_normal(out.shape)
+    dx, dw, db = layers.conv_backward(dout, cache)
+    assert (
+        scaled_error(
+            dx, numeric_gradient(lambda v: layers.conv_forward(v, w, b, param)[0], x, dout)
+        )
+        < 1e-8
+    )
+    assert (
+        scaled_error(
+            dw, numeric_gradient(lambda v: layers.conv_forward(x, v, b, param)[0], w, dout)
+        )
+        < 1e-8
+    )
+    assert (
+        scaled_error(
+            db, numeric_gradient(lambda v: layers.conv_forward(x, w, v, param)[0], b, dout)
+        )
+        < 1e-8
+    )
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 16, 12, 12, 32, 3, 3, 1, 1), (4, 3, 16, 16, 16, 5, 5, 1, 2)], ids=_ids
+)
+def test_fast_paths_float32_close_to_float64(shape):
+    """Winograd's transforms add a few roundings: float32 stays within float32 tolerance of
+    the float64 result (which matches the reference to 1e-10)."""
+    assert _path(shape, np.float32) == _path(shape, np.float64) != "chunks"
+    x, w, b, param = _random_problem(shape, np.float64, seed=15)
+    out64, cache64 = layers.conv_forward(x, w, b, param)
+    out32, cache32 = layers.conv_forward(*(a.astype(np.float32) for a in (x, w, b)), param)
+    scale = np.abs(out64).max()
+    assert np.abs(out32 - out64).max() < 1e-5 * scale
+    dout = np.random.default_rng(16).standard_normal(out64.shape)
+    for g32, g64 in zip(
+        layers.conv_backward(dout.astype(np.float32), cache32),
+        layers.conv_backward(dout, cache64),
+        strict=True,
+    ):
+        assert np.abs(g32 - g64).max() < 1e-5 * np.abs(g64).max()
+
+
+def test_fused_path_with_several_row_blocks_per_image(monkeypatch):
+    """Columns are built for a few output rows at a time when an image's do not fit."""
+    monkeypatch.setattr(layers, "_BLOCK_BYTES", 6 * 18 * 12 * 8)
+    shape = (3, 3, 13, 11, 4, 3, 2, 1, 1)  # 13x12 output, K = 18: blocks of 6, 6 and 1 rows
+    assert _path(shape, np.float64) == "fused"
+    assert layers._fused_plan(3, 18, 13, 12, 4, 8)[1] == 6
+    x, w, b, param = _random_problem(shape, np.float64, seed=17)
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    dout = np.random.default_rng(18).standard_normal(out.shape)
+    for got, want in zip(
+        layers.conv_backward(dout, cache),
+        reference.conv_backward_naive(dout, ref_cache),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_winograd_switches_off_for_large_transform_buffers(monkeypatch):
+    shape = (2, 3, 7, 9, 4, 3, 3, 1, 0)
+    assert _path(shape, np.float64) == "winograd"
+    x, w, b, param = _random_problem(shape, np.float64, seed=19)
+    winograd = layers.conv_forward(x, w, b, param)[0]
+    monkeypatch.setattr(layers, "_WINOGRAD_MAX_BYTES", 100)
+    assert _path(shape, np.float64) == "chunks"
+    direct = layers.conv_forward(x, w, b, param)[0]
+    np.testing.assert_allclose(winograd, direct, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_paths_leave_numpy_blas_threads_alone():
+    """The fused kernels run BLAS on one thread; NumPy's own BLAS keeps its thread count."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def numpy_blas_threads():
+        return [
+            pool["num_threads"]
+            for pool in threadpoolctl.threadpool_info()
+            if pool["user_api"] == "blas" and "numpy" in pool["filepath"]
+        ]
+
+    before = numpy_blas_threads()
+    x, w, b, param = _random_problem((4, 8, 16, 16, 8, 5, 5, 1, 2), np.float32)
+    out, cache = layers.conv_forward(x, w, b, param)
+    layers.conv_backward(out, cache)
+    assert numpy_blas_threads() == before
+    assert layers._BLAS_1._depth == 0
