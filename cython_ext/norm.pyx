@@ -14,9 +14,10 @@ layernorm on ``(N, D)`` is the group family with ``C = D, S = 1, G = 1``.
   run). Work is split over the ``N * G`` runs; ``dgamma`` and ``dbeta`` are reduced in a
   second loop split over channel blocks, so no two threads write the same entry.
 
-Sums are accumulated in double whatever the data type, over four interleaved partial sums
+Sums are accumulated in double whatever the data type, over vector partial sums
 (independent additions that the CPU overlaps, where one running sum would wait on itself at
-every element). The variance is computed in two passes (the mean first, then the mean of
+every element); the loops over a run are C helpers (``cnn_runs.h``) built for AVX-512 and
+AVX2 besides the baseline. The variance is computed in two passes (the mean first, then the mean of
 squared deviations), so a large common offset does not cancel the signal. The statistics
 (``mean``, ``var``, ``inv_std = 1 / sqrt(var + eps)``) are double arrays. Kernels never
 validate and only write into buffers the caller allocated.
@@ -41,68 +42,70 @@ cdef enum:
 # ---------------------------------------------------------------------------------------------
 
 
+cdef extern from "cnn_runs.h" nogil:
+    double cnn_run_sum_f(const float* p, Py_ssize_t n)
+    double cnn_run_sum_d(const double* p, Py_ssize_t n)
+    double cnn_run_sum_sq_dev_f(const float* p, Py_ssize_t n, double m)
+    double cnn_run_sum_sq_dev_d(const double* p, Py_ssize_t n, double m)
+    void cnn_run_sum_dy_dev_f(const float* dy, const float* p, Py_ssize_t n, double m,
+                              double* sum_dy, double* sum_dy_dev)
+    void cnn_run_sum_dy_dev_d(const double* dy, const double* p, Py_ssize_t n, double m,
+                              double* sum_dy, double* sum_dy_dev)
+    void cnn_run_affine_f(const float* src, float* dst, Py_ssize_t n, double m, double scale,
+                          double shift)
+    void cnn_run_affine_d(const double* src, double* dst, Py_ssize_t n, double m, double scale,
+                          double shift)
+    void cnn_run_dx_f(const float* dy, const float* x, float* dx, Py_ssize_t n, double a,
+                      double c, double b, double m, double k)
+    void cnn_run_dx_d(const double* dy, const double* x, double* dx, Py_ssize_t n, double a,
+                      double c, double b, double m, double k)
+
+
+# The loops themselves are C (cnn_runs.h): vectorised, and built for AVX-512 and AVX2 besides
+# the baseline, the best version being picked when the module loads.
+
+
 cdef inline double _sum(const floating* p, Py_ssize_t n) noexcept nogil:
     """``sum(p[:n])`` in double."""
-    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        a0 += p[i]
-        a1 += p[i + 1]
-        a2 += p[i + 2]
-        a3 += p[i + 3]
-        i += 4
-    while i < n:
-        a0 += p[i]
-        i += 1
-    return (a0 + a1) + (a2 + a3)
+    if floating is float:
+        return cnn_run_sum_f(p, n)
+    else:
+        return cnn_run_sum_d(p, n)
 
 
 cdef inline double _sum_sq_dev(const floating* p, Py_ssize_t n, double m) noexcept nogil:
     """``sum((p[:n] - m) ** 2)`` in double."""
-    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0, d0, d1, d2, d3
-    cdef Py_ssize_t i = 0
-    while i + 4 <= n:
-        d0 = p[i] - m
-        d1 = p[i + 1] - m
-        d2 = p[i + 2] - m
-        d3 = p[i + 3] - m
-        a0 += d0 * d0
-        a1 += d1 * d1
-        a2 += d2 * d2
-        a3 += d3 * d3
-        i += 4
-    while i < n:
-        d0 = p[i] - m
-        a0 += d0 * d0
-        i += 1
-    return (a0 + a1) + (a2 + a3)
+    if floating is float:
+        return cnn_run_sum_sq_dev_f(p, n, m)
+    else:
+        return cnn_run_sum_sq_dev_d(p, n, m)
 
 
 cdef inline void _sum_dy_dev(const floating* dy, const floating* p, Py_ssize_t n, double m,
                              double* sum_dy, double* sum_dy_dev) noexcept nogil:
     """Add ``sum(dy[:n])`` to ``sum_dy[0]`` and ``sum(dy[:n] * (p[:n] - m))`` to ``sum_dy_dev[0]``."""
-    cdef double a0 = 0.0, a1 = 0.0, b0 = 0.0, b1 = 0.0
-    cdef Py_ssize_t i = 0
-    while i + 2 <= n:
-        a0 += dy[i]
-        a1 += dy[i + 1]
-        b0 += dy[i] * (p[i] - m)
-        b1 += dy[i + 1] * (p[i + 1] - m)
-        i += 2
-    while i < n:
-        a0 += dy[i]
-        b0 += dy[i] * (p[i] - m)
-        i += 1
-    sum_dy[0] += a0 + a1
-    sum_dy_dev[0] += b0 + b1
+    if floating is float:
+        cnn_run_sum_dy_dev_f(dy, p, n, m, sum_dy, sum_dy_dev)
+    else:
+        cnn_run_sum_dy_dev_d(dy, p, n, m, sum_dy, sum_dy_dev)
 
 
 cdef inline void _affine_run(const floating* src, floating* dst, Py_ssize_t n, double m,
                              double scale, double shift) noexcept nogil:
     """``dst[:n] = (src[:n] - m) * scale + shift``, computed in double."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        dst[i] = <floating>((src[i] - m) * scale + shift)
+    if floating is float:
+        cnn_run_affine_f(src, dst, n, m, scale, shift)
+    else:
+        cnn_run_affine_d(src, dst, n, m, scale, shift)
+
+
+cdef inline void _dx_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                         double a, double c, double b, double m, double k) noexcept nogil:
+    """``dx[:n] = a * (dy[:n] * c - b - (x[:n] - m) * k)``, computed in double."""
+    if floating is float:
+        cnn_run_dx_f(dy, x, dx, n, a, c, b, m, k)
+    else:
+        cnn_run_dx_d(dy, x, dx, n, a, c, b, m, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,14 +156,11 @@ cdef void _channel_backward_block(
     Py_ssize_t c0, Py_ssize_t c1,
 ) noexcept nogil:
     """Gradients for channels ``c0:c1`` (see :func:`channel_backward`)."""
-    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c, s
+    cdef Py_ssize_t N = x.shape[0], S = x.shape[2], n, c
     cdef double M = <double>(N * S)
     cdef double sum_dy[CHANNEL_BLOCK]
     cdef double sum_dy_dev[CHANNEL_BLOCK]
     cdef double m, istd, g, k_mean, k_xhat
-    cdef const floating* dyp
-    cdef const floating* xp
-    cdef floating* dxp
     for c in range(c0, c1):
         sum_dy[c - c0] = 0.0
         sum_dy_dev[c - c0] = 0.0
@@ -181,11 +181,9 @@ cdef void _channel_backward_block(
             if batch_stats:
                 k_mean = sum_dy[c - c0] / M
                 k_xhat = sum_dy_dev[c - c0] * istd / M
-            dyp = &dout[n, c, 0]
-            xp = &x[n, c, 0]
-            dxp = &dx[n, c, 0]
-            for s in range(S):
-                dxp[s] = <floating>(g * (dyp[s] - k_mean - (xp[s] - m) * istd * k_xhat))
+            # g * (dout - k_mean - (x - m) * istd * k_xhat)
+            _dx_run(&dout[n, c, 0], &x[n, c, 0], &dx[n, c, 0], S, g, 1.0, k_mean, m,
+                    istd * k_xhat)
 
 
 def channel_forward(const floating[:, :, ::1] x, const floating[::1] gamma,
@@ -280,7 +278,7 @@ cdef void _group_backward_dx_one(
 ) noexcept nogil:
     cdef Py_ssize_t S = x.shape[2], Cg = x.shape[1] // G
     cdef double K = <double>(Cg * S)
-    cdef Py_ssize_t n = ng // G, g = ng % G, c, s
+    cdef Py_ssize_t n = ng // G, g = ng % G, c
     cdef double m = mean[n, g], istd = inv_std[n, g]
     cdef double gc, sum_dy, sum_dy_dev, mean_dxhat = 0.0, mean_dxhat_xhat = 0.0
     cdef const floating* dyp
@@ -313,14 +311,9 @@ cdef void _group_backward_dx_one(
     mean_dxhat /= K
     mean_dxhat_xhat *= istd / K
     for c in range(c0, c0 + Cg):
-        gc = gamma[c]
-        dyp = &dout[n, c, 0]
-        xp = &x[n, c, 0]
-        dxp = &dx[n, c, 0]
-        for s in range(S):
-            dxp[s] = <floating>(
-                istd * (dyp[s] * gc - mean_dxhat - (xp[s] - m) * istd * mean_dxhat_xhat)
-            )
+        # istd * (dout * gamma[c] - mean_dxhat - (x - m) * istd * mean_dxhat_xhat)
+        _dx_run(&dout[n, c, 0], &x[n, c, 0], &dx[n, c, 0], S, istd, gamma[c], mean_dxhat, m,
+                istd * mean_dxhat_xhat)
 
 
 cdef void _group_backward_params_block(
