@@ -1,9 +1,8 @@
 /* Loops over one contiguous run of values for cython_ext/norm.pyx, accumulated in double.
  *
  * Written in C so that each loop carries `restrict` pointers and an `omp simd` hint (a
- * reduction may then use vector partial sums), and, on x86-64 with GCC, is compiled for
- * AVX-512 and AVX2 besides the baseline, the best version being picked when the module
- * loads (target_clones): float -> double conversions and double arithmetic are 2 lanes wide
+ * reduction may then use vector partial sums) and is built for AVX-512 and AVX2 besides the
+ * baseline (cnn_simd.h): float -> double conversions and double arithmetic are 2 lanes wide
  * in the baseline SSE2 and 8 in AVX-512. Results depend only on the run, never on threads.
  * cnn_runs_impl.h holds the functions for the element type CNN_T; they are included here
  * for float (_f) and double (_d).
@@ -11,22 +10,7 @@
 #ifndef CNN_RUNS_H
 #define CNN_RUNS_H
 
-#include <stddef.h>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define CNN_RUNS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CNN_RUNS_CLONES
-#endif
-
-#define CNN_RUNS_PRAGMA(text) _Pragma(#text)
-#if defined(_OPENMP)
-#define CNN_RUNS_SIMD_SUM(...) CNN_RUNS_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
-#define CNN_RUNS_SIMD CNN_RUNS_PRAGMA(omp simd)
-#else
-#define CNN_RUNS_SIMD_SUM(...)
-#define CNN_RUNS_SIMD
-#endif
+#include "cnn_simd.h"
 
 #define CNN_T float
 #define CNN_FN(name) name##_f

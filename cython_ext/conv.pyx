@@ -160,51 +160,47 @@ cdef void _pad_image(const floating* x, floating* padded, Py_ssize_t C, Py_ssize
             dst[k] = 0
 
 
-cdef void _im2col_rows(const floating* padded, floating* cols, Py_ssize_t C, Py_ssize_t Hp,
-                       Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
-                       Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1) noexcept nogil:
+cdef extern from "cnn_im2col.h" nogil:
+    void cnn_im2col_rows_f(const float* padded, float* cols, Py_ssize_t C, Py_ssize_t Hp,
+                           Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                           Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1)
+    void cnn_im2col_rows_d(const double* padded, double* cols, Py_ssize_t C, Py_ssize_t Hp,
+                           Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                           Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1)
+    void cnn_col2im_rows_f(const float* cols, float* dpadded, Py_ssize_t C, Py_ssize_t Hp,
+                           Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                           Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1)
+    void cnn_col2im_rows_d(const double* cols, double* dpadded, Py_ssize_t C, Py_ssize_t Hp,
+                           Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                           Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1)
+
+
+cdef inline void _im2col_rows(const floating* padded, floating* cols, Py_ssize_t C,
+                              Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW,
+                              Py_ssize_t stride, Py_ssize_t W_out, Py_ssize_t ho0,
+                              Py_ssize_t ho1) noexcept nogil:
     """Columns of output rows ``ho0:ho1`` of one zero-padded image ``padded`` (C, Hp, Wp).
 
     ``cols`` is (C*HH*WW, (ho1-ho0)*W_out), C-contiguous; every entry is written. The padding
-    is already in ``padded``, so each output row is one plain (strided) copy.
+    is already in ``padded``, so each output row is one plain (strided) copy (C helper in
+    ``cnn_im2col.h``).
     """
-    cdef Py_ssize_t c, i, j, ho, wo
-    cdef const floating* src
-    cdef floating* dst = cols
-    for c in range(C):
-        for i in range(HH):
-            for j in range(WW):
-                for ho in range(ho0, ho1):
-                    src = padded + (c * Hp + ho * stride + i) * Wp + j
-                    if stride == 1:  # a contiguous copy the compiler vectorises
-                        for wo in range(W_out):
-                            dst[wo] = src[wo]
-                    else:
-                        for wo in range(W_out):
-                            dst[wo] = src[wo * stride]
-                    dst += W_out
+    if floating is float:
+        cnn_im2col_rows_f(padded, cols, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
+    else:
+        cnn_im2col_rows_d(padded, cols, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
 
 
-cdef void _col2im_rows(const floating* cols, floating* dpadded, Py_ssize_t C, Py_ssize_t Hp,
-                       Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
-                       Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1) noexcept nogil:
+cdef inline void _col2im_rows(const floating* cols, floating* dpadded, Py_ssize_t C,
+                              Py_ssize_t Hp, Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW,
+                              Py_ssize_t stride, Py_ssize_t W_out, Py_ssize_t ho0,
+                              Py_ssize_t ho1) noexcept nogil:
     """Add the column gradient of output rows ``ho0:ho1`` into ``dpadded`` (C, Hp, Wp), the
     gradient of one zero-padded image; ``cols`` is laid out as in :func:`_im2col_rows`."""
-    cdef Py_ssize_t c, i, j, ho, wo
-    cdef const floating* src = cols
-    cdef floating* dst
-    for c in range(C):
-        for i in range(HH):
-            for j in range(WW):
-                for ho in range(ho0, ho1):
-                    dst = dpadded + (c * Hp + ho * stride + i) * Wp + j
-                    if stride == 1:
-                        for wo in range(W_out):
-                            dst[wo] += src[wo]
-                    else:
-                        for wo in range(W_out):
-                            dst[wo * stride] += src[wo]
-                    src += W_out
+    if floating is float:
+        cnn_col2im_rows_f(cols, dpadded, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
+    else:
+        cnn_col2im_rows_d(cols, dpadded, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
 
 
 def fused_scratch(Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t HH, Py_ssize_t WW,
