@@ -124,6 +124,19 @@ def col2im(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
 # ---------------------------------------------------------------------------------------------
 
 
+cdef extern from "cnn_runs.h" nogil:
+    double cnn_run_sum_f(const float* p, Py_ssize_t n)
+    double cnn_run_sum_d(const double* p, Py_ssize_t n)
+
+
+cdef inline double _run_sum(const floating* p, Py_ssize_t n) noexcept nogil:
+    """``sum(p[:n])`` in double, vectorised (``cnn_runs.h``)."""
+    if floating is float:
+        return cnn_run_sum_f(p, n)
+    else:
+        return cnn_run_sum_d(p, n)
+
+
 cdef inline void _gemm(char* transa, char* transb, int m, int n, int k, floating alpha,
                        const floating* a, int lda, const floating* b, int ldb, floating beta,
                        floating* c, int ldc) noexcept nogil:
@@ -269,7 +282,7 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
     cdef Py_ssize_t F = w_mat.shape[0], K = w_mat.shape[1], P = dout.shape[2]
     cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
     cdef Py_ssize_t H_out = P // W_out
-    cdef Py_ssize_t n, f, p, ho0, ho1, pb, t, e, blk, c, h
+    cdef Py_ssize_t n, f, ho0, ho1, pb, t, e, blk, c, h
     cdef Py_ssize_t Hp = H + 2 * pad, Wp = W + 2 * pad
     cdef floating* padded
     cdef floating* dpadded
@@ -279,7 +292,6 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
     cdef floating* cols
     cdef const floating* d
     cdef floating* dxn
-    cdef double s
     for t in range(dw_parts.shape[0]):
         for f in range(F):
             db_parts[t, f] = 0
@@ -295,11 +307,7 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
             for e in range(C * Hp * Wp):
                 dpadded[e] = 0
             for f in range(F):
-                d = &dout[n, f, 0]
-                s = 0
-                for p in range(P):
-                    s = s + d[p]
-                db_parts[tid, f] += s
+                db_parts[tid, f] += _run_sum(&dout[n, f, 0], P)
             for blk in range(n_blocks):
                 ho0 = blk * rows_per_block
                 ho1 = min(ho0 + rows_per_block, H_out)
@@ -474,15 +482,13 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
     cdef Py_ssize_t th = (H_out + 1) // 2, tw = (W_out + 1) // 2, T = th * tw
     cdef Py_ssize_t Tb = T * images_per_block
     cdef Py_ssize_t n_blocks = (N + images_per_block - 1) // images_per_block
-    cdef Py_ssize_t blk, n, n0, n1, xi, f, p, t, e
+    cdef Py_ssize_t blk, n, n0, n1, xi, f, t, e
     cdef Py_ssize_t plane = (2 * th + 2) * (2 * tw + 2) + 16 * tw + 6 * tw + 6
     cdef Py_ssize_t P = H_out * W_out
     cdef int tid, nt
     cdef floating* padded
     cdef floating* V
     cdef floating* dM
-    cdef const floating* d
-    cdef double s
     for t in range(dU_parts.shape[0]):
         for f in range(F):
             db_parts[t, f] = 0
@@ -503,11 +509,7 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
                 _wino_input(&x[n, 0, 0, 0], padded, V, C, H, W, pad, th, tw, Tb, (n - n0) * T)
                 _wino_dout(&dout[n, 0, 0, 0], dM, padded, F, H_out, W_out, th, tw, Tb, (n - n0) * T)
                 for f in range(F):
-                    d = &dout[n, f, 0, 0]
-                    s = 0
-                    for p in range(P):
-                        s = s + d[p]
-                    db_parts[tid, f] += s
+                    db_parts[tid, f] += _run_sum(&dout[n, f, 0, 0], P)
             for xi in range(16):
                 # dU[xi] (F, C) += dM[xi] (F, Tb) @ V[xi].T; column-major (C x F)
                 _gemm("T", "N", <int>C, <int>F, nt, 1, V + xi * _plane(C, Tb), <int>Tb,
