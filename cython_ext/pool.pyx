@@ -78,18 +78,51 @@ cdef void _max_pool_plane_2x2(const floating* xp, floating* outp, Py_ssize_t* ar
             argp[ho * W_out + wo] = best_at
 
 
+cdef inline void _take(const floating* xp, Py_ssize_t at, floating* best,
+                       Py_ssize_t* best_at) noexcept nogil:
+    """Let ``xp[at]`` take over from ``best[0]`` (at ``best_at[0]``) if :func:`_replaces`."""
+    cdef floating v = xp[at]
+    if _replaces(v, best[0]):
+        best[0] = v
+        best_at[0] = at
+
+
+cdef void _max_pool_plane_3x3(const floating* xp, floating* outp, Py_ssize_t* argp, Py_ssize_t W,
+                              Py_ssize_t H_out, Py_ssize_t W_out,
+                              Py_ssize_t stride) noexcept nogil:
+    """:func:`_max_pool_plane` for 3x3 windows (any stride), unrolled in the same order."""
+    cdef Py_ssize_t ho, wo, at, best_at
+    cdef floating best
+    for ho in range(H_out):
+        for wo in range(W_out):
+            at = ho * stride * W + wo * stride
+            best = xp[at]
+            best_at = at
+            _take(xp, at + 1, &best, &best_at)
+            _take(xp, at + 2, &best, &best_at)
+            _take(xp, at + W, &best, &best_at)
+            _take(xp, at + W + 1, &best, &best_at)
+            _take(xp, at + W + 2, &best, &best_at)
+            _take(xp, at + 2 * W, &best, &best_at)
+            _take(xp, at + 2 * W + 1, &best, &best_at)
+            _take(xp, at + 2 * W + 2, &best, &best_at)
+            outp[ho * W_out + wo] = best
+            argp[ho * W_out + wo] = best_at
+
+
 def max_pool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                      Py_ssize_t[:, :, :, ::1] argmax,
                      Py_ssize_t pool_height, Py_ssize_t pool_width, Py_ssize_t stride):
     """Fill ``out`` and ``argmax`` (N, C, H_out, W_out) from ``x`` (N, C, H, W).
 
-    The common 2x2 stride-2 window takes an unrolled path (about 1.5x faster), with the same
-    results.
+    The common 2x2 stride-2 and 3x3 (any stride) windows take unrolled paths (about 1.5x
+    faster), with the same results.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3]
     cdef Py_ssize_t H_out = out.shape[2], W_out = out.shape[3]
     cdef Py_ssize_t nc, n, c
     cdef bint two_by_two = pool_height == 2 and pool_width == 2 and stride == 2
+    cdef bint three_by_three = pool_height == 3 and pool_width == 3
     cdef int threads = cnn_threads_for(N * C * H_out * W_out * pool_height * pool_width)
     with nogil:
         for nc in prange(N * C, schedule="static", num_threads=threads):
@@ -98,6 +131,9 @@ def max_pool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             if two_by_two:
                 _max_pool_plane_2x2(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
                                     H_out, W_out)
+            elif three_by_three:
+                _max_pool_plane_3x3(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
+                                    H_out, W_out, stride)
             else:
                 _max_pool_plane(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
                                 H_out, W_out, pool_height, pool_width, stride)

@@ -7,7 +7,8 @@ from cnnserve import layers, reference
 from tests.gradcheck import numeric_gradient, rel_error, tolerance
 
 # (N, C, H, W, pool_height, pool_width, stride): batch of 1 and single channel, 2x2/2 tiling
-# (the kernel's unrolled path), 2x2 at strides 1 and 3 (the generic path), 3x3/2 overlapping,
+# (the kernel's unrolled path), 2x2 at strides 1 and 3 (the generic path), 3x3 at strides 1,
+# 2 (overlapping) and 3 (the unrolled 3x3 path),
 # non-square windows with stride 1, stride 3 (with gaps between windows), window == input,
 # 1-wide windows.
 SHAPES = [
@@ -16,6 +17,8 @@ SHAPES = [
     (2, 2, 5, 4, 2, 2, 1),
     (1, 2, 8, 5, 2, 2, 3),
     (2, 3, 7, 9, 3, 3, 2),
+    (1, 2, 5, 6, 3, 3, 1),
+    (2, 1, 9, 6, 3, 3, 3),
     (3, 2, 5, 7, 2, 3, 1),
     (2, 2, 7, 10, 1, 4, 3),
     (1, 3, 9, 8, 3, 2, 3),
@@ -204,6 +207,27 @@ def test_max_pool_propagates_nan_and_routes_gradient_to_first_nan(dtype):
     np.testing.assert_array_equal(
         reference.max_pool_backward_naive(np.array([[[[1.0, 2.0, 3.0]]]], dtype=dtype), ref_cache),
         expected,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("ph", "pw", "stride"), [(2, 2, 2), (3, 3, 1), (3, 3, 2), (3, 3, 3), (3, 2, 1)]
+)
+def test_max_pool_ties_and_nans_match_reference_on_every_path(ph, pw, stride, dtype):
+    """Small integers (many ties), NaNs and infinities through the unrolled 2x2 and 3x3 paths
+    and the generic one: same maxima, same first-in-row-major-order argmax."""
+    rng = np.random.default_rng(21)
+    x = rng.integers(-2, 3, size=(2, 3, 3 * stride + ph, 3 * stride + pw)).astype(dtype)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.05] = -np.inf
+    param = _param(ph, pw, stride)
+    out, cache = layers.max_pool_forward(x, param)
+    ref_out, ref_cache = reference.max_pool_forward_naive(x, param)
+    np.testing.assert_array_equal(out, ref_out)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    np.testing.assert_array_equal(
+        layers.max_pool_backward(dout, cache), reference.max_pool_backward_naive(dout, ref_cache)
     )
 
 
