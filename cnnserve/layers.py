@@ -391,7 +391,6 @@ def _fused_plan(N: int, K: int, H_out: int, W_out: int, F: int, itemsize: int) -
 _WINOGRAD_MAX_BYTES = 4 * 2**20
 # Minimum output pixels per image for the Winograd path (smaller maps are mostly border).
 _WINOGRAD_MIN_PIXELS = 16
-_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
 
 def _winograd_plan(
@@ -415,16 +414,9 @@ def _winograd_plan(
 def _winograd_filters(w: np.ndarray) -> np.ndarray:
     """``U = G w G^T`` for (F, C, 3, 3) filters, as (16, F, C): plane ``4 * a + b`` holds
     ``U[a, b]`` of every filter and channel."""
-    G = _WINOGRAD_G.astype(w.dtype)
-    U = G @ w @ G.T  # (F, C, 4, 4)
-    return np.ascontiguousarray(U.transpose(2, 3, 0, 1)).reshape(16, *w.shape[:2])
-
-
-def _winograd_filter_grad(dU: np.ndarray) -> np.ndarray:
-    """``dw = G^T dU G`` from the (16, F, C) gradient of :func:`_winograd_filters`."""
-    G = _WINOGRAD_G.astype(dU.dtype)
-    dU = dU.reshape(4, 4, *dU.shape[1:]).transpose(2, 3, 0, 1)  # (F, C, 4, 4)
-    return G.T @ dU @ G  # (F, C, 3, 3)
+    U = np.empty((16, *w.shape[:2]), dtype=w.dtype)
+    _conv.winograd_filters(np.ascontiguousarray(w), U)
+    return U
 
 
 def _is_pointwise(HH: int, WW: int, stride: int, pad: int, P: int) -> bool:
@@ -583,7 +575,8 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
                 x, _winograd_filters(w), np.ascontiguousarray(dout), dx, dU_parts, db_parts,
                 buf.reshape(threads, scratch), pad, 1, threads,
             )  # fmt: skip
-        dw = _winograd_filter_grad(dU_parts.sum(axis=0) if threads > 1 else dU_parts[0])
+        dw = np.empty(w.shape, dtype=x.dtype)
+        _conv.winograd_filter_grad(dU_parts, dw)  # G^T dU G, dU summed over threads
         return dx, dw, db_parts.sum(axis=0).astype(x.dtype)
     threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
     if threads and not _is_pointwise(HH, WW, stride, pad, P):

@@ -427,6 +427,63 @@ cdef inline void _wino_dinput(const floating* dV, floating* padded, floating* dx
         cnn_wino_dinput_d(dV, padded, dx, C, H, W, pad, th, tw, Tb, t0, _plane(C, Tb))
 
 
+def winograd_filters(const floating[:, :, :, ::1] w, floating[:, :, ::1] U):
+    """``U`` (16, F, C) = G g G^T for each 3x3 filter ``g`` of ``w`` (F, C, 3, 3); plane
+    ``4 * a + b`` holds entry (a, b)."""
+    cdef Py_ssize_t F = w.shape[0], C = w.shape[1], f, c, k
+    cdef floating t[4][3]
+    cdef floating r0, r1, r2
+    for f in range(F):
+        for c in range(C):
+            for k in range(3):  # t = G g, column k
+                r0 = w[f, c, 0, k]
+                r1 = w[f, c, 1, k]
+                r2 = w[f, c, 2, k]
+                t[0][k] = r0
+                t[1][k] = (r0 + r1 + r2) * 0.5
+                t[2][k] = (r0 - r1 + r2) * 0.5
+                t[3][k] = r2
+            for k in range(4):  # U = t G^T, row k
+                r0 = t[k][0]
+                r1 = t[k][1]
+                r2 = t[k][2]
+                U[4 * k, f, c] = r0
+                U[4 * k + 1, f, c] = (r0 + r1 + r2) * 0.5
+                U[4 * k + 2, f, c] = (r0 - r1 + r2) * 0.5
+                U[4 * k + 3, f, c] = r2
+
+
+def winograd_filter_grad(const floating[:, :, :, ::1] dU_parts, floating[:, :, :, ::1] dw):
+    """``dw`` (F, C, 3, 3) = G^T dU G, with dU (16, F, C) the sum of ``dU_parts`` (T, 16, F, C)
+    over its first axis (the threads' partial sums)."""
+    cdef Py_ssize_t T = dU_parts.shape[0], F = dw.shape[0], C = dw.shape[1], f, c, k, t, e
+    cdef floating d[16]
+    cdef floating s[3][4]
+    cdef floating v0, v1, v2, v3
+    for f in range(F):
+        for c in range(C):
+            for e in range(16):
+                d[e] = dU_parts[0, e, f, c]
+                for t in range(1, T):
+                    d[e] += dU_parts[t, e, f, c]
+            for k in range(4):  # s = G^T dU, column k
+                v0 = d[k]
+                v1 = d[4 + k]
+                v2 = d[8 + k]
+                v3 = d[12 + k]
+                s[0][k] = v0 + (v1 + v2) * 0.5
+                s[1][k] = (v1 - v2) * 0.5
+                s[2][k] = (v1 + v2) * 0.5 + v3
+            for k in range(3):  # dw = s G, row k
+                v0 = s[k][0]
+                v1 = s[k][1]
+                v2 = s[k][2]
+                v3 = s[k][3]
+                dw[f, c, k, 0] = v0 + (v1 + v2) * 0.5
+                dw[f, c, k, 1] = (v1 - v2) * 0.5
+                dw[f, c, k, 2] = (v1 + v2) * 0.5 + v3
+
+
 def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
                      const floating[::1] b, floating[:, :, :, ::1] out,
                      floating[:, ::1] scratch, Py_ssize_t pad, Py_ssize_t images_per_block,

@@ -477,3 +477,20 @@ def test_fast_paths_leave_numpy_blas_threads_alone():
     layers.conv_backward(out, cache)
     assert numpy_blas_threads() == before
     assert layers._BLAS_1._depth == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_filter_transforms_match_the_matrix_formulas(dtype):
+    """U = G g G^T and dw = G^T (sum of the threads' dU) G, with the F(2x2, 3x3) matrix G."""
+    G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    rng = np.random.default_rng(23)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(dtype)
+    U = np.empty((16, 5, 3), dtype=dtype)
+    conv_ext.winograd_filters(w, U)
+    want = np.einsum("ak,fckl,bl->abfc", G, w.astype(np.float64), G).reshape(16, 5, 3)
+    np.testing.assert_allclose(U, want, **tolerance(dtype))
+    parts = rng.standard_normal((2, 16, 5, 3)).astype(dtype)
+    dw = np.empty((5, 3, 3, 3), dtype=dtype)
+    conv_ext.winograd_filter_grad(parts, dw)
+    dU = parts.astype(np.float64).sum(axis=0).reshape(4, 4, 5, 3)
+    np.testing.assert_allclose(dw, np.einsum("ak,abfc,bl->fckl", G, dU, G), **tolerance(dtype))
