@@ -301,3 +301,21 @@ def test_huge_numbers_are_abbreviated_in_messages():
         ValueError, match=r"must be in \(0, 1\], got 100000000000\.\.\.\(401 characters\)"
     ):
         layers.dropout_forward(np.ones(2), {"mode": "train", "p": 10**400})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_gives_exact_zero_where_x_is_not_positive(dtype):
+    """Whatever dout holds there (NaN, inf, -0.0): the gradient is +0.0; elsewhere dout as is."""
+    x = np.array([[-1.0, 0.0, -0.0, 2.0, np.nan, 3.0, -np.inf, np.inf]], dtype=dtype)
+    dout = np.array([[np.nan, np.inf, -0.0, np.nan, 5.0, -np.inf, 1.0, -7.5]], dtype=dtype)
+    _, cache = layers.relu_forward(x)
+    dx = layers.relu_backward(dout, cache)
+    want = np.array([[0.0, 0.0, 0.0, np.nan, 0.0, -np.inf, 0.0, -7.5]], dtype=dtype)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    np.testing.assert_array_equal(dx, want)
+    assert not np.signbit(dx[0, :3]).any()  # +0.0, not -0.0
+    dout_f = np.asfortranarray(np.broadcast_to(dout, (3, 8)))  # a non-contiguous dout
+    np.testing.assert_array_equal(
+        layers.relu_backward(dout_f, layers.relu_forward(np.broadcast_to(x, (3, 8)))[1]),
+        np.broadcast_to(want, (3, 8)),
+    )
