@@ -122,3 +122,39 @@ def test_scratch_pool_reuses_and_bounds_buffers():
     with pool.borrow((1, 1, 1), np.float32):  # three new small buffers, only `keep` stay
         pass
     assert len(pool._free) == 2
+
+
+def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
+    """Idle OpenMP threads sleep and idle OpenBLAS workers stop spinning after ~2**20 cycles,
+    unless the environment chose otherwise; set by `import cnnserve`, before NumPy loads."""
+    script = (
+        "import os, sys\n"
+        "import cnnserve\n"
+        "assert 'numpy' not in sys.modules\n"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'])\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["PASSIVE", "20"]
+    env["OPENBLAS_THREAD_TIMEOUT"] = "28"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.stdout.split() == ["PASSIVE", "28"]

@@ -3,7 +3,8 @@
 Kernels take typed memoryviews of one floating type, write into buffers the caller allocated,
 release the GIL and never validate their arguments: :mod:`cnnserve.layers` does that.
 
-Two process-wide OpenMP settings live here:
+Three process-wide thread settings live here (``cnnserve/__init__.py`` imports this module
+first, so that they are in the environment before NumPy loads its BLAS):
 
 * Idle OpenMP threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, unless the
   environment already sets it): the layers alternate OpenMP kernels with BLAS calls whose own
@@ -11,6 +12,12 @@ Two process-wide OpenMP settings live here:
   convolution backward pass by more than ten times. The setting is read when the OpenMP
   runtime loads, so it applies when cnnserve is imported before anything else that uses
   OpenMP.
+* Idle OpenBLAS worker threads spin for about 0.5 ms (``OPENBLAS_THREAD_TIMEOUT=20``, 2**20
+  cycles, unless the environment sets it) instead of OpenBLAS's default 2**28 cycles (about
+  0.1 s): after each NumPy product (an affine layer, say) the spinning worker took a core from
+  the next OpenMP kernel, and a training step's conv forward and backward ran about 2x slower
+  than alone. OpenBLAS reads the variable when it loads: it has no effect if NumPy was
+  imported before cnnserve.
 * GNU OpenMP cannot be used across ``fork()``: in a child forked after a parallel region ran
   in the parent, the next parallel region hangs. A fork hook checks whether any kernel module
   ran one and, if so, makes every kernel in the child run on one thread (multiprocessing's
@@ -21,6 +28,7 @@ import os
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 _KERNEL_MODULES = ("conv", "norm", "pool")
 _child_single_threaded = False  # read by the kernel modules when they are imported
