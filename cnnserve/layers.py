@@ -582,7 +582,7 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     if threads and not _is_pointwise(HH, WW, stride, pad, P):
         # Per image and thread: dw and db partial sums, dx written directly (NCHW).
         dx = np.empty(x.shape, dtype=x.dtype)
-        dw_parts = np.empty((threads, F, K), dtype=x.dtype)
+        dw_parts = np.empty((threads, K, F), dtype=x.dtype)  # dw transposed, per thread
         db_parts = np.empty((threads, F), dtype=np.float64)
         dout3 = np.ascontiguousarray(dout).reshape(N, F, P)
         scratch = _conv.fused_scratch(C, H, W, HH, WW, pad, W_out, rows)
@@ -591,7 +591,7 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
                 x, np.ascontiguousarray(w_mat), dout3, dx, dw_parts, db_parts,
                 cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads,
             )  # fmt: skip
-        dw = dw_parts.sum(axis=0) if threads > 1 else dw_parts[0]
+        dw = np.ascontiguousarray((dw_parts.sum(axis=0) if threads > 1 else dw_parts[0]).T)
         return dx, dw.reshape(w.shape), db_parts.sum(axis=0).astype(x.dtype)
     db = dout.sum(axis=(0, 2, 3))
     if P == 1 and pad == 0:  # the whole-image filter of conv_forward

@@ -274,7 +274,7 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
     """Gradients of :func:`conv_forward_fused`, per image, on ``threads`` OpenMP threads.
 
     ``dout`` is (N, F, H_out*W_out). Thread ``t`` rebuilds a block of columns in ``scratch[t]``,
-    adds ``dout_block @ cols.T`` into ``dw_parts[t]`` (F, K), turns the buffer into the column
+    adds ``cols @ dout_block.T`` into ``dw_parts[t]`` (K, F): the transpose of dw, turns the buffer into the column
     gradient ``w_mat.T @ dout_block`` and scatters it into ``dx`` (overwritten), and sums
     ``dout`` rows into ``db_parts[t]`` (F,) in double. The caller sums the parts over threads.
     """
@@ -295,8 +295,9 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
     for t in range(dw_parts.shape[0]):
         for f in range(F):
             db_parts[t, f] = 0
-            for e in range(K):
-                dw_parts[t, f, e] = 0
+        for e in range(K):
+            for f in range(F):
+                dw_parts[t, e, f] = 0
     with nogil:
         for n in prange(N, schedule="static", num_threads=threads):
             tid = threadid()
@@ -314,9 +315,11 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                 pb = (ho1 - ho0) * W_out
                 _im2col_rows(padded, cols, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
                 d = &dout[n, 0, ho0 * W_out]
-                # dw (F, K) += dout_block (F, pb) @ cols.T (pb, K); column-major: (K x F)
-                _gemm("T", "N", <int>K, <int>F, <int>pb, 1, cols, <int>pb, d, <int>P, 1,
-                      &dw_parts[tid, 0, 0], <int>K)
+                # dw.T (K, F) += cols (K, pb) @ dout_block.T (pb, F); column-major (F x K):
+                # dout_block^T (F x pb) @ cols (pb x K), so BLAS packs the large operand
+                # without transposing it
+                _gemm("T", "N", <int>F, <int>K, <int>pb, 1, d, <int>P, cols, <int>pb, 1,
+                      &dw_parts[tid, 0, 0], <int>F)
                 # dcols (K, pb) = w_mat.T (K, F) @ dout_block (F, pb); column-major: (pb x K)
                 _gemm("N", "T", <int>pb, <int>K, <int>F, 1, d, <int>P, &w_mat[0, 0], <int>K, 0,
                       cols, <int>pb)
