@@ -6,6 +6,14 @@ Usage::
     python bench/layers.py                 # the full table
     python bench/layers.py --repeat 3      # fewer repetitions (noisy machines: keep >= 5)
     python bench/layers.py --no-reference  # skip the slow loop reference
+    python bench/layers.py --only conv     # only the rows whose label contains "conv"
+
+Columns: fwd+bwd time and GFLOP/s, forward time and GFLOP/s, the forward rate as a share of
+numpy's float32 GEMM rate measured in the same run (``%GEMM``; ``*`` marks the two rows with
+the largest forward GEMMs), the speed-up over the loop reference, PyTorch's time and the
+ratio ours/torch; then the geometric means of the ratios over the conv rows and over all
+rows. GFLOP/s always count a direct convolution's multiply-adds, also where the Winograd
+path does fewer (an effective rate, the usual convention).
 
 Times are medians of ``--repeat`` runs after one warm-up. Both sides run in the same
 invocation, row by row, on identical arrays: cnnserve in this process, PyTorch in a helper
