@@ -41,12 +41,10 @@ record. :func:`load_model` never unpickles; a truncated, corrupt or mismatched f
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,6 +53,7 @@ import numpy as np
 
 from cnnserve import __version__
 from cnnserve import layers as L
+from cnnserve._files import atomic_write_bytes
 from cnnserve.layers import _check_int, _check_number
 
 __all__ = [
@@ -774,32 +773,6 @@ class ModelFile(NamedTuple):
     state: dict | None  # extra JSON state (a solver checkpoint's), or None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new.
-
-    The bytes go to a temporary file in the same directory, which is flushed to disk and
-    then renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-
 def save_model(
     model: ConvNet,
     path: str | os.PathLike,
@@ -862,7 +835,7 @@ def save_model(
     }
     if state is not None:
         metadata["state"] = json.dumps(state, allow_nan=False)
-    _atomic_write(path, _save_bytes(tensors, metadata=metadata))
+    atomic_write_bytes(path, _save_bytes(tensors, metadata=metadata))
     return path
 
 

@@ -449,3 +449,13 @@ def test_model_file_never_unpickles(tmp_path):
     path.write_bytes(pickle.dumps({"W1": np.zeros(3)}))
     with pytest.raises(ModelFileError, match="not a readable safetensors file"):
         load_model(path)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    path = save_model(_trained_model(), tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it
+    path.chmod(0o640)
+    save_model(_trained_model(), path)
+    assert path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
