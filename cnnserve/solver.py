@@ -57,6 +57,7 @@ _DEFAULTS: dict[str, Any] = {
     "print_every": 10,
     "verbose": True,
     "progress": True,
+    "record": None,
 }
 _TRAJECTORY = (
     "update_rule",
@@ -161,6 +162,9 @@ class Solver:
         Print the loss and the per-epoch accuracies to stdout (default True).
     progress : bool
         Show a tqdm progress bar per epoch on stderr (default True).
+    record : dict, optional
+        JSON-serialisable fields added to the training record of every checkpoint (the data
+        set and how it was split, say), so that a checkpoint says what it was trained on.
     resume : str or PathLike, optional
         A checkpoint written by a solver with ``checkpoint_name``: restore the model's weights,
         running statistics and generator, the optimizer state, the histories, the best
@@ -245,6 +249,10 @@ class Solver:
                 raise TypeError(f"{name} must be a bool, got {type(options[name]).__name__}")
         self.verbose = options["verbose"]
         self.progress = options["progress"]
+        record = {} if options["record"] is None else options["record"]
+        if not isinstance(record, Mapping):
+            raise TypeError(f"record must be a dict, got {type(record).__name__}")
+        self.record = dict(record)
         self.checkpoint_name = options["checkpoint_name"]
         if self.checkpoint_name is not None:
             self._check_checkpoint_name(self.checkpoint_name)
@@ -386,10 +394,17 @@ class Solver:
         """One update on the training samples ``batch`` (indices); returns the loss.
 
         The update is all or nothing: if the loss or any updated parameter is not finite,
-        nothing changes and :class:`TrainingDiverged` is raised.
+        nothing changes (parameters, optimizer state, batchnorm running statistics, the
+        model's dropout generator) and :class:`TrainingDiverged` is raised.
         """
         X_batch = self.X_train[batch]
         y_batch = self.y_train[batch]
+        # The train-mode forward pass also moves the batchnorm running statistics and the
+        # dropout generator: keep what they were, to put back if this step diverges.
+        bn_params = getattr(self.model, "bn_params", [])
+        running = [(bn.get("running_mean"), bn.get("running_var")) for bn in bn_params]
+        model_rng = getattr(self.model, "rng", None)
+        rng_state = None if model_rng is None else model_rng.bit_generator.state
         loss, grads = self.model.loss(X_batch, y_batch)
         loss = float(loss)
         bad = None if math.isfinite(loss) else f"the loss is {loss}"
@@ -402,6 +417,10 @@ class Solver:
                     break
                 updates[p] = (next_w, next_config)
         if bad is not None:
+            for bn, (mean, var) in zip(bn_params, running, strict=True):
+                bn["running_mean"], bn["running_var"] = mean, var
+            if rng_state is not None:
+                model_rng.bit_generator.state = rng_state
             last = self.loss_history[-1] if self.loss_history else None
             last_text = (
                 f"the last finite loss was {last:.6g} (iteration {self.iteration})"
@@ -614,6 +633,7 @@ class Solver:
             "print_every": self.print_every,
             "verbose": self.verbose,
             "progress": self.progress,
+            "record": self.record,
         }
 
     def history(self) -> dict:
@@ -693,6 +713,7 @@ class Solver:
             "options": self.options(),
         }
         training = {
+            **self.record,
             "epochs": self.epoch,
             "train_acc": self.train_acc_history[-1],
             "val_acc": self.val_acc_history[-1],

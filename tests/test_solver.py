@@ -387,6 +387,25 @@ def test_non_finite_update_is_not_applied():
         np.testing.assert_array_equal(value, 0.0)  # all or nothing: 'v' not updated either
 
 
+def test_divergence_leaves_batchnorm_statistics_and_dropout_generator_as_they_were():
+    model = tiny_net()
+    data = image_data()
+    solver = Solver(model, data, batch_size=8, num_epochs=1, **QUIET)
+    model.loss(data["X_train"][:8], data["y_train"][:8])  # running statistics move off 0 / 1
+    running = [(bn["running_mean"].copy(), bn["running_var"].copy()) for bn in model.bn_params]
+    rng_state = model.rng.bit_generator.state
+    good_w1 = model.params["W1"]
+    model.params["W1"] = good_w1 * np.float32(np.nan)  # the next loss is NaN
+    with pytest.raises(TrainingDiverged):
+        solver.train()
+    for bn, (mean, var) in zip(model.bn_params, running, strict=True):
+        np.testing.assert_array_equal(bn["running_mean"], mean)
+        np.testing.assert_array_equal(bn["running_var"], var)
+    assert model.rng.bit_generator.state == rng_state
+    model.params["W1"] = good_w1
+    assert np.all(np.isfinite(model.loss(data["X_val"])))  # the model is still usable
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and resume
 # ---------------------------------------------------------------------------------------------
