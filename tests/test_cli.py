@@ -90,30 +90,144 @@ def test_info_shows_architecture_and_record(trained, capsys):
     assert info["input_shape"] == [1, 8, 8] and info["parameters"] > 0
 
 
-def test_resume_continues_from_a_checkpoint(trained, tmp_path):
+SMALL = ["--data", "digits", "--limit", "300", "--seed", "1", "--quiet"]
+
+
+def test_resume_continues_the_run_bit_for_bit(trained, tmp_path):
+    # The fixture ran 2 epochs of a planned 2; resuming with --epochs 3 adds one more, and
+    # must end exactly where a straight 3-epoch run ends.
     checkpoint = trained.parent / "small_checkpoint.safetensors"
-    out = tmp_path / "more.safetensors"
-    status = main(
-        [
-            "train",
-            "--data",
-            "digits",
-            "--limit",
-            "300",
-            "--epochs",
-            "3",
-            "--seed",
-            "1",
-            "--out",
-            str(out),
-            "--resume",
-            str(checkpoint),
-            "--quiet",
-        ]
-    )
-    assert status == 0
-    history = json.loads((tmp_path / "more_history.json").read_text())
+    resumed, straight = tmp_path / "resumed.safetensors", tmp_path / "straight.safetensors"
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(checkpoint),
+                "--epochs",
+                "3",
+                "--quiet",
+                "--out",
+                str(resumed),
+            ]
+        )
+        == 0
+    )  # the data and options come from the checkpoint
+    assert main(["train", *SMALL, "--epochs", "3", "--out", str(straight)]) == 0
+    a, b = read_model_file(resumed), read_model_file(straight)
+    for name, value in b.model.state_tensors().items():
+        np.testing.assert_array_equal(a.model.state_tensors()[name], value, err_msg=name)
+    assert a.training["test_acc"] == b.training["test_acc"]
+    history = json.loads((tmp_path / "resumed_history.json").read_text())
     assert len(history["train_acc_history"]) == 3
+
+
+def test_resume_refuses_options_that_would_change_the_run(trained, tmp_path, capsys):
+    checkpoint = trained.parent / "small_checkpoint.safetensors"
+    argv = [
+        "train",
+        "--resume",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "m.safetensors"),
+        "--lr",
+        "0.01",
+        "--arch",
+        "lenet",
+        "--quiet",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run has 0.001)" in err and "--arch lenet (the run has digits)" in err
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(["train", "--resume", str(trained), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "not a checkpoint written by `cnnserve train`" in capsys.readouterr().err
+
+
+def test_evaluate_keeps_the_training_split_for_the_same_data_named_differently(trained, capsys):
+    assert main(["evaluate", str(trained), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(trained), "--data", "DIGITS", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == default  # still the seed-1 split
+    assert main(["evaluate", str(trained), "--seed", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "overlap its training images" in captured.err
+
+
+def test_evaluate_a_folder_data_set_by_relative_path(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("dark", "light"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for k in range(20):
+            level = 40 if name == "dark" else 200
+            pixels = np.clip(rng.normal(level, 20, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / name / f"{k}.png")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "f.safetensors"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "imgs",
+                "--seed",
+                "5",
+                "--epochs",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert read_model_file(out).training["dataset"] == str(tmp_path / "imgs")
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", "imgs", "--json"]) == 0
+    relative = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == relative
+    assert relative["samples"] == 8 and relative["accuracy"] == 1.0
+
+
+def test_an_empty_test_split_still_saves_the_model(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    assert main(["train", *SMALL, "--epochs", "1", "--test-fraction", "0", "--out", str(out)]) == 0
+    assert "test n/a" in capsys.readouterr().out
+    assert "test_acc" not in read_model_file(out).training
+
+
+def test_output_problems_are_found_before_training(tmp_path, capsys):
+    (tmp_path / "taken.safetensors").mkdir()
+    assert main(["train", *SMALL, "--out", str(tmp_path / "taken.safetensors")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    new_dir = tmp_path / "new" / "deeper"
+    assert main(["train", *SMALL, "--lr", "-1", "--out", str(new_dir / "m.safetensors")]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nothing is left behind for a run that never ran
+
+
+def test_checkpoint_name_may_carry_the_suffix(tmp_path):
+    out, checkpoint = tmp_path / "m.safetensors", tmp_path / "ck.safetensors"
+    assert (
+        main(["train", *SMALL, "--epochs", "1", "--out", str(out), "--checkpoint", str(checkpoint)])
+        == 0
+    )
+    assert checkpoint.is_file() and read_model_file(checkpoint).state is not None
+
+
+def test_a_failed_write_is_one_line_with_status_1(tmp_path, capsys, monkeypatch):
+    import cnnserve.model
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cnnserve.model, "save_model", disk_full)
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "m.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "cnnserve train: error: [Errno 28] No space left on device"
 
 
 def test_architecture_from_a_json_file(tmp_path):
