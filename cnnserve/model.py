@@ -67,6 +67,7 @@ __all__ = [
     "preset_layers",
     "read_model_file",
     "save_model",
+    "tensor_shapes",
 ]
 
 FORMAT_NAME = "cnnserve.model"
@@ -222,6 +223,71 @@ def _out_shape(spec: dict, shape: tuple[int, ...], where: str) -> tuple[int, ...
     return shape
 
 
+def _plan(
+    layers: list[dict], input_shape: tuple[int, ...]
+) -> list[tuple[LayerInfo, int, dict[str, tuple[int, ...]]]]:
+    """Shapes and tensor names of a stack of normalised specs (the classifier last).
+
+    Returns, per layer, its :class:`LayerInfo`, the fan-in of a weight layer (else 0), and
+    the shapes of the tensors it owns: parameters and batchnorm running statistics. Nothing
+    is allocated, so a model file can be checked against its architecture first.
+    """
+    plan = []
+    shape = input_shape
+    n_weight = n_norm = n_bn = 0
+    for i, spec in enumerate(layers):
+        where = f"layer {i}" if i < len(layers) - 1 else f"layer {i} (the classifier)"
+        out = _out_shape(spec, shape, where)
+        kind = spec["type"]
+        names: tuple[str, ...] = ()
+        shapes: dict[str, tuple[int, ...]] = {}
+        fan_in, bn_index = 0, None
+        if kind in ("conv", "affine"):
+            n_weight += 1
+            names = (f"W{n_weight}", f"b{n_weight}")
+            if kind == "conv":
+                kh, kw = spec["size"]
+                fan_in = shape[0] * kh * kw
+                shapes[names[0]] = (spec["filters"], shape[0], kh, kw)
+            else:
+                fan_in = math.prod(shape)
+                shapes[names[0]] = (fan_in, spec["units"])
+            shapes[names[1]] = (out[0],)
+        elif kind in ("spatial_batchnorm", "batchnorm", "layernorm", "spatial_groupnorm"):
+            n_norm += 1
+            names = (f"gamma{n_norm}", f"beta{n_norm}")
+            C = shape[0]
+            p_shape = (1, C, 1, 1) if kind == "spatial_groupnorm" else (C,)
+            shapes = dict.fromkeys(names, p_shape)
+            if kind in ("spatial_batchnorm", "batchnorm"):
+                bn_index, n_bn = n_bn, n_bn + 1
+                shapes[f"running_mean{n_norm}"] = shapes[f"running_var{n_norm}"] = (C,)
+        plan.append((LayerInfo(i, spec, shape, out, names, bn_index), fan_in, shapes))
+        shape = out
+    return plan
+
+
+def tensor_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor a network of this :meth:`ConvNet.config` holds.
+
+    Checks the architecture like the constructor does, without allocating anything.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    missing = [k for k in ("layers", "input_shape", "num_classes") if k not in config]
+    if missing:
+        raise ValueError(f"config is missing {', '.join(map(repr, missing))}")
+    layers = config["layers"]
+    if isinstance(layers, Mapping | str) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a list of layer specs, got {type(layers).__name__}")
+    body = [_normalise_spec(spec, f"layer {i}") for i, spec in enumerate(layers)]
+    head = {"type": "affine", "units": _check_int(config["num_classes"], "num_classes", 2)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for _, _, owned in _plan([*body, head], _check_input_shape(config["input_shape"])):
+        shapes.update(owned)
+    return shapes
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets
 # ---------------------------------------------------------------------------------------------
@@ -357,47 +423,31 @@ class ConvNet:
         self.params: dict[str, np.ndarray] = {}
         self.bn_params: list[dict] = []
         init_rng = np.random.default_rng(self.seed)
-        n_weight = n_norm = 0
-        for i, spec in enumerate(self.layers):
-            where = f"layer {i}" if i < len(body) else f"layer {i} (the classifier)"
-            out = _out_shape(spec, shape, where)
-            names: tuple[str, ...] = ()
-            bn_index = None
-            kind = spec["type"]
+        for info, fan_in, shapes in _plan(self.layers, shape):
+            kind = info.spec["type"]
             if kind in ("conv", "affine"):
-                n_weight += 1
-                names = (f"W{n_weight}", f"b{n_weight}")
-                if kind == "conv":
-                    kh, kw = spec["size"]
-                    w_shape: tuple[int, ...] = (spec["filters"], shape[0], kh, kw)
-                    fan_in = shape[0] * kh * kw
-                else:
-                    fan_in = math.prod(shape)
-                    w_shape = (fan_in, spec["units"])
+                w_name, b_name = info.param_names
                 std = weight_scale if weight_scale is not None else math.sqrt(2.0 / fan_in)
-                self.params[names[0]] = (init_rng.standard_normal(w_shape) * std).astype(self.dtype)
-                self.params[names[1]] = np.zeros(out[0], dtype=self.dtype)
-            elif kind in ("spatial_batchnorm", "batchnorm", "layernorm", "spatial_groupnorm"):
-                n_norm += 1
-                names = (f"gamma{n_norm}", f"beta{n_norm}")
-                C = shape[0]
-                p_shape = (1, C, 1, 1) if kind == "spatial_groupnorm" else (C,)
-                self.params[names[0]] = np.ones(p_shape, dtype=self.dtype)
-                self.params[names[1]] = np.zeros(p_shape, dtype=self.dtype)
-                if kind in ("spatial_batchnorm", "batchnorm"):
-                    bn_index = len(self.bn_params)
-                    self.bn_params.append(
-                        {
-                            "mode": "train",
-                            "eps": spec["eps"],
-                            "momentum": spec["momentum"],
-                            "running_mean": np.zeros(C, dtype=self.dtype),
-                            "running_var": np.ones(C, dtype=self.dtype),
-                            "name": str(n_norm),
-                        }
-                    )
-            self.info.append(LayerInfo(i, spec, shape, out, names, bn_index))
-            shape = out
+                weights = init_rng.standard_normal(shapes[w_name]) * std
+                self.params[w_name] = weights.astype(self.dtype)
+                self.params[b_name] = np.zeros(shapes[b_name], dtype=self.dtype)
+            elif info.param_names:  # a normalisation layer
+                gamma, beta = info.param_names
+                self.params[gamma] = np.ones(shapes[gamma], dtype=self.dtype)
+                self.params[beta] = np.zeros(shapes[beta], dtype=self.dtype)
+            if info.bn_index is not None:
+                C = info.in_shape[0]
+                self.bn_params.append(
+                    {
+                        "mode": "train",
+                        "eps": info.spec["eps"],
+                        "momentum": info.spec["momentum"],
+                        "running_mean": np.zeros(C, dtype=self.dtype),
+                        "running_var": np.ones(C, dtype=self.dtype),
+                        "name": gamma[len("gamma") :],
+                    }
+                )
+            self.info.append(info)
         self.rng = np.random.default_rng(self.seed)
 
     # -- configuration ------------------------------------------------------------------------
@@ -876,37 +926,41 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         meta = json.loads(metadata["cnnserve"])
         state = json.loads(metadata["state"]) if "state" in metadata else None
         config = meta["architecture"]
-        model = ConvNet.from_config(
-            config,
-            class_names=meta.get("class_names"),
-            normalization=meta.get("normalization"),
-        )
+        expected = tensor_shapes(config)  # checks the architecture; allocates nothing
+        dtype = _check_dtype(config.get("dtype", "float32"))
         training = dict(meta.get("training") or {})
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
 
-    expected = model.state_tensors()
+    # Every tensor is checked before the network is built, so that the network's own arrays
+    # are never larger than what the file holds.
     extra = sorted(n for n in tensors if n not in expected and not n.startswith(STATE_PREFIX))
     if extra:
         raise ModelFileError(
             f"{path} holds tensor(s) {', '.join(map(repr, extra))} that its architecture "
             "does not have"
         )
-    for name, ref in expected.items():
+    for name, shape in expected.items():
         if name not in tensors:
-            raise ModelFileError(f"{path} is missing tensor {name!r} of shape {ref.shape}")
+            raise ModelFileError(f"{path} is missing tensor {name!r} of shape {shape}")
         value = tensors[name]
-        if value.shape != ref.shape:
+        if value.shape != shape:
             raise ModelFileError(
                 f"{path}: tensor {name!r} has shape {value.shape}, but the architecture needs "
-                f"{ref.shape}"
+                f"{shape}"
             )
-        if value.dtype != ref.dtype:
+        if value.dtype != dtype:
             raise ModelFileError(
-                f"{path}: tensor {name!r} has dtype {value.dtype}, but the model is {ref.dtype}"
+                f"{path}: tensor {name!r} has dtype {value.dtype}, but the model is {dtype}"
             )
         if not np.all(np.isfinite(value)):
             raise ModelFileError(f"{path}: tensor {name!r} has NaN or inf values")
+    try:
+        model = ConvNet.from_config(
+            config, class_names=meta.get("class_names"), normalization=meta.get("normalization")
+        )
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
     for name in model.params:
         model.params[name] = tensors[name]
     for bn in model.bn_params:

@@ -442,12 +442,50 @@ def test_missing_model_file_or_directory(tmp_path):
         load_model(tmp_path)
 
 
+class _Exploit:
+    """Unpickling this runs code: it would create the file named by ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_model_file_never_unpickles(tmp_path):
     import pickle
 
-    path = tmp_path / "evil.safetensors"
-    path.write_bytes(pickle.dumps({"W1": np.zeros(3)}))
-    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
+    from safetensors.numpy import save_file
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(marker))
+    # A whole pickle file, and pickles where a model file keeps JSON (metadata and state).
+    (tmp_path / "pickle.safetensors").write_bytes(payload)
+    text = payload.decode("latin-1")
+    meta = {"format": "cnnserve.model", "format_version": "1", "cnnserve": text}
+    save_file({"W1": np.zeros(2, np.float32)}, str(tmp_path / "meta.safetensors"), metadata=meta)
+    path = save_model(_trained_model(), tmp_path / "state.safetensors")
+    _rewrite(path, metadata=lambda m: m | {"state": text})
+    for name in ("pickle", "meta", "state"):
+        with pytest.raises(
+            ModelFileError, match="not a readable safetensors file|invalid metadata"
+        ):
+            load_model(tmp_path / f"{name}.safetensors")
+    assert not marker.exists()
+
+
+def test_an_oversized_architecture_fails_before_anything_is_allocated(tmp_path):
+    path = save_model(
+        ConvNet([{"type": "affine", "units": 4}], (1, 2, 2), 3), tmp_path / "m.safetensors"
+    )
+    # 10**9 units of 4 inputs would be 16 GB of float32 weights: the file holds 64 bytes.
+    _rewrite(
+        path, metadata=_meta_edit(lambda d: d["architecture"]["layers"][0].update(units=10**9))
+    )
+    with pytest.raises(
+        ModelFileError,
+        match=r"tensor 'W1' has shape \(4, 4\), but the architecture needs \(4, 1000000000\)",
+    ):
         load_model(path)
 
 
