@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 try:
+    from cnnserve._ext import activation as _activation
     from cnnserve._ext import conv as _conv
     from cnnserve._ext import norm as _norm
     from cnnserve._ext import pool as _pool
@@ -501,7 +502,10 @@ def relu_backward(dout: np.ndarray, cache: np.ndarray) -> np.ndarray:
     """
     x = _check_array(cache, "cache")
     dout = _check_dout(dout, x.shape, x.dtype)
-    return np.where(x > 0, dout, 0).astype(x.dtype, copy=False)
+    dx = np.empty(x.shape, dtype=x.dtype)
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in (x, dout)]
+    _activation.relu_backward(*flat, dx.reshape(-1))
+    return dx
 
 
 class AffineCache(NamedTuple):

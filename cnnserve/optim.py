@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from cnnserve._ext import load as _load_kernels
+
+_optim = _load_kernels("optim")
+
 __all__ = [
     "UPDATE_RULES",
     "UpdateRule",
@@ -291,14 +295,25 @@ def adam(w: np.ndarray, dw: np.ndarray, config: dict | None = None) -> tuple[np.
     v = _state_array(config, "v", w)
     step = _check_int(config.get("t", 0), "config['t']", 0) + 1
     beta1, beta2 = config["beta1"], config["beta2"]
-    t = w.dtype.type
-    m = t(beta1) * m + t(1.0 - beta1) * dw
-    v = t(beta2) * v + t(1.0 - beta2) * (dw * dw)
-    # Bias corrections in Python floats (double precision), applied once in w's dtype.
-    m_hat = m / t(1.0 - beta1**step)
-    v_hat = v / t(1.0 - beta2**step)
-    next_w = w - t(config["learning_rate"]) * m_hat / (np.sqrt(v_hat) + t(config["epsilon"]))
-    config.update(m=m, v=v, t=step)
+    # One fused pass in the compiled kernel: the same operations, in w's dtype, as
+    #   m = beta1*m + (1-beta1)*dw;  v = beta2*v + (1-beta2)*(dw*dw)
+    #   next_w = w - lr * (m / (1-beta1**t)) / (sqrt(v / (1-beta2**t)) + epsilon)
+    # with the bias corrections computed in double precision and rounded to w's dtype once.
+    next_w, m_out, v_out = (np.empty(w.shape, dtype=w.dtype) for _ in range(3))
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in (w, dw, m, v)]
+    _optim.adam_step(
+        *flat,
+        next_w.reshape(-1),
+        m_out.reshape(-1),
+        v_out.reshape(-1),
+        config["learning_rate"],
+        beta1,
+        beta2,
+        config["epsilon"],
+        1.0 - beta1**step,
+        1.0 - beta2**step,
+    )
+    config.update(m=m_out, v=v_out, t=step)
     return next_w, config
 
 

@@ -432,3 +432,40 @@ def test_bad_arguments(rule, w, dw, config, error, message):
 
 def test_module_exports():
     assert set(optim.__all__) >= {"sgd", "sgd_momentum", "rmsprop", "adam", "UPDATE_RULES"}
+
+
+def _adam_in_numpy(w, dw, m, v, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam as whole-array numpy operations in w's dtype: what the fused kernel must equal."""
+    t = w.dtype.type
+    m = t(beta1) * m + t(1.0 - beta1) * dw
+    v = t(beta2) * v + t(1.0 - beta2) * (dw * dw)
+    m_hat = m / t(1.0 - beta1**step)
+    root = np.sqrt(v / t(1.0 - beta2**step))
+    return w - t(lr) * m_hat / (root + t(eps)), m, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (64, 129), (7, 3, 5, 5)])
+def test_fused_adam_kernel_equals_numpy_bit_for_bit(dtype, shape):
+    # (64, 129) is large enough for the kernel's OpenMP path; the others run serially.
+    rng = np.random.default_rng(sum(shape))
+    w = rng.standard_normal(shape).astype(dtype)
+    dw = rng.standard_normal(shape).astype(dtype)
+    m = rng.standard_normal(shape).astype(dtype) * dtype(0.1)
+    v = rng.random(shape).astype(dtype)
+    config = {"m": m, "v": v, "t": 6, "learning_rate": 3e-3, "beta1": 0.8}
+    next_w, out = adam(w, dw, config)
+    expected = _adam_in_numpy(w, dw, m, v, 7, lr=3e-3, beta1=0.8)
+    for got, want in zip((next_w, out["m"], out["v"]), expected, strict=True):
+        assert got.dtype == dtype and got.shape == shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fused_adam_kernel_takes_non_contiguous_arrays():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 6)).astype(np.float32)[:, ::2]  # a strided view
+    dw = np.asfortranarray(rng.standard_normal((8, 3)).astype(np.float32))
+    next_w, config = adam(w, dw)
+    expected = _adam_in_numpy(w, dw, np.zeros_like(w), np.zeros_like(w), 1)
+    np.testing.assert_array_equal(next_w, expected[0])
+    np.testing.assert_array_equal(config["m"], expected[1])
