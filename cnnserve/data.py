@@ -63,6 +63,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnserve._checks import check_int as _check_int
+
 __all__ = ["DataError", "Dataset", "load_dataset", "normalize", "FORMATS", "STD_EPS"]
 
 #: Formats understood by :func:`load_dataset`.
@@ -325,14 +327,6 @@ def _check_fraction(value: Any, name: str) -> float:
     if not 0 <= value < 1:  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_image_size(image_size: Any) -> tuple[int, int] | None:

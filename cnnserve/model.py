@@ -53,8 +53,9 @@ import numpy as np
 
 from cnnserve import __version__
 from cnnserve import layers as L
+from cnnserve._checks import check_int as _check_int
+from cnnserve._checks import check_number as _check_number
 from cnnserve._files import atomic_write_bytes
-from cnnserve.layers import _check_int, _check_number
 
 __all__ = [
     "PRESETS",

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnserve._checks import check_int as _check_int
+from cnnserve._checks import check_number as _check_number
 from cnnserve._ext import load as _load_kernels
 
 _optim = _load_kernels("optim")
@@ -49,44 +51,6 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _short(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} characters)"
-
-
-def _check_number(value: Any, name: str, low: float, high: float, interval: str) -> float:
-    """Return ``value`` as a Python float if it is a real number (not a bool) in an interval.
-
-    ``interval`` is one of ``'()'``, ``'(]'``, ``'[)'``, ``'[]'``: which ends are included.
-    NaN is always rejected, and so is an infinite value unless an end of the interval is one.
-    Also used by :mod:`cnnserve.solver`.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(
-            f"{name} must be a number, got {type(value).__name__} {_short(repr(value))}"
-        )
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf if value > 0 else -math.inf
-    above = number >= low if interval[0] == "[" else number > low
-    below = number <= high if interval[1] == "]" else number < high
-    if not (above and below):  # also rejects NaN
-        raise ValueError(
-            f"{name} must be in {interval[0]}{low}, {high}{interval[1]}, got {_short(value)}"
-        )
-    return number
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {_short(repr(value))}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {_short(value)}")
-    return int(value)
 
 
 def _check_w_dw(w: Any, dw: Any) -> tuple[np.ndarray, np.ndarray]:

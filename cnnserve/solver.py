@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cnnserve._checks import check_int as _check_int
+from cnnserve._checks import check_number as _check_number
 from cnnserve.history import HISTORY_FORMAT, plot_history, write_history
 from cnnserve.model import ConvNet, ModelFileError, read_model_file, save_model
-from cnnserve.optim import UPDATE_RULES, _check_int, _check_number, get_update_rule
+from cnnserve.optim import UPDATE_RULES, get_update_rule
 
 __all__ = ["Solver", "TrainingDiverged"]
 
