@@ -19,8 +19,9 @@ def _rng(seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 4), (2, 3, 5, 4), (7,)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4), (2, 3, 5, 4), (7,), (8, 16, 33, 17)])
 def test_relu_matches_reference(shape, dtype):
+    # (8, 16, 33, 17) is large enough for the backward kernel's OpenMP path.
     x = _rng().standard_normal(shape).astype(dtype)
     x.flat[0] = 0  # the kink: gradient 0 at exactly 0, as in every framework
     out, cache = layers.relu_forward(x)
@@ -31,6 +32,15 @@ def test_relu_matches_reference(shape, dtype):
     dx = layers.relu_backward(dout, cache)
     np.testing.assert_array_equal(dx, reference.relu_backward_naive(dout, ref_cache))
     assert dx.dtype == dtype and dx.flat[0] == 0
+
+
+def test_relu_backward_selects_and_never_multiplies():
+    # dx is dout where x > 0 and exactly 0 elsewhere: a NaN or inf upstream gradient at an
+    # inactive unit gives 0 (a product dout * (x > 0) would give NaN), as in PyTorch.
+    x = np.array([1.0, -1.0, 0.0, np.nan, 2.0, -3.0], dtype=np.float32)
+    dout = np.array([np.nan, np.nan, np.inf, 5.0, 7.0, -np.inf], dtype=np.float32)
+    dx = layers.relu_backward(dout, x)  # the cache is x itself
+    np.testing.assert_array_equal(dx, [np.nan, 0.0, 0.0, 0.0, 7.0, 0.0])
 
 
 def test_relu_numeric_gradient_and_non_contiguous():

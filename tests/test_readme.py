@@ -8,13 +8,20 @@ import numpy as np
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert blocks, "the README has no python example"
-    for block in blocks:
-        namespace: dict = {}
-        exec(compile(block, str(README), "exec"), namespace)
+    assert len(blocks) == 2, "expected the layer example and the training example"
+    monkeypatch.chdir(tmp_path)  # the training example writes a model file
+    layer_example, training_example = ({}, {})
+    exec(compile(blocks[0], str(README), "exec"), layer_example)
+    exec(compile(blocks[1], str(README), "exec"), training_example)
     # The layer example ends with the gradients of a conv layer.
-    assert namespace["dw"].shape == (16, 3, 5, 5)
-    assert namespace["dx"].shape == (8, 3, 32, 32)
-    assert np.isfinite(namespace["dx"]).all()
+    assert layer_example["dw"].shape == (16, 3, 5, 5)
+    assert layer_example["dx"].shape == (8, 3, 32, 32)
+    assert np.isfinite(layer_example["dx"]).all()
+    # The training example trains, saves and loads a model that has learnt something.
+    assert training_example["test_accuracy"] > 0.5
+    loaded, net = training_example["same_net"], training_example["net"]
+    for name, value in net.params.items():
+        np.testing.assert_array_equal(loaded.params[name], value)
+    assert (tmp_path / "small.safetensors").is_file()

@@ -24,20 +24,45 @@ first, so that they are in the environment before NumPy loads its BLAS):
   fork start method and pre-forking servers keep working; their children run serially).
 """
 
+import importlib
 import os
 import sys
+from types import ModuleType
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
-_KERNEL_MODULES = ("conv", "norm", "pool")
 _child_single_threaded = False  # read by the kernel modules when they are imported
 _parallel_before_fork = False
 
 
+def load(name: str) -> ModuleType:
+    """Import the kernel module ``cnnserve._ext.<name>``, or say how to build it.
+
+    Raises
+    ------
+    ImportError
+        The compiled module is missing or does not load; the message says to run
+        ``make install``.
+    """
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        raise ImportError(
+            "cnnserve's compiled Cython kernels (cnnserve._ext) are missing or failed to load "
+            f"({exc}). Build them from the repository root with `make install` "
+            "(or `pip install -e .` in your environment)."
+        ) from exc
+
+
 def _loaded_kernel_modules() -> list:
-    modules = (sys.modules.get(f"{__name__}.{name}") for name in _KERNEL_MODULES)
-    return [module for module in modules if module is not None]
+    """Every kernel module imported so far (each includes cnn_threads.pxi)."""
+    prefix = f"{__name__}."
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith(prefix) and hasattr(module, "_parallel_used")
+    ]
 
 
 def _before_fork() -> None:
