@@ -435,8 +435,12 @@ def conv_forward(
 
     Notes
     -----
-    Each chunk of images is unrolled by the im2col kernel into a (C*HH*WW, n*H_out*W_out)
-    column matrix and multiplied by the (F, C*HH*WW) filter matrix in one BLAS GEMM.
+    3x3 filters at stride 1 use Winograd F(2x2, 3x3), one image per OpenMP thread at a time
+    (16 small GEMMs per image on transformed tiles). Other filters, with at least one image
+    per thread, build the im2col columns of a block of output rows per thread and multiply
+    them by the (F, C*HH*WW) filter matrix with single-threaded BLAS, writing NCHW directly.
+    Otherwise a chunk of images is unrolled into a (C*HH*WW, n*H_out*W_out) column matrix
+    and multiplied in one multithreaded BLAS GEMM.
     """
     x = _check_array(x, "x", 4, "(N, C, H, W)")
     w = _check_array(w, "w", 4, "(F, C, HH, WW)")
@@ -520,8 +524,10 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
 
     Notes
     -----
-    The column matrix is rebuilt chunk by chunk rather than kept from the forward pass: the
-    cache stays the size of the input, and the rebuild costs less than one of the GEMMs.
+    Same paths as :func:`conv_forward`. The columns (or Winograd input tiles) are rebuilt
+    rather than kept from the forward pass: the cache stays the size of the input, and the
+    rebuild costs less than one of the GEMMs. On the per-thread paths each thread keeps its
+    own partial ``dw`` and ``db``, summed at the end.
     """
     _check_cache(cache, ConvCache, "conv_forward")
     x, w, _, conv_param = cache
