@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+import cnnserve  # noqa: F401  # isort: skip  (before NumPy: its thread defaults apply to its BLAS)
 import numpy as np
 
 THREADS = 2

@@ -930,6 +930,7 @@ class MaxPoolCache(NamedTuple):
     x_shape: tuple[int, int, int, int]  # (N, C, H, W)
     dtype: np.dtype  # dtype of x, hence of dout and dx
     argmax: np.ndarray  # (N, C, H_out, W_out) intp: flat index h * W + w of each window's max
+    window: tuple[int, int, int]  # (pool_height, pool_width, stride)
 
 
 class AvgPoolCache(NamedTuple):
@@ -986,7 +987,7 @@ def max_pool_forward(x: np.ndarray, pool_param: dict) -> tuple[np.ndarray, MaxPo
     ph, pw, stride = norm["pool_height"], norm["pool_width"], norm["stride"]
     _pool.max_pool_forward(np.ascontiguousarray(x), out, argmax, ph, pw, stride)
     argmax.flags.writeable = False  # the backward kernel indexes dx with it
-    return out, MaxPoolCache(x.shape, x.dtype, argmax)
+    return out, MaxPoolCache(x.shape, x.dtype, argmax, (ph, pw, stride))
 
 
 def max_pool_backward(dout: np.ndarray, cache: MaxPoolCache) -> np.ndarray:
@@ -1008,7 +1009,7 @@ def max_pool_backward(dout: np.ndarray, cache: MaxPoolCache) -> np.ndarray:
     dx : ndarray, shape (N, C, H, W)
     """
     _check_cache(cache, MaxPoolCache, "max_pool_forward")
-    x_shape, dtype, argmax = cache
+    x_shape, dtype, argmax = cache.x_shape, cache.dtype, cache.argmax
     N, C, H, W = x_shape
     # The kernel writes dx at these indices unchecked: a cache that was edited or built by
     # hand must fail here, not corrupt memory.
@@ -1023,10 +1024,24 @@ def max_pool_backward(dout: np.ndarray, cache: MaxPoolCache) -> np.ndarray:
             "cache.argmax does not belong to an input of shape "
             f"{tuple(x_shape)}: pass the cache that max_pool_forward returned, unchanged"
         )
+    window = cache.window
+    if not (
+        isinstance(window, tuple)
+        and len(window) == 3
+        and all(isinstance(v, int) and v >= 1 for v in window)
+        and argmax.shape[2:] == ((H - window[0]) // window[2] + 1, (W - window[1]) // window[2] + 1)
+    ):
+        raise ValueError(
+            f"cache.window {window!r} does not give the pooled shape "
+            f"{argmax.shape[2:]} from {(H, W)}: pass the cache that max_pool_forward returned"
+        )
+    ph, pw, stride = window
     dout = _check_dout(dout, argmax.shape, dtype)
     dx = np.empty(x_shape, dtype=dtype)
+    # 2x2 windows at stride 2 tile the input: each window writes its own four pixels.
+    tiles = (ph, pw, stride) == (2, 2, 2)
     _pool.max_pool_backward(
-        np.ascontiguousarray(dout), np.ascontiguousarray(argmax), dx.reshape(N, C, H * W)
+        np.ascontiguousarray(dout), np.ascontiguousarray(argmax), dx.reshape(N, C, H * W), W, tiles
     )
     return dx
 

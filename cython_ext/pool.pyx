@@ -21,130 +21,90 @@ from cython.parallel cimport prange
 include "cnn_threads.pxi"
 
 
-cdef inline bint _replaces(floating v, floating best) noexcept nogil:
-    """True if ``v`` takes over from ``best`` in a row-major scan: larger, or the first NaN.
-
-    Strict ``>`` keeps the first of equal maxima; ``v != v`` is a NaN, taken only while ``best``
-    is not NaN yet, so the first NaN stays.
-    """
-    return v > best or (v != v and best == best)
+cdef extern from "cnn_pool.h" nogil:
+    void cnn_max_pool_row_2x2_f(const float* r0, const float* r1, float* out, Py_ssize_t* arg,
+                                Py_ssize_t base, Py_ssize_t W, Py_ssize_t W_out)
+    void cnn_max_pool_row_2x2_d(const double* r0, const double* r1, double* out,
+                                Py_ssize_t* arg, Py_ssize_t base, Py_ssize_t W,
+                                Py_ssize_t W_out)
+    void cnn_max_pool_row_3x3_f(const float* x, Py_ssize_t W, Py_ssize_t row0,
+                                Py_ssize_t stride, float* out, Py_ssize_t* arg,
+                                Py_ssize_t W_out)
+    void cnn_max_pool_row_3x3_d(const double* x, Py_ssize_t W, Py_ssize_t row0,
+                                Py_ssize_t stride, double* out, Py_ssize_t* arg,
+                                Py_ssize_t W_out)
+    void cnn_max_pool_backward_row_2x2_f(const float* dout, const Py_ssize_t* arg, float* r0,
+                                         float* r1, Py_ssize_t base, Py_ssize_t W,
+                                         Py_ssize_t W_out)
+    void cnn_max_pool_backward_row_2x2_d(const double* dout, const Py_ssize_t* arg,
+                                         double* r0, double* r1, Py_ssize_t base, Py_ssize_t W,
+                                         Py_ssize_t W_out)
+    void cnn_max_pool_row_f(const float* x, Py_ssize_t W, Py_ssize_t row0,
+                            Py_ssize_t pool_height, Py_ssize_t pool_width, Py_ssize_t stride,
+                            float* out, Py_ssize_t* arg, Py_ssize_t W_out)
+    void cnn_max_pool_row_d(const double* x, Py_ssize_t W, Py_ssize_t row0,
+                            Py_ssize_t pool_height, Py_ssize_t pool_width, Py_ssize_t stride,
+                            double* out, Py_ssize_t* arg, Py_ssize_t W_out)
 
 
 cdef void _max_pool_plane(const floating* xp, floating* outp, Py_ssize_t* argp, Py_ssize_t W,
                           Py_ssize_t H_out, Py_ssize_t W_out, Py_ssize_t pool_height,
                           Py_ssize_t pool_width, Py_ssize_t stride) noexcept nogil:
-    """Max pool one (H, W) plane ``xp`` into one (H_out, W_out) plane ``outp`` / ``argp``."""
-    cdef Py_ssize_t ho, wo, i, j, start, at, best_at
-    cdef floating v, best
+    """Max pool one (H, W) plane ``xp`` into one (H_out, W_out) plane ``outp`` / ``argp``.
+
+    The rows are C loops without branches (``cnn_pool.h``); 2x2 windows at stride 2 and 3x3
+    windows at any stride have their own row functions.
+    """
+    cdef Py_ssize_t ho
+    cdef bint two_by_two = pool_height == 2 and pool_width == 2 and stride == 2
+    cdef bint three_by_three = pool_height == 3 and pool_width == 3
     for ho in range(H_out):
-        for wo in range(W_out):
-            start = ho * stride * W + wo * stride
-            best = xp[start]
-            best_at = start
-            for i in range(pool_height):
-                for j in range(pool_width):
-                    at = start + i * W + j
-                    v = xp[at]
-                    if _replaces(v, best):
-                        best = v
-                        best_at = at
-            outp[ho * W_out + wo] = best
-            argp[ho * W_out + wo] = best_at
-
-
-cdef void _max_pool_plane_2x2(const floating* xp, floating* outp, Py_ssize_t* argp, Py_ssize_t W,
-                              Py_ssize_t H_out, Py_ssize_t W_out) noexcept nogil:
-    """:func:`_max_pool_plane` for 2x2 windows at stride 2, unrolled in the same order."""
-    cdef Py_ssize_t ho, wo, at, best_at
-    cdef floating v, best
-    for ho in range(H_out):
-        for wo in range(W_out):
-            at = 2 * ho * W + 2 * wo
-            best = xp[at]
-            best_at = at
-            v = xp[at + 1]
-            if _replaces(v, best):
-                best = v
-                best_at = at + 1
-            v = xp[at + W]
-            if _replaces(v, best):
-                best = v
-                best_at = at + W
-            v = xp[at + W + 1]
-            if _replaces(v, best):
-                best = v
-                best_at = at + W + 1
-            outp[ho * W_out + wo] = best
-            argp[ho * W_out + wo] = best_at
-
-
-cdef inline void _take(const floating* xp, Py_ssize_t at, floating* best,
-                       Py_ssize_t* best_at) noexcept nogil:
-    """Let ``xp[at]`` take over from ``best[0]`` (at ``best_at[0]``) if :func:`_replaces`."""
-    cdef floating v = xp[at]
-    if _replaces(v, best[0]):
-        best[0] = v
-        best_at[0] = at
-
-
-cdef void _max_pool_plane_3x3(const floating* xp, floating* outp, Py_ssize_t* argp, Py_ssize_t W,
-                              Py_ssize_t H_out, Py_ssize_t W_out,
-                              Py_ssize_t stride) noexcept nogil:
-    """:func:`_max_pool_plane` for 3x3 windows (any stride), unrolled in the same order."""
-    cdef Py_ssize_t ho, wo, at, best_at
-    cdef floating best
-    for ho in range(H_out):
-        for wo in range(W_out):
-            at = ho * stride * W + wo * stride
-            best = xp[at]
-            best_at = at
-            _take(xp, at + 1, &best, &best_at)
-            _take(xp, at + 2, &best, &best_at)
-            _take(xp, at + W, &best, &best_at)
-            _take(xp, at + W + 1, &best, &best_at)
-            _take(xp, at + W + 2, &best, &best_at)
-            _take(xp, at + 2 * W, &best, &best_at)
-            _take(xp, at + 2 * W + 1, &best, &best_at)
-            _take(xp, at + 2 * W + 2, &best, &best_at)
-            outp[ho * W_out + wo] = best
-            argp[ho * W_out + wo] = best_at
+        if floating is float:
+            if two_by_two:
+                cnn_max_pool_row_2x2_f(xp + 2 * ho * W, xp + (2 * ho + 1) * W, outp + ho * W_out,
+                                       argp + ho * W_out, 2 * ho * W, W, W_out)
+            elif three_by_three:
+                cnn_max_pool_row_3x3_f(xp, W, ho * stride, stride, outp + ho * W_out,
+                                       argp + ho * W_out, W_out)
+            else:
+                cnn_max_pool_row_f(xp, W, ho * stride, pool_height, pool_width, stride,
+                                   outp + ho * W_out, argp + ho * W_out, W_out)
+        else:
+            if two_by_two:
+                cnn_max_pool_row_2x2_d(xp + 2 * ho * W, xp + (2 * ho + 1) * W, outp + ho * W_out,
+                                       argp + ho * W_out, 2 * ho * W, W, W_out)
+            elif three_by_three:
+                cnn_max_pool_row_3x3_d(xp, W, ho * stride, stride, outp + ho * W_out,
+                                       argp + ho * W_out, W_out)
+            else:
+                cnn_max_pool_row_d(xp, W, ho * stride, pool_height, pool_width, stride,
+                                   outp + ho * W_out, argp + ho * W_out, W_out)
 
 
 def max_pool_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                      Py_ssize_t[:, :, :, ::1] argmax,
                      Py_ssize_t pool_height, Py_ssize_t pool_width, Py_ssize_t stride):
-    """Fill ``out`` and ``argmax`` (N, C, H_out, W_out) from ``x`` (N, C, H, W).
-
-    The common 2x2 stride-2 and 3x3 (any stride) windows take unrolled paths (about 1.5x
-    faster), with the same results.
-    """
+    """Fill ``out`` and ``argmax`` (N, C, H_out, W_out) from ``x`` (N, C, H, W)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3]
     cdef Py_ssize_t H_out = out.shape[2], W_out = out.shape[3]
     cdef Py_ssize_t nc, n, c
-    cdef bint two_by_two = pool_height == 2 and pool_width == 2 and stride == 2
-    cdef bint three_by_three = pool_height == 3 and pool_width == 3
     cdef int threads = cnn_threads_for(N * C * H_out * W_out * pool_height * pool_width)
     with nogil:
         for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
-            if two_by_two:
-                _max_pool_plane_2x2(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
-                                    H_out, W_out)
-            elif three_by_three:
-                _max_pool_plane_3x3(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
-                                    H_out, W_out, stride)
-            else:
-                _max_pool_plane(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
-                                H_out, W_out, pool_height, pool_width, stride)
+            _max_pool_plane(&x[n, c, 0, 0], &out[n, c, 0, 0], &argmax[n, c, 0, 0], W,
+                            H_out, W_out, pool_height, pool_width, stride)
 
 
 def max_pool_backward(const floating[:, :, :, ::1] dout, const Py_ssize_t[:, :, :, ::1] argmax,
-                      floating[:, :, ::1] dx):
+                      floating[:, :, ::1] dx, Py_ssize_t W, bint two_by_two):
     """Scatter-add ``dout`` (N, C, H_out, W_out) into ``dx`` (N, C, H * W) at ``argmax``.
 
-    ``dx`` is the (N, C, H, W) gradient viewed with each plane flattened; it is overwritten
-    (zeroed first). Overlapping windows that share an argmax add up there.
+    ``dx`` is the (N, C, H, W) gradient viewed with each plane flattened (rows of ``W``); it is
+    overwritten (zeroed first). Overlapping windows that share an argmax add up there. With
+    ``two_by_two`` (2x2 windows at stride 2 that tile the plane) every window writes its four
+    pixels in one pass instead: the window's gradient at its argmax, 0 at the others.
     """
     cdef Py_ssize_t N = dx.shape[0], C = dx.shape[1], P = dx.shape[2]
     cdef Py_ssize_t H_out = dout.shape[2], W_out = dout.shape[3]
@@ -154,6 +114,17 @@ def max_pool_backward(const floating[:, :, :, ::1] dout, const Py_ssize_t[:, :, 
         for nc in prange(N * C, schedule="static", num_threads=threads):
             n = nc // C
             c = nc % C
+            if two_by_two:
+                for ho in range(H_out):
+                    if floating is float:
+                        cnn_max_pool_backward_row_2x2_f(
+                            &dout[n, c, ho, 0], &argmax[n, c, ho, 0], &dx[n, c, 2 * ho * W],
+                            &dx[n, c, (2 * ho + 1) * W], 2 * ho * W, W, W_out)
+                    else:
+                        cnn_max_pool_backward_row_2x2_d(
+                            &dout[n, c, ho, 0], &argmax[n, c, ho, 0], &dx[n, c, 2 * ho * W],
+                            &dx[n, c, (2 * ho + 1) * W], 2 * ho * W, W, W_out)
+                continue
             for k in range(P):
                 dx[n, c, k] = 0
             for ho in range(H_out):

@@ -357,6 +357,14 @@ def test_backward_rejects_wrong_cache_type():
         layers.max_pool_backward(dout, (GOOD_X, GOOD_PARAM))
 
 
+@pytest.mark.parametrize("window", [(3, 3, 1), (0, 0, 0), (2, 2), "2x2", (2.0, 2, 2)])
+def test_max_pool_backward_rejects_an_edited_window(window):
+    """The 2x2 path writes each window's four pixels: the window must be the cache's own."""
+    _, cache = layers.max_pool_forward(GOOD_X, GOOD_PARAM)
+    with pytest.raises(ValueError, match=r"cache.window .* does not give the pooled shape"):
+        layers.max_pool_backward(np.ones((2, 3, 4, 4)), cache._replace(window=window))
+
+
 def test_max_pool_cache_argmax_is_read_only():
     """The backward kernel indexes dx with it: a tampered index must not reach the kernel."""
     _, cache = layers.max_pool_forward(GOOD_X, GOOD_PARAM)
