@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -67,7 +68,8 @@ def _extensions() -> list[Extension]:
         Extension(
             f"cnnserve._ext.{p.stem}",
             [f"{KERNEL_DIR}/{p.name}"],
-            include_dirs=[KERNEL_DIR],
+            include_dirs=[KERNEL_DIR, numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
             depends=headers,  # rebuild when a C helper header changes
         )
         for p in pyx_files

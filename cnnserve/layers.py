@@ -506,7 +506,9 @@ def conv_forward(
     return out, cache
 
 
-def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def conv_backward(
+    dout: np.ndarray, cache: ConvCache, *, need_dx: bool = True
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Backward pass of :func:`conv_forward`.
 
     Parameters
@@ -515,10 +517,13 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
         Upstream gradient.
     cache : ConvCache
         From :func:`conv_forward`.
+    need_dx : bool, keyword-only
+        False when nothing needs the input's gradient (the first layer of a network): ``dx``
+        is then None and, where the path allows, not computed at all.
 
     Returns
     -------
-    dx : ndarray, shape (N, C, H, W)
+    dx : ndarray, shape (N, C, H, W), or None without ``need_dx``
     dw : ndarray, shape (F, C, HH, WW)
     db : ndarray, shape (F,)
 
@@ -530,6 +535,16 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     own partial ``dw`` and ``db``, summed at the end.
     """
     _check_cache(cache, ConvCache, "conv_forward")
+    if not isinstance(need_dx, bool):
+        raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
+    dx, dw, db = _conv_backward(dout, cache, need_dx)
+    return (dx if need_dx else None), dw, db
+
+
+def _conv_backward(
+    dout: np.ndarray, cache: ConvCache, need_dx: bool
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """:func:`conv_backward` after the cache check; dx may be None without ``need_dx``."""
     x, w, _, conv_param = cache
     N, C, H, W = x.shape
     F, _, HH, WW = w.shape
@@ -556,7 +571,7 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
     threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)
     if threads and not _is_pointwise(HH, WW, stride, pad, P):
         # Per image and thread: dw and db partial sums, dx written directly (NCHW).
-        dx = np.empty(x.shape, dtype=x.dtype)
+        dx = np.empty(x.shape if need_dx else (1, 1, 1, 1), dtype=x.dtype)
         dw_parts = np.empty((threads, K, F), dtype=x.dtype)  # dw transposed, per thread
         db_parts = np.empty((threads, F), dtype=np.float64)
         dout3 = np.ascontiguousarray(dout).reshape(N, F, P)
@@ -564,7 +579,7 @@ def conv_backward(dout: np.ndarray, cache: ConvCache) -> tuple[np.ndarray, np.nd
         with _SCRATCH.borrow((threads * scratch,), x.dtype) as (cols_buf,), _BLAS_1:
             _conv.conv_backward_fused(
                 x, np.ascontiguousarray(w_mat), dout3, dx, dw_parts, db_parts,
-                cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads,
+                cols_buf.reshape(threads, -1), HH, WW, stride, pad, rows, threads, need_dx,
             )  # fmt: skip
         dw = np.ascontiguousarray((dw_parts.sum(axis=0) if threads > 1 else dw_parts[0]).T)
         return dx, dw.reshape(w.shape), db_parts.sum(axis=0).astype(x.dtype)
@@ -698,8 +713,8 @@ def affine_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndar
 
 
 def affine_backward(
-    dout: np.ndarray, cache: AffineCache
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    dout: np.ndarray, cache: AffineCache, *, need_dx: bool = True
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Backward pass of :func:`affine_forward`.
 
     Parameters
@@ -708,18 +723,23 @@ def affine_backward(
         Upstream gradient.
     cache : AffineCache
         From :func:`affine_forward`.
+    need_dx : bool, keyword-only
+        False when nothing needs the input's gradient (the first layer of a network): ``dx``
+        is then None and not computed.
 
     Returns
     -------
-    dx : ndarray, shape (N, d_1, ..., d_k)
+    dx : ndarray, shape (N, d_1, ..., d_k), or None without ``need_dx``
     dw : ndarray, shape (D, M)
     db : ndarray, shape (M,)
     """
     _check_cache(cache, AffineCache, "affine_forward")
+    if not isinstance(need_dx, bool):
+        raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     x, w, _ = cache
     N, M = x.shape[0], w.shape[1]
     dout = _check_dout(dout, (N, M), x.dtype)
-    dx = (dout @ w.T).reshape(x.shape)
+    dx = (dout @ w.T).reshape(x.shape) if need_dx else None
     dw = x.reshape(N, -1).T @ dout
     db = dout.sum(axis=0)
     return dx, dw, db

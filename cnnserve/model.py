@@ -53,6 +53,7 @@ import numpy as np
 
 from cnnserve import __version__
 from cnnserve import layers as L
+from cnnserve._buffers import with_reused_buffers
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve._files import atomic_write_bytes
@@ -530,6 +531,7 @@ class ConvNet:
             raise TypeError(f"X must have a real numeric dtype, got {X.dtype}")
         return np.ascontiguousarray(X, dtype=self.dtype)
 
+    @with_reused_buffers
     def loss(self, X: np.ndarray, y: np.ndarray | None = None) -> Any:
         """Class scores (test mode) or the loss and its gradients (train mode).
 
@@ -566,11 +568,13 @@ class ConvNet:
             for info in self.info
             if info.spec["type"] in ("conv", "affine")
         ]
-        reg_loss = 0.5 * self.reg * sum(float(np.vdot(w, w)) for w in weights)
+        reg_loss = 0.5 * self.reg * sum(float(np.vdot(w, w)) for w in weights) if self.reg else 0.0
         grads: dict[str, np.ndarray] = {}
         for info, cache in zip(reversed(self.info), reversed(caches), strict=True):
             dout, layer_grads = self._backward(info, dout, cache)
             grads.update(layer_grads)
+            if dout is None:  # a first conv or affine layer: nothing below it has parameters
+                break
         if self.reg:
             for info in self.info:
                 if info.spec["type"] in ("conv", "affine"):
@@ -625,7 +629,8 @@ class ConvNet:
         kind, names = info.spec["type"], info.param_names
         if kind in ("conv", "affine"):
             fn = L.conv_backward if kind == "conv" else L.affine_backward
-            dx, dw, db = fn(dout, cache)
+            # Nothing needs the gradient of the network's input: the first layer skips it.
+            dx, dw, db = fn(dout, cache, need_dx=info.index > 0)
             return dx, {names[0]: dw, names[1]: db}
         if kind == "relu":
             return L.relu_backward(dout, cache), {}

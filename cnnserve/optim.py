@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnserve._buffers import with_reused_buffers
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve._ext import load as _load_kernels
@@ -121,6 +122,7 @@ _EPSILON = (1e-8, 0.0, math.inf, "()")
 # ---------------------------------------------------------------------------------------------
 
 
+@with_reused_buffers
 def sgd(w: np.ndarray, dw: np.ndarray, config: dict | None = None) -> tuple[np.ndarray, dict]:
     """Vanilla stochastic gradient descent: ``next_w = w - learning_rate * dw``.
 
@@ -145,6 +147,7 @@ def sgd(w: np.ndarray, dw: np.ndarray, config: dict | None = None) -> tuple[np.n
     return next_w, config
 
 
+@with_reused_buffers
 def sgd_momentum(
     w: np.ndarray, dw: np.ndarray, config: dict | None = None
 ) -> tuple[np.ndarray, dict]:
@@ -178,6 +181,7 @@ def sgd_momentum(
     return w + v, config
 
 
+@with_reused_buffers
 def rmsprop(w: np.ndarray, dw: np.ndarray, config: dict | None = None) -> tuple[np.ndarray, dict]:
     """RMSProp: scale the step by a moving average of squared gradients.
 
@@ -217,6 +221,7 @@ def rmsprop(w: np.ndarray, dw: np.ndarray, config: dict | None = None) -> tuple[
     return next_w, config
 
 
+@with_reused_buffers
 def adam(w: np.ndarray, dw: np.ndarray, config: dict | None = None) -> tuple[np.ndarray, dict]:
     """Adam: moving averages of the gradient and its square, with bias correction.
 

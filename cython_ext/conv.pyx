@@ -270,13 +270,15 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                         floating[:, :, ::1] dw_parts, double[:, ::1] db_parts,
                         floating[:, ::1] scratch, Py_ssize_t HH, Py_ssize_t WW,
                         Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t rows_per_block,
-                        int threads):
+                        int threads, bint need_dx=True):
     """Gradients of :func:`conv_forward_fused`, per image, on ``threads`` OpenMP threads.
 
     ``dout`` is (N, F, H_out*W_out). Thread ``t`` rebuilds a block of columns in ``scratch[t]``,
     adds ``cols @ dout_block.T`` into ``dw_parts[t]`` (K, F): the transpose of dw, turns the buffer into the column
     gradient ``w_mat.T @ dout_block`` and scatters it into ``dx`` (overwritten), and sums
     ``dout`` rows into ``db_parts[t]`` (F,) in double. The caller sums the parts over threads.
+    Without ``need_dx`` (a first layer, whose input needs no gradient) ``dx`` is not written
+    and its GEMM and col2im are skipped.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = w_mat.shape[0], K = w_mat.shape[1], P = dout.shape[2]
@@ -305,8 +307,9 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
             padded = cols + K * rows_per_block * W_out
             dpadded = padded + C * Hp * Wp
             _pad_image(&x[n, 0, 0, 0], padded, C, H, W, pad)
-            for e in range(C * Hp * Wp):
-                dpadded[e] = 0
+            if need_dx:
+                for e in range(C * Hp * Wp):
+                    dpadded[e] = 0
             for f in range(F):
                 db_parts[tid, f] += _run_sum(&dout[n, f, 0], P)
             for blk in range(n_blocks):
@@ -320,10 +323,14 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                 # without transposing it
                 _gemm("T", "N", <int>F, <int>K, <int>pb, 1, d, <int>P, cols, <int>pb, 1,
                       &dw_parts[tid, 0, 0], <int>F)
+                if not need_dx:
+                    continue
                 # dcols (K, pb) = w_mat.T (K, F) @ dout_block (F, pb); column-major: (pb x K)
                 _gemm("N", "T", <int>pb, <int>K, <int>F, 1, d, <int>P, &w_mat[0, 0], <int>K, 0,
                       cols, <int>pb)
                 _col2im_rows(cols, dpadded, C, Hp, Wp, HH, WW, stride, W_out, ho0, ho1)
+            if not need_dx:
+                continue
             # the gradient of the image is the interior of the padded gradient
             for c in range(C):
                 for h in range(H):

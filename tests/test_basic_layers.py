@@ -56,6 +56,18 @@ def test_relu_numeric_gradient_and_non_contiguous():
 
 # ---------------------------------------------------------------------------------------------
 # Affine
+def test_affine_backward_without_dx():
+    x = _rng().standard_normal((4, 2, 3))
+    w, b = _rng(1).standard_normal((6, 5)), np.zeros(5)
+    out, cache = layers.affine_forward(x, w, b)
+    dout = _rng(2).standard_normal(out.shape)
+    dx, dw, db = layers.affine_backward(dout, cache)
+    none, dw2, db2 = layers.affine_backward(dout, cache, need_dx=False)
+    assert none is None and dx.shape == x.shape
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+
+
 # ---------------------------------------------------------------------------------------------
 
 

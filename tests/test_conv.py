@@ -378,6 +378,32 @@ def test_fast_paths_match_reference(shape, path, dtype):
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
 
 
+WHOLE_AND_POINTWISE = [
+    ((2, 3, 4, 5, 6, 4, 5, 1, 0), "whole image"),  # a filter as large as the image
+    ((2, 3, 9, 9, 4, 1, 1, 1, 0), "pointwise"),  # 1x1 over 81 pixels
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "path"),
+    FAST_PATH_SHAPES + WHOLE_AND_POINTWISE,
+    ids=lambda v: v if isinstance(v, str) else _ids(v),
+)
+def test_backward_without_dx_gives_the_same_dw_and_db(shape, path, dtype):
+    """need_dx=False (a network's first layer) skips dx and changes nothing else."""
+    x, w, b, param = _random_problem(shape, dtype, seed=5)
+    out, cache = layers.conv_forward(x, w, b, param)
+    dout = np.random.default_rng(6).standard_normal(out.shape).astype(dtype)
+    dx, dw, db = layers.conv_backward(dout, cache)
+    none, dw2, db2 = layers.conv_backward(dout, cache, need_dx=False)
+    assert none is None and dx.shape == x.shape
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+    with pytest.raises(TypeError, match="need_dx must be a bool, got int"):
+        layers.conv_backward(dout, cache, need_dx=0)
+
+
 @pytest.mark.parametrize(
     "shape",
     [(2, 2, 5, 7, 3, 3, 3, 1, 1), (1, 2, 6, 6, 2, 3, 3, 1, 0), (2, 2, 9, 10, 2, 2, 3, 1, 0), (1, 2, 17, 16, 2, 3, 2, 2, 1)],
