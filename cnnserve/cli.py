@@ -552,13 +552,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prefix = f"cnnserve {args.command}: error:"
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe is handled below, not at exit
+        return status
     except TrainingDiverged as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (CommandError, DataError, ModelFileError, ValueError, TypeError) as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `cnnserve evaluate ... | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except OSError as exc:  # a file the command had to write or read: permissions, disk full
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,6 +1,7 @@
 """The ``cnnserve`` command: train, evaluate, info, and their errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,21 @@ def test_the_module_runs_as_a_command():
         check=False,
     )
     assert done.stdout.startswith("cnnserve 0.1.0")
+
+
+def test_a_reader_that_leaves_early_is_not_an_error():
+    # `cnnserve info MODEL | head -1`: the reader is gone by the time the command prints.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cnnserve", "info", str(SHIPPED)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0
+    assert done.stderr == b""
