@@ -23,6 +23,7 @@ from cnnserve._ext import load
 __all__ = ["buffer_cache_stats", "release_buffer_cache", "reusing_buffers", "with_reused_buffers"]
 
 _memory = load("memory")
+_MAX_MB = 2**20  # 1 TiB: anything larger is a typo
 
 
 def _limit_from_environment() -> int:
@@ -31,8 +32,8 @@ def _limit_from_environment() -> int:
         megabytes = float(text)
     except ValueError:
         raise ValueError(f"CNNSERVE_ARRAY_CACHE_MB must be a number of MiB, got {text!r}") from None
-    if not megabytes >= 0:
-        raise ValueError(f"CNNSERVE_ARRAY_CACHE_MB must be >= 0, got {text!r}")
+    if not 0 <= megabytes <= _MAX_MB:  # also rejects NaN and inf
+        raise ValueError(f"CNNSERVE_ARRAY_CACHE_MB must be >= 0 and <= {_MAX_MB}, got {text!r}")
     return int(megabytes * 2**20)
 
 

@@ -1049,6 +1049,8 @@ def max_pool_backward(dout: np.ndarray, cache: MaxPoolCache) -> np.ndarray:
         isinstance(window, tuple)
         and len(window) == 3
         and all(isinstance(v, int) and v >= 1 for v in window)
+        and (H - window[0]) % window[2] == 0
+        and (W - window[1]) % window[2] == 0
         and argmax.shape[2:] == ((H - window[0]) // window[2] + 1, (W - window[1]) // window[2] + 1)
     ):
         raise ValueError(

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cnnserve._buffers import release_buffer_cache
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve.history import HISTORY_FORMAT, plot_history, write_history
@@ -561,6 +562,8 @@ class Solver:
             finally:
                 bar.close()
         self.restore_best()
+        # The steps' buffers are no longer needed: give the memory back.
+        release_buffer_cache()
 
     def _end_epoch(self, started: float) -> None:
         self.epoch += 1

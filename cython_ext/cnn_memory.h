@@ -4,8 +4,8 @@
  * optimizer's new state) and frees them at the end of the step. glibc hands blocks of
  * several MiB back to the kernel when they are freed, so every step page-faults its arrays
  * in again: about 1 ms per 6 MiB array, a fifth of a small network's step. This handler
- * keeps freed blocks of 1 MiB or more (up to cnn_cache_limit bytes in all) and hands them
- * out again for allocations of exactly the same size. Smaller blocks, calloc (fresh zero
+ * keeps freed blocks of 1 MiB or more (up to cnn_cache_limit bytes in all, the oldest
+ * giving way to the newest) and hands them out again for allocations of exactly that size. Smaller blocks, calloc (fresh zero
  * pages are free) and realloc go straight to the C library. The handler is installed only
  * in the context of cnnserve's training code (memory.pyx); an array keeps the handler it was
  * allocated with, so whoever frees it later frees it here.
@@ -80,19 +80,29 @@ static void *cnn_mem_realloc(void *ctx, void *ptr, size_t new_size) {
     return realloc(ptr, new_size ? new_size : 1);
 }
 
+/* Keep a freed block for reuse. When the cache is full, older blocks make room: the block
+ * just freed is the likeliest to be needed again (the next step allocates the same sizes),
+ * so a change of sizes (a validation pass, a larger batch) turns the cache over instead of
+ * leaving it full of sizes nobody asks for. */
 static void cnn_mem_free(void *ctx, void *ptr, size_t size) {
     (void)ctx;
-    if (ptr != NULL && size >= CNN_CACHE_MIN_BLOCK) {
+    if (ptr != NULL && size >= CNN_CACHE_MIN_BLOCK && size <= cnn_cache_limit) {
+        void *evicted[CNN_CACHE_SLOTS];
+        size_t n_evicted = 0;
         pthread_mutex_lock(&cnn_cache_lock);
-        if (cnn_cache_count < CNN_CACHE_SLOTS && cnn_cache_bytes + size <= cnn_cache_limit) {
-            cnn_cache[cnn_cache_count].ptr = ptr;
-            cnn_cache[cnn_cache_count].size = size;
-            cnn_cache_count++;
-            cnn_cache_bytes += size;
-            pthread_mutex_unlock(&cnn_cache_lock);
-            return;
+        while (cnn_cache_count > 0 && (cnn_cache_count == CNN_CACHE_SLOTS ||
+                                       cnn_cache_bytes + size > cnn_cache_limit)) {
+            evicted[n_evicted++] = cnn_cache[0].ptr;
+            cnn_cache_bytes -= cnn_cache[0].size;
+            cnn_cache[0] = cnn_cache[--cnn_cache_count];
         }
+        cnn_cache[cnn_cache_count].ptr = ptr;
+        cnn_cache[cnn_cache_count].size = size;
+        cnn_cache_count++;
+        cnn_cache_bytes += size;
         pthread_mutex_unlock(&cnn_cache_lock);
+        for (size_t i = 0; i < n_evicted; i++) free(evicted[i]);  /* outside the lock */
+        return;
     }
     free(ptr);
 }

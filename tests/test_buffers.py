@@ -67,14 +67,32 @@ def test_the_cache_is_bounded_and_can_be_released(monkeypatch):
         with reusing_buffers():
             arrays = [np.ones(MIB, dtype=np.float32) for _ in range(5)]  # 5 x 4 MiB
             del arrays
-        assert buffer_cache_stats()["cached_bytes"] == 8 * MIB  # two fit under 10 MiB
+        assert buffer_cache_stats()["cached_bytes"] == 8 * MIB  # the last two under 10 MiB
+        with reusing_buffers():
+            other = np.ones(2 * MIB, dtype=np.float32)  # 8 MiB of a new size
+            del other
+        stats = buffer_cache_stats()  # it takes the place of the older blocks
+        assert stats["cached_bytes"] == 8 * MIB and stats["cached_blocks"] == 1
+        with reusing_buffers():
+            huge = np.ones(3 * MIB, dtype=np.float32)  # 12 MiB: more than the limit
+            del huge
+        assert buffer_cache_stats()["cached_blocks"] == 1
         assert release_buffer_cache() == 8 * MIB
         assert buffer_cache_stats()["cached_bytes"] == 0
     finally:
         _buffers._memory.set_limit(_buffers._limit_from_environment())
 
 
-@pytest.mark.parametrize(("value", "message"), [("lots", "number of MiB"), ("-1", ">= 0")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("lots", "number of MiB"),
+        ("-1", ">= 0"),
+        ("inf", "<= 1048576"),
+        ("nan", ">= 0"),
+        ("1e30", ">= 0"),
+    ],
+)
 def test_the_limit_from_the_environment_is_checked(monkeypatch, value, message):
     monkeypatch.setenv("CNNSERVE_ARRAY_CACHE_MB", value)
     with pytest.raises(ValueError, match=f"CNNSERVE_ARRAY_CACHE_MB must be .*{message}"):
