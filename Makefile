@@ -25,6 +25,7 @@ serve: install
 bench: $(PY)
 	$(PIP) install -e ".[bench]"
 	$(PY) bench/layers.py
+	$(PY) bench/train.py
 
 lint: $(PY)
 	$(PIP) install -e ".[test]"
