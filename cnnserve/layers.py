@@ -354,6 +354,36 @@ def _fused_plan(N: int, K: int, H_out: int, W_out: int, F: int, itemsize: int) -
     return threads, rows
 
 
+# The skinny kernel (cnn_skinny.h) replaces im2col + BLAS GEMM for float32 products with at
+# most this many output columns (output pixels of the whole batch) ...
+_SKINNY_MAX_COLUMNS = 64
+# ... at least this many (fewer leave most of its 4 x 6 register tile idle) ...
+_SKINNY_MIN_COLUMNS = 12
+# ... and filter matrices of at least this many values (16 MB in float32): BLAS then reads
+# its packed copy from memory, while this kernel reads the weights once, in place.
+_SKINNY_MIN_WEIGHTS = 2**22
+# Values of K per chunk are chosen so that a chunk of the (columns, K) matrix is this size:
+# it stays in L2 while every row of the weights passes over it.
+_SKINNY_CHUNK_BYTES = 288 * 2**10
+
+
+def _skinny_plan(dtype: np.dtype, columns: int, F: int, K: int) -> int:
+    """Values of K per chunk for the skinny float32 kernel, or 0 to use the other paths.
+
+    Taken for float32 on CPUs where its AVX-512 tile runs (``_conv.skinny_fast()``), with
+    ``_SKINNY_MIN_COLUMNS <= columns <= _SKINNY_MAX_COLUMNS`` and ``F * K`` of at least
+    ``_SKINNY_MIN_WEIGHTS``. The chunk is a multiple of 16 values (one AVX-512 vector).
+    """
+    if (
+        dtype != np.float32
+        or not _SKINNY_MIN_COLUMNS <= columns <= _SKINNY_MAX_COLUMNS
+        or F * K < _SKINNY_MIN_WEIGHTS
+        or not _conv.skinny_fast()
+    ):
+        return 0
+    return max(16, _SKINNY_CHUNK_BYTES // (4 * columns) // 16 * 16)
+
+
 # Winograd F(2x2, 3x3): 3x3 filters at stride 1 take 16 products per 2x2 output tile where a
 # direct convolution takes 36. One thread's transform buffers for one image, about
 # 16 * (C + F) * tiles values, must stay below this size; larger images use the direct path.
@@ -436,7 +466,10 @@ def conv_forward(
     Notes
     -----
     3x3 filters at stride 1 use Winograd F(2x2, 3x3), one image per OpenMP thread at a time
-    (16 small GEMMs per image on transformed tiles). Other filters, with at least one image
+    (16 small GEMMs per image on transformed tiles). float32 problems with few output
+    pixels over the batch (12 to 64) and a filter matrix of at least 2**22 values, on CPUs with
+    AVX-512, use a kernel that reads the filters in place along K against the transposed
+    columns (``cnn_skinny.h``) instead of BLAS. Other filters, with at least one image
     per thread, build the im2col columns of a block of output rows per thread and multiply
     them by the (F, C*HH*WW) filter matrix with single-threaded BLAS, writing NCHW directly.
     Otherwise a chunk of images is unrolled into a (C*HH*WW, n*H_out*W_out) column matrix
@@ -480,6 +513,23 @@ def conv_forward(
             _conv.winograd_forward(
                 x, _winograd_filters(w), np.ascontiguousarray(b), out,
                 buf.reshape(threads, scratch), pad, 1, threads,
+            )  # fmt: skip
+        return out, cache
+    kc = _skinny_plan(x.dtype, N * P, F, K)
+    if kc:
+        # Few output pixels, a large filter matrix: out[n] (F, P) = w_mat (F, K) @ cols[:, n]
+        # with both operands read along K (cnn_skinny.h), no packing of the weights.
+        with _SCRATCH.borrow((K * N * P, K * N * P + 16), x.dtype) as (cols_buf, t_buf):
+            cols = cols_buf.reshape(K, N * P)
+            _conv.im2col(x, cols, HH, WW, stride, pad)
+            # (N*P, K), small; starts on a 64-byte boundary so that its vector loads do not
+            # straddle cache lines
+            skip = (-t_buf.ctypes.data % 64) // 4
+            cols_t = t_buf[skip : skip + K * N * P].reshape(N * P, K)
+            np.copyto(cols_t, cols.T)
+            _conv.skinny_forward(
+                np.ascontiguousarray(w_mat), cols_t, np.ascontiguousarray(b),
+                out.reshape(N, F, P), kc, _conv.threads_for(N * P * F * K),
             )  # fmt: skip
         return out, cache
     threads, rows = _fused_plan(N, K, H_out, W_out, F, x.itemsize)

@@ -587,3 +587,68 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
             for n in range(n0, n1):
                 _wino_dinput(V, padded, &dx[n, 0, 0, 0], C, H, W, pad, th, tw, Tb,
                              (n - n0) * T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skinny products: few output columns (output pixels of the whole batch), many filters and a
+# long K, e.g. 7x7 over 512 channels into 4096 filters at 6x6 outputs (cnn_skinny.h).
+# ---------------------------------------------------------------------------------------------
+
+
+cdef extern from "cnn_skinny.h" nogil:
+    int cnn_skinny_fast_f()
+    void cnn_skinny_rows_f(const float* W, const float* CT, float* out, Py_ssize_t K,
+                           Py_ssize_t J, const Py_ssize_t* col_off, Py_ssize_t ldo,
+                           Py_ssize_t f0, Py_ssize_t f1, Py_ssize_t kc, int use_avx512)
+
+
+# Rows of W per tile of cnn_skinny.h (CNN_SK_MR): a thread's share of rows is a multiple.
+cdef Py_ssize_t _SKINNY_MR = 4
+
+
+def skinny_fast():
+    """True if :func:`skinny_forward` runs its AVX-512 tile on this CPU."""
+    return cnn_skinny_fast_f() == 1
+
+
+def skinny_forward(const float[:, ::1] w_mat, const float[:, ::1] cols_t, const float[::1] b,
+                   float[:, :, ::1] out, Py_ssize_t kc, int threads, bint use_fast=True):
+    """``out[n, f, p] = b[f] + sum_k w_mat[f, k] * cols_t[n * P + p, k]``, float32 only.
+
+    ``w_mat`` is (F, K), ``cols_t`` (N * P, K) the transposed column matrix (one row per
+    output pixel of the batch), ``out`` (N, F, P). K is taken ``kc`` values at a time. The
+    rows of ``w_mat`` are split over ``threads`` OpenMP threads in blocks of 4 rows; each
+    thread writes only its own rows of ``out``. ``use_fast=False`` forces the portable tile
+    (for tests); the AVX-512 tile is used only when :func:`skinny_fast` is true.
+    """
+    cdef Py_ssize_t F = w_mat.shape[0], K = w_mat.shape[1]
+    cdef Py_ssize_t N = out.shape[0], P = out.shape[2], J = cols_t.shape[0]
+    cdef Py_ssize_t n_blocks = (F + _SKINNY_MR - 1) // _SKINNY_MR
+    cdef Py_ssize_t t, f, j, n, p, f0, f1
+    cdef int fast = 1 if (use_fast and cnn_skinny_fast_f() == 1) else 0
+    if out.shape[1] != F or cols_t.shape[1] != K or J != N * P or b.shape[0] != F:
+        raise ValueError("skinny_forward: shapes of w_mat, cols_t, b and out do not match")
+    if kc < 1:
+        raise ValueError("skinny_forward: kc must be >= 1")
+    if F == 0 or J == 0:
+        return
+    import numpy as np
+    # column j (image n = j // P, pixel p = j % P) lands at out[n, f, p] = base + f*P + col_off[j]
+    offsets = np.empty(J, dtype=np.intp)
+    cdef Py_ssize_t[::1] col_off = offsets
+    for j in range(J):
+        col_off[j] = (j // P) * F * P + j % P
+    cdef float* o = &out[0, 0, 0]
+    if threads < 1:
+        threads = 1
+    with nogil:
+        for t in prange(threads, schedule="static", num_threads=threads):
+            f0 = min(F, (n_blocks * t // threads) * _SKINNY_MR)
+            f1 = min(F, (n_blocks * (t + 1) // threads) * _SKINNY_MR)
+            for n in range(N):
+                for f in range(f0, f1):
+                    for p in range(P):
+                        o[(n * F + f) * P + p] = b[f]
+            if f1 > f0:
+                cnn_skinny_rows_f(&w_mat[0, 0], &cols_t[0, 0], o, K, J, &col_off[0], P,
+                                  f0, f1, kc, fast)

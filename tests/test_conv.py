@@ -327,6 +327,8 @@ def _path(shape, dtype) -> str:
         return "pointwise"
     if layers._winograd_plan(N, C, F, HH, WW, stride, H_out, W_out, itemsize)[0]:
         return "winograd"
+    if layers._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW):
+        return "skinny"  # forward only; the backward takes the fused or chunk path
     if layers._fused_plan(N, C * HH * WW, H_out, W_out, F, itemsize)[0]:
         return "fused"
     return "chunks"

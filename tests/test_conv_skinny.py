@@ -1,0 +1,148 @@
+"""The skinny float32 conv kernel (cnn_skinny.h): few output columns, a large filter matrix."""
+
+import numpy as np
+import pytest
+
+from cnnserve import layers, reference
+from cnnserve._ext import conv as conv_ext
+from tests.gradcheck import tolerance
+
+FAST = conv_ext.skinny_fast()
+
+
+def _product_problem(F, K, J, seed=0):
+    rng = np.random.default_rng(seed)
+    w_mat = rng.standard_normal((F, K)).astype(np.float32)  # (F, K)
+    cols_t = rng.standard_normal((J, K)).astype(np.float32)  # (J, K)
+    b = rng.standard_normal(F).astype(np.float32)  # (F,)
+    return w_mat, cols_t, b
+
+
+def _assert_close_to_scale(got, want):
+    """float32 to 1e-5 of the largest magnitude of the float64 result."""
+    scale = float(np.max(np.abs(want)))
+    assert float(np.max(np.abs(got - want))) <= 1e-5 * scale
+
+
+# (F, K, N, P, kc): F not a multiple of the 4-row tile, N*P not a multiple of the 6-column
+# tile, K not a multiple of 16 (the AVX-512 width) nor of kc, kc not a multiple of 16, one
+# column, one row, one chunk larger than K, batch of 1 and batches > 1.
+PRODUCT_CASES = [
+    (4, 16, 1, 6, 16),
+    (5, 37, 1, 7, 16),
+    (7, 100, 2, 5, 32),
+    (13, 1000, 3, 12, 48),
+    (1, 33, 1, 1, 1000),
+    (3, 17, 4, 1, 5),
+    (64, 2053, 1, 36, 512),
+    (33, 515, 2, 18, 100),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("use_fast", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize(("F", "K", "N", "P", "kc"), PRODUCT_CASES)
+def test_skinny_forward_matches_float64_product(F, K, N, P, kc, use_fast, threads):
+    w_mat, cols_t, b = _product_problem(F, K, N * P)
+    out = np.full((N, F, P), np.nan, dtype=np.float32)  # (N, F, P): every entry is written
+    conv_ext.skinny_forward(w_mat, cols_t, b, out, kc, threads, use_fast)
+    # want[n, f, p] = b[f] + sum_k w_mat[f, k] * cols_t[n * P + p, k], in float64
+    prod = w_mat.astype(np.float64) @ cols_t.astype(np.float64).T  # (F, N * P)
+    want = prod.reshape(F, N, P).transpose(1, 0, 2) + b[:, None]
+    _assert_close_to_scale(out, want)
+
+
+def test_skinny_forward_rejects_mismatched_shapes():
+    w_mat, cols_t, b = _product_problem(4, 16, 6)
+    with pytest.raises(ValueError, match="do not match"):
+        conv_ext.skinny_forward(w_mat, cols_t, b, np.empty((1, 4, 5), np.float32), 16, 1)
+    with pytest.raises(ValueError, match="kc"):
+        conv_ext.skinny_forward(w_mat, cols_t, b, np.empty((1, 4, 6), np.float32), 0, 1)
+
+
+def test_skinny_plan_switch():
+    """Both sides of each condition of the switch, for the bench's 4096-filter row."""
+    K = 512 * 49
+    kc = layers._skinny_plan(np.dtype(np.float32), 36, 4096, K)
+    assert (kc > 0) == FAST
+    if FAST:
+        assert kc % 16 == 0 and 36 * kc * 4 <= layers._SKINNY_CHUNK_BYTES
+    assert layers._skinny_plan(np.dtype(np.float64), 36, 4096, K) == 0  # float64: other paths
+    assert layers._skinny_plan(np.dtype(np.float32), 65, 4096, K) == 0  # too many columns
+    assert layers._skinny_plan(np.dtype(np.float32), 11, 4096, K) == 0  # too few columns
+    assert layers._skinny_plan(np.dtype(np.float32), 36, 64, 1024) == 0  # small weights
+    if FAST:
+        assert layers._skinny_plan(np.dtype(np.float32), 64, 4096, K) > 0
+        assert layers._skinny_plan(np.dtype(np.float32), 12, 4096, K) > 0
+
+
+# (N, C, H, W, F, HH, WW, stride, pad) with 12..64 output pixels over the batch: batch of 1
+# and > 1, F not a multiple of 4, pixels not a multiple of 6, K = C*HH*WW not a multiple of 16,
+# padding and stride 2 (im2col of the columns), non-square filters.
+CONV_SHAPES = [
+    (1, 5, 8, 8, 7, 3, 3, 1, 0),
+    (2, 3, 7, 6, 9, 4, 3, 1, 0),
+    (3, 4, 7, 7, 5, 3, 3, 2, 1),
+    (1, 7, 9, 9, 6, 5, 5, 1, 1),
+    (4, 2, 5, 5, 3, 2, 2, 1, 0),
+]
+
+
+def _ids(shape):
+    N, C, H, W, F, HH, WW, s, p = shape
+    return f"x{N}x{C}x{H}x{W}-w{F}x{HH}x{WW}-s{s}p{p}"
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["skinny", "other"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=_ids)
+def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, taken):
+    """With the weight threshold lowered the small problems take the skinny path (float32 on
+    AVX-512 CPUs; float64 never does); forward and backward match the float64 loop reference
+    either way."""
+    N, C, H, W, F, HH, WW, stride, pad = shape
+    monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1 if taken else 2**62)
+    monkeypatch.setattr(layers, "_SKINNY_CHUNK_BYTES", 4 * 64 * 16)  # several chunks of K
+    H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
+    kc = layers._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW)
+    assert (kc > 0) == (taken and FAST and dtype == np.float32)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, HH, WW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    param = {"stride": stride, "pad": pad}
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), param
+    )
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    if dtype == np.float32:
+        _assert_close_to_scale(out, ref_out)
+    else:
+        np.testing.assert_allclose(out, ref_out, **tolerance(dtype))
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = layers.conv_backward(dout, cache)
+    ref_grads = reference.conv_backward_naive(dout.astype(np.float64), ref_cache)
+    for got, want in zip(grads, ref_grads, strict=True):
+        if dtype == np.float32:
+            _assert_close_to_scale(got, want)
+        else:
+            np.testing.assert_allclose(got, want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("N", [1, 2])
+def test_bench_row_4096_filters(N):
+    """The bench's (1, 512, 12, 12) x (4096, 512, 7, 7) row (and a batch of 2: 72 columns,
+    the other paths) against a float64 product of the same columns."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, 512, 12, 12)).astype(np.float32)
+    w = (rng.standard_normal((4096, 512, 7, 7)) * 0.01).astype(np.float32)
+    b = rng.standard_normal(4096).astype(np.float32)
+    assert (layers._skinny_plan(x.dtype, N * 36, 4096, 512 * 49) > 0) == (FAST and N == 1)
+    out, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})  # (N, 4096, 6, 6)
+    cols = np.empty((512 * 49, N * 36), dtype=np.float32)  # (K, N*P)
+    conv_ext.im2col(x, cols, 7, 7, 1, 0)
+    prod = w.reshape(4096, -1).astype(np.float64) @ cols.astype(np.float64)  # (F, N*P)
+    want = prod.reshape(4096, N, 6, 6).transpose(1, 0, 2, 3) + b[:, None, None]
+    _assert_close_to_scale(out, want)
