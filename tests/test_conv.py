@@ -490,7 +490,7 @@ def test_winograd_switches_off_for_large_transform_buffers(monkeypatch):
 
 def test_fast_paths_leave_numpy_blas_threads_alone():
     """The fused kernels run BLAS on one thread; NumPy's own BLAS keeps its thread count."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl  # a dependency of cnnserve: the fused kernels use it
 
     def numpy_blas_threads():
         return [
