@@ -269,20 +269,32 @@ def _plan(
     return plan
 
 
-def tensor_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every tensor a network of this :meth:`ConvNet.config` holds.
-
-    Checks the architecture like the constructor does, without allocating anything.
-    """
+def _check_config(config: Any) -> None:
+    """A :meth:`ConvNet.config` dict must be a mapping with the keys that build a network."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     missing = [k for k in ("layers", "input_shape", "num_classes") if k not in config]
     if missing:
         raise ValueError(f"config is missing {', '.join(map(repr, missing))}")
-    layers = config["layers"]
+
+
+def _check_layers(layers: Any) -> Sequence:
+    """``layers`` must be a list of layer specs (not a single spec or a string)."""
     if isinstance(layers, Mapping | str) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be a list of layer specs, got {type(layers).__name__}")
-    body = [_normalise_spec(spec, f"layer {i}") for i, spec in enumerate(layers)]
+    return layers
+
+
+def tensor_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor a network of this :meth:`ConvNet.config` holds.
+
+    Checks the architecture like the constructor does, without allocating anything.
+    """
+    _check_config(config)
+    body = [
+        _normalise_spec(spec, f"layer {i}")
+        for i, spec in enumerate(_check_layers(config["layers"]))
+    ]
     head = {"type": "affine", "units": _check_int(config["num_classes"], "num_classes", 2)}
     shapes: dict[str, tuple[int, ...]] = {}
     for _, _, owned in _plan([*body, head], _check_input_shape(config["input_shape"])):
@@ -405,8 +417,7 @@ class ConvNet:
         class_names: Sequence[str] | None = None,
         normalization: Mapping | None = None,
     ) -> None:
-        if isinstance(layers, Mapping | str) or not isinstance(layers, Sequence):
-            raise TypeError(f"layers must be a list of layer specs, got {type(layers).__name__}")
+        _check_layers(layers)
         shape = _check_input_shape(input_shape)
         self.num_classes = _check_int(num_classes, "num_classes", 2)
         if weight_scale is not None:
@@ -474,11 +485,7 @@ class ConvNet:
     @classmethod
     def from_config(cls, config: Mapping, **kwargs: Any) -> ConvNet:
         """Build a network from :meth:`config` output (fresh weights)."""
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        missing = [k for k in ("layers", "input_shape", "num_classes") if k not in config]
-        if missing:
-            raise ValueError(f"config is missing {', '.join(map(repr, missing))}")
+        _check_config(config)
         options = {k: config[k] for k in ("weight_scale", "reg", "dtype", "seed") if k in config}
         options.update(kwargs)
         return ConvNet(config["layers"], config["input_shape"], config["num_classes"], **options)
