@@ -65,7 +65,15 @@ import numpy as np
 
 from cnnserve._checks import check_int as _check_int
 
-__all__ = ["DataError", "Dataset", "load_dataset", "normalize", "FORMATS", "STD_EPS"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "FORMATS",
+    "STD_EPS",
+    "digits_canvas",
+    "load_dataset",
+    "normalize",
+]
 
 #: Formats understood by :func:`load_dataset`.
 FORMATS = ("digits", "idx", "cifar10", "folder")
@@ -983,3 +991,154 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A demo canvas for dense score maps
+# ---------------------------------------------------------------------------------------------
+
+_DIGIT = 8  # side of a digit image
+_CANVAS_LAYOUTS = 20  # random layouts tried before digits_canvas gives up
+
+
+def _place_boxes(
+    H: int, W: int, count: int, margin: int, rng: np.random.Generator
+) -> list[tuple[int, int]] | None:
+    """Top-left corners ``(y0, x0)`` of ``count`` 8x8 boxes, or None when a layout jams.
+
+    Each box is drawn uniformly among the corners still free: at least ``margin`` pixels
+    from the canvas border and from every box placed before it.
+    """
+    d = _DIGIT
+    # free[y, x]: may a box have its top-left corner at (margin + y, margin + x)?
+    ny, nx = H - 2 * margin - d + 1, W - 2 * margin - d + 1
+    if ny < 1 or nx < 1:
+        return None
+    free = np.ones((ny, nx), dtype=bool)
+    corners = []
+    for _ in range(count):
+        spots = np.flatnonzero(free)
+        if not spots.size:
+            return None
+        y, x = divmod(int(spots[rng.integers(spots.size)]), nx)
+        corners.append((margin + y, margin + x))
+        # Corners closer than d + margin on both axes would overlap or crowd this box.
+        reach = d + margin - 1
+        free[max(0, y - reach) : y + reach + 1, max(0, x - reach) : x + reach + 1] = False
+    return corners
+
+
+def digits_canvas(
+    size: tuple[int, int] = (64, 128),
+    count: int = 6,
+    *,
+    seed: int = 0,
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    margin: int = 2,
+) -> tuple[np.ndarray, list[dict]]:
+    """A demo image for dense score maps: held-out 8x8 digits pasted on a black canvas.
+
+    The digits are scikit-learn's bundled digits (raw 0..16 divided by 16) from the *test*
+    split that ``load_dataset("digits", seed=split_seed, val_fraction=val_fraction,
+    test_fraction=test_fraction)`` makes, so that a model trained on that data set has never
+    seen them. They are pasted at their native 8x8 size at random positions that keep at
+    least ``margin`` pixels between any two digits and between every digit and the border.
+    With ``count <= 10`` the labels are distinct; with more, the digits are drawn from the
+    whole test split without repetition. Everything is deterministic in ``seed`` (and
+    ``split_seed``), whatever the global NumPy random state.
+
+    Parameters
+    ----------
+    size : (int, int), optional
+        ``(H, W)`` of the canvas, each at least 8.
+    count : int, optional
+        Number of digits, >= 1.
+    seed : int, optional
+        Seed of the choice of digits and of their positions, >= 0.
+    split_seed, val_fraction, test_fraction
+        The split the digits come from, as for :func:`load_dataset` (``seed``,
+        ``val_fraction``, ``test_fraction``); ``test_fraction`` must be positive.
+    margin : int, optional
+        Minimum gap in pixels between digits, and between digits and the border, >= 0.
+
+    Returns
+    -------
+    canvas : numpy.ndarray
+        float32 in [0, 1] (background 0), shape ``(1, H, W)``.
+    placements : list of dict
+        One per digit, in the order placed: ``{"label": int, "index": int, "box": [x0, y0,
+        x1, y1]}``, where ``index`` is the row in scikit-learn's digits and the box (``x1``,
+        ``y1`` exclusive) is where the digit sits: ``canvas[0, y0:y1, x0:x1]`` is that digit.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type.
+    ValueError
+        ``size`` below 8, ``count`` digits that do not fit (no free position after a bounded
+        number of random layouts), more digits than the test split holds, a bad fraction.
+
+    Shape
+    -----
+    ``(1, H, W)`` with ``(H, W) = size``; every box is ``x1 - x0 = y1 - y0 = 8``.
+    """
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        raise TypeError(f"size must be a pair (H, W) of ints, got {size!r}")
+    H, W = (_check_int(v, "size", 1) for v in size)
+    if H < _DIGIT or W < _DIGIT:
+        raise ValueError(f"size must be at least (8, 8) to hold an 8x8 digit, got ({H}, {W})")
+    count = _check_int(count, "count", 1)
+    seed = _check_int(seed, "seed", 0)
+    split_seed = _check_int(split_seed, "split_seed", 0)
+    margin = _check_int(margin, "margin", 0)
+    val_fraction = _check_fraction(val_fraction, "val_fraction")
+    test_fraction = _check_fraction(test_fraction, "test_fraction")
+    if test_fraction == 0:
+        raise ValueError("test_fraction must be positive: the digits come from the test split")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}"
+        )
+    # n boxes in a row need 8n + margin (n + 1) pixels: the grid is the densest packing.
+    per_col = (H - margin) // (_DIGIT + margin)
+    per_row = (W - margin) // (_DIGIT + margin)
+    digits = f"{count} digit{'s' if count > 1 else ''}"
+    no_fit = f"cannot fit {digits} (8x8, margin {margin}) in a canvas of size ({H}, {W})"
+    if count > per_col * per_row:
+        raise ValueError(f"{no_fit}: at most {per_col * per_row} fit; enlarge size or lower count")
+
+    _, X, y = _load_digits()
+    _, _, test = _split(y, val_fraction, test_fraction, split_seed, "digits")
+    if count > len(test):
+        raise ValueError(f"count must be <= {len(test)} (the test split's size), got {count}")
+    rng = np.random.default_rng(seed)
+    if count <= 10:
+        labels = rng.permutation(np.unique(y[test]))[:count]
+        chosen = [int(rng.choice(test[y[test] == label])) for label in labels]
+    else:
+        chosen = [int(i) for i in rng.choice(test, size=count, replace=False)]
+
+    for _ in range(_CANVAS_LAYOUTS):
+        corners = _place_boxes(H, W, count, margin, rng)
+        if corners is not None:
+            break
+    else:
+        raise ValueError(
+            f"{no_fit}: no room left after {_CANVAS_LAYOUTS} random layouts; enlarge size "
+            "or lower count or margin"
+        )
+
+    canvas = np.zeros((1, H, W), dtype=np.float32)
+    placements = []
+    for index, (y0, x0) in zip(chosen, corners, strict=True):
+        canvas[0, y0 : y0 + _DIGIT, x0 : x0 + _DIGIT] = X[index, 0] / np.float32(16)
+        placements.append(
+            {
+                "label": int(y[index]),
+                "index": index,
+                "box": [x0, y0, x0 + _DIGIT, y0 + _DIGIT],
+            }
+        )
+    return canvas, placements
