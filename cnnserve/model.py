@@ -73,6 +73,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "cnnserve.model"
+FCN_FORMAT_NAME = "cnnserve.fcn"  # a converted network (cnnserve.convert)
 FORMAT_VERSION = 1
 STATE_PREFIX = "state/"
 _DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -902,15 +903,13 @@ def save_model(
     return path
 
 
-def read_model_file(path: str | os.PathLike) -> ModelFile:
-    """Read a model file written by :func:`save_model`, checking it against its architecture.
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The metadata and tensors of a safetensors file (never unpickles).
 
     Raises
     ------
     ModelFileError
-        The file is missing, is not a safetensors file (truncated or corrupt), is not a
-        cnnserve model, or holds a tensor that is missing, unexpected, of the wrong shape or
-        dtype, or not finite. The message names the file and the tensor.
+        The file is missing, a directory, or not a readable safetensors file.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -926,27 +925,24 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         raise ModelFileError(
             f"model file {path} is not a readable safetensors file (truncated or corrupt?): {exc}"
         ) from exc
-    if metadata.get("format") != FORMAT_NAME or "cnnserve" not in metadata:
-        raise ModelFileError(
-            f"{path} is a safetensors file but not a cnnserve model (no {FORMAT_NAME!r} metadata)"
-        )
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise ModelFileError(
-            f"{path} has model format version {metadata.get('format_version')!r}; this cnnserve "
-            f"({__version__}) reads version {FORMAT_VERSION}"
-        )
-    try:
-        meta = json.loads(metadata["cnnserve"])
-        state = json.loads(metadata["state"]) if "state" in metadata else None
-        config = meta["architecture"]
-        expected = tensor_shapes(config)  # checks the architecture; allocates nothing
-        dtype = _check_dtype(config.get("dtype", "float32"))
-        training = dict(meta.get("training") or {})
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
+    return metadata, tensors
 
-    # Every tensor is checked before the network is built, so that the network's own arrays
-    # are never larger than what the file holds.
+
+def check_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    dtype: np.dtype,
+) -> None:
+    """Every expected tensor is present with its shape and dtype, finite; no other is there.
+
+    Names starting with ``"state/"`` are extra state and are not checked.
+
+    Raises
+    ------
+    ModelFileError
+        Naming the file and the tensor at fault.
+    """
     extra = sorted(n for n in tensors if n not in expected and not n.startswith(STATE_PREFIX))
     if extra:
         raise ModelFileError(
@@ -968,6 +964,67 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
             )
         if not np.all(np.isfinite(value)):
             raise ModelFileError(f"{path}: tensor {name!r} has NaN or inf values")
+        if name.startswith("running_var") and np.any(value < 0):
+            raise ModelFileError(f"{path}: tensor {name!r} has negative values")
+
+
+def check_format(path: str | os.PathLike, metadata: Mapping[str, str], format_name: str) -> None:
+    """The metadata says this is a cnnserve file of ``format_name`` in the version we read.
+
+    Raises
+    ------
+    ModelFileError
+        Another format (a converted model where a trained one is expected, or the reverse,
+        or not a cnnserve file at all) or another format version.
+    """
+    found = metadata.get("format")
+    if found != format_name or "cnnserve" not in metadata:
+        if found == FCN_FORMAT_NAME:
+            raise ModelFileError(
+                f"{path} is a converted (fully convolutional) model file; read it with "
+                "cnnserve.convert.load_fully_convolutional or `cnnserve scoremap`"
+            )
+        if found == FORMAT_NAME and "cnnserve" in metadata:
+            raise ModelFileError(
+                f"{path} is a trained model file, not a converted one; convert it with "
+                "cnnserve.convert.to_fully_convolutional or `cnnserve convert`"
+            )
+        raise ModelFileError(
+            f"{path} is a safetensors file but not a cnnserve model (no {format_name!r} metadata)"
+        )
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ModelFileError(
+            f"{path} has model format version {metadata.get('format_version')!r}; this cnnserve "
+            f"({__version__}) reads version {FORMAT_VERSION}"
+        )
+
+
+def read_model_file(path: str | os.PathLike) -> ModelFile:
+    """Read a model file written by :func:`save_model`, checking it against its architecture.
+
+    Raises
+    ------
+    ModelFileError
+        The file is missing, is not a safetensors file (truncated or corrupt), is not a
+        cnnserve model, or holds a tensor that is missing, unexpected, of the wrong shape or
+        dtype, or not finite. The message names the file and the tensor.
+    """
+    path = Path(path)
+    metadata, tensors = read_safetensors(path)
+    check_format(path, metadata, FORMAT_NAME)
+    try:
+        meta = json.loads(metadata["cnnserve"])
+        state = json.loads(metadata["state"]) if "state" in metadata else None
+        config = meta["architecture"]
+        expected = tensor_shapes(config)  # checks the architecture; allocates nothing
+        dtype = _check_dtype(config.get("dtype", "float32"))
+        training = dict(meta.get("training") or {})
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
+
+    # Every tensor is checked before the network is built, so that the network's own arrays
+    # are never larger than what the file holds.
+    check_tensors(path, tensors, expected, dtype)
     try:
         model = ConvNet.from_config(
             config, class_names=meta.get("class_names"), normalization=meta.get("normalization")
@@ -979,8 +1036,6 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
     for bn in model.bn_params:
         bn["running_mean"] = tensors[f"running_mean{bn['name']}"]
         bn["running_var"] = tensors[f"running_var{bn['name']}"]
-        if np.any(bn["running_var"] < 0):
-            raise ModelFileError(f"{path}: tensor 'running_var{bn['name']}' has negative values")
     extras = {
         name[len(STATE_PREFIX) :]: value
         for name, value in tensors.items()
