@@ -1,4 +1,4 @@
-"""The ``cnnserve`` command: train, evaluate and inspect models.
+"""The ``cnnserve`` command: train, evaluate, inspect and convert models; dense score maps.
 
 Run ``cnnserve --help`` or ``cnnserve COMMAND --help`` for the options. Errors in what the
 user gave (a missing data file, a corrupt model, an impossible architecture) print one line,
@@ -420,8 +420,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from cnnserve.model import read_model_file
+    from cnnserve.model import FCN_FORMAT_NAME, read_model_file, read_safetensors
 
+    if read_safetensors(args.model)[0].get("format") == FCN_FORMAT_NAME:
+        return _info_converted(args)
     file = read_model_file(args.model)
     model = file.model
     if args.json:
@@ -452,6 +454,255 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {key}: {text}")
     if file.state is not None:
         print("(a solver checkpoint: it also holds the optimizer state to resume training)")
+    return 0
+
+
+def _info_converted(args: argparse.Namespace) -> int:
+    from cnnserve.convert import load_fully_convolutional
+
+    fcn = load_fully_convolutional(args.model)
+    if args.json:
+        info = {"model": str(args.model), "converted": True, **fcn.to_dict()}
+        info["architecture"] = fcn.config
+        info["training"] = fcn.training
+        print(json.dumps(info, indent=2))
+        return 0
+    size = Path(args.model).stat().st_size
+    print(f"{args.model} ({size:,} bytes): a converted (fully convolutional) network")
+    print(f"training input shape (C, H, W): {fcn.input_shape}, dtype {fcn.dtype.name}")
+    print(f"classes ({fcn.num_classes}): {', '.join(fcn.class_names)}")
+    print(fcn.summary())
+    print(fcn.geometry.describe())
+    print(_check_text(fcn.check))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# convert and scoremap
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_text(check: dict) -> str:
+    if not check:
+        return "self-check: not recorded"
+    return (
+        f"self-check: {'passed' if check.get('passed') else 'FAILED'} on {check['inputs']} "
+        f"training-size inputs: max |converted - original| = {check['max_abs_diff']:.3g} "
+        f"(score scale {check['score_scale']:.3g}, tolerance {check['tolerance']:.3g})"
+    )
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from cnnserve.convert import save_fully_convolutional, to_fully_convolutional
+    from cnnserve.model import read_model_file
+
+    source = Path(args.model)
+    out = Path(args.out) if args.out else source.with_name(source.stem + "_fcn.safetensors")
+    _check_output(out)
+    if out.resolve() == source.resolve():
+        raise CommandError(f"--out {out} would overwrite the model being converted")
+    file = read_model_file(source)
+    fcn = to_fully_convolutional(file.model, check_size=args.check_size)
+    fcn.training = dict(file.training)
+    save_fully_convolutional(fcn, out)
+    if args.json:
+        print(json.dumps({"model": str(source), "out": str(out), **fcn.to_dict()}, indent=2))
+        return 0
+    print(f"converted {source} -> {out}")
+    print(fcn.summary())
+    print(fcn.geometry.describe())
+    print(_check_text(fcn.check))
+    return 0
+
+
+def _read_input_image(path: str, channels: int) -> np.ndarray:
+    """An image file (PNG, JPEG, ...) or a .npy array of pixels."""
+    from cnnserve.dense import read_image
+
+    if path.endswith(".npy"):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"cannot read image array {path}: {exc}") from exc
+        return array
+    return read_image(path, channels)
+
+
+def _class_index(value: str | None, class_names: Sequence[str]) -> int | None:
+    """``--class``: a class name, or an index when no class has that name."""
+    if value is None:
+        return None
+    if value in class_names:
+        return list(class_names).index(value)
+    try:
+        index = int(value)
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(class_names):
+        raise CommandError(
+            f"--class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
+            f"classes: {', '.join(class_names)}"
+        )
+    return index
+
+
+def _scales(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise CommandError(f"--scales must be numbers separated by commas, got {text!r}") from exc
+
+
+def _cmd_scoremap(args: argparse.Namespace) -> int:
+    from cnnserve.convert import load_fully_convolutional
+    from cnnserve.dense import MultiScaleMap, as_image, score_map
+    from cnnserve.heatmap import save_png
+
+    for option in ("json", "png"):
+        target = getattr(args, option)
+        if target is not None and not Path(target).parent.is_dir():
+            raise CommandError(f"--{option} {target}: directory {Path(target).parent} not found")
+    fcn = load_fully_convolutional(args.model)
+    class_index = _class_index(args.class_, fcn.class_names)
+    image = as_image(_read_input_image(args.image, fcn.input_shape[0]), fcn.input_shape[0])
+    started = time.perf_counter()
+    result = score_map(
+        fcn,
+        image,
+        stride_divisor=args.stride_divisor,
+        scales=_scales(args.scales),
+        progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - started
+    maps = result.maps if isinstance(result, MultiScaleMap) else (result,)
+    ranked = result.top_k(args.top_k, by="mean")
+    if class_index is None:
+        class_index = ranked[0]["index"]
+    label = fcn.class_names[class_index]
+
+    print(f"image {args.image}: {image.shape[1]}x{image.shape[2]} pixels, {image.shape[0]} "
+          f"channel(s); {seconds:.3f} s")  # fmt: skip
+    print(fcn.geometry.describe())
+    for m in maps:
+        g = m.geometry_dict()
+        scale = f"scale {m.scale:g}: " if len(maps) > 1 or m.scale != 1 else ""
+        print(
+            f"{scale}map {g['map_shape'][0]}x{g['map_shape'][1]} cells at stride "
+            f"{g['cell_stride'][0]:g} px; margins not covered: {g['margins'][0]} rows, "
+            f"{g['margins'][1]} columns"
+        )
+    for by in ("mean", "max"):
+        top = ", ".join(
+            f"{r['label']} {r['probability']:.3f}" for r in result.top_k(args.top_k, by=by)
+        )
+        print(f"top-{min(args.top_k, fcn.num_classes)} by {by} over cells: {top}")
+    best = maps[0]
+    flat = int(np.argmax(best.probabilities[class_index]))
+    i, j = divmod(flat, best.shape[1])
+    box = ", ".join(f"{v:g}" for v in best.box(i, j))
+    print(
+        f"class {label!r}: highest probability {best.probabilities[class_index, i, j]:.3f} at "
+        f"cell ({i}, {j}), box (x0, y0, x1, y1) = ({box})"
+    )
+    if args.json is not None:
+        record = {
+            "model": str(args.model),
+            "image": str(args.image),
+            "image_size": [image.shape[1], image.shape[2]],
+            "seconds": seconds,
+            **result.to_dict(top_k=args.top_k, cells=args.cells, scores=True),
+        }
+        from cnnserve._files import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(record).encode())
+        print(f"wrote {args.json}")
+    if args.png is not None:
+        picture = best.heatmap(image, class_index, alpha=args.alpha, zoom=args.zoom)
+        save_png(picture, args.png)
+        print(f"wrote {args.png}: class {label!r} probability over the image")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` (e.g. 96x192) as a pair of ints."""
+    try:
+        h, w = (int(part) for part in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be HxW, e.g. 96x192, got {text!r}") from exc
+    return h, w
+
+
+def _montage(panels: list, columns: int, gap: int = 4):
+    """Pictures of the same size in a grid, on a white background."""
+    from PIL import Image
+
+    width, height = panels[0].size
+    rows = -(-len(panels) // columns)
+    sheet = Image.new(
+        "RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white"
+    )
+    for k, panel in enumerate(panels):
+        sheet.paste(panel, ((k % columns) * (width + gap), (k // columns) * (height + gap)))
+    return sheet
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from PIL import ImageDraw
+
+    from cnnserve.convert import load_fully_convolutional
+    from cnnserve.data import digits_canvas
+    from cnnserve.dense import score_map
+    from cnnserve.heatmap import heatmap_image, save_png
+
+    fcn = load_fully_convolutional(args.model)
+    if fcn.input_shape != (1, 8, 8) or fcn.class_names != tuple(map(str, range(10))):
+        raise CommandError(
+            f"the demo places scikit-learn digits: it needs a digits model (input (1, 8, 8), "
+            f"classes 0..9), got input {fcn.input_shape} and classes {fcn.class_names}"
+        )
+    record = fcn.training
+    split = {
+        "split_seed": int(record.get("seed", 0)),
+        "val_fraction": float(record.get("val_fraction", 0.1)),
+        "test_fraction": float(record.get("test_fraction", 0.2)) or 0.2,
+    }
+    canvas, placements = digits_canvas(args.size, args.count, seed=args.seed, **split)
+    out = Path(args.out)
+    _make_directory(out)
+    zoom = args.zoom
+    result = score_map(fcn, canvas, stride_divisor=fcn.geometry.stride)  # stride 1: a cell
+    # at every position
+    save_png(heatmap_image(canvas, np.zeros((1, 1)), stride=1, window=1, alpha=0, zoom=zoom),
+             out / "canvas.png")  # fmt: skip
+    panels, rows = [], []
+    for place in sorted(placements, key=lambda p: p["label"]):
+        label, (x0, y0, x1, y1) = place["label"], place["box"]
+        probability = result.probabilities[label]
+        panel = result.heatmap(canvas, label, alpha=0.7, zoom=zoom)
+        draw = ImageDraw.Draw(panel)
+        draw.rectangle([x0 * zoom, y0 * zoom, x1 * zoom - 1, y1 * zoom - 1], outline="cyan")
+        draw.text((3, 2), f"class {label}", fill="white")
+        panels.append(panel)
+        here = float(probability[y0, x0])  # the cell whose window is exactly the digit
+        predicted = int(np.argmax(result.probabilities[:, y0, x0]))
+        peak = np.unravel_index(int(np.argmax(probability)), probability.shape)
+        rows.append(
+            (label, place["index"], (x0, y0), here, predicted, (int(peak[1]), int(peak[0])))
+        )
+    save_png(_montage(panels, columns=2), out / "heatmaps.png")
+    print(f"canvas {args.size[0]}x{args.size[1]} with {len(placements)} held-out digits "
+          f"(test split of seed {split['split_seed']}); map {result.shape[0]}x{result.shape[1]} "
+          f"at stride 1")  # fmt: skip
+    print(f"{'digit':>5} {'sample':>6} {'at (x, y)':>10} {'p(digit) there':>14} "
+          f"{'predicted there':>15} {'peak of p(digit) at':>19}")  # fmt: skip
+    for label, index, (x, y), here, predicted, (px, py) in rows:
+        print(f"{label:>5} {index:>6} {f'({x}, {y})':>10} {here:>14.3f} {predicted:>15} "
+              f"{f'({px}, {py})':>19}")  # fmt: skip
+    correct = sum(predicted == label for label, _, _, _, predicted, _ in rows)
+    print(f"{correct}/{len(rows)} digits classified correctly at their own window")
+    print(f"wrote {out / 'canvas.png'} and {out / 'heatmaps.png'} (zoom {zoom})")
     return 0
 
 
@@ -539,6 +790,78 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="a .safetensors model file")
     info.add_argument("--json", action="store_true", help="print the information as JSON")
     info.set_defaults(handler=_cmd_info)
+
+    convert = commands.add_parser(
+        "convert",
+        help="turn a model's fully connected layers into convolutions (dense score maps)",
+        description="Convert a trained model into a fully convolutional network that slides "
+        "over larger images; print its geometry and the self-check of the conversion.",
+    )
+    convert.add_argument("model", help="a trained .safetensors model file")
+    convert.add_argument("--out", help="the converted model file (default: MODEL_fcn.safetensors)")
+    convert.add_argument(
+        "--check-size",
+        type=_positive_int,
+        default=8,
+        help="random training-size inputs in the self-check (default 8)",
+    )
+    convert.add_argument("--json", action="store_true", help="print the result as JSON")
+    convert.set_defaults(handler=_cmd_convert)
+
+    scoremap = commands.add_parser(
+        "scoremap",
+        help="dense class-score map of an image of any size at least the training size",
+        description="Slide a model over an image in one pass and report the map of class "
+        "scores: one cell per training-size window at the network's stride.",
+    )
+    scoremap.add_argument("model", help="a trained or converted .safetensors model file")
+    scoremap.add_argument("image", help="an image file (PNG, JPEG, ...) or a .npy array")
+    scoremap.add_argument(
+        "--class",
+        dest="class_",
+        metavar="K",
+        help="the class for the heatmap and the report, by name or index (default: the top one)",
+    )
+    scoremap.add_argument(
+        "--stride-divisor",
+        type=_positive_int,
+        default=1,
+        metavar="D",
+        help="a map D times finer (shift-and-stitch; D must divide the stride)",
+    )
+    scoremap.add_argument(
+        "--scales", help="resize factors separated by commas, e.g. 1,0.5 (default: 1)"
+    )
+    scoremap.add_argument("--top-k", type=_positive_int, default=5, help="default 5")
+    scoremap.add_argument(
+        "--json", metavar="OUT.json", help="write the map (scores as base64 float32) as JSON"
+    )
+    scoremap.add_argument(
+        "--cells", action="store_true", help="with --json: also list every cell's box and top-k"
+    )
+    scoremap.add_argument("--png", metavar="HEAT.png", help="write the class's heatmap picture")
+    scoremap.add_argument(
+        "--alpha", type=float, default=0.5, help="heatmap opacity over the image (default 0.5)"
+    )
+    scoremap.add_argument(
+        "--zoom", type=_positive_int, default=1, help="enlarge the heatmap picture (default 1)"
+    )
+    scoremap.add_argument("--quiet", action="store_true", help="no progress bar")
+    scoremap.set_defaults(handler=_cmd_scoremap)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a canvas of held-out digits and each digit's class heatmap (digits models)",
+        description="Place held-out test digits on a larger canvas, map it densely and draw, "
+        "for each digit, the heatmap of its class with the digit's true box.",
+    )
+    demo.add_argument("model", help="a digits model file (trained or converted)")
+    demo.add_argument("--out", default="demo", help="output directory (default: demo)")
+    demo.add_argument("--size", type=_size, default=(48, 96), help="canvas HxW (default 48x96)")
+    demo.add_argument("--count", type=_positive_int, default=6, help="digits (default 6)")
+    demo.add_argument("--seed", type=int, default=0, help="layout seed (default 0)")
+    demo.add_argument("--zoom", type=_positive_int, default=4, help="picture zoom (default 4)")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
@@ -547,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from cnnserve.data import DataError
+    from cnnserve.dense import ImageError
     from cnnserve.model import ModelFileError
     from cnnserve.solver import TrainingDiverged
 
@@ -558,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (CommandError, DataError, ModelFileError, ValueError, TypeError) as exc:
+    except (CommandError, DataError, ImageError, ModelFileError, ValueError, TypeError) as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `cnnserve evaluate ... | head`: the reader left, not an error

@@ -1,0 +1,726 @@
+"""FC -> conv conversion: a trained classifier as a fully convolutional network.
+
+A :class:`~cnnserve.model.ConvNet` trained on ``T x T`` images ends in affine (fully connected)
+layers, which only take inputs of that size. Their neurons compute dot products just as conv
+filters do, so (the source notes' "Converting FC layers to CONV layers", Caffe's net surgery,
+OverFeat):
+
+- the first affine layer, reading a ``(C, Hf, Wf)`` volume, becomes a valid convolution with
+  ``Hf x Wf`` filters: its weight matrix ``(C*Hf*Wf, U)`` reshaped to ``(U, C, Hf, Wf)``, which
+  is exactly the NCHW order in which the affine layer flattened its input;
+- every later affine layer, reading a vector of D values, becomes a ``1 x 1`` convolution with
+  weights ``(U, D, 1, 1)``;
+- layers after an affine layer act per cell: batchnorm (test mode) becomes a per-channel
+  spatial batchnorm, layernorm normalises each cell over its channels, relu stays, and dropout
+  (an identity at inference) is dropped.
+
+On an input of training size the converted network gives the original's scores;
+:func:`to_fully_convolutional` checks that, and records the check. On a larger image it gives
+one cell of scores per training-size window, at the network's total stride; see
+:class:`Geometry` and :mod:`cnnserve.dense`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cnnserve import __version__
+from cnnserve import layers as L
+from cnnserve._checks import check_int
+from cnnserve._files import atomic_write_bytes
+from cnnserve.data import normalize
+from cnnserve.model import (
+    FCN_FORMAT_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ConvNet,
+    ModelFileError,
+    _check_class_names,
+    _check_config,
+    _check_dtype,
+    _check_input_shape,
+    _check_layers,
+    _check_normalization,
+    _describe,
+    _normalise_spec,
+    _out_shape,
+    _plan,
+    _shape_text,
+    check_format,
+    check_tensors,
+    read_model_file,
+    read_safetensors,
+)
+
+__all__ = [
+    "ConversionError",
+    "FullyConvNet",
+    "Geometry",
+    "load_fully_convolutional",
+    "save_fully_convolutional",
+    "to_fully_convolutional",
+]
+
+# Largest |converted - original| / score scale the self-check accepts, per dtype.
+CHECK_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+class ConversionError(ValueError):
+    """A network cannot be converted, or its converted scores differ from the original's."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where each cell of a dense score map looks in the input image.
+
+    Attributes
+    ----------
+    stride : int
+        S, the step between neighbouring cells in input pixels (the product of every layer's
+        stride).
+    window : tuple of int
+        ``(Th, Tw)``, the training input size: each cell scores one window of this size.
+    receptive_field : tuple of int
+        ``(Rh, Rw)``, the input pixels that can influence a cell, padding included. Equal to
+        the window for a network without zero padding.
+    offset : tuple of int
+        ``(Ph, Pw)``, how far the receptive field of cell (0, 0) starts before the image
+        origin: the zero padding of the layers, in input pixels.
+    exact : bool
+        True when no layer pads. Then each cell equals the original network run on its
+        window's crop. With padding, a crop's network sees zeros at the crop border where the
+        dense pass sees the neighbouring pixels, so cells are close to, not equal to, the crops'
+        scores.
+
+    Shape
+    -----
+    For an image of ``(H, W)`` pixels the map has ``H' = (H - Th) // S + 1`` rows and
+    ``W' = (W - Tw) // S + 1`` columns. Cell (i, j) scores the box
+    ``x in [S*j, S*j + Tw)``, ``y in [S*i, S*i + Th)``. The last ``(H - Th) % S`` rows and
+    ``(W - Tw) % S`` columns of the image are in no window (the margins).
+    """
+
+    stride: int
+    window: tuple[int, int]
+    receptive_field: tuple[int, int]
+    offset: tuple[int, int]
+    exact: bool
+
+    def _check_size(self, height: Any, width: Any) -> tuple[int, int]:
+        height = check_int(height, "height", 1)
+        width = check_int(width, "width", 1)
+        th, tw = self.window
+        if height < th or width < tw:
+            raise ValueError(
+                f"an image of {height}x{width} pixels (H x W) is smaller than the network's "
+                f"{th}x{tw} window: dense maps need an image at least as large as the training "
+                "images"
+            )
+        return height, width
+
+    def map_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H', W')``: the number of cells on an image of ``height x width`` pixels.
+
+        Raises
+        ------
+        ValueError
+            The image is smaller than the window.
+        """
+        height, width = self._check_size(height, width)
+        return (
+            (height - self.window[0]) // self.stride + 1,
+            (width - self.window[1]) // self.stride + 1,
+        )
+
+    def covered(self, height: int, width: int) -> tuple[int, int]:
+        """``(Hc, Wc)``: the top-left part of the image that windows cover."""
+        rows, cols = self.map_size(height, width)
+        return (
+            self.window[0] + self.stride * (rows - 1),
+            self.window[1] + self.stride * (cols - 1),
+        )
+
+    def margins(self, height: int, width: int) -> tuple[int, int]:
+        """``(bottom, right)``: rows and columns at the image's edges that no window covers."""
+        hc, wc = self.covered(height, width)
+        return height - hc, width - wc
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of cell (i, j): the window it scores (x1, y1 exclusive)."""
+        i, j = check_int(i, "i", 0), check_int(j, "j", 0)
+        s = self.stride
+        return s * j, s * i, s * j + self.window[1], s * i + self.window[0]
+
+    def boxes(self, rows: int, cols: int) -> np.ndarray:
+        """Every cell's box, shape ``(rows, cols, 4)`` int64: ``(x0, y0, x1, y1)``."""
+        rows, cols = check_int(rows, "rows", 1), check_int(cols, "cols", 1)
+        out = np.empty((rows, cols, 4), dtype=np.int64)
+        out[..., 0] = self.stride * np.arange(cols)[None, :]
+        out[..., 1] = self.stride * np.arange(rows)[:, None]
+        out[..., 2] = out[..., 0] + self.window[1]
+        out[..., 3] = out[..., 1] + self.window[0]
+        return out
+
+    def finer(self, divisor: int) -> Geometry:
+        """The geometry of a map ``divisor`` times finer (shift-and-stitch): stride S / d.
+
+        Raises
+        ------
+        ValueError
+            ``divisor`` does not divide the stride.
+        """
+        divisor = check_int(divisor, "stride_divisor", 1)
+        if self.stride % divisor:
+            raise ValueError(
+                f"stride_divisor must divide the network's total stride {self.stride}, "
+                f"got {divisor}"
+            )
+        return Geometry(
+            self.stride // divisor, self.window, self.receptive_field, self.offset, self.exact
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``stride``, ``window``, ``receptive_field``, ``offset``, ``exact``."""
+        return {
+            "stride": self.stride,
+            "window": list(self.window),
+            "receptive_field": list(self.receptive_field),
+            "offset": list(self.offset),
+            "exact": self.exact,
+        }
+
+    def describe(self) -> str:
+        """A few lines for people: stride, window, receptive field, offset, exactness."""
+        th, tw = self.window
+        rh, rw = self.receptive_field
+        exact = (
+            "exact (no zero padding inside: each cell equals the network on its crop)"
+            if self.exact
+            else "approximate (zero padding inside: cells near crop borders differ from crops)"
+        )
+        return "\n".join(
+            [
+                f"total stride S: {self.stride}",
+                f"window T: {th}x{tw}",
+                f"receptive field R: {rh}x{rw}",
+                f"padding offset: {self.offset[0]}, {self.offset[1]}",
+                f"map size: H' = (H - {th}) // {self.stride} + 1, "
+                f"W' = (W - {tw}) // {self.stride} + 1",
+                f"cell (i, j) box: x in [{self.stride}*j, {self.stride}*j + {tw}), "
+                f"y in [{self.stride}*i, {self.stride}*i + {th})",
+                f"dense maps: {exact}",
+            ]
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The converted network
+# ---------------------------------------------------------------------------------------------
+
+
+class FcnLayer(NamedTuple):
+    """One layer of a converted network."""
+
+    kind: str  # conv, max_pool, avg_pool, relu, spatial_batchnorm, spatial_groupnorm,
+    # channel_layernorm
+    spec: dict  # a spatial layer spec (conv: filters, size, stride, pad)
+    source: int  # index of the original layer
+    converted_from: str  # "" or the original layer ("affine 128")
+    param_names: tuple[str, ...]
+    eps: float  # normalisation layers (0 otherwise)
+
+
+def _convert_plan(config: Mapping) -> tuple[list[FcnLayer], dict[str, tuple[int, ...]], Geometry]:
+    """The converted layers, their tensors' shapes and the geometry, from an architecture.
+
+    Allocates nothing, so that a converted model file can be checked before it is loaded.
+    """
+    _check_config(config)
+    body = [
+        _normalise_spec(spec, f"layer {i}")
+        for i, spec in enumerate(_check_layers(config["layers"]))
+    ]
+    head = {"type": "affine", "units": check_int(config["num_classes"], "num_classes", 2)}
+    input_shape = _check_input_shape(config["input_shape"])
+    fcn: list[FcnLayer] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for info, _, owned in _plan([*body, head], input_shape):
+        kind, spec, names = info.spec["type"], info.spec, info.param_names
+        eps = float(spec.get("eps", 0.0))
+        if kind in ("conv", "max_pool", "avg_pool", "relu", "spatial_batchnorm"):
+            fcn.append(FcnLayer(kind, dict(spec), info.index, "", names, eps))
+            shapes.update(owned)
+        elif kind == "spatial_groupnorm":
+            fcn.append(FcnLayer(kind, dict(spec), info.index, "", names, eps))
+            shapes.update(owned)
+        elif kind == "affine":
+            w_name, b_name = names
+            units = spec["units"]
+            if len(info.in_shape) == 3:  # reads a (C, Hf, Wf) volume: an Hf x Wf filter
+                C, hf, wf = info.in_shape
+            else:  # reads a vector of D values: a 1x1 filter on D channels
+                C, hf, wf = info.in_shape[0], 1, 1
+            conv = {"type": "conv", "filters": units, "size": [hf, wf], "stride": 1, "pad": 0}
+            fcn.append(FcnLayer("conv", conv, info.index, _describe(spec), names, 0.0))
+            shapes[w_name] = (units, C, hf, wf)
+            shapes[b_name] = (units,)
+        elif kind == "batchnorm":  # test mode: a per-feature affine map, per channel per cell
+            bn = {"type": "spatial_batchnorm", "eps": eps}
+            fcn.append(FcnLayer("spatial_batchnorm", bn, info.index, "batchnorm", names, eps))
+            shapes.update(owned)
+        elif kind == "layernorm":  # each cell normalised over its channels
+            ln = {"type": "channel_layernorm", "eps": eps}
+            fcn.append(FcnLayer("channel_layernorm", ln, info.index, "layernorm", names, eps))
+            shapes.update(owned)
+        elif kind == "dropout":  # the identity at inference
+            continue
+        else:
+            raise ConversionError(
+                f"layer {info.index} ({_describe(spec)}) has no fully convolutional equivalent"
+            )
+    return fcn, shapes, _geometry(fcn, input_shape)
+
+
+def _geometry(fcn: Sequence[FcnLayer], input_shape: tuple[int, int, int]) -> Geometry:
+    """Stride, receptive field and padding offset, by the usual recursion over the layers."""
+    jump = 1  # input pixels between neighbouring outputs of the current layer
+    field = [1, 1]
+    offset = [0, 0]
+    for layer in fcn:
+        if layer.kind not in ("conv", "max_pool", "avg_pool"):
+            continue
+        size, stride = layer.spec["size"], layer.spec["stride"]
+        pad = layer.spec.get("pad", 0)
+        for axis in (0, 1):
+            field[axis] += (size[axis] - 1) * jump
+            offset[axis] += pad * jump
+        jump *= stride
+    return Geometry(
+        stride=jump,
+        window=(input_shape[1], input_shape[2]),
+        receptive_field=(field[0], field[1]),
+        offset=(offset[0], offset[1]),
+        exact=offset == [0, 0],
+    )
+
+
+class FullyConvNet:
+    """A classifier with its affine layers turned into convolutions (inference only).
+
+    Build one with :func:`to_fully_convolutional` or :func:`load_fully_convolutional`.
+
+    Attributes
+    ----------
+    layers : list of FcnLayer
+        The converted layers.
+    params : dict of ndarray
+        Weights with the original names (``W<k>``, ``b<k>``, ``gamma<k>``, ...); converted
+        affine weights have conv shapes ``(U, C, Hf, Wf)``.
+    geometry : Geometry
+    input_shape : tuple of int
+        ``(C, Th, Tw)``, the training input shape.
+    num_classes, class_names, normalization, dtype
+        As the original network's.
+    config : dict
+        The original network's architecture (:meth:`ConvNet.config`).
+    check : dict
+        The self-check of the conversion: ``inputs``, ``max_abs_diff``, ``score_scale``,
+        ``tolerance``, ``passed``.
+    training : dict
+        The original model's training record.
+
+    Shape
+    -----
+    :meth:`forward` maps ``(N, C, H, W)`` with ``H >= Th``, ``W >= Tw`` to
+    ``(N, num_classes, (H - Th) // S + 1, (W - Tw) // S + 1)``.
+    """
+
+    def __init__(
+        self,
+        config: Mapping,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        class_names: Sequence[str],
+        normalization: Mapping | None,
+        check: Mapping | None = None,
+        training: Mapping | None = None,
+    ) -> None:
+        self.layers, shapes, self.geometry = _convert_plan(config)
+        self.config = json.loads(json.dumps(dict(config)))  # a deep, JSON-clean copy
+        self.dtype = _check_dtype(config.get("dtype", "float32"))
+        self.input_shape = _check_input_shape(config["input_shape"])
+        self.num_classes = int(config["num_classes"])
+        self.class_names = _check_class_names(class_names, self.num_classes)
+        self.normalization = _check_normalization(normalization, self.input_shape[0])
+        check_tensors("the converted network", tensors, shapes, self.dtype)
+        self.params = {name: np.ascontiguousarray(tensors[name]) for name in shapes}
+        self.check = dict(check or {})
+        self.training = dict(training or {})
+
+    # -- description --------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """A table of the converted layers and their output shapes on a training-size input."""
+        rows = [("#", "layer", "from", "output shape")]
+        shape: tuple[int, ...] = self.input_shape
+        rows.append(("", "input", "", _shape_text(shape)))
+        for k, layer in enumerate(self.layers):
+            shape = _out_shape(layer.spec, shape, f"layer {k}")
+            label = _describe(layer.spec) if layer.kind != "channel_layernorm" else layer.kind
+            origin = f"layer {layer.source}" + (
+                f" ({layer.converted_from})" if layer.converted_from else ""
+            )
+            rows.append((str(k), label, origin, _shape_text(shape)))
+        widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        lines = [
+            "  ".join(f"{row[c]:<{widths[c]}}" if c else f"{row[c]:>{widths[c]}}" for c in range(4))
+            for row in rows
+        ]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def to_dict(self) -> dict:
+        """JSON-ready description: geometry, check, layers, classes."""
+        return {
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "dtype": self.dtype.name,
+            "geometry": self.geometry.to_dict(),
+            "check": dict(self.check),
+            "layers": [
+                {
+                    "layer": _describe(layer.spec)
+                    if layer.kind != "channel_layernorm"
+                    else layer.kind,
+                    "from_layer": layer.source,
+                    "converted_from": layer.converted_from or None,
+                }
+                for layer in self.layers
+            ],
+        }
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (
+            f"FullyConvNet({len(self.layers)} layers, window={g.window[0]}x{g.window[1]}, "
+            f"stride={g.stride}, num_classes={self.num_classes}, dtype={self.dtype.name})"
+        )
+
+    # -- computation --------------------------------------------------------------------------
+
+    def preprocess(self, x01: np.ndarray) -> np.ndarray:
+        """Normalise [0, 1] pixels as training did (the normalisation in the model file).
+
+        Parameters
+        ----------
+        x01 : ndarray, shape (N, C, H, W) or (C, H, W), float in [0, 1]
+
+        Returns
+        -------
+        ndarray of the model's dtype, same shape.
+        """
+        if self.normalization is None:
+            return np.asarray(x01, dtype=self.dtype)
+        return normalize(
+            x01, self.normalization["mean"], self.normalization["std"], dtype=self.dtype
+        )
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Class scores of every window of ``x`` (already preprocessed), in one pass.
+
+        Rows and columns at the bottom and right that no window covers (the margins of
+        :meth:`Geometry.margins`) are left out before the pass.
+
+        Parameters
+        ----------
+        x : ndarray, shape (N, C, H, W)
+            In the model's dtype (other float dtypes are converted).
+
+        Returns
+        -------
+        ndarray, shape (N, num_classes, H', W')
+            ``H' = (H - Th) // S + 1``, ``W' = (W - Tw) // S + 1``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``x`` is not a real 4-D array with the model's channels, or is smaller than the
+            window.
+        """
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        C = self.input_shape[0]
+        if x.ndim != 4 or x.shape[1] != C:
+            raise ValueError(f"x must have shape (N, {C}, H, W), got {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError("x must hold at least one image, got N = 0")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"x must be a float array (preprocessed pixels), got {x.dtype}")
+        hc, wc = self.geometry.covered(x.shape[2], x.shape[3])
+        out = np.ascontiguousarray(x[:, :, :hc, :wc], dtype=self.dtype)
+        owned = out is not x and not np.shares_memory(out, x)
+        for layer in self.layers:
+            if layer.kind == "relu" and owned:
+                np.maximum(out, 0, out=out)  # in place: tiles of large images stay small
+            else:
+                out = self._forward_layer(layer, out)
+            owned = True
+        return out
+
+    def _forward_layer(self, layer: FcnLayer, x: np.ndarray) -> np.ndarray:
+        p, names, spec = self.params, layer.param_names, layer.spec
+        kind = layer.kind
+        if kind == "conv":
+            conv_param = {"stride": spec["stride"], "pad": spec["pad"]}
+            return L.conv_forward(x, p[names[0]], p[names[1]], conv_param)[0]
+        if kind == "relu":
+            return np.maximum(x, 0)
+        if kind in ("max_pool", "avg_pool"):
+            (ph, pw), stride = spec["size"], spec["stride"]
+            pool_param = {"pool_height": ph, "pool_width": pw, "stride": stride}
+            fn = L.max_pool_forward if kind == "max_pool" else L.avg_pool_forward
+            return fn(x, pool_param)[0]
+        gamma, beta = p[names[0]], p[names[1]]
+        if kind == "spatial_batchnorm":
+            k = names[0][len("gamma") :]
+            bn_param = {
+                "mode": "test",
+                "eps": layer.eps,
+                "running_mean": p[f"running_mean{k}"],
+                "running_var": p[f"running_var{k}"],
+            }
+            return L.spatial_batchnorm_forward(x, gamma, beta, bn_param)[0]
+        if kind == "spatial_groupnorm":
+            return L.spatial_groupnorm_forward(x, gamma, beta, spec["groups"], {"eps": layer.eps})[
+                0
+            ]
+        if kind == "channel_layernorm":
+            N, C, H, W = x.shape
+            rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, C)  # (N*H*W, C)
+            out = L.layernorm_forward(rows, gamma, beta, {"eps": layer.eps})[0]
+            return np.ascontiguousarray(out.reshape(N, H, W, C).transpose(0, 3, 1, 2))
+        raise AssertionError(f"unhandled converted layer {kind}")  # _convert_plan makes no other
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion and its check
+# ---------------------------------------------------------------------------------------------
+
+
+def _converted_tensors(model: ConvNet, fcn_shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """The model's tensors, with affine weights reshaped to their conv shapes."""
+    tensors = {}
+    for name, value in model.state_tensors().items():
+        shape = fcn_shapes[name]
+        if value.shape != shape:  # an affine weight (D, U) -> (U, C, Hf, Wf)
+            value = value.T.reshape(shape)
+        tensors[name] = np.array(value, dtype=model.dtype, order="C")  # a copy: the model
+        # may go on training
+    return tensors
+
+
+def to_fully_convolutional(
+    model: ConvNet,
+    *,
+    check_inputs: np.ndarray | None = None,
+    check_size: int = 8,
+    seed: int = 0,
+) -> FullyConvNet:
+    """Convert a trained network's affine layers into convolutions, and check the result.
+
+    Parameters
+    ----------
+    model : ConvNet
+        Any network :class:`~cnnserve.model.ConvNet` builds. Batchnorm runs in test mode
+        (its running statistics), dropout is dropped (inference). The model is not modified;
+        the converted network holds copies of its weights.
+    check_inputs : ndarray, shape (N, C, Th, Tw), optional
+        Preprocessed training-size inputs for the self-check. By default ``check_size``
+        standard normal images (normalised pixels have mean 0 and standard deviation 1)
+        drawn with ``seed``.
+    check_size : int
+        Number of random images for the self-check when ``check_inputs`` is not given.
+    seed : int
+        Seed of the random check images.
+
+    Returns
+    -------
+    FullyConvNet
+        Its :attr:`~FullyConvNet.check` records the self-check: the largest absolute
+        difference between the converted and the original scores, the score scale (largest
+        absolute original score) and the tolerance (``1e-5`` of the scale in float32,
+        ``1e-10`` in float64).
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a ConvNet.
+    ConversionError
+        A layer has no fully convolutional equivalent, or the converted scores differ from
+        the original's by more than the tolerance.
+
+    Shape
+    -----
+    See :class:`Geometry`: on an ``H x W`` image the converted network gives
+    ``(num_classes, (H - Th) // S + 1, (W - Tw) // S + 1)`` scores.
+    """
+    if not isinstance(model, ConvNet):
+        raise TypeError(f"model must be a ConvNet, got {type(model).__name__}")
+    config = model.config()
+    _, shapes, _ = _convert_plan(config)
+    fcn = FullyConvNet(
+        config,
+        _converted_tensors(model, shapes),
+        class_names=model.class_names,
+        normalization=model.normalization,
+    )
+    if check_inputs is None:
+        check_size = check_int(check_size, "check_size", 1, 4096)
+        rng = np.random.default_rng(check_int(seed, "seed", 0))
+        check_inputs = rng.standard_normal((check_size, *model.input_shape))
+    X = model._check_x(check_inputs)
+    fcn.check = _self_check(model, fcn, X)
+    return fcn
+
+
+def _self_check(model: ConvNet, fcn: FullyConvNet, X: np.ndarray) -> dict:
+    """Compare the converted network with the original on training-size inputs X."""
+    expected = model.scores(X)  # (N, K), test mode
+    got = fcn.forward(X)  # (N, K, 1, 1)
+    if got.shape != (*expected.shape, 1, 1):
+        raise ConversionError(
+            f"the converted network gives scores of shape {got.shape} on training-size inputs; "
+            f"expected {(*expected.shape, 1, 1)}"
+        )
+    diff = float(np.max(np.abs(got[:, :, 0, 0].astype(np.float64) - expected)))
+    scale = max(float(np.max(np.abs(expected))), np.finfo(model.dtype).tiny)
+    tolerance = CHECK_TOLERANCE[model.dtype.name] * scale
+    if not diff <= tolerance:  # NaN fails too
+        raise ConversionError(
+            f"the converted network's scores differ from the original's by {diff:.3g} on "
+            f"{X.shape[0]} training-size inputs, above the tolerance {tolerance:.3g} "
+            f"({CHECK_TOLERANCE[model.dtype.name]:g} of the score scale {scale:.3g})"
+        )
+    return {
+        "inputs": int(X.shape[0]),
+        "max_abs_diff": diff,
+        "score_scale": scale,
+        "tolerance": tolerance,
+        "relative_tolerance": CHECK_TOLERANCE[model.dtype.name],
+        "passed": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def save_fully_convolutional(fcn: FullyConvNet, path: str | os.PathLike) -> Path:
+    """Write a converted network to a safetensors file, atomically.
+
+    The file holds the converted weights (conv shapes) and, in its metadata, the original
+    architecture, classes, normalisation, training record, geometry and self-check. It is
+    read back by :func:`load_fully_convolutional`.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from safetensors.numpy import save as _save_bytes
+
+    if not isinstance(fcn, FullyConvNet):
+        raise TypeError(f"fcn must be a FullyConvNet, got {type(fcn).__name__}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ModelFileError(
+            f"cannot write model file {path}: directory {path.parent} does not exist"
+        )
+    meta = {
+        "architecture": fcn.config,
+        "class_names": list(fcn.class_names),
+        "normalization": fcn.normalization,
+        "dtype": fcn.dtype.name,
+        "training": fcn.training,
+        "conversion": {
+            "geometry": fcn.geometry.to_dict(),
+            "check": fcn.check,
+            "cnnserve_version": __version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    }
+    metadata = {
+        "format": FCN_FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "cnnserve": json.dumps(meta, allow_nan=False),
+    }
+    tensors = {name: np.ascontiguousarray(value) for name, value in fcn.params.items()}
+    atomic_write_bytes(path, _save_bytes(tensors, metadata=metadata))
+    return path
+
+
+def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
+    """A converted network from a file: a converted one, or a trained model converted now.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A file written by :func:`save_fully_convolutional` (``cnnserve convert``), or a
+        trained model file (:func:`~cnnserve.model.save_model`), which is converted and
+        self-checked on loading.
+
+    Raises
+    ------
+    ModelFileError
+        A missing, corrupt or mismatched file (naming the file and the tensor).
+    ConversionError
+        A trained model whose conversion fails its self-check.
+    """
+    path = Path(path)
+    metadata, tensors = read_safetensors(path)
+    if metadata.get("format") == FORMAT_NAME:
+        file = read_model_file(path)
+        fcn = to_fully_convolutional(file.model)
+        fcn.training = dict(file.training)
+        return fcn
+    check_format(path, metadata, FCN_FORMAT_NAME)
+    try:
+        meta = json.loads(metadata["cnnserve"])
+        config = meta["architecture"]
+        _, shapes, geometry = _convert_plan(config)  # allocates nothing
+        dtype = _check_dtype(config.get("dtype", "float32"))
+        conversion = meta.get("conversion") or {}
+        check = dict(conversion.get("check") or {})
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
+    check_tensors(path, tensors, shapes, dtype)
+    try:
+        fcn = FullyConvNet(
+            config,
+            tensors,
+            class_names=meta.get("class_names"),
+            normalization=meta.get("normalization"),
+            check=check,
+            training=meta.get("training"),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
+    if "geometry" in conversion and conversion["geometry"] != geometry.to_dict():
+        raise ModelFileError(
+            f"{path}: the stored geometry {conversion['geometry']} does not match the "
+            f"architecture's {geometry.to_dict()}"
+        )
+    return fcn

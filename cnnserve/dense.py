@@ -1,0 +1,714 @@
+"""Dense class-score maps: a converted network slid over an image in one pass.
+
+:func:`score_map` takes an image of any size at least the training size, preprocesses it as
+the model was trained, and runs the fully convolutional network (:mod:`cnnserve.convert`)
+over it. The result has one cell of class scores per training-size window, at the network's
+total stride S, each with the box of the image it scores, plus image-level aggregates.
+
+- **Exact**: for a network without zero padding inside, each cell equals the original
+  network run on its window's crop. With padding inside, a crop sees zeros at its border
+  where the dense pass sees the neighbouring pixels, so the cells near the crops' borders
+  differ from the crops' scores: the result's ``geometry.exact`` is False.
+- **Finer maps** (``stride_divisor=d``): shift-and-stitch. The image shifted by every
+  multiple of S/d pixels along each axis goes through the network, and the d*d maps are
+  interleaved into one map at stride S/d: the same as the crop loop at stride S/d.
+- **Several scales** (``scales=[...]``): the image is resized (bilinear, Pillow) for each
+  scale; every scale's map has boxes in the original image's coordinates, and the aggregates
+  combine the scales.
+- **Bounded memory**: the map is computed in tiles of cells. A tile's input is the union of
+  its cells' windows (for a padded network, their receptive fields), so tiles overlap by
+  ``T - S`` pixels and their maps stitch into the map of one untiled pass. Each tile's working
+  memory stays within ``tile_memory``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnnserve._checks import check_int, check_number
+from cnnserve.convert import (
+    FullyConvNet,
+    Geometry,
+    load_fully_convolutional,
+    to_fully_convolutional,
+)
+from cnnserve.model import ConvNet, _out_shape
+
+__all__ = [
+    "MultiScaleMap",
+    "ScoreMap",
+    "as_image",
+    "read_image",
+    "score_map",
+    "softmax_cells",
+]
+
+DEFAULT_TILE_MEMORY = 256 * 2**20  # bytes of working memory per batch of tiles
+# Tiles of the same size go through the network together, this many at a time, so that the
+# kernels that parallelise over images (Winograd, the fused im2col + GEMM) use both cores.
+_TILE_BATCH = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def as_image(image: Any, channels: int) -> np.ndarray:
+    """An image as float32 pixels in [0, 1], shape ``(C, H, W)``.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` (one channel) or ``(C, H, W)``: uint8 pixels (divided by 255) or floats
+        in [0, 1].
+    channels : int
+        The model's input channels C.
+
+    Raises
+    ------
+    TypeError
+        Not an ndarray, or a dtype other than uint8 and float.
+    ValueError
+        A shape that does not have ``channels`` channels, an empty image, or float values
+        outside [0, 1] (or NaN).
+    """
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy.ndarray, got {type(image).__name__}")
+    if image.ndim == 2 and channels == 1:
+        image = image[None]
+    if image.ndim != 3 or image.shape[0] != channels:
+        expected = "(H, W) or (1, H, W)" if channels == 1 else f"({channels}, H, W)"
+        raise ValueError(f"image must have shape {expected} for this model, got {image.shape}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"image must not be empty, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255)
+    if not np.issubdtype(image.dtype, np.floating):
+        raise TypeError(f"image must have dtype uint8 (0..255) or float (0..1), got {image.dtype}")
+    out = np.asarray(image, dtype=np.float32)
+    low, high = float(np.min(out)), float(np.max(out))
+    if not (low >= 0.0 and high <= 1.0):  # NaN fails too
+        raise ValueError(
+            f"a float image must hold pixels in [0, 1], got values from {low:g} to {high:g} "
+            "(divide 8-bit pixels by 255, or pass a uint8 array)"
+        )
+    return out
+
+
+class ImageError(ValueError):
+    """An image file or upload that cannot be decoded or is too large."""
+
+
+def read_image(
+    source: str | os.PathLike | bytes, channels: int, *, max_pixels: int = 64 * 2**20
+) -> np.ndarray:
+    """Decode a PNG, JPEG, BMP, GIF or TIFF image into float32 pixels in [0, 1], ``(C, H, W)``.
+
+    Parameters
+    ----------
+    source : str, PathLike or bytes
+        A file or the encoded bytes.
+    channels : int
+        1 (converted to grayscale, ``L``) or 3 (``RGB``). Transparency is dropped.
+    max_pixels : int
+        Larger images are refused before they are decoded (decompression bombs).
+
+    Raises
+    ------
+    ImageError
+        The data is not a decodable image, or has more than ``max_pixels`` pixels.
+    """
+    import io
+
+    from PIL import Image
+
+    max_pixels = check_int(max_pixels, "max_pixels", 1)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    where = "the image" if isinstance(source, bytes | bytearray) else f"image {source}"
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        with Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF")) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{where} has {width}x{height} = {width * height:,} pixels, more than the "
+                    f"limit of {max_pixels:,}"
+                )
+            img.load()
+            if img.mode.startswith("I") or img.mode == "F":  # 16-bit, 32-bit or float gray
+                gray = np.asarray(img, dtype=np.float64)
+                gray = gray / 65535.0 if img.mode != "F" else gray
+                plane = np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
+                return plane if channels == 1 else np.repeat(plane, 3, axis=0)
+            pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except ImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"{where} does not exist") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{where} cannot be decoded as an image: {exc}") from exc
+    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)  # (C, H, W)
+    return pixels.astype(np.float32) / np.float32(255)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (C, H, W) float32 pixels, channel by channel (Pillow mode F)."""
+    from PIL import Image
+
+    out = np.empty((image.shape[0], height, width), dtype=np.float32)
+    for c, plane in enumerate(image):
+        resized = Image.fromarray(plane, mode="F").resize(
+            (width, height), Image.Resampling.BILINEAR
+        )
+        out[c] = np.asarray(resized, dtype=np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax_cells(logits: np.ndarray) -> np.ndarray:
+    """Per-cell softmax over the class axis: ``(K, H', W')`` -> ``(K, H', W')``."""
+    shifted = logits - logits.max(axis=0, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=0, keepdims=True)
+    return shifted
+
+
+def _encode(array: np.ndarray) -> dict:
+    """A compact JSON form: little-endian float32 bytes in base64, with shape and dtype."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return {
+        "dtype": "float32",
+        "shape": list(array.shape),
+        "order": "C",
+        "data": base64.b64encode(data.tobytes()).decode("ascii"),
+    }
+
+
+def _ranked(values: np.ndarray, k: int, class_names: Sequence[str]) -> list[dict]:
+    order = np.argsort(-values, kind="stable")[:k]
+    return [
+        {"label": class_names[c], "index": int(c), "probability": float(values[c])} for c in order
+    ]
+
+
+class _Aggregates:
+    """Image-level aggregates of per-cell probabilities: ``max`` and ``mean``, with top-k."""
+
+    class_names: tuple[str, ...]
+
+    max: np.ndarray  # (K,), defined by the subclasses
+    mean: np.ndarray
+
+    def top_k(self, k: int = 5, by: str = "mean") -> list[dict]:
+        """The k most likely classes of the image: ``[{"label", "index", "probability"}]``.
+
+        Parameters
+        ----------
+        k : int
+            Clamped to the number of classes.
+        by : {"mean", "max"}
+            ``mean``: the average probability over the cells (the source notes' "average the
+            class scores"). ``max``: the largest probability of any cell, which finds a small
+            object anywhere in a large image.
+        """
+        k = min(check_int(k, "k", 1), len(self.class_names))
+        if by not in ("mean", "max"):
+            raise ValueError(f"by must be 'mean' or 'max', got {by!r}")
+        return _ranked(self.mean if by == "mean" else self.max, k, self.class_names)
+
+    def aggregate_dict(self, k: int = 5) -> dict:
+        """JSON-ready aggregates: per-class max and mean, and the top-k by each."""
+        return {
+            "max": {n: float(v) for n, v in zip(self.class_names, self.max, strict=True)},
+            "mean": {n: float(v) for n, v in zip(self.class_names, self.mean, strict=True)},
+            "top_k_by_mean": self.top_k(k, "mean"),
+            "top_k_by_max": self.top_k(k, "max"),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreMap(_Aggregates):
+    """A dense map of class scores over one image (at one scale).
+
+    Attributes
+    ----------
+    logits : ndarray, shape (K, H', W')
+        Class scores of every cell, in the model's dtype.
+    probabilities : ndarray, shape (K, H', W')
+        Per-cell softmax of ``logits``.
+    geometry : Geometry
+        Of this map in the pixels of the image the network saw (the resized one for a scale
+        other than 1): ``geometry.stride`` is S / stride_divisor.
+    image_size : tuple of int
+        ``(H, W)`` of the original image.
+    class_names : tuple of str
+    scale : float
+        The requested scale (1.0: the image as given).
+    resized_size : tuple of int
+        ``(H, W)`` of the image the network saw.
+    stride_divisor : int
+
+    Shape
+    -----
+    ``H' = (Hs - Th) // s + 1`` and ``W' = (Ws - Tw) // s + 1``, with ``(Hs, Ws)`` the
+    resized size and ``s = S / stride_divisor``.
+    """
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    geometry: Geometry
+    image_size: tuple[int, int]
+    class_names: tuple[str, ...]
+    scale: float = 1.0
+    resized_size: tuple[int, int] = field(default=(0, 0))
+    stride_divisor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H', W')``."""
+        return self.logits.shape[1], self.logits.shape[2]
+
+    @property
+    def factors(self) -> tuple[float, float]:
+        """``(fy, fx)``: resized size over original size, per axis (1.0 at scale 1)."""
+        return (
+            self.resized_size[0] / self.image_size[0],
+            self.resized_size[1] / self.image_size[1],
+        )
+
+    @property
+    def max(self) -> np.ndarray:
+        """Per class, the largest probability of any cell: shape (K,)."""
+        return self.probabilities.max(axis=(1, 2)).astype(np.float64)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per class, the mean probability over the cells: shape (K,)."""
+        return self.probabilities.mean(axis=(1, 2), dtype=np.float64)
+
+    def box(self, i: int, j: int) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)`` of cell (i, j) in the original image (x1, y1 exclusive)."""
+        rows, cols = self.shape
+        if not (0 <= i < rows and 0 <= j < cols):
+            raise IndexError(f"cell ({i}, {j}) is outside the {rows}x{cols} map")
+        fy, fx = self.factors
+        x0, y0, x1, y1 = self.geometry.box(i, j)
+        if fy == fx == 1.0:
+            return x0, y0, x1, y1
+        return x0 / fx, y0 / fy, x1 / fx, y1 / fy
+
+    def boxes(self) -> np.ndarray:
+        """Every cell's box in the original image: shape ``(H', W', 4)``, ``(x0, y0, x1, y1)``.
+
+        int64 at scale 1, float64 otherwise.
+        """
+        boxes = self.geometry.boxes(*self.shape)
+        fy, fx = self.factors
+        if fy == fx == 1.0:
+            return boxes
+        return boxes / np.array([fx, fy, fx, fy])
+
+    def cell_top_k(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Per cell, the k most likely classes: ``(indices, probabilities)``, each (k, H', W')."""
+        k = min(check_int(k, "k", 1), len(self.class_names))
+        order = np.argsort(-self.probabilities, axis=0, kind="stable")[:k]
+        return order, np.take_along_axis(self.probabilities, order, axis=0)
+
+    def geometry_dict(self) -> dict:
+        """The geometry in JSON form, with this map's size, covered area and margins."""
+        hs, ws = self.resized_size
+        fy, fx = self.factors
+        d = self.geometry.to_dict()
+        d.update(
+            stride_divisor=self.stride_divisor,
+            scale=self.scale,
+            image_size=list(self.image_size),
+            resized_size=[hs, ws],
+            map_shape=list(self.shape),
+            covered=list(self.geometry.covered(hs, ws)),
+            margins=list(self.geometry.margins(hs, ws)),
+            cell_stride=[self.geometry.stride / fy, self.geometry.stride / fx],
+        )
+        return d
+
+    def to_dict(self, *, top_k: int = 5, cells: bool = True, scores: bool = True) -> dict:
+        """JSON-ready result.
+
+        Parameters
+        ----------
+        top_k : int
+            Classes in the image-level and per-cell rankings.
+        cells : bool
+            Include ``cells``: every cell's position, box (original image coordinates) and
+            top-k. One entry per cell: large maps make this long.
+        scores : bool
+            Include the full ``logits`` and ``probabilities`` arrays, base64 float32 with
+            their shape (row-major, little-endian).
+        """
+        out: dict[str, Any] = {
+            "map_shape": list(self.shape),
+            "classes": list(self.class_names),
+            "geometry": self.geometry_dict(),
+            "aggregate": self.aggregate_dict(top_k),
+        }
+        if cells:
+            idx, prob = self.cell_top_k(top_k)
+            boxes = self.boxes().tolist()
+            out["cells"] = [
+                {
+                    "row": i,
+                    "col": j,
+                    "box": boxes[i][j],
+                    "top_k": [
+                        {
+                            "label": self.class_names[int(idx[r, i, j])],
+                            "index": int(idx[r, i, j]),
+                            "probability": float(prob[r, i, j]),
+                        }
+                        for r in range(idx.shape[0])
+                    ],
+                }
+                for i in range(self.shape[0])
+                for j in range(self.shape[1])
+            ]
+        if scores:
+            out["logits"] = _encode(self.logits)
+            out["probabilities"] = _encode(self.probabilities)
+        return out
+
+    def heatmap(self, image: np.ndarray, class_index: int, **options: Any):
+        """A picture of one class's probability map over the image (PIL.Image, RGB).
+
+        Parameters
+        ----------
+        image : ndarray
+            The original image, as given to :func:`score_map`.
+        class_index : int
+            The class to show.
+        **options
+            ``alpha``, ``cmap``, ``vmin``, ``vmax``, ``zoom`` of
+            :func:`cnnserve.heatmap.heatmap_image`.
+        """
+        from cnnserve.heatmap import heatmap_image
+
+        K = len(self.class_names)
+        class_index = check_int(class_index, "class_index", 0, K - 1)
+        fy, fx = self.factors
+        th, tw = self.geometry.window
+        return heatmap_image(
+            image,
+            self.probabilities[class_index],
+            stride=self.geometry.stride / ((fx + fy) / 2),
+            window=(th / fy, tw / fx),
+            **options,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class MultiScaleMap(_Aggregates):
+    """Score maps of one image at several scales, and their aggregate.
+
+    ``max`` is the largest probability of any cell at any scale; ``mean`` averages the
+    scales' mean probabilities (each scale counts once, whatever its number of cells).
+    """
+
+    maps: tuple[ScoreMap, ...]
+    class_names: tuple[str, ...]
+
+    @property
+    def max(self) -> np.ndarray:
+        return np.max([m.max for m in self.maps], axis=0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.mean([m.mean for m in self.maps], axis=0)
+
+    def to_dict(self, *, top_k: int = 5, cells: bool = True, scores: bool = True) -> dict:
+        return {
+            "classes": list(self.class_names),
+            "aggregate": self.aggregate_dict(top_k),
+            "scales": [m.to_dict(top_k=top_k, cells=cells, scores=scores) for m in self.maps],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Computation
+# ---------------------------------------------------------------------------------------------
+
+
+def _working_bytes(fcn: FullyConvNet, batch: int, height: int, width: int) -> int:
+    """An upper estimate of the memory one forward pass of a batch of inputs needs.
+
+    Per layer: its input, its output and the scratch of a convolution (the im2col columns
+    and the product, or Winograd's transformed tiles), for the largest layer.
+    """
+    itemsize = fcn.dtype.itemsize
+    shape: tuple[int, ...] = (fcn.input_shape[0], height, width)
+    peak = 0
+    for k, layer in enumerate(fcn.layers):
+        out = _out_shape(layer.spec, shape, f"layer {k}")
+        need = math.prod(shape) + math.prod(out)
+        if layer.kind == "conv":
+            kh, kw = layer.spec["size"]
+            pixels = out[1] * out[2]
+            need += max(shape[0] * kh * kw + out[0], 4 * (shape[0] + out[0])) * pixels
+        peak = max(peak, need)
+        shape = out
+    return peak * itemsize * batch
+
+
+def _tile_cells(fcn: FullyConvNet, rows: int, cols: int, halo: int, budget: int) -> int:
+    """The side, in cells, of the largest square tile whose batch fits ``budget`` bytes."""
+    g = fcn.geometry
+
+    def fits(t: int) -> bool:
+        h = g.window[0] + g.stride * (min(t, rows) + 2 * halo - 1)
+        w = g.window[1] + g.stride * (min(t, cols) + 2 * halo - 1)
+        return _working_bytes(fcn, _TILE_BATCH, h, w) <= budget
+
+    low, high = 1, max(rows, cols)
+    if fits(high):
+        return high
+    while low < high:  # the largest t with fits(t), or 1
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _halo(g: Geometry) -> tuple[int, int, int, int]:
+    """Cells of context a tile needs before and after its own, per axis (0 without padding).
+
+    Cell i's receptive field is ``[S*i - P, S*i - P + R)``; a tile computing cells from
+    ``i0 - before`` to ``i1 + after`` contains its cells' receptive fields.
+    """
+    s = g.stride
+    before = [-(-g.offset[a] // s) for a in (0, 1)]
+    after = [-(-max(0, g.receptive_field[a] - g.window[a] - g.offset[a]) // s) for a in (0, 1)]
+    return before[0], after[0], before[1], after[1]
+
+
+def _tiles(rows: int, cols: int, t: int) -> Iterator[tuple[int, int, int, int]]:
+    for i0 in range(0, rows, t):
+        for j0 in range(0, cols, t):
+            yield i0, min(rows, i0 + t), j0, min(cols, j0 + t)
+
+
+def _dense_logits(
+    fcn: FullyConvNet,
+    image: np.ndarray,
+    budget: int,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Logits ``(K, H', W')`` of the (C, H, W) [0, 1] image, computed tile by tile."""
+    g = fcn.geometry
+    S, (th, tw) = g.stride, g.window
+    rows, cols = g.map_size(image.shape[1], image.shape[2])
+    hb, ha, wb, wa = _halo(g)
+    t = _tile_cells(fcn, rows, cols, max(hb, ha, wb, wa), budget)
+    out = np.empty((fcn.num_classes, rows, cols), dtype=fcn.dtype)
+
+    # Each tile computes the cells [a, b) x [c, d) (its own plus the halo, within the map)
+    # from the pixels their windows cover, and keeps its own cells.
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int, int, int]]] = {}
+    for i0, i1, j0, j1 in _tiles(rows, cols, t):
+        a, b = max(0, i0 - hb), min(rows, i1 + ha)
+        c, d = max(0, j0 - wb), min(cols, j1 + wa)
+        groups.setdefault((b - a, d - c), []).append((i0, i1, j0, j1, a, c))
+    for (n_rows, n_cols), tiles in groups.items():
+        h, w = th + S * (n_rows - 1), tw + S * (n_cols - 1)
+        for start in range(0, len(tiles), _TILE_BATCH):
+            batch = tiles[start : start + _TILE_BATCH]
+            x01 = np.stack([image[:, S * a : S * a + h, S * c : S * c + w] for *_, a, c in batch])
+            logits = fcn.forward(fcn.preprocess(x01))  # (B, K, n_rows, n_cols)
+            for (i0, i1, j0, j1, a, c), tile in zip(batch, logits, strict=True):
+                out[:, i0:i1, j0:j1] = tile[:, i0 - a : i1 - a, j0 - c : j1 - c]
+            if progress is not None:
+                progress(len(batch))
+    return out
+
+
+def _tile_count(fcn: FullyConvNet, height: int, width: int, budget: int) -> int:
+    g = fcn.geometry
+    rows, cols = g.map_size(height, width)
+    t = _tile_cells(fcn, rows, cols, max(_halo(g)), budget)
+    return math.ceil(rows / t) * math.ceil(cols / t)
+
+
+def _one_scale(
+    fcn: FullyConvNet,
+    image: np.ndarray,
+    original: tuple[int, int],
+    scale: float,
+    divisor: int,
+    budget: int,
+    progress: Callable[[int], None] | None,
+) -> ScoreMap:
+    """The map of one (already resized) image, at stride S / divisor (shift-and-stitch)."""
+    g = fcn.geometry
+    fine = g.finer(divisor)
+    H, W = image.shape[1], image.shape[2]
+    rows, cols = fine.map_size(H, W)
+    if divisor == 1:
+        logits = _dense_logits(fcn, image, budget, progress)
+    else:
+        logits = np.empty((fcn.num_classes, rows, cols), dtype=fcn.dtype)
+        step = fine.stride
+        for qa in range(divisor):
+            for qb in range(divisor):
+                y, x = qa * step, qb * step
+                if H - y < g.window[0] or W - x < g.window[1]:
+                    continue  # no window fits at this shift: no cells of the map have it
+                part = _dense_logits(fcn, image[:, y:, x:], budget, progress)
+                logits[:, qa::divisor, qb::divisor] = part
+    return ScoreMap(
+        logits=logits,
+        probabilities=softmax_cells(logits.copy()),
+        geometry=fine,
+        image_size=original,
+        class_names=fcn.class_names,
+        scale=scale,
+        resized_size=(H, W),
+        stride_divisor=divisor,
+    )
+
+
+def _as_fcn(model: Any) -> FullyConvNet:
+    if isinstance(model, FullyConvNet):
+        return model
+    if isinstance(model, ConvNet):
+        return to_fully_convolutional(model)
+    if isinstance(model, str | os.PathLike):
+        return load_fully_convolutional(model)
+    raise TypeError(
+        f"model must be a FullyConvNet, a ConvNet or a model file path, got {type(model).__name__}"
+    )
+
+
+def score_map(
+    model: FullyConvNet | ConvNet | str | os.PathLike,
+    image: np.ndarray,
+    *,
+    stride_divisor: int = 1,
+    scales: Sequence[float] | None = None,
+    tile_memory: int = DEFAULT_TILE_MEMORY,
+    progress: bool | Callable[[int], None] = False,
+) -> ScoreMap | MultiScaleMap:
+    """Dense class scores of an image: one cell per training-size window.
+
+    Parameters
+    ----------
+    model : FullyConvNet, ConvNet or path
+        A converted network, a trained one (converted and self-checked on every call: convert
+        once with :func:`~cnnserve.convert.to_fully_convolutional` for repeated use), or a
+        model file of either kind.
+    image : ndarray
+        ``(H, W)`` for a one-channel model or ``(C, H, W)``; uint8 pixels or floats in
+        [0, 1]; ``H >= Th`` and ``W >= Tw`` (the training size). It is preprocessed with the
+        normalisation stored in the model.
+    stride_divisor : int
+        d >= 1 dividing the total stride S: a map at stride S / d by shift-and-stitch (d * d
+        passes).
+    scales : sequence of float, optional
+        Resize the image by each factor (> 0) and map each; returns a :class:`MultiScaleMap`.
+        None (default): the image as it is, a :class:`ScoreMap`.
+    tile_memory : int
+        Bytes of working memory for the network's activations; larger maps are computed in
+        tiles that stitch exactly. The result arrays come on top.
+    progress : bool or callable
+        True: a progress bar over tiles on stderr (tqdm). A callable is called with the
+        number of tiles done after each batch of tiles.
+
+    Returns
+    -------
+    ScoreMap or MultiScaleMap
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad image (shape, channels, dtype, range), an image (or a scaled image) smaller
+        than the window, a stride divisor that does not divide S, a bad scale.
+
+    Shape
+    -----
+    ``logits`` and ``probabilities`` are ``(K, H', W')`` with ``H' = (H - Th) // s + 1``,
+    ``W' = (W - Tw) // s + 1`` and ``s = S / stride_divisor``; cell (i, j) scores the box
+    ``x in [s*j, s*j + Tw)``, ``y in [s*i, s*i + Th)``.
+    """
+    fcn = _as_fcn(model)
+    pixels = as_image(image, fcn.input_shape[0])
+    H, W = pixels.shape[1], pixels.shape[2]
+    budget = check_int(tile_memory, "tile_memory", 1)
+    fcn.geometry.finer(stride_divisor)  # checks the divisor
+    fcn.geometry.map_size(H, W)  # checks the size
+    sizes = []
+    for s in [1.0] if scales is None else _check_scales(scales):
+        size = (max(1, round(H * s)), max(1, round(W * s)))
+        th, tw = fcn.geometry.window
+        if size[0] < th or size[1] < tw:
+            raise ValueError(
+                f"scale {s:g} resizes the {H}x{W} image to {size[0]}x{size[1]}, smaller than "
+                f"the network's {th}x{tw} window"
+            )
+        sizes.append((s, size))
+
+    callback, bar = _progress(progress, fcn, sizes, stride_divisor, budget)
+    try:
+        maps = []
+        for s, (hs, ws) in sizes:
+            resized = pixels if (hs, ws) == (H, W) else _resize(pixels, hs, ws)
+            maps.append(_one_scale(fcn, resized, (H, W), s, stride_divisor, budget, callback))
+    finally:
+        if bar is not None:
+            bar.close()
+    if scales is None:
+        return maps[0]
+    return MultiScaleMap(tuple(maps), fcn.class_names)
+
+
+def _check_scales(scales: Any) -> list[float]:
+    if isinstance(scales, str) or not isinstance(scales, Sequence) or not scales:
+        raise TypeError(f"scales must be a non-empty list of numbers, got {scales!r}")
+    return [check_number(s, f"scales[{k}]", 0, 64, "(]") for k, s in enumerate(scales)]
+
+
+def _progress(
+    progress: bool | Callable[[int], None],
+    fcn: FullyConvNet,
+    sizes: list,
+    divisor: int,
+    budget: int,
+) -> tuple[Callable[[int], None] | None, Any]:
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return None, None
+    from tqdm.auto import tqdm
+
+    step = fcn.geometry.stride // divisor
+    total = 0
+    for _, (hs, ws) in sizes:
+        for qa in range(divisor):
+            for qb in range(divisor):
+                if (
+                    hs - qa * step >= fcn.geometry.window[0]
+                    and ws - qb * step >= (fcn.geometry.window[1])
+                ):
+                    total += _tile_count(fcn, hs - qa * step, ws - qb * step, budget)
+    bar = tqdm(total=total, unit="tile", desc="score map", leave=False)
+    return bar.update, bar
