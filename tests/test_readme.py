@@ -10,11 +10,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 2, "expected the layer example and the training example"
+    assert len(blocks) == 3, "expected the layer, training and dense-map examples"
     monkeypatch.chdir(tmp_path)  # the training example writes a model file
-    layer_example, training_example = ({}, {})
+    layer_example, training_example, dense_example = ({}, {}, {})
     exec(compile(blocks[0], str(README), "exec"), layer_example)
     exec(compile(blocks[1], str(README), "exec"), training_example)
+    monkeypatch.chdir(README.parent)  # the dense example reads the shipped model
+    exec(compile(blocks[2], str(README), "exec"), dense_example)
     # The layer example ends with the gradients of a conv layer.
     assert layer_example["dw"].shape == (16, 3, 5, 5)
     assert layer_example["dx"].shape == (8, 3, 32, 32)
@@ -25,3 +27,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for name, value in net.params.items():
         np.testing.assert_array_equal(loaded.params[name], value)
     assert (tmp_path / "small.safetensors").is_file()
+    # The dense example: the map, the box and the finer map it states.
+    result, finer = dense_example["result"], dense_example["finer"]
+    assert result.logits.shape == (10, 21, 45)
+    assert result.box(5, 17) == (34, 10, 42, 18)
+    assert finer.logits.shape == (10, 41, 89)
+    np.testing.assert_allclose(finer.logits[:, ::2, ::2], result.logits, rtol=0, atol=1e-4)
