@@ -12,7 +12,12 @@ OverFeat):
   weights ``(U, D, 1, 1)``;
 - layers after an affine layer act per cell: batchnorm (test mode) becomes a per-channel
   spatial batchnorm, layernorm normalises each cell over its channels, relu stays, and dropout
-  (an identity at inference) is dropped.
+  (an identity at inference) is dropped;
+- a batchnorm right after a convolution is folded into its weights at inference;
+- group norm takes its statistics over the whole feature map, which on a larger image are
+  not a window's: from the first group norm on, the converted network runs window by window
+  on each window's patch of the feature map before it (the layers before it still run once
+  over the whole image), so that every cell still equals the network on its crop.
 
 On an input of training size the converted network gives the original's scores;
 :func:`to_fully_convolutional` checks that, and records the check. On a larger image it gives
@@ -294,12 +299,37 @@ def _convert_plan(config: Mapping) -> tuple[list[FcnLayer], dict[str, tuple[int,
     return fcn, shapes, _geometry(fcn, input_shape)
 
 
+def per_window_start(layers: Sequence[FcnLayer]) -> int | None:
+    """Index of the first layer whose output depends on where a window starts, or None.
+
+    Group norm takes its statistics over the whole feature map: on a larger image those of
+    the image are not those of a window. From the first group norm on, a converted network
+    runs window by window, on each window's patch of the feature map before it.
+    """
+    return next((k for k, layer in enumerate(layers) if layer.kind == "spatial_groupnorm"), None)
+
+
+def _trunk_shape(
+    layers: Sequence[FcnLayer], input_shape: tuple[int, ...], stop: int | None
+) -> tuple[int, ...]:
+    """The shape of a training-size input after ``layers[:stop]``."""
+    shape = input_shape
+    for k, layer in enumerate(layers[:stop]):
+        shape = _out_shape(layer.spec, shape, f"layer {k}")
+    return shape
+
+
 def _geometry(fcn: Sequence[FcnLayer], input_shape: tuple[int, int, int]) -> Geometry:
-    """Stride, receptive field and padding offset, by the usual recursion over the layers."""
+    """Stride, receptive field and padding offset, by the usual recursion over the layers.
+
+    The layers that run window by window (:func:`per_window_start`) see only their window's
+    patch: they widen the receptive field by that patch and add no padding offset.
+    """
+    split = per_window_start(fcn)
     jump = 1  # input pixels between neighbouring outputs of the current layer
     field = [1, 1]
     offset = [0, 0]
-    for layer in fcn:
+    for layer in fcn[:split]:
         if layer.kind not in ("conv", "max_pool", "avg_pool"):
             continue
         size, stride = layer.spec["size"], layer.spec["stride"]
@@ -308,8 +338,16 @@ def _geometry(fcn: Sequence[FcnLayer], input_shape: tuple[int, int, int]) -> Geo
             field[axis] += (size[axis] - 1) * jump
             offset[axis] += pad * jump
         jump *= stride
+    stride = jump
+    if split is not None:
+        patch = _trunk_shape(fcn, input_shape, split)[1:]
+        for axis in (0, 1):
+            field[axis] += (patch[axis] - 1) * jump
+        for layer in fcn[split:]:
+            if layer.kind in ("conv", "max_pool", "avg_pool"):
+                stride *= layer.spec["stride"]
     return Geometry(
-        stride=jump,
+        stride=stride,
         window=(input_shape[1], input_shape[2]),
         receptive_field=(field[0], field[1]),
         offset=(offset[0], offset[1]),
@@ -327,8 +365,10 @@ class FullyConvNet:
     layers : list of FcnLayer
         The converted layers.
     params : dict of ndarray
-        Weights with the original names (``W<k>``, ``b<k>``, ``gamma<k>``, ...); converted
-        affine weights have conv shapes ``(U, C, Hf, Wf)``.
+        Weights with the original names (``W<k>``, ``b<k>``, ``gamma<k>``, ...; batchnorm
+        statistics as ``running_mean<k>``, ``running_var<k>``); converted affine weights have
+        conv shapes ``(U, C, Hf, Wf)``. Copies, read-only: a batchnorm after a conv is folded
+        into that conv's weights once, when the network is built.
     geometry : Geometry
     input_shape : tuple of int
         ``(C, Th, Tw)``, the training input shape.
@@ -366,9 +406,38 @@ class FullyConvNet:
         self.class_names = _check_class_names(class_names, self.num_classes)
         self.normalization = _check_normalization(normalization, self.input_shape[0])
         check_tensors("the converted network", tensors, shapes, self.dtype)
-        self.params = {name: np.ascontiguousarray(tensors[name]) for name in shapes}
+        self.params = {name: np.array(tensors[name], order="C") for name in shapes}
+        for value in self.params.values():
+            value.flags.writeable = False  # the folded weights below are computed from them
         self.check = dict(check or {})
         self.training = dict(training or {})
+        self._folded = self._fold_batchnorm()
+        self.per_window_from = per_window_start(self.layers)
+        self._patch = _trunk_shape(self.layers, self.input_shape, self.per_window_from)
+
+    def _fold_batchnorm(self) -> dict[int, tuple[np.ndarray, np.ndarray] | None]:
+        """Test-mode batchnorm right after a conv, folded into that conv's weights and bias.
+
+        ``bn(conv(x)) = conv(x) * s + (beta - mean * s)`` per channel, with
+        ``s = gamma / sqrt(var + eps)``: the conv with weights ``W * s`` and bias
+        ``(b - mean) * s + beta`` (computed in float64), and one pass over the largest
+        activations fewer. Returns, by layer index, the folded ``(W, b)`` of a conv and None
+        for a batchnorm that was folded away.
+        """
+        folded: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+        for k in range(len(self.layers) - 1):
+            conv, bn = self.layers[k], self.layers[k + 1]
+            if conv.kind != "conv" or bn.kind != "spatial_batchnorm":
+                continue
+            p = self.params
+            n = bn.param_names[0][len("gamma") :]
+            var = p[f"running_var{n}"].astype(np.float64)
+            scale = p[bn.param_names[0]] / np.sqrt(var + bn.eps)
+            w = p[conv.param_names[0]] * scale[:, None, None, None]
+            b = (p[conv.param_names[1]] - p[f"running_mean{n}"]) * scale + p[bn.param_names[1]]
+            folded[k] = (w.astype(self.dtype), b.astype(self.dtype))
+            folded[k + 1] = None
+        return folded
 
     # -- description --------------------------------------------------------------------------
 
@@ -389,6 +458,13 @@ class FullyConvNet:
             "  ".join(f"{row[c]:<{widths[c]}}" if c else f"{row[c]:>{widths[c]}}" for c in range(4))
             for row in rows
         ]
+        if self.per_window_from is not None:
+            C, hp, wp = self._patch
+            lines.append(
+                f"layers {self.per_window_from}.. run window by window, on each window's "
+                f"({C}, {hp}, {wp}) patch of the feature map: group norm takes its statistics "
+                "per window, as on a crop"
+            )
         return "\n".join(line.rstrip() for line in lines)
 
     def to_dict(self) -> dict:
@@ -399,6 +475,7 @@ class FullyConvNet:
             "class_names": list(self.class_names),
             "dtype": self.dtype.name,
             "geometry": self.geometry.to_dict(),
+            "per_window_from": self.per_window_from,
             "check": dict(self.check),
             "layers": [
                 {
@@ -472,12 +549,58 @@ class FullyConvNet:
         hc, wc = self.geometry.covered(x.shape[2], x.shape[3])
         out = np.ascontiguousarray(x[:, :, :hc, :wc], dtype=self.dtype)
         owned = out is not x and not np.shares_memory(out, x)
-        for layer in self.layers:
-            if layer.kind == "relu" and owned:
+        split = self.per_window_from
+        out = self._run(0, split, out, owned)
+        if split is None:
+            return out
+        return self._per_window(out)
+
+    def _run(self, start: int, stop: int | None, x: np.ndarray, owned: bool) -> np.ndarray:
+        """``layers[start:stop]`` on x; ``owned``: x may be overwritten."""
+        out = x
+        for k in range(start, len(self.layers) if stop is None else stop):
+            layer = self.layers[k]
+            if k in self._folded:
+                if self._folded[k] is None:  # a batchnorm folded into the conv before it
+                    continue
+                w, b = self._folded[k]
+                conv_param = {"stride": layer.spec["stride"], "pad": layer.spec["pad"]}
+                out = L.conv_forward(out, w, b, conv_param)[0]
+            elif layer.kind == "relu" and owned:
                 np.maximum(out, 0, out=out)  # in place: tiles of large images stay small
             else:
                 out = self._forward_layer(layer, out)
             owned = True
+        return out
+
+    # Values of the window patches gathered at a time for the per-window layers.
+    _PATCH_VALUES = 2**21
+
+    def _per_window(self, trunk: np.ndarray) -> np.ndarray:
+        """The layers from :attr:`per_window_from` on, run on every window's patch.
+
+        ``trunk`` (N, C, Hf, Wf) is the feature map before them; window (i, j) is its
+        ``(hp, wp)`` patch at ``(i, j) * step``, where ``(C, hp, wp)`` is that feature map on
+        a training-size input and ``step`` the stride of the layers after it.
+        """
+        C, hp, wp = self._patch
+        step = self.geometry.stride
+        for layer in self.layers[: self.per_window_from]:
+            if layer.kind in ("conv", "max_pool", "avg_pool"):
+                step //= layer.spec["stride"]
+        N, _, Hf, Wf = trunk.shape
+        rows, cols = (Hf - hp) // step + 1, (Wf - wp) // step + 1
+        windows = np.lib.stride_tricks.sliding_window_view(trunk, (hp, wp), axis=(2, 3))
+        windows = windows[:, :, ::step, ::step]  # (N, C, rows, cols, hp, wp), a view
+        out = np.empty((N, self.num_classes, rows, cols), dtype=self.dtype)
+        block = max(1, self._PATCH_VALUES // (C * hp * wp * cols))  # rows of windows at a time
+        for n in range(N):
+            for r0 in range(0, rows, block):
+                r1 = min(rows, r0 + block)
+                patches = windows[n, :, r0:r1].transpose(1, 2, 0, 3, 4)  # (r, cols, C, hp, wp)
+                patches = np.ascontiguousarray(patches).reshape(-1, C, hp, wp)
+                scores = self._run(self.per_window_from, None, patches, True)  # (r*cols, K, 1, 1)
+                out[n, :, r0:r1] = scores.reshape(r1 - r0, cols, -1).transpose(2, 0, 1)
         return out
 
     def _forward_layer(self, layer: FcnLayer, x: np.ndarray) -> np.ndarray:

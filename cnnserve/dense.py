@@ -179,11 +179,19 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def softmax_cells(logits: np.ndarray) -> np.ndarray:
-    """Per-cell softmax over the class axis: ``(K, H', W')`` -> ``(K, H', W')``."""
-    shifted = logits - logits.max(axis=0, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=0, keepdims=True)
-    return shifted
+    """Per-cell softmax over the class axis: ``(K, H', W')`` -> ``(K, H', W')``.
+
+    Computed a block of rows at a time, so that a large map needs no temporary of its size.
+    """
+    out = np.empty_like(logits)
+    K, rows = logits.shape[0], logits.shape[1]
+    step = max(1, 2**22 // max(1, K * logits[0, :1].size))  # about 4M values a block
+    for r0 in range(0, rows, step):
+        block = out[:, r0 : r0 + step]
+        np.subtract(logits[:, r0 : r0 + step], logits[:, r0 : r0 + step].max(axis=0), out=block)
+        np.exp(block, out=block)
+        block /= block.sum(axis=0)
+    return out
 
 
 def _encode(array: np.ndarray) -> dict:
@@ -449,16 +457,14 @@ class MultiScaleMap(_Aggregates):
 # ---------------------------------------------------------------------------------------------
 
 
-def _working_bytes(fcn: FullyConvNet, batch: int, height: int, width: int) -> int:
-    """An upper estimate of the memory one forward pass of a batch of inputs needs.
+def _layer_values(layers: Sequence, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """The largest working set, in values, of ``layers`` on one input of ``shape``.
 
     Per layer: its input, its output and the scratch of a convolution (the im2col columns
-    and the product, or Winograd's transformed tiles), for the largest layer.
+    and the product, or Winograd's transformed tiles). Returns it and the output shape.
     """
-    itemsize = fcn.dtype.itemsize
-    shape: tuple[int, ...] = (fcn.input_shape[0], height, width)
     peak = 0
-    for k, layer in enumerate(fcn.layers):
+    for k, layer in enumerate(layers):
         out = _out_shape(layer.spec, shape, f"layer {k}")
         need = math.prod(shape) + math.prod(out)
         if layer.kind == "conv":
@@ -467,7 +473,23 @@ def _working_bytes(fcn: FullyConvNet, batch: int, height: int, width: int) -> in
             need += max(shape[0] * kh * kw + out[0], 4 * (shape[0] + out[0])) * pixels
         peak = max(peak, need)
         shape = out
-    return peak * itemsize * batch
+    return peak, shape
+
+
+def _working_bytes(fcn: FullyConvNet, batch: int, height: int, width: int) -> int:
+    """An upper estimate of the memory one forward pass of a batch of inputs needs.
+
+    The layers that run window by window add a block of gathered patches and its working set.
+    """
+    split = fcn.per_window_from
+    trunk, shape = _layer_values(fcn.layers[:split], (fcn.input_shape[0], height, width))
+    peak = trunk * batch
+    if split is not None:
+        patch = math.prod(fcn._patch)
+        head, _ = _layer_values(fcn.layers[split:], fcn._patch)
+        windows = max(1, fcn._PATCH_VALUES // patch) + shape[2]  # a block of rows of windows
+        peak = max(peak, math.prod(shape) * batch + windows * (patch + head))
+    return peak * fcn.dtype.itemsize
 
 
 def _tile_cells(fcn: FullyConvNet, rows: int, cols: int, halo: int, budget: int) -> int:
@@ -578,7 +600,7 @@ def _one_scale(
                 logits[:, qa::divisor, qb::divisor] = part
     return ScoreMap(
         logits=logits,
-        probabilities=softmax_cells(logits.copy()),
+        probabilities=softmax_cells(logits),
         geometry=fine,
         image_size=original,
         class_names=fcn.class_names,
