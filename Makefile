@@ -26,6 +26,7 @@ bench: $(PY)
 	$(PIP) install -e ".[bench]"
 	$(PY) bench/layers.py
 	$(PY) bench/train.py
+	$(PY) bench/dense.py
 
 lint: $(PY)
 	$(PIP) install -e ".[test]"
