@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-import cnnserve  # noqa: F401  # isort: skip  (before NumPy: its thread defaults apply to its BLAS)
+import cnnserve  # isort: skip  (before NumPy: its thread defaults apply to its BLAS)
 import numpy as np
 
 THREADS = 2
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_worker:
         return torch_worker(args.torch_worker, args.repeat)
 
-    env = dict(os.environ)  # before cnnserve sets its OpenMP defaults
+    # torch's helper gets the environment as it was before cnnserve set its thread defaults
+    env = {k: v for k, v in os.environ.items() if k not in cnnserve._ext.ENV_SET_BY_CNNSERVE}
     data = make_data()
     try:
         from threadpoolctl import threadpool_limits

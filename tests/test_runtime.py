@@ -131,7 +131,8 @@ def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
         "import os, sys\n"
         "import cnnserve\n"
         "assert 'numpy' not in sys.modules\n"
-        "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'])\n"
+        "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'],\n"
+        "      ','.join(cnnserve._ext.ENV_SET_BY_CNNSERVE))\n"
     )
     env = {
         k: v
@@ -147,7 +148,7 @@ def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["PASSIVE", "20"]
+    assert result.stdout.split() == ["PASSIVE", "20", "OMP_WAIT_POLICY,OPENBLAS_THREAD_TIMEOUT"]
     env["OPENBLAS_THREAD_TIMEOUT"] = "28"
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -157,4 +158,4 @@ def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
         cwd=ROOT,
         timeout=60,
     )
-    assert result.stdout.split() == ["PASSIVE", "28"]
+    assert result.stdout.split() == ["PASSIVE", "28", "OMP_WAIT_POLICY"]  # only what it set

@@ -29,8 +29,12 @@ import os
 import sys
 from types import ModuleType
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "20"}
+#: The variables cnnserve put in the environment (those the environment did not set): a
+#: process that starts another program (a benchmark's PyTorch helper) can leave them out.
+ENV_SET_BY_CNNSERVE = tuple(name for name in _ENV_DEFAULTS if name not in os.environ)
+for _name in ENV_SET_BY_CNNSERVE:
+    os.environ[_name] = _ENV_DEFAULTS[_name]
 
 _child_single_threaded = False  # read by the kernel modules when they are imported
 _parallel_before_fork = False
