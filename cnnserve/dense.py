@@ -677,7 +677,8 @@ def score_map(
     H, W = pixels.shape[1], pixels.shape[2]
     budget = check_int(tile_memory, "tile_memory", 1)
     fcn.geometry.finer(stride_divisor)  # checks the divisor
-    fcn.geometry.map_size(H, W)  # checks the size
+    if scales is None:
+        fcn.geometry.map_size(H, W)  # checks the size
     sizes = []
     for s in [1.0] if scales is None else _check_scales(scales):
         size = (max(1, round(H * s)), max(1, round(W * s)))
@@ -704,8 +705,13 @@ def score_map(
 
 
 def _check_scales(scales: Any) -> list[float]:
-    if isinstance(scales, str) or not isinstance(scales, Sequence) or not scales:
-        raise TypeError(f"scales must be a non-empty list of numbers, got {scales!r}")
+    """A non-empty list (or 1-D array) of factors in (0, 64]."""
+    if isinstance(scales, np.ndarray) and scales.ndim == 1:
+        scales = scales.tolist()
+    if isinstance(scales, str) or not isinstance(scales, Sequence):
+        raise TypeError(f"scales must be a list of numbers, got {type(scales).__name__}")
+    if not scales:
+        raise ValueError("scales must hold at least one factor, got an empty list")
     return [check_number(s, f"scales[{k}]", 0, 64, "(]") for k, s in enumerate(scales)]
 
 

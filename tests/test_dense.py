@@ -350,8 +350,22 @@ def test_a_scale_that_makes_the_image_too_small_raises(stride4):
 )
 def test_bad_scales_raise(stride4, scales):
     _, fcn = stride4
-    with pytest.raises((TypeError, ValueError), match="scales"):
+    wrong_type = isinstance(scales, str | float) or scales in (["1.0"], [True])
+    with pytest.raises(TypeError if wrong_type else ValueError, match="scales"):
         score_map(fcn, pixels((1, 20, 20)), scales=scales)
+
+
+def test_scales_upscale_an_image_smaller_than_the_window_and_take_arrays(stride4):
+    model, fcn = stride4
+    image = pixels((1, 8, 10), 3)  # smaller than the 12x12 window
+    with pytest.raises(ValueError, match="smaller than the network's 12x12 window"):
+        score_map(fcn, image)
+    result = score_map(fcn, image, scales=np.array([2.0, 1.5]))
+    assert [m.resized_size for m in result.maps] == [(16, 20), (12, 15)]
+    assert_close_to(
+        result.maps[0].logits, crop_loop(model, dense._resize(image, 16, 20), 4), np.float64
+    )
+    assert result.maps[0].box(1, 1) == (2.0, 2.0, 8.0, 8.0)  # (4, 4, 16, 16) / 2
 
 
 # ---------------------------------------------------------------------------------------------
