@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cnnserve._files import atomic_write_bytes
 
 __all__ = ["main"]
 
@@ -517,15 +520,35 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _read_input_image(path: str, channels: int) -> np.ndarray:
     """An image file (PNG, JPEG, ...) or a .npy array of pixels."""
-    from cnnserve.dense import read_image
+    from cnnserve.dense import MAX_PIXELS, read_image
 
     if path.endswith(".npy"):
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CommandError(f"cannot read image array {path}: {exc}") from exc
-        return array
+        return _read_npy(path, channels * MAX_PIXELS)
     return read_image(path, channels)
+
+
+def _read_npy(path: str, max_values: int) -> np.ndarray:
+    """A .npy array, its header checked (size, dtype) before anything is allocated."""
+    try:
+        with open(path, "rb") as handle:
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(np.lib.format.read_magic(handle))
+            if read_header is None:
+                raise CommandError(f"image array {path}: unsupported .npy format version")
+            shape, _, dtype = read_header(handle)
+            if dtype.hasobject or math.prod(shape) > max_values:
+                raise CommandError(
+                    f"image array {path} has shape {shape} and dtype {dtype}: at most "
+                    f"{max_values:,} numbers, and no Python objects"
+                )
+            data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
+            if data_bytes < math.prod(shape) * dtype.itemsize:
+                raise CommandError(f"image array {path} is shorter than its header says")
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CommandError(f"cannot read image array {path}: {exc}") from exc
 
 
 def _class_index(value: str | None, class_names: Sequence[str]) -> int | None:
@@ -556,17 +579,25 @@ def _scales(text: str | None) -> list[float] | None:
 
 
 def _cmd_scoremap(args: argparse.Namespace) -> int:
+    from cnnserve._checks import check_number
     from cnnserve.convert import load_fully_convolutional
     from cnnserve.dense import MultiScaleMap, as_image, score_map
-    from cnnserve.heatmap import save_png
+    from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
 
+    # Everything that can be refused is checked before the map is computed, and the files
+    # are written only once both are ready: an error leaves no partial output.
     for option in ("json", "png"):
-        target = getattr(args, option)
-        if target is not None and not Path(target).parent.is_dir():
-            raise CommandError(f"--{option} {target}: directory {Path(target).parent} not found")
+        if getattr(args, option) is not None:
+            _check_target(option, Path(getattr(args, option)))
+    check_number(args.alpha, "--alpha", 0, 1, "[]")
     fcn = load_fully_convolutional(args.model)
     class_index = _class_index(args.class_, fcn.class_names)
     image = as_image(_read_input_image(args.image, fcn.input_shape[0]), fcn.input_shape[0])
+    if args.png and image.shape[1] * image.shape[2] * args.zoom**2 > MAX_PICTURE_PIXELS:
+        raise CommandError(
+            f"--zoom {args.zoom} would make a picture of {image.shape[2] * args.zoom}x"
+            f"{image.shape[1] * args.zoom} pixels, more than {MAX_PICTURE_PIXELS:,}"
+        )
     started = time.perf_counter()
     result = score_map(
         fcn,
@@ -606,6 +637,7 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
         f"class {label!r}: highest probability {best.probabilities[class_index, i, j]:.3f} at "
         f"cell ({i}, {j}), box (x0, y0, x1, y1) = ({box})"
     )
+    outputs = []
     if args.json is not None:
         record = {
             "model": str(args.model),
@@ -614,15 +646,23 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
             "seconds": seconds,
             **result.to_dict(top_k=args.top_k, cells=args.cells, scores=True),
         }
-        from cnnserve._files import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.json), json.dumps(record).encode())
-        print(f"wrote {args.json}")
+        outputs.append((args.json, json.dumps(record).encode(), ""))
     if args.png is not None:
         picture = best.heatmap(image, class_index, alpha=args.alpha, zoom=args.zoom)
-        save_png(picture, args.png)
-        print(f"wrote {args.png}: class {label!r} probability over the image")
+        note = f": class {label!r} probability over the image"
+        outputs.append((args.png, png_bytes(picture), note))
+    for target, data, note in outputs:
+        atomic_write_bytes(Path(target), data)
+        print(f"wrote {target}{note}")
     return 0
+
+
+def _check_target(option: str, path: Path) -> None:
+    """An output file of ``--option``: its directory exists and it is not a directory."""
+    if path.is_dir():
+        raise CommandError(f"--{option} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise CommandError(f"--{option} {path}: directory {path.parent} not found")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -648,14 +688,29 @@ def _montage(panels: list, columns: int, gap: int = 4):
     return sheet
 
 
+_DEMO_MAX_PIXELS = 2**22  # canvases up to 2048 x 2048
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from PIL import ImageDraw
 
     from cnnserve.convert import load_fully_convolutional
     from cnnserve.data import digits_canvas
     from cnnserve.dense import score_map
-    from cnnserve.heatmap import heatmap_image, save_png
+    from cnnserve.heatmap import MAX_PICTURE_PIXELS, heatmap_image, png_bytes
 
+    height, width = args.size
+    if height * width > _DEMO_MAX_PIXELS:
+        raise CommandError(f"--size {height}x{width} is over {_DEMO_MAX_PIXELS:,} pixels")
+    zoom = args.zoom
+    if height * width * zoom**2 > MAX_PICTURE_PIXELS:
+        raise CommandError(
+            f"--zoom {zoom} would make pictures of {width * zoom}x{height * zoom} pixels, more "
+            f"than {MAX_PICTURE_PIXELS:,}"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is not a directory")
     fcn = load_fully_convolutional(args.model)
     if fcn.input_shape != (1, 8, 8) or fcn.class_names != tuple(map(str, range(10))):
         raise CommandError(
@@ -663,19 +718,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"classes 0..9), got input {fcn.input_shape} and classes {fcn.class_names}"
         )
     record = fcn.training
+    if record.get("dataset") != "digits" or not record.get("test_fraction"):
+        raise CommandError(
+            "the demo shows digits the model has never seen: it needs a model trained on "
+            "'digits' with a test split (its training record has dataset "
+            f"{record.get('dataset')!r}, test_fraction {record.get('test_fraction')!r})"
+        )
     split = {
         "split_seed": int(record.get("seed", 0)),
         "val_fraction": float(record.get("val_fraction", 0.1)),
-        "test_fraction": float(record.get("test_fraction", 0.2)) or 0.2,
+        "test_fraction": float(record["test_fraction"]),
     }
     canvas, placements = digits_canvas(args.size, args.count, seed=args.seed, **split)
-    out = Path(args.out)
-    _make_directory(out)
-    zoom = args.zoom
     result = score_map(fcn, canvas, stride_divisor=fcn.geometry.stride)  # stride 1: a cell
     # at every position
-    save_png(heatmap_image(canvas, np.zeros((1, 1)), stride=1, window=1, alpha=0, zoom=zoom),
-             out / "canvas.png")  # fmt: skip
+    picture = heatmap_image(canvas, np.zeros((1, 1)), stride=1, window=1, alpha=0, zoom=zoom)
     panels, rows = [], []
     for place in sorted(placements, key=lambda p: p["label"]):
         label, (x0, y0, x1, y1) = place["label"], place["box"]
@@ -687,14 +744,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         panels.append(panel)
         here = float(probability[y0, x0])  # the cell whose window is exactly the digit
         predicted = int(np.argmax(result.probabilities[:, y0, x0]))
-        peak = np.unravel_index(int(np.argmax(probability)), probability.shape)
-        rows.append(
-            (label, place["index"], (x0, y0), here, predicted, (int(peak[1]), int(peak[0])))
-        )
-    save_png(_montage(panels, columns=2), out / "heatmaps.png")
-    print(f"canvas {args.size[0]}x{args.size[1]} with {len(placements)} held-out digits "
-          f"(test split of seed {split['split_seed']}); map {result.shape[0]}x{result.shape[1]} "
-          f"at stride 1")  # fmt: skip
+        py, px = np.unravel_index(int(np.argmax(probability)), probability.shape)
+        rows.append((label, place["index"], (x0, y0), here, predicted, (int(px), int(py))))
+    files = {"canvas.png": png_bytes(picture), "heatmaps.png": png_bytes(_montage(panels, 2))}
+    _make_directory(out)
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    map_rows, map_cols = result.shape
+    print(f"canvas {height}x{width} with {len(placements)} held-out digits (test split of "
+          f"seed {split['split_seed']}); map {map_rows}x{map_cols} at stride 1")  # fmt: skip
     print(f"{'digit':>5} {'sample':>6} {'at (x, y)':>10} {'p(digit) there':>14} "
           f"{'predicted there':>15} {'peak of p(digit) at':>19}")  # fmt: skip
     for label, index, (x, y), here, predicted, (px, py) in rows:

@@ -33,6 +33,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -364,11 +365,12 @@ class FullyConvNet:
     ----------
     layers : list of FcnLayer
         The converted layers.
-    params : dict of ndarray
+    params : mapping of str to ndarray
         Weights with the original names (``W<k>``, ``b<k>``, ``gamma<k>``, ...; batchnorm
         statistics as ``running_mean<k>``, ``running_var<k>``); converted affine weights have
-        conv shapes ``(U, C, Hf, Wf)``. Copies, read-only: a batchnorm after a conv is folded
-        into that conv's weights once, when the network is built.
+        conv shapes ``(U, C, Hf, Wf)``. Copies, and read-only (the mapping and the arrays): a
+        batchnorm after a conv is folded into that conv's weights once, when the network is
+        built, so the weights are fixed for the network's life.
     geometry : Geometry
     input_shape : tuple of int
         ``(C, Th, Tw)``, the training input shape.
@@ -406,9 +408,10 @@ class FullyConvNet:
         self.class_names = _check_class_names(class_names, self.num_classes)
         self.normalization = _check_normalization(normalization, self.input_shape[0])
         check_tensors("the converted network", tensors, shapes, self.dtype)
-        self.params = {name: np.array(tensors[name], order="C") for name in shapes}
-        for value in self.params.values():
+        params = {name: np.array(tensors[name], order="C") for name in shapes}
+        for value in params.values():
             value.flags.writeable = False  # the folded weights below are computed from them
+        self.params = MappingProxyType(params)
         self.check = dict(check or {})
         self.training = dict(training or {})
         self._folded = self._fold_batchnorm()
@@ -715,6 +718,8 @@ def to_fully_convolutional(
         rng = np.random.default_rng(check_int(seed, "seed", 0))
         check_inputs = rng.standard_normal((check_size, *model.input_shape))
     X = model._check_x(check_inputs)
+    if not np.all(np.isfinite(X)):
+        raise ValueError("check_inputs must be finite (no NaN or inf)")
     fcn.check = _self_check(model, fcn, X)
     return fcn
 
@@ -829,6 +834,7 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
         check = dict(conversion.get("check") or {})
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
+    _check_record(path, check)
     check_tensors(path, tensors, shapes, dtype)
     try:
         fcn = FullyConvNet(
@@ -847,3 +853,25 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
             f"architecture's {geometry.to_dict()}"
         )
     return fcn
+
+
+def _check_record(path: Path, check: Mapping) -> None:
+    """A converted file's self-check record must be complete and must have passed."""
+    numbers = ("max_abs_diff", "score_scale", "tolerance")
+    valid = (
+        isinstance(check.get("inputs"), int)
+        and check["inputs"] >= 1
+        and all(isinstance(check.get(k), int | float) for k in numbers)
+        and isinstance(check.get("passed"), bool)
+    )
+    if not valid:
+        raise ModelFileError(
+            f"{path} has an invalid self-check record {dict(check)!r}: it needs inputs, "
+            "max_abs_diff, score_scale, tolerance and passed; convert the model again"
+        )
+    if not (check["passed"] and check["max_abs_diff"] <= check["tolerance"]):
+        raise ModelFileError(
+            f"{path} records a failed self-check (max |converted - original| = "
+            f"{check['max_abs_diff']:.3g}, tolerance {check['tolerance']:.3g}): its scores are "
+            "not the original network's"
+        )

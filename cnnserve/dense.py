@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_TILE_MEMORY = 256 * 2**20  # bytes of working memory per batch of tiles
+MAX_PIXELS = 64 * 2**20  # images decoded, or resized for a scale, above this are refused
 # Tiles of the same size go through the network together, this many at a time, so that the
 # kernels that parallelise over images (Winograd, the fused im2col + GEMM) use both cores.
 _TILE_BATCH = 2
@@ -108,7 +110,7 @@ class ImageError(ValueError):
 
 
 def read_image(
-    source: str | os.PathLike | bytes, channels: int, *, max_pixels: int = 64 * 2**20
+    source: str | os.PathLike | bytes, channels: int, *, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
     """Decode a PNG, JPEG, BMP, GIF or TIFF image into float32 pixels in [0, 1], ``(C, H, W)``.
 
@@ -136,7 +138,11 @@ def read_image(
     where = "the image" if isinstance(source, bytes | bytearray) else f"image {source}"
     stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        with Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF")) as img:
+        with (
+            warnings.catch_warnings(),  # our own limit below applies, not Pillow's warning
+            Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF")) as img,
+        ):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -352,7 +358,7 @@ class ScoreMap(_Aggregates):
         )
         return d
 
-    def to_dict(self, *, top_k: int = 5, cells: bool = True, scores: bool = True) -> dict:
+    def to_dict(self, *, top_k: int = 5, cells: bool = False, scores: bool = True) -> dict:
         """JSON-ready result.
 
         Parameters
@@ -361,7 +367,8 @@ class ScoreMap(_Aggregates):
             Classes in the image-level and per-cell rankings.
         cells : bool
             Include ``cells``: every cell's position, box (original image coordinates) and
-            top-k. One entry per cell: large maps make this long.
+            top-k, one entry per cell (about 2 KB of Python objects each: for small maps).
+            The boxes of all cells follow from ``geometry`` anyway.
         scores : bool
             Include the full ``logits`` and ``probabilities`` arrays, base64 float32 with
             their shape (row-major, little-endian).
@@ -414,6 +421,12 @@ class ScoreMap(_Aggregates):
 
         K = len(self.class_names)
         class_index = check_int(class_index, "class_index", 0, K - 1)
+        shape = np.shape(image)
+        if tuple(shape[-2:]) != tuple(self.image_size):
+            raise ValueError(
+                f"image must be the {self.image_size[0]}x{self.image_size[1]} image this map "
+                f"was computed on, got shape {shape}"
+            )
         fy, fx = self.factors
         th, tw = self.geometry.window
         return heatmap_image(
@@ -444,7 +457,8 @@ class MultiScaleMap(_Aggregates):
     def mean(self) -> np.ndarray:
         return np.mean([m.mean for m in self.maps], axis=0)
 
-    def to_dict(self, *, top_k: int = 5, cells: bool = True, scores: bool = True) -> dict:
+    def to_dict(self, *, top_k: int = 5, cells: bool = False, scores: bool = True) -> dict:
+        """JSON-ready: the classes, the aggregate over scales, and each scale's map."""
         return {
             "classes": list(self.class_names),
             "aggregate": self.aggregate_dict(top_k),
@@ -688,6 +702,11 @@ def score_map(
                 f"scale {s:g} resizes the {H}x{W} image to {size[0]}x{size[1]}, smaller than "
                 f"the network's {th}x{tw} window"
             )
+        if size[0] * size[1] > max(MAX_PIXELS, H * W):
+            raise ValueError(
+                f"scale {s:g} resizes the {H}x{W} image to {size[0]}x{size[1]}, more than "
+                f"{MAX_PIXELS:,} pixels"
+            )
         sizes.append((s, size))
 
     callback, bar = _progress(progress, fcn, sizes, stride_divisor, budget)
@@ -724,6 +743,8 @@ def _progress(
 ) -> tuple[Callable[[int], None] | None, Any]:
     if callable(progress):
         return progress, None
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     if not progress:
         return None, None
     from tqdm.auto import tqdm

@@ -75,6 +75,8 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
 
 #: Names of the built-in colour maps.
 CMAPS = tuple(_ANCHORS)
+#: The largest picture heatmap_image draws (width x height after the zoom): 384 MiB of RGB.
+MAX_PICTURE_PIXELS = 2**27
 
 _LUT_SIZE = 256
 # Rows of a block: about this many bytes per float32 row-block temporary.
@@ -502,7 +504,8 @@ def heatmap_image(
     Raises
     ------
     TypeError, ValueError
-        As for :func:`upsample_map` and :func:`overlay`; ``zoom`` not an int >= 1.
+        As for :func:`upsample_map` and :func:`overlay`; ``zoom`` not an int >= 1, or a
+        picture of more than ``MAX_PICTURE_PIXELS`` pixels.
 
     Shape
     -----
@@ -513,6 +516,11 @@ def heatmap_image(
     a, lut, lo, hi = _check_overlay(alpha, cmap, vmin, vmax)
     img = _check_image(image)
     _, H, W = img.shape
+    if H * W * zoom * zoom > MAX_PICTURE_PIXELS:
+        raise ValueError(
+            f"zoom {zoom} would make a {W * zoom}x{H * zoom} picture, more than "
+            f"{MAX_PICTURE_PIXELS:,} pixels"
+        )
     heat = upsample_map(values, (H, W), stride=stride, window=window, offset=offset)
     picture = Image.fromarray(_blend(img, heat, a, lut, lo, hi))
     if zoom > 1:

@@ -179,3 +179,62 @@ def test_demo_needs_a_digits_model(tmp_path, capsys):
     save_model(ConvNet([{"type": "conv", "filters": 2, "size": 3}], (1, 9, 9), 10), other)
     assert main(["demo", str(other), "--out", str(tmp_path / "d")]) == 2
     assert "it needs a digits model" in capsys.readouterr().err
+
+
+def test_scoremap_refuses_bad_options_before_any_work_and_writes_nothing(canvas, tmp_path, capsys):
+    image, _ = canvas
+    out_json, out_png = tmp_path / "map.json", tmp_path / "heat.png"
+    base = ["scoremap", str(MODEL), str(image), "--quiet", "--json", str(out_json)]
+    assert main([*base, "--png", str(out_png), "--alpha", "2"]) == 2
+    assert "--alpha must be in [0, 1]" in capsys.readouterr().err
+    assert main([*base, "--png", str(tmp_path)]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert main([*base, "--png", str(out_png), "--zoom", "100000"]) == 2
+    assert "--zoom 100000 would make a picture of 6400000x4000000 pixels" in (
+        capsys.readouterr().err
+    )
+    assert sorted(tmp_path.iterdir()) == []  # no JSON written before the PNG failed
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("huge", "at most"),
+        ("objects", "no Python objects"),
+        ("truncated", "shorter than its header says"),
+        ("garbage", "cannot read image array"),
+    ],
+)
+def test_scoremap_npy_checked_before_loading(content, message, tmp_path, capsys):
+    path = tmp_path / "x.npy"
+    if content == "huge":  # a 128-byte file whose header claims 40 billion values
+        with open(path, "wb") as handle:
+            np.lib.format.write_array_header_1_0(
+                handle, {"descr": "<f4", "fortran_order": False, "shape": (200000, 200000)}
+            )
+    elif content == "objects":
+        np.save(path, np.array([[None]], dtype=object), allow_pickle=True)
+    elif content == "truncated":
+        np.save(path, np.zeros((64, 64), dtype=np.float32))
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path.write_bytes(b"not a numpy file at all")
+    assert main(["scoremap", str(MODEL), str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_before_writing_anything(tmp_path, capsys):
+    from cnnserve.model import ConvNet, preset_layers, save_model
+
+    out = tmp_path / "demo"
+    assert main(["demo", str(MODEL), "--out", str(out), "--size", "4096x4096"]) == 2
+    assert "is over 4,194,304 pixels" in capsys.readouterr().err
+    assert main(["demo", str(MODEL), "--out", str(out), "--zoom", "5000"]) == 2
+    assert "would make pictures of" in capsys.readouterr().err
+    # A digits model without a test split: its "held-out" digits would be training digits.
+    no_test = tmp_path / "no_test.safetensors"
+    net = ConvNet(preset_layers("digits", (1, 8, 8)), (1, 8, 8), 10)
+    save_model(net, no_test, training={"dataset": "digits", "seed": 0, "test_fraction": 0.0})
+    assert main(["demo", str(no_test), "--out", str(out)]) == 2
+    assert "needs a model trained on 'digits' with a test split" in capsys.readouterr().err
+    assert not out.exists()

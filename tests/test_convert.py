@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
 from cnnserve.convert import (
@@ -855,3 +856,47 @@ def test_saved_file_is_json_clean_with_conversion_record(converted_file):
     assert meta["conversion"]["check"] == fcn.check
     assert tensors["W2"].shape == (7, 4, 4, 4)
     assert all(math.isfinite(v) for v in tensors["b2"])
+
+
+def test_converted_params_are_frozen():
+    """Batchnorm is folded into the conv before it when the network is built: the weights
+    must not change afterwards, so neither the mapping nor the arrays can be written."""
+    model = build(STACKS["nonsquare_head"][0], STACKS["nonsquare_head"][1], 3)
+    fcn = to_fully_convolutional(model)
+    with pytest.raises(TypeError):
+        fcn.params["W1"] = np.zeros_like(fcn.params["W1"])
+    with pytest.raises(ValueError, match="read-only"):
+        fcn.params["W1"][...] = 0
+
+
+def test_check_inputs_must_be_finite():
+    model = build([], (1, 4, 4), 2)
+    with pytest.raises(ValueError, match="check_inputs must be finite"):
+        to_fully_convolutional(model, check_inputs=np.full((2, 1, 4, 4), np.nan))
+
+
+@pytest.mark.parametrize(
+    "check, message",
+    [
+        ({"passed": True}, "invalid self-check record"),
+        ({"inputs": 8, "max_abs_diff": "x", "score_scale": 1.0, "tolerance": 1e-5, "passed": True},
+         "invalid self-check record"),
+        ({"inputs": 8, "max_abs_diff": 0.5, "score_scale": 1.0, "tolerance": 1e-5, "passed": False},
+         "records a failed self-check"),
+        ({"inputs": 8, "max_abs_diff": 0.5, "score_scale": 1.0, "tolerance": 1e-5, "passed": True},
+         "records a failed self-check"),
+    ],
+)  # fmt: skip
+def test_a_converted_file_with_a_bad_self_check_record_is_refused(check, message, tmp_path):
+    model = build([{"type": "conv", "filters": 2, "size": 3}], (1, 5, 5), 2)
+    path = tmp_path / "fcn.safetensors"
+    save_fully_convolutional(to_fully_convolutional(model), path)
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    meta = json.loads(metadata["cnnserve"])
+    meta["conversion"]["check"] = check
+    metadata["cnnserve"] = json.dumps(meta)
+    path.write_bytes(save_safetensors(tensors, metadata=metadata))
+    with pytest.raises(ModelFileError, match=message):
+        load_fully_convolutional(path)

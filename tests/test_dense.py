@@ -568,7 +568,8 @@ def test_box_and_boxes(digits_map):
 
 def test_to_dict_is_json_with_decodable_arrays(digits_map):
     m = digits_map
-    d = m.to_dict(top_k=3)
+    assert "cells" not in m.to_dict(top_k=3)  # one entry per cell only when asked for
+    d = m.to_dict(top_k=3, cells=True)
     text = json.dumps(d)
     back = json.loads(text)
     assert back["map_shape"] == [6, 9]
@@ -804,3 +805,23 @@ def test_read_image_refuses_a_bomb_before_decoding():
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x00" * 16)
     with pytest.raises(ImageError, match="9000x9000 = 81,000,000 pixels, more than the limit"):
         read_image(data, 1)  # the default limit: 64 Mi pixels
+
+
+def test_heatmap_needs_the_image_the_map_was_computed_on(digits_map):
+    with pytest.raises(ValueError, match="must be the 19x24 image this map was computed on"):
+        digits_map.heatmap(np.zeros((5, 5), dtype=np.uint8), 1)
+
+
+def test_progress_must_be_a_bool_or_a_callable(stride4):
+    _, fcn = stride4
+    with pytest.raises(TypeError, match="progress must be a bool or a callable"):
+        score_map(fcn, pixels((1, 12, 12)), progress="yes")
+
+
+def test_a_scale_over_the_pixel_limit_is_refused(stride4, monkeypatch):
+    _, fcn = stride4
+    monkeypatch.setattr(dense, "MAX_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"resizes the 20x20 image to 40x40, more than 1,000"):
+        score_map(fcn, pixels((1, 20, 20)), scales=[1.0, 2.0])
+    assert score_map(fcn, pixels((1, 40, 40)), scales=[0.5]).maps[0].shape == (3, 3)  # larger
+    # originals may be downscaled
