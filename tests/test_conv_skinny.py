@@ -93,7 +93,7 @@ def test_skinny_forward_any_alignment(F, K, J, kc, w_off, c_off):
 def test_conv_forward_skinny_weights_off_cache_line(monkeypatch, w_off):
     """conv_forward places its column copy like the weights, wherever the weights start."""
     monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1)
-    monkeypatch.setattr(layers, "_SKINNY_CHUNK_BYTES", 4 * 64 * 16)  # several chunks of K
+    monkeypatch.setattr(layers, "_SKINNY_CHUNK", 32)  # several chunks of K
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 16, 5, 5)).astype(np.float32)  # K = 16 * 9 = 144
     w = _at_offset(rng.standard_normal((11, 16, 3, 3)).astype(np.float32), w_off)
@@ -120,7 +120,7 @@ def test_skinny_plan_switch():
     kc = layers._skinny_plan(np.dtype(np.float32), 36, 4096, K)
     assert (kc > 0) == FAST
     if FAST:
-        assert kc % 16 == 0 and 36 * kc * 4 <= layers._SKINNY_CHUNK_BYTES
+        assert kc == layers._SKINNY_CHUNK and kc % 16 == 0
     assert layers._skinny_plan(np.dtype(np.float64), 36, 4096, K) == 0  # float64: other paths
     assert layers._skinny_plan(np.dtype(np.float32), 65, 4096, K) == 0  # too many columns
     assert layers._skinny_plan(np.dtype(np.float32), 11, 4096, K) == 0  # too few columns
@@ -156,7 +156,7 @@ def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, t
     either way."""
     N, C, H, W, F, HH, WW, stride, pad = shape
     monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1 if taken else 2**62)
-    monkeypatch.setattr(layers, "_SKINNY_CHUNK_BYTES", 4 * 64 * 16)  # several chunks of K
+    monkeypatch.setattr(layers, "_SKINNY_CHUNK", 32)  # several chunks of K
     H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
     kc = layers._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW)
     assert (kc > 0) == (taken and FAST and dtype == np.float32)
