@@ -362,9 +362,13 @@ _SKINNY_MIN_COLUMNS = 12
 # ... and filter matrices of at least this many values (16 MB in float32): BLAS then reads
 # its packed copy from memory, while this kernel reads the weights once, in place.
 _SKINNY_MIN_WEIGHTS = 2**22
-# Values of K per chunk are chosen so that a chunk of the (columns, K) matrix is this size:
-# it stays in L2 while every row of the weights passes over it.
-_SKINNY_CHUNK_BYTES = 288 * 2**10
+# Values of K per chunk (a multiple of 16). A block of 4 rows of the weights (16 KB) and a
+# block of 6 columns (24 KB) then fit in L1 together, so each block of rows is read from
+# memory once and stays in L1 while every block of columns passes over it; the chunk of the
+# (columns, K) matrix (at most 256 KB) stays in L2. 1024 measured 7 % faster than 2048 (and
+# than 576, 768, 1536, 3072, 4096) with 36 and 64 columns on an AVX-512 Xeon (48 KB L1,
+# 2 MB L2); with 12 columns the row is bound by memory bandwidth and every value is alike.
+_SKINNY_CHUNK = 1024
 
 
 def _skinny_plan(dtype: np.dtype, columns: int, F: int, K: int) -> int:
@@ -372,7 +376,7 @@ def _skinny_plan(dtype: np.dtype, columns: int, F: int, K: int) -> int:
 
     Taken for float32 on CPUs where its AVX-512 tile runs (``_conv.skinny_fast()``), with
     ``_SKINNY_MIN_COLUMNS <= columns <= _SKINNY_MAX_COLUMNS`` and ``F * K`` of at least
-    ``_SKINNY_MIN_WEIGHTS``. The chunk is a multiple of 16 values (one AVX-512 vector).
+    ``_SKINNY_MIN_WEIGHTS``. The chunk is ``_SKINNY_CHUNK`` values.
     """
     if (
         dtype != np.float32
@@ -381,7 +385,7 @@ def _skinny_plan(dtype: np.dtype, columns: int, F: int, K: int) -> int:
         or not _conv.skinny_fast()
     ):
         return 0
-    return max(16, _SKINNY_CHUNK_BYTES // (4 * columns) // 16 * 16)
+    return _SKINNY_CHUNK
 
 
 # Winograd F(2x2, 3x3): 3x3 filters at stride 1 take 16 products per 2x2 output tile where a
@@ -519,16 +523,17 @@ def conv_forward(
     if kc:
         # Few output pixels, a large filter matrix: out[n] (F, P) = w_mat (F, K) @ cols[:, n]
         # with both operands read along K (cnn_skinny.h), no packing of the weights.
+        w_mat = np.ascontiguousarray(w_mat)
         with _SCRATCH.borrow((K * N * P, K * N * P + 16), x.dtype) as (cols_buf, t_buf):
             cols = cols_buf.reshape(K, N * P)
             _conv.im2col(x, cols, HH, WW, stride, pad)
-            # (N*P, K), small; starts on a 64-byte boundary so that its vector loads do not
-            # straddle cache lines
-            skip = (-t_buf.ctypes.data % 64) // 4
+            # (N*P, K), small; starts at the same offset from a 64-byte boundary as w_mat, so
+            # that the kernel can read both with vector loads that do not straddle cache lines
+            skip = (w_mat.ctypes.data - t_buf.ctypes.data) % 64 // 4
             cols_t = t_buf[skip : skip + K * N * P].reshape(N * P, K)
             np.copyto(cols_t, cols.T)
             _conv.skinny_forward(
-                np.ascontiguousarray(w_mat), cols_t, np.ascontiguousarray(b),
+                w_mat, cols_t, np.ascontiguousarray(b),
                 out.reshape(N, F, P), kc, _conv.threads_for(N * P * F * K),
             )  # fmt: skip
         return out, cache

@@ -14,7 +14,8 @@
  * threads. Column j of the product goes to out[f * ldo + col_off[j]], so a batch's columns
  * land straight in NCHW.
  *
- * The caller aligns CT to 64 bytes (split loads cost ~10-15 %).
+ * The caller aligns CT like W (same address mod 64 bytes): with K a multiple of 16, the
+ * chunks then start where both operands' vector loads are aligned (split loads cost ~10 %).
  * The AVX-512 tile is compiled with a target attribute and chosen at run time
  * (cnn_skinny_fast_f); elsewhere a portable tile (CNN_CLONES) gives the same result up to
  * rounding. float64 does not use this kernel.
@@ -50,12 +51,38 @@ __attribute__((target("avx512f"), always_inline)) static inline __m256 cnn_skinn
                          _mm256_permute2f128_ps(g0, g1, 0x31));
 }
 
+/* One step of the 4 x 6 tile at offset k: 4 vectors of W, then each of the 6 vectors of CT
+ * times all 4. LOAD(p) loads 16 floats at p (plain or masked). */
+#define CNN_SK_COL(LOAD, j, k)                     \
+    v = LOAD(c##j + (k));                          \
+    s0##j = _mm512_fmadd_ps(w0, v, s0##j);         \
+    s1##j = _mm512_fmadd_ps(w1, v, s1##j);         \
+    s2##j = _mm512_fmadd_ps(w2, v, s2##j);         \
+    s3##j = _mm512_fmadd_ps(w3, v, s3##j);
+#define CNN_SK_STEP(LOAD, k)                                                    \
+    {                                                                          \
+        const __m512 w0 = LOAD(a0 + (k)), w1 = LOAD(a1 + (k));                 \
+        const __m512 w2 = LOAD(a2 + (k)), w3 = LOAD(a3 + (k));                 \
+        __m512 v;                                                              \
+        CNN_SK_COL(LOAD, 0, k)                                                 \
+        CNN_SK_COL(LOAD, 1, k)                                                 \
+        CNN_SK_COL(LOAD, 2, k)                                                 \
+        CNN_SK_COL(LOAD, 3, k)                                                 \
+        CNN_SK_COL(LOAD, 4, k)                                                 \
+        CNN_SK_COL(LOAD, 5, k)                                                 \
+    }
+#define CNN_SK_LOAD(p) _mm512_loadu_ps(p)
+#define CNN_SK_LOAD_MASKED(p) _mm512_maskz_loadu_ps(m, p)
+
 /* s[i][j] = sum_{k < kc} a[i][k] * c[j][k] for a 4 x 6 tile; a[i], c[j] point at the chunk.
+ * The first `head` (< 16) values are taken masked, so that when a[i] + head is on a 64-byte
+ * boundary every later vector load of W (and of CT, aligned alike by the caller) is aligned:
+ * a load across two cache lines costs about twice as much.
  * With prefetch, also fetch pf[i][:kc] (the next block of rows of W, still in memory) into
  * L2: each row segment is only kc values long, too short for the hardware prefetcher. */
 __attribute__((target("avx512f"), always_inline)) static inline void cnn_skinny_tile_avx512_body(
     const float *const *a, const float *const *c, ptrdiff_t kc, float s[CNN_SK_MR][CNN_SK_NR],
-    const float *const *pf, const int npf) {
+    const float *const *pf, const int npf, const int head) {
     const float *restrict a0 = a[0], *restrict a1 = a[1], *restrict a2 = a[2],
                           *restrict a3 = a[3];
     const float *restrict c0 = c[0], *restrict c1 = c[1], *restrict c2 = c[2],
@@ -65,43 +92,18 @@ __attribute__((target("avx512f"), always_inline)) static inline void cnn_skinny_
     __m512 s20 = s00, s21 = s00, s22 = s00, s23 = s00, s24 = s00, s25 = s00;
     __m512 s30 = s00, s31 = s00, s32 = s00, s33 = s00, s34 = s00, s35 = s00;
     ptrdiff_t k = 0;
-    for (; k + 16 <= kc; k += 16) {
-        const __m512 w0 = _mm512_loadu_ps(a0 + k), w1 = _mm512_loadu_ps(a1 + k);
-        const __m512 w2 = _mm512_loadu_ps(a2 + k), w3 = _mm512_loadu_ps(a3 + k);
-        __m512 v;
-        for (int i = 0; i < npf; i++) _mm_prefetch((const char *)(pf[i] + k), _MM_HINT_T1);
-#define CNN_SK_COL(j)                              \
-    v = _mm512_loadu_ps(c##j + k);                 \
-    s0##j = _mm512_fmadd_ps(w0, v, s0##j);         \
-    s1##j = _mm512_fmadd_ps(w1, v, s1##j);         \
-    s2##j = _mm512_fmadd_ps(w2, v, s2##j);         \
-    s3##j = _mm512_fmadd_ps(w3, v, s3##j);
-        CNN_SK_COL(0)
-        CNN_SK_COL(1)
-        CNN_SK_COL(2)
-        CNN_SK_COL(3)
-        CNN_SK_COL(4)
-        CNN_SK_COL(5)
-#undef CNN_SK_COL
+    if (head > 0 && head < kc) { /* the values before the first aligned vector, masked */
+        const __mmask16 m = (__mmask16)((1u << head) - 1u);
+        CNN_SK_STEP(CNN_SK_LOAD_MASKED, 0)
+        k = head;
     }
-    if (k < kc) { /* the last kc % 16 values, masked */
+    for (; k + 16 <= kc; k += 16) {
+        for (int i = 0; i < npf; i++) _mm_prefetch((const char *)(pf[i] + k), _MM_HINT_T1);
+        CNN_SK_STEP(CNN_SK_LOAD, k)
+    }
+    if (k < kc) { /* the last values, masked */
         const __mmask16 m = (__mmask16)((1u << (kc - k)) - 1u);
-        const __m512 w0 = _mm512_maskz_loadu_ps(m, a0 + k), w1 = _mm512_maskz_loadu_ps(m, a1 + k);
-        const __m512 w2 = _mm512_maskz_loadu_ps(m, a2 + k), w3 = _mm512_maskz_loadu_ps(m, a3 + k);
-        __m512 v;
-#define CNN_SK_COL(j)                              \
-    v = _mm512_maskz_loadu_ps(m, c##j + k);        \
-    s0##j = _mm512_fmadd_ps(w0, v, s0##j);         \
-    s1##j = _mm512_fmadd_ps(w1, v, s1##j);         \
-    s2##j = _mm512_fmadd_ps(w2, v, s2##j);         \
-    s3##j = _mm512_fmadd_ps(w3, v, s3##j);
-        CNN_SK_COL(0)
-        CNN_SK_COL(1)
-        CNN_SK_COL(2)
-        CNN_SK_COL(3)
-        CNN_SK_COL(4)
-        CNN_SK_COL(5)
-#undef CNN_SK_COL
+        CNN_SK_STEP(CNN_SK_LOAD_MASKED, k)
     }
     /* the 24 sums, row-major into s, 8 at a time */
     float *restrict out = &s[0][0];
@@ -109,16 +111,21 @@ __attribute__((target("avx512f"), always_inline)) static inline void cnn_skinny_
     _mm256_storeu_ps(out + 8, cnn_skinny_hsum8(s12, s13, s14, s15, s20, s21, s22, s23));
     _mm256_storeu_ps(out + 16, cnn_skinny_hsum8(s24, s25, s30, s31, s32, s33, s34, s35));
 }
+#undef CNN_SK_COL
+#undef CNN_SK_STEP
+#undef CNN_SK_LOAD
+#undef CNN_SK_LOAD_MASKED
 
 __attribute__((target("avx512f"))) static void cnn_skinny_tile_avx512(
-    const float *const *a, const float *const *c, ptrdiff_t kc, float s[CNN_SK_MR][CNN_SK_NR]) {
-    cnn_skinny_tile_avx512_body(a, c, kc, s, a, 0);
+    const float *const *a, const float *const *c, ptrdiff_t kc, float s[CNN_SK_MR][CNN_SK_NR],
+    int head) {
+    cnn_skinny_tile_avx512_body(a, c, kc, s, a, 0, head);
 }
 
 __attribute__((target("avx512f"))) static void cnn_skinny_tile_avx512_pf(
     const float *const *a, const float *const *c, ptrdiff_t kc, float s[CNN_SK_MR][CNN_SK_NR],
-    const float *const *pf, int npf) {
-    cnn_skinny_tile_avx512_body(a, c, kc, s, pf, npf);
+    const float *const *pf, int npf, int head) {
+    cnn_skinny_tile_avx512_body(a, c, kc, s, pf, npf, head);
 }
 #else
 #define CNN_SK_AVX512 0
@@ -163,14 +170,20 @@ static void cnn_skinny_rows_f(const float *W, const float *CT, float *out, ptrdi
     const float *c[CNN_SK_NR];
     float s[CNN_SK_MR][CNN_SK_NR];
     const ptrdiff_t nb = (J + CNN_SK_NR - 1) / CNN_SK_NR; /* blocks of columns */
-    for (ptrdiff_t k0 = 0; k0 < K; k0 += kc) {
-        const ptrdiff_t kn = (K - k0 < kc) ? K - k0 : kc;
+    /* When K is a multiple of 16, every row of W starts at the same offset from a 64-byte
+     * boundary: the first chunk takes the `head` values before it, every later chunk starts
+     * on it (see cnn_skinny_tile_avx512_body). */
+    const int head = (K % 16 == 0) ? (int)((64 - ((size_t)W & 63)) & 63) / 4 : 0;
+    for (ptrdiff_t k0 = 0, kn; k0 < K; k0 += kn) {
+        kn = (k0 == 0) ? kc + head : kc;
+        if (K - k0 < kn) kn = K - k0;
+        const int hd = (k0 == 0) ? head : 0;
         for (ptrdiff_t f = f0; f < f1; f += CNN_SK_MR) {
             const int mr = (f1 - f < CNN_SK_MR) ? (int)(f1 - f) : CNN_SK_MR;
             for (int i = 0; i < CNN_SK_MR; i++) a[i] = W + (f + (i < mr ? i : mr - 1)) * K + k0;
             /* the next block of rows (this thread's first block of the next chunk at the end) */
             const ptrdiff_t fn = f + CNN_SK_MR < f1 ? f + CNN_SK_MR : f0;
-            const ptrdiff_t kp = f + CNN_SK_MR < f1 ? k0 : k0 + kc;
+            const ptrdiff_t kp = f + CNN_SK_MR < f1 ? k0 : k0 + kn;
             const ptrdiff_t kpn = K - kp < kn ? (K - kp > 0 ? K - kp : 0) : kn;
             for (int i = 0; i < CNN_SK_MR; i++)
                 pf[i] = W + (fn + i < f1 ? fn + i : f1 - 1) * K + (kpn > 0 ? kp : k0);
@@ -186,9 +199,9 @@ static void cnn_skinny_rows_f(const float *W, const float *CT, float *out, ptrdi
                 if (kpn == kn)
                     for (ptrdiff_t r = t; r < CNN_SK_MR; r += nb) pft[npf++] = pf[r];
                 if (use_avx512 && npf > 0)
-                    cnn_skinny_tile_avx512_pf(a, c, kn, s, pft, npf);
+                    cnn_skinny_tile_avx512_pf(a, c, kn, s, pft, npf, hd);
                 else if (use_avx512)
-                    cnn_skinny_tile_avx512(a, c, kn, s);
+                    cnn_skinny_tile_avx512(a, c, kn, s, hd);
                 else
                     cnn_skinny_tile_generic(a, c, kn, s);
 #else

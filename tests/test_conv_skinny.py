@@ -52,6 +52,60 @@ def test_skinny_forward_matches_float64_product(F, K, N, P, kc, use_fast, thread
     _assert_close_to_scale(out, want)
 
 
+def _at_offset(a, offset):
+    """A C-contiguous copy of ``a`` that starts ``offset`` values after a 64-byte boundary."""
+    buf = np.empty(a.size + 32, dtype=a.dtype)
+    start = (-buf.ctypes.data % 64) // a.itemsize + offset
+    out = buf[start : start + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 64 == offset * a.itemsize
+    return out
+
+
+# (F, K, J, kc) with K a multiple of 16: rows of W all start at the same offset from a
+# 64-byte boundary, and the kernel takes the values before the first boundary in a masked
+# head of the first chunk (kc + head values long). kc of 1 (every later chunk shorter than
+# the head), one chunk, K = 16 (a head of up to 15 of its 16 values), odd F and J.
+ALIGN_CASES = [
+    (5, 16, 7, 1),
+    (5, 16, 13, 16),
+    (9, 48, 13, 16),
+    (6, 256, 36, 64),
+    (13, 1040, 12, 1024),
+    (7, 2048, 30, 4096),
+]
+
+
+@pytest.mark.parametrize("c_off", [0, 5], ids=["ct-aligned", "ct-offset5"])
+@pytest.mark.parametrize("w_off", [0, 1, 4, 12, 15])
+@pytest.mark.parametrize(("F", "K", "J", "kc"), ALIGN_CASES)
+def test_skinny_forward_any_alignment(F, K, J, kc, w_off, c_off):
+    """Correct for W at every offset from a cache line, with CT aligned like W or not."""
+    w_mat, cols_t, b = _product_problem(F, K, J, seed=1)
+    w_mat, cols_t = _at_offset(w_mat, w_off), _at_offset(cols_t, c_off)
+    out = np.full((1, F, J), np.nan, dtype=np.float32)  # (N, F, P) with N = 1
+    conv_ext.skinny_forward(w_mat, cols_t, b, out, kc, 2)
+    want = w_mat.astype(np.float64) @ cols_t.astype(np.float64).T + b[:, None]  # (F, J)
+    _assert_close_to_scale(out[0], want)
+
+
+@pytest.mark.parametrize("w_off", [0, 3, 12])
+def test_conv_forward_skinny_weights_off_cache_line(monkeypatch, w_off):
+    """conv_forward places its column copy like the weights, wherever the weights start."""
+    monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(layers, "_SKINNY_CHUNK", 32)  # several chunks of K
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 16, 5, 5)).astype(np.float32)  # K = 16 * 9 = 144
+    w = _at_offset(rng.standard_normal((11, 16, 3, 3)).astype(np.float32), w_off)
+    b = rng.standard_normal(11).astype(np.float32)
+    assert 0 < layers._skinny_plan(x.dtype, 2 * 9, 11, 144) < 144 or not FAST
+    out, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})  # (2, 11, 3, 3)
+    ref_out, _ = reference.conv_forward_naive(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), {"stride": 1, "pad": 0}
+    )
+    _assert_close_to_scale(out, ref_out)
+
+
 def test_skinny_forward_rejects_mismatched_shapes():
     w_mat, cols_t, b = _product_problem(4, 16, 6)
     with pytest.raises(ValueError, match="do not match"):
@@ -66,7 +120,7 @@ def test_skinny_plan_switch():
     kc = layers._skinny_plan(np.dtype(np.float32), 36, 4096, K)
     assert (kc > 0) == FAST
     if FAST:
-        assert kc % 16 == 0 and 36 * kc * 4 <= layers._SKINNY_CHUNK_BYTES
+        assert kc == layers._SKINNY_CHUNK and kc % 16 == 0
     assert layers._skinny_plan(np.dtype(np.float64), 36, 4096, K) == 0  # float64: other paths
     assert layers._skinny_plan(np.dtype(np.float32), 65, 4096, K) == 0  # too many columns
     assert layers._skinny_plan(np.dtype(np.float32), 11, 4096, K) == 0  # too few columns
@@ -102,7 +156,7 @@ def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, t
     either way."""
     N, C, H, W, F, HH, WW, stride, pad = shape
     monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1 if taken else 2**62)
-    monkeypatch.setattr(layers, "_SKINNY_CHUNK_BYTES", 4 * 64 * 16)  # several chunks of K
+    monkeypatch.setattr(layers, "_SKINNY_CHUNK", 32)  # several chunks of K
     H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
     kc = layers._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW)
     assert (kc > 0) == (taken and FAST and dtype == np.float32)
