@@ -53,9 +53,13 @@ __all__ = [
 
 DEFAULT_TILE_MEMORY = 256 * 2**20  # bytes of working memory per batch of tiles
 MAX_PIXELS = 64 * 2**20  # images decoded, or resized for a scale, above this are refused
-# Tiles of the same size go through the network together, this many at a time, so that the
-# kernels that parallelise over images (Winograd, the fused im2col + GEMM) use both cores.
-_TILE_BATCH = 2
+# Tiles are as small as they can be while their windows overlap little: a tile's input is at
+# most this many times the pixels of its own cells. Small tiles keep the activations in cache,
+# and tiles of the same size go through the network together (at most _MAX_TILE_BATCH at a
+# time, within the memory budget), so that the kernels that parallelise over images
+# (Winograd, the fused im2col + GEMM) use every core.
+_TILE_OVERLAP = 1.35
+_MAX_TILE_BATCH = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,25 +510,34 @@ def _working_bytes(fcn: FullyConvNet, batch: int, height: int, width: int) -> in
     return peak * fcn.dtype.itemsize
 
 
-def _tile_cells(fcn: FullyConvNet, rows: int, cols: int, halo: int, budget: int) -> int:
-    """The side, in cells, of the largest square tile whose batch fits ``budget`` bytes."""
+def _tile_plan(fcn: FullyConvNet, rows: int, cols: int, halo: int, budget: int) -> tuple[int, int]:
+    """``(t, batch)``: tiles of ``t x t`` cells, ``batch`` of them through the network at once.
+
+    ``t`` is the smallest side whose input overlaps its neighbours' by at most
+    ``_TILE_OVERLAP`` (a tile of t cells reads ``T + S*(t + 2*halo - 1)`` pixels for ``S*t`` of
+    its own), made smaller if one tile does not fit ``budget`` bytes; ``batch`` is as many
+    such tiles as fit the budget.
+    """
     g = fcn.geometry
+    S = g.stride
 
-    def fits(t: int) -> bool:
-        h = g.window[0] + g.stride * (min(t, rows) + 2 * halo - 1)
-        w = g.window[1] + g.stride * (min(t, cols) + 2 * halo - 1)
-        return _working_bytes(fcn, _TILE_BATCH, h, w) <= budget
+    def working(t: int, batch: int) -> int:
+        h = g.window[0] + S * (min(t, rows) + 2 * halo - 1)
+        w = g.window[1] + S * (min(t, cols) + 2 * halo - 1)
+        return _working_bytes(fcn, batch, h, w)
 
-    low, high = 1, max(rows, cols)
-    if fits(high):
-        return high
-    while low < high:  # the largest t with fits(t), or 1
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    extra = max(g.window[a] - S + 2 * halo * S for a in (0, 1))  # pixels beyond own cells
+    t = min(max(rows, cols), max(1, math.ceil(extra / (S * (math.sqrt(_TILE_OVERLAP) - 1)))))
+    if working(t, 1) > budget:
+        low, high = 1, t
+        while low < high:  # the largest t that fits, or 1
+            mid = (low + high + 1) // 2
+            if working(mid, 1) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        t = low
+    return t, max(1, min(_MAX_TILE_BATCH, budget // working(t, 1)))
 
 
 def _halo(g: Geometry) -> tuple[int, int, int, int]:
@@ -556,7 +569,7 @@ def _dense_logits(
     S, (th, tw) = g.stride, g.window
     rows, cols = g.map_size(image.shape[1], image.shape[2])
     hb, ha, wb, wa = _halo(g)
-    t = _tile_cells(fcn, rows, cols, max(hb, ha, wb, wa), budget)
+    t, batch_size = _tile_plan(fcn, rows, cols, max(hb, ha, wb, wa), budget)
     out = np.empty((fcn.num_classes, rows, cols), dtype=fcn.dtype)
 
     # Each tile computes the cells [a, b) x [c, d) (its own plus the halo, within the map)
@@ -568,8 +581,8 @@ def _dense_logits(
         groups.setdefault((b - a, d - c), []).append((i0, i1, j0, j1, a, c))
     for (n_rows, n_cols), tiles in groups.items():
         h, w = th + S * (n_rows - 1), tw + S * (n_cols - 1)
-        for start in range(0, len(tiles), _TILE_BATCH):
-            batch = tiles[start : start + _TILE_BATCH]
+        for start in range(0, len(tiles), batch_size):
+            batch = tiles[start : start + batch_size]
             x01 = np.stack([image[:, S * a : S * a + h, S * c : S * c + w] for *_, a, c in batch])
             logits = fcn.forward(fcn.preprocess(x01))  # (B, K, n_rows, n_cols)
             for (i0, i1, j0, j1, a, c), tile in zip(batch, logits, strict=True):
@@ -582,7 +595,7 @@ def _dense_logits(
 def _tile_count(fcn: FullyConvNet, height: int, width: int, budget: int) -> int:
     g = fcn.geometry
     rows, cols = g.map_size(height, width)
-    t = _tile_cells(fcn, rows, cols, max(_halo(g)), budget)
+    t, _ = _tile_plan(fcn, rows, cols, max(_halo(g)), budget)
     return math.ceil(rows / t) * math.ceil(cols / t)
 
 

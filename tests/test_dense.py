@@ -406,14 +406,31 @@ def test_tiles_of_unequal_sizes_stitch(stride4):
     whole = score_map(fcn, image)
     # a budget for tiles of 4 x 4 cells: 3 x 2 tiles of 4, 4, 1 rows and 4, 3 columns
     h = w = 12 + 4 * 3
-    budget = dense._working_bytes(fcn, dense._TILE_BATCH, h, w)
-    assert dense._tile_cells(fcn, 9, 7, 0, budget) == 4
+    budget = dense._working_bytes(fcn, 1, h, w)
+    assert dense._tile_plan(fcn, 9, 7, 0, budget) == (4, 1)
     shapes = recording(fcn)
     calls = []
     tiled = score_map(fcn, image, tile_memory=budget, progress=calls.append)
     assert {s[2:] for s in shapes} == {(24, 24), (24, 20), (12, 24), (12, 20)}
     np.testing.assert_allclose(tiled.logits, whole.logits, rtol=0, atol=1e-12)
     assert sum(calls) == 6
+
+
+def test_tiles_are_small_overlap_little_and_go_through_in_batches(digits):
+    """The digits model (T = 8, S = 2): tiles of 19 x 19 cells read 44 pixels for 38 of their
+    own (1.34x the pixels, within _TILE_OVERLAP), and go through the network many at a time."""
+    model, fcn = digits
+    t, batch = dense._tile_plan(fcn, 500, 500, 0, dense.DEFAULT_TILE_MEMORY)
+    assert t == 19 and (8 + 2 * (t - 1)) ** 2 <= dense._TILE_OVERLAP * (2 * t) ** 2
+    assert (8 + 2 * (t - 2)) ** 2 > dense._TILE_OVERLAP * (2 * (t - 1)) ** 2  # the smallest
+    assert batch == dense._MAX_TILE_BATCH
+    fcn = to_fully_convolutional(model)
+    image = pixels((100, 90), 3)  # 47 x 42 cells: tiles of 19, 19, 9 rows and 19, 19, 4 columns
+    whole = fcn.forward(fcn.preprocess(image[None, None]))[0]  # one untiled pass
+    shapes = recording(fcn)
+    tiled = score_map(fcn, image)
+    assert sorted(shapes) == [(1, 1, 24, 14), (2, 1, 24, 44), (2, 1, 44, 14), (4, 1, 44, 44)]
+    np.testing.assert_allclose(tiled.logits, whole, rtol=0, atol=1e-5)
 
 
 def test_tiles_of_a_padded_network_carry_their_halo(padded):
