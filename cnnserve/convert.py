@@ -41,12 +41,10 @@ import numpy as np
 from cnnserve import __version__
 from cnnserve import layers as L
 from cnnserve._checks import check_int
-from cnnserve._files import atomic_write_bytes
 from cnnserve.data import normalize
 from cnnserve.model import (
     FCN_FORMAT_NAME,
     FORMAT_NAME,
-    FORMAT_VERSION,
     ConvNet,
     ModelFileError,
     _check_class_names,
@@ -64,6 +62,7 @@ from cnnserve.model import (
     check_tensors,
     read_model_file,
     read_safetensors,
+    write_model_file,
 )
 
 __all__ = [
@@ -768,15 +767,8 @@ def save_fully_convolutional(fcn: FullyConvNet, path: str | os.PathLike) -> Path
     -------
     pathlib.Path
     """
-    from safetensors.numpy import save as _save_bytes
-
     if not isinstance(fcn, FullyConvNet):
         raise TypeError(f"fcn must be a FullyConvNet, got {type(fcn).__name__}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ModelFileError(
-            f"cannot write model file {path}: directory {path.parent} does not exist"
-        )
     meta = {
         "architecture": fcn.config,
         "class_names": list(fcn.class_names),
@@ -790,14 +782,7 @@ def save_fully_convolutional(fcn: FullyConvNet, path: str | os.PathLike) -> Path
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     }
-    metadata = {
-        "format": FCN_FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "cnnserve": json.dumps(meta, allow_nan=False),
-    }
-    tensors = {name: np.ascontiguousarray(value) for name, value in fcn.params.items()}
-    atomic_write_bytes(path, _save_bytes(tensors, metadata=metadata))
-    return path
+    return write_model_file(path, FCN_FORMAT_NAME, fcn.params, meta)
 
 
 def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:

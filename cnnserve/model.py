@@ -70,6 +70,7 @@ __all__ = [
     "read_model_file",
     "save_model",
     "tensor_shapes",
+    "write_model_file",
 ]
 
 FORMAT_NAME = "cnnserve.model"
@@ -866,15 +867,8 @@ def save_model(
     pathlib.Path
         The path written.
     """
-    from safetensors.numpy import save as _save_bytes
-
     if not isinstance(model, ConvNet):
         raise TypeError(f"model must be a ConvNet, got {type(model).__name__}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ModelFileError(
-            f"cannot write model file {path}: directory {path.parent} does not exist"
-        )
     tensors = {}
     for name, value in model.state_tensors().items():
         if not np.all(np.isfinite(value)):
@@ -892,14 +886,42 @@ def save_model(
         "dtype": np.dtype(model.dtype).name,
         "training": record,
     }
+    return write_model_file(path, FORMAT_NAME, tensors, meta, state)
+
+
+def write_model_file(
+    path: str | os.PathLike,
+    format_name: str,
+    tensors: Mapping[str, np.ndarray],
+    meta: Mapping,
+    state: Mapping | None = None,
+) -> Path:
+    """Write tensors and cnnserve metadata as a safetensors file, atomically.
+
+    The metadata holds ``format`` (``format_name``), ``format_version``, ``cnnserve`` (``meta``
+    as JSON) and, when given, ``state`` (JSON).
+
+    Raises
+    ------
+    ModelFileError
+        The file's directory does not exist.
+    """
+    from safetensors.numpy import save as _save_bytes
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ModelFileError(
+            f"cannot write model file {path}: directory {path.parent} does not exist"
+        )
     metadata = {
-        "format": FORMAT_NAME,
+        "format": format_name,
         "format_version": str(FORMAT_VERSION),
         "cnnserve": json.dumps(meta, allow_nan=False),
     }
     if state is not None:
         metadata["state"] = json.dumps(state, allow_nan=False)
-    atomic_write_bytes(path, _save_bytes(tensors, metadata=metadata))
+    contiguous = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    atomic_write_bytes(path, _save_bytes(contiguous, metadata=metadata))
     return path
 
 
