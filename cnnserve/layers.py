@@ -357,17 +357,19 @@ def _fused_plan(N: int, K: int, H_out: int, W_out: int, F: int, itemsize: int) -
 # The skinny kernel (cnn_skinny.h) replaces im2col + BLAS GEMM for float32 products with at
 # most this many output columns (output pixels of the whole batch) ...
 _SKINNY_MAX_COLUMNS = 64
-# ... at least this many (fewer leave most of its 4 x 6 register tile idle) ...
+# ... at least this many (fewer leave most of its 6 x 4 register tile idle) ...
 _SKINNY_MIN_COLUMNS = 12
 # ... and filter matrices of at least this many values (16 MB in float32): BLAS then reads
 # its packed copy from memory, while this kernel reads the weights once, in place.
 _SKINNY_MIN_WEIGHTS = 2**22
-# Values of K per chunk (a multiple of 16). A block of 4 rows of the weights (16 KB) and a
-# block of 6 columns (24 KB) then fit in L1 together, so each block of rows is read from
+# Values of K per chunk (a multiple of 16). A block of 6 rows of the weights (24 KB) and a
+# block of 4 columns (16 KB) then fit in L1 together, so each block of rows is read from
 # memory once and stays in L1 while every block of columns passes over it; the chunk of the
-# (columns, K) matrix (at most 256 KB) stays in L2. 1024 measured 7 % faster than 2048 (and
-# than 576, 768, 1536, 3072, 4096) with 36 and 64 columns on an AVX-512 Xeon (48 KB L1,
-# 2 MB L2); with 12 columns the row is bound by memory bandwidth and every value is alike.
+# (columns, K) matrix (at most 256 KB) stays in L2. With the 4 x 6 tile, 1024 measured 7 %
+# faster than 2048 (and than 576, 768, 1536, 3072, 4096) with 36 and 64 columns on an AVX-512
+# Xeon (48 KB L1, 2 MB L2); with the 6 x 4 tile it is 5-15 % faster than 512 and 2048 and
+# about equal to 768.
+# With 12 columns the row is bound by memory bandwidth and every value is alike.
 _SKINNY_CHUNK = 1024
 
 

@@ -596,14 +596,15 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
 
 
 cdef extern from "cnn_skinny.h" nogil:
+    const int CNN_SK_MR  # rows of W per tile
     int cnn_skinny_fast_f()
     void cnn_skinny_rows_f(const float* W, const float* CT, float* out, Py_ssize_t K,
                            Py_ssize_t J, const Py_ssize_t* col_off, Py_ssize_t ldo,
                            Py_ssize_t f0, Py_ssize_t f1, Py_ssize_t kc, int use_avx512)
 
 
-# Rows of W per tile of cnn_skinny.h (CNN_SK_MR): a thread's share of rows is a multiple.
-cdef Py_ssize_t _SKINNY_MR = 4
+# Rows of W per tile of cnn_skinny.h: a thread's share of rows is a multiple.
+cdef Py_ssize_t _SKINNY_MR = CNN_SK_MR
 
 
 def skinny_fast():
@@ -617,7 +618,7 @@ def skinny_forward(const float[:, ::1] w_mat, const float[:, ::1] cols_t, const 
 
     ``w_mat`` is (F, K), ``cols_t`` (N * P, K) the transposed column matrix (one row per
     output pixel of the batch), ``out`` (N, F, P). K is taken ``kc`` values at a time. The
-    rows of ``w_mat`` are split over ``threads`` OpenMP threads in blocks of 4 rows; each
+    rows of ``w_mat`` are split over ``threads`` OpenMP threads in blocks of 6 rows; each
     thread writes only its own rows of ``out``. ``use_fast=False`` forces the portable tile
     (for tests); the AVX-512 tile is used only when :func:`skinny_fast` is true.
     """
