@@ -526,14 +526,14 @@ def conv_forward(
         # Few output pixels, a large filter matrix: out[n] (F, P) = w_mat (F, K) @ cols[:, n]
         # with both operands read along K (cnn_skinny.h), no packing of the weights.
         w_mat = np.ascontiguousarray(w_mat)
-        with _SCRATCH.borrow((K * N * P, K * N * P + 16), x.dtype) as (cols_buf, t_buf):
-            cols = cols_buf.reshape(K, N * P)
-            _conv.im2col(x, cols, HH, WW, stride, pad)
-            # (N*P, K), small; starts at the same offset from a 64-byte boundary as w_mat, so
-            # that the kernel can read both with vector loads that do not straddle cache lines
+        with _SCRATCH.borrow((K * N * P + 16,), x.dtype) as (t_buf,):
+            # The transposed columns (N*P, K), small, written directly (im2row: one run of WW
+            # values per (c, i) of each pixel's patch). They start at the same offset from a
+            # 64-byte boundary as w_mat, so that the kernel can read both with vector loads
+            # that do not straddle cache lines.
             skip = (w_mat.ctypes.data - t_buf.ctypes.data) % 64 // 4
             cols_t = t_buf[skip : skip + K * N * P].reshape(N * P, K)
-            np.copyto(cols_t, cols.T)
+            _conv.im2row(x, cols_t, HH, WW, stride, pad)
             _conv.skinny_forward(
                 w_mat, cols_t, np.ascontiguousarray(b),
                 out.reshape(N, F, P), kc, _conv.threads_for(N * P * F * K),

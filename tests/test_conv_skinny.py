@@ -138,8 +138,9 @@ def test_skinny_plan_switch():
 
 # (N, C, H, W, F, HH, WW, stride, pad) with 12..64 output pixels over the batch: batch of 1
 # and > 1, F not a multiple of 6, pixels not a multiple of 4, K = C*HH*WW not a multiple of 16,
-# padding and stride 2 (im2col of the columns), non-square filters.
+# padding and strides 2 and 3 (im2row of the columns), non-square filters.
 CONV_SHAPES = [
+    (2, 3, 11, 10, 7, 3, 2, 3, 2),
     (1, 5, 8, 8, 7, 3, 3, 1, 0),
     (2, 3, 7, 6, 9, 4, 3, 1, 0),
     (3, 4, 7, 7, 5, 3, 3, 2, 1),
