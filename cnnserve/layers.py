@@ -357,17 +357,19 @@ def _fused_plan(N: int, K: int, H_out: int, W_out: int, F: int, itemsize: int) -
 # The skinny kernel (cnn_skinny.h) replaces im2col + BLAS GEMM for float32 products with at
 # most this many output columns (output pixels of the whole batch) ...
 _SKINNY_MAX_COLUMNS = 64
-# ... at least this many (fewer leave most of its 4 x 6 register tile idle) ...
+# ... at least this many (fewer leave most of its 6 x 4 register tile idle) ...
 _SKINNY_MIN_COLUMNS = 12
 # ... and filter matrices of at least this many values (16 MB in float32): BLAS then reads
 # its packed copy from memory, while this kernel reads the weights once, in place.
 _SKINNY_MIN_WEIGHTS = 2**22
-# Values of K per chunk (a multiple of 16). A block of 4 rows of the weights (16 KB) and a
-# block of 6 columns (24 KB) then fit in L1 together, so each block of rows is read from
+# Values of K per chunk (a multiple of 16). A block of 6 rows of the weights (24 KB) and a
+# block of 4 columns (16 KB) then fit in L1 together, so each block of rows is read from
 # memory once and stays in L1 while every block of columns passes over it; the chunk of the
-# (columns, K) matrix (at most 256 KB) stays in L2. 1024 measured 7 % faster than 2048 (and
-# than 576, 768, 1536, 3072, 4096) with 36 and 64 columns on an AVX-512 Xeon (48 KB L1,
-# 2 MB L2); with 12 columns the row is bound by memory bandwidth and every value is alike.
+# (columns, K) matrix (at most 256 KB) stays in L2. With the 4 x 6 tile, 1024 measured 7 %
+# faster than 2048 (and than 576, 768, 1536, 3072, 4096) with 36 and 64 columns on an AVX-512
+# Xeon (48 KB L1, 2 MB L2); with the 6 x 4 tile it is 5-15 % faster than 512 and 2048 and
+# about equal to 768.
+# With 12 columns the row is bound by memory bandwidth and every value is alike.
 _SKINNY_CHUNK = 1024
 
 
@@ -524,14 +526,14 @@ def conv_forward(
         # Few output pixels, a large filter matrix: out[n] (F, P) = w_mat (F, K) @ cols[:, n]
         # with both operands read along K (cnn_skinny.h), no packing of the weights.
         w_mat = np.ascontiguousarray(w_mat)
-        with _SCRATCH.borrow((K * N * P, K * N * P + 16), x.dtype) as (cols_buf, t_buf):
-            cols = cols_buf.reshape(K, N * P)
-            _conv.im2col(x, cols, HH, WW, stride, pad)
-            # (N*P, K), small; starts at the same offset from a 64-byte boundary as w_mat, so
-            # that the kernel can read both with vector loads that do not straddle cache lines
+        with _SCRATCH.borrow((K * N * P + 16,), x.dtype) as (t_buf,):
+            # The transposed columns (N*P, K), small, written directly (im2row: one run of WW
+            # values per (c, i) of each pixel's patch). They start at the same offset from a
+            # 64-byte boundary as w_mat, so that the kernel can read both with vector loads
+            # that do not straddle cache lines.
             skip = (w_mat.ctypes.data - t_buf.ctypes.data) % 64 // 4
             cols_t = t_buf[skip : skip + K * N * P].reshape(N * P, K)
-            np.copyto(cols_t, cols.T)
+            _conv.im2row(x, cols_t, HH, WW, stride, pad)
             _conv.skinny_forward(
                 w_mat, cols_t, np.ascontiguousarray(b),
                 out.reshape(N, F, P), kc, _conv.threads_for(N * P * F * K),

@@ -52,3 +52,36 @@ CNN_CLONES static void CNN_FN(cnn_col2im_rows)(const CNN_T *restrict cols,
         }
     }
 }
+
+/* rows (p1 - p0, C*HH*WW) with row stride ldr = the transposed columns ("im2row") of output
+ * pixels p0:p1 (p = ho * W_out + wo) of one image x (C, H, W), not padded: entry
+ * (c * HH + i) * WW + j of a row is x[c, ho * stride - pad + i, wo * stride - pad + j], or 0
+ * where that falls in the padding; every entry is written. Each (c, i) is one run of WW
+ * values, contiguous in both x and the row. */
+CNN_CLONES static void CNN_FN(cnn_im2row)(const CNN_T *restrict x, CNN_T *restrict rows,
+                                          ptrdiff_t ldr, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,
+                                          ptrdiff_t HH, ptrdiff_t WW, ptrdiff_t stride,
+                                          ptrdiff_t pad, ptrdiff_t W_out, ptrdiff_t p0,
+                                          ptrdiff_t p1) {
+    for (ptrdiff_t p = p0; p < p1; p++) {
+        CNN_T *restrict dst = rows + (p - p0) * ldr;
+        const ptrdiff_t hi0 = (p / W_out) * stride - pad, wi0 = (p % W_out) * stride - pad;
+        /* filter columns [j_lo, j_hi) read the image, the others the padding */
+        const ptrdiff_t j_lo = wi0 < 0 ? (-wi0 < WW ? -wi0 : WW) : 0;
+        ptrdiff_t j_hi = W - wi0 < WW ? W - wi0 : WW;
+        if (j_hi < j_lo) j_hi = j_lo;
+        for (ptrdiff_t c = 0; c < C; c++) {
+            for (ptrdiff_t i = 0; i < HH; i++, dst += WW) {
+                const ptrdiff_t hi = hi0 + i;
+                if (hi < 0 || hi >= H) {
+                    for (ptrdiff_t j = 0; j < WW; j++) dst[j] = 0;
+                    continue;
+                }
+                const CNN_T *restrict src = x + (c * H + hi) * W + wi0;
+                for (ptrdiff_t j = 0; j < j_lo; j++) dst[j] = 0;
+                for (ptrdiff_t j = j_lo; j < j_hi; j++) dst[j] = src[j];
+                for (ptrdiff_t j = j_hi; j < WW; j++) dst[j] = 0;
+            }
+        }
+    }
+}

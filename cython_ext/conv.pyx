@@ -186,6 +186,43 @@ cdef extern from "cnn_im2col.h" nogil:
     void cnn_col2im_rows_d(const double* cols, double* dpadded, Py_ssize_t C, Py_ssize_t Hp,
                            Py_ssize_t Wp, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
                            Py_ssize_t W_out, Py_ssize_t ho0, Py_ssize_t ho1)
+    void cnn_im2row_f(const float* x, float* rows, Py_ssize_t ldr, Py_ssize_t C, Py_ssize_t H,
+                      Py_ssize_t W, Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride,
+                      Py_ssize_t pad, Py_ssize_t W_out, Py_ssize_t p0, Py_ssize_t p1)
+    void cnn_im2row_d(const double* x, double* rows, Py_ssize_t ldr, Py_ssize_t C,
+                      Py_ssize_t H, Py_ssize_t W, Py_ssize_t HH, Py_ssize_t WW,
+                      Py_ssize_t stride, Py_ssize_t pad, Py_ssize_t W_out, Py_ssize_t p0,
+                      Py_ssize_t p1)
+
+
+def im2row(const floating[:, :, :, ::1] x, floating[:, ::1] rows,
+           Py_ssize_t HH, Py_ssize_t WW, Py_ssize_t stride, Py_ssize_t pad):
+    """Fill ``rows`` (N*H_out*W_out, C*HH*WW) from ``x`` (N, C, H, W): the transpose of
+    :func:`im2col`'s ``cols``, written directly; every entry is written.
+
+    Row ``(n * H_out + ho) * W_out + wo`` is the (C, HH, WW) patch of output pixel (ho, wo) of
+    image ``n``, zero where it falls in the padding. Output pixels are split over threads.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t H_out = (H + 2 * pad - HH) // stride + 1
+    cdef Py_ssize_t W_out = (W + 2 * pad - WW) // stride + 1
+    cdef Py_ssize_t P = H_out * W_out, K = C * HH * WW
+    cdef Py_ssize_t q, n, p
+    cdef int threads = cnn_threads_for(N * K * P)
+    if rows.shape[0] != N * P or rows.shape[1] != K:
+        raise ValueError("im2row: rows must be (N*H_out*W_out, C*HH*WW)")
+    if N * P == 0 or K == 0:
+        return
+    with nogil:
+        for q in prange(N * P, schedule="static", num_threads=threads):
+            n = q // P
+            p = q % P
+            if floating is float:
+                cnn_im2row_f(&x[n, 0, 0, 0], &rows[q, 0], K, C, H, W, HH, WW, stride, pad,
+                             W_out, p, p + 1)
+            else:
+                cnn_im2row_d(&x[n, 0, 0, 0], &rows[q, 0], K, C, H, W, HH, WW, stride, pad,
+                             W_out, p, p + 1)
 
 
 cdef inline void _im2col_rows(const floating* padded, floating* cols, Py_ssize_t C,
@@ -596,14 +633,15 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
 
 
 cdef extern from "cnn_skinny.h" nogil:
+    const int CNN_SK_MR  # rows of W per tile
     int cnn_skinny_fast_f()
     void cnn_skinny_rows_f(const float* W, const float* CT, float* out, Py_ssize_t K,
                            Py_ssize_t J, const Py_ssize_t* col_off, Py_ssize_t ldo,
                            Py_ssize_t f0, Py_ssize_t f1, Py_ssize_t kc, int use_avx512)
 
 
-# Rows of W per tile of cnn_skinny.h (CNN_SK_MR): a thread's share of rows is a multiple.
-cdef Py_ssize_t _SKINNY_MR = 4
+# Rows of W per tile of cnn_skinny.h: a thread's share of rows is a multiple.
+cdef Py_ssize_t _SKINNY_MR = CNN_SK_MR
 
 
 def skinny_fast():
@@ -617,7 +655,7 @@ def skinny_forward(const float[:, ::1] w_mat, const float[:, ::1] cols_t, const 
 
     ``w_mat`` is (F, K), ``cols_t`` (N * P, K) the transposed column matrix (one row per
     output pixel of the batch), ``out`` (N, F, P). K is taken ``kc`` values at a time. The
-    rows of ``w_mat`` are split over ``threads`` OpenMP threads in blocks of 4 rows; each
+    rows of ``w_mat`` are split over ``threads`` OpenMP threads in blocks of 6 rows; each
     thread writes only its own rows of ``out``. ``use_fast=False`` forces the portable tile
     (for tests); the AVX-512 tile is used only when :func:`skinny_fast` is true.
     """

@@ -522,3 +522,52 @@ def test_winograd_filter_transforms_match_the_matrix_formulas(dtype):
     conv_ext.winograd_filter_grad(parts, dw)
     dU = parts.astype(np.float64).sum(axis=0).reshape(4, 4, 5, 3)
     np.testing.assert_allclose(dw, np.einsum("ak,abfc,bl->fckl", G, dU, G), **tolerance(dtype))
+
+
+# (x_shape, HH, WW, stride, pad) for im2row: stride 1/2/3, padding, non-square filters, batch
+# of 1 and several images, filters that overhang the image by more than their padding, one
+# output pixel, the 4096-filter bench row's geometry (7x7 over 12x12, scaled down in C).
+IM2ROW_CASES = [
+    ((1, 3, 5, 5), 3, 3, 1, 0),
+    ((2, 2, 7, 6), 3, 2, 2, 1),
+    ((3, 4, 11, 10), 3, 2, 3, 2),
+    ((1, 1, 1, 1), 1, 9, 1, 4),
+    ((2, 2, 3, 2), 5, 6, 2, 2),
+    ((1, 3, 2, 2), 6, 6, 3, 2),
+    ((4, 5, 4, 9), 4, 1, 1, 0),
+    ((1, 8, 12, 12), 7, 7, 1, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("x_shape", "HH", "WW", "stride", "pad"), IM2ROW_CASES)
+def test_im2row_is_im2col_transposed(x_shape, HH, WW, stride, pad, dtype):
+    """im2row writes exactly im2col's columns transposed, every cell and nothing past its
+    output buffer."""
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(dtype)
+    N, C, H, W = x_shape
+    H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
+    K, J = C * HH * WW, N * H_out * W_out
+    cols = np.empty((K, J), dtype=dtype)
+    conv_ext.im2col(x, cols, HH, WW, stride, pad)
+    guarded = np.full(K * J + 64, np.nan, dtype=dtype)
+    rows = guarded[: K * J].reshape(J, K)
+    conv_ext.im2row(x, rows, HH, WW, stride, pad)
+    assert np.isnan(guarded[K * J :]).all(), "im2row wrote past the end of its output"
+    np.testing.assert_array_equal(rows, cols.T)
+
+
+def test_im2row_parallel_matches_im2col():
+    """A problem above the kernels' serial threshold, so the pixels are split over threads."""
+    x = np.random.default_rng(1).standard_normal((3, 64, 12, 12)).astype(np.float32)
+    cols = np.empty((64 * 25, 3 * 64), dtype=np.float32)  # 5x5 filter, stride 1, pad 0: 8x8
+    conv_ext.im2col(x, cols, 5, 5, 1, 0)
+    rows = np.empty((3 * 64, 64 * 25), dtype=np.float32)
+    conv_ext.im2row(x, rows, 5, 5, 1, 0)
+    np.testing.assert_array_equal(rows, cols.T)
+
+
+def test_im2row_rejects_a_wrong_output_shape():
+    x = np.zeros((1, 2, 5, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match="im2row"):
+        conv_ext.im2row(x, np.empty((9, 17), dtype=np.float32), 3, 3, 1, 0)

@@ -24,11 +24,17 @@ def _assert_close_to_scale(got, want):
     assert float(np.max(np.abs(got - want))) <= 1e-5 * scale
 
 
-# (F, K, N, P, kc): F not a multiple of the 4-row tile, N*P not a multiple of the 6-column
-# tile, K not a multiple of 16 (the AVX-512 width) nor of kc, kc not a multiple of 16, one
-# column, one row, one chunk larger than K, batch of 1 and batches > 1.
+# (F, K, N, P, kc): F not a multiple of the 6-row tile (nor a thread's share of rows), N*P
+# not a multiple of the 4-column tile, K not a multiple of 16 (the AVX-512 width) nor of kc,
+# kc not a multiple of 16, one column, one row, one chunk larger than K, batch of 1 and
+# batches > 1; exact multiples of the tile in rows and columns.
 PRODUCT_CASES = [
     (4, 16, 1, 6, 16),
+    (6, 16, 1, 4, 16),
+    (12, 64, 2, 4, 32),
+    (18, 333, 1, 9, 64),
+    (25, 130, 3, 5, 48),
+    (41, 1030, 1, 11, 512),
     (5, 37, 1, 7, 16),
     (7, 100, 2, 5, 32),
     (13, 1000, 3, 12, 48),
@@ -131,9 +137,10 @@ def test_skinny_plan_switch():
 
 
 # (N, C, H, W, F, HH, WW, stride, pad) with 12..64 output pixels over the batch: batch of 1
-# and > 1, F not a multiple of 4, pixels not a multiple of 6, K = C*HH*WW not a multiple of 16,
-# padding and stride 2 (im2col of the columns), non-square filters.
+# and > 1, F not a multiple of 6, pixels not a multiple of 4, K = C*HH*WW not a multiple of 16,
+# padding and strides 2 and 3 (im2row of the columns), non-square filters.
 CONV_SHAPES = [
+    (2, 3, 11, 10, 7, 3, 2, 3, 2),
     (1, 5, 8, 8, 7, 3, 3, 1, 0),
     (2, 3, 7, 6, 9, 4, 3, 1, 0),
     (3, 4, 7, 7, 5, 3, 3, 2, 1),
