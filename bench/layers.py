@@ -38,6 +38,10 @@ import sys
 import time
 from collections.abc import Callable
 
+# cnnserve before NumPy, as in any program that uses it: its thread defaults (idle OpenBLAS
+# workers stop spinning after ~0.5 ms instead of ~0.1 s) must be set before NumPy loads its
+# BLAS, or a spinning BLAS worker takes a core from the next OpenMP kernel.
+import cnnserve  # isort: skip
 import numpy as np
 
 THREADS = 2
@@ -313,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.torch_worker:
         return torch_worker()
 
-    torch = start_torch(dict(os.environ))  # before cnnserve sets its OpenMP defaults
+    # torch's helper gets the environment as it was before cnnserve set its thread defaults
+    env = {k: v for k, v in os.environ.items() if k not in cnnserve._ext.ENV_SET_BY_CNNSERVE}
+    torch = start_torch(env)
     limit_threads()
     print("\n".join(describe_machine(torch)))
     rate = gemm_rate(args.repeat)
