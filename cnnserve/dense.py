@@ -17,8 +17,10 @@ total stride S, each with the box of the image it scores, plus image-level aggre
   combine the scales.
 - **Bounded memory**: the map is computed in tiles of cells. A tile's input is the union of
   its cells' windows (for a padded network, their receptive fields), so tiles overlap by
-  ``T - S`` pixels and their maps stitch into the map of one untiled pass. Each tile's working
-  memory stays within ``tile_memory``.
+  ``T - S`` pixels and their maps stitch into the map of one untiled pass (equal to float
+  rounding: the conv kernels choose their GEMM path by size). Tiles are the smallest whose
+  inputs overlap by at most ``_TILE_OVERLAP`` times their own cells' pixels, and as many
+  tiles of one size as fit ``tile_memory`` go through the network together.
 """
 
 from __future__ import annotations
@@ -677,8 +679,9 @@ def score_map(
         Resize the image by each factor (> 0) and map each; returns a :class:`MultiScaleMap`.
         None (default): the image as it is, a :class:`ScoreMap`.
     tile_memory : int
-        Bytes of working memory for the network's activations; larger maps are computed in
-        tiles that stitch exactly. The result arrays come on top.
+        Bytes of working memory for the network's activations, per batch of tiles (see the
+        module docstring); tiles stitch into the map of one untiled pass, equal to float
+        rounding. The result arrays come on top.
     progress : bool or callable
         True: a progress bar over tiles on stderr (tqdm). A callable is called with the
         number of tiles done after each batch of tiles.
