@@ -477,6 +477,32 @@ def test_fused_path_with_several_row_blocks_per_image(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_forward_blocks_smaller_than_the_backward_ones(dtype):
+    """The forward kernel takes blocks of a few rows (``_forward_rows``), the last one short,
+    while the backward pass takes the whole image: both match the reference."""
+    shape = (3, 3, 15, 11, 5, 7, 7, 1, 3)  # 15x11 output, K = 147
+    assert _path(shape, dtype) == "fused"
+    itemsize = np.dtype(dtype).itemsize
+    rows = layers._fused_plan(3, 147, 15, 11, 5, itemsize)[1]
+    forward_rows = layers._forward_rows(rows, 147, 11, itemsize)
+    assert rows == 15 and 1 < forward_rows < 15 and 15 % forward_rows
+    x, w, b, param = _random_problem(shape, dtype, seed=19)
+    out, cache = layers.conv_forward(x, w, b, param)
+    ref_out, ref_cache = reference.conv_forward_naive(
+        *(a.astype(np.float64) for a in (x, w, b)), param
+    )
+    dout = np.random.default_rng(20).standard_normal(out.shape).astype(dtype)
+    got = (out, *layers.conv_backward(dout, cache))
+    want = (ref_out, *reference.conv_backward_naive(dout.astype(np.float64), ref_cache))
+    for name, g, r in zip(("out", "dx", "dw", "db"), got, want, strict=True):
+        assert g.dtype == dtype, name
+        if dtype == np.float64:
+            np.testing.assert_allclose(g, r, err_msg=name, **tolerance(dtype))
+        else:
+            assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max(), name
+
+
 def test_winograd_switches_off_for_large_transform_buffers(monkeypatch):
     shape = (2, 3, 7, 9, 4, 3, 3, 1, 0)
     assert _path(shape, np.float64) == "winograd"

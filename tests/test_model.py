@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from cnnserve import layers as L
 from cnnserve import model as model_module
 from cnnserve.model import (
     PRESETS,
@@ -112,6 +113,59 @@ def test_whole_model_gradient_matches_numeric_gradient(reg):
         if np.max(np.abs(expected)) > 1e-6:
             assert scaled_error(grads[name], expected) < 1e-6, name
         np.testing.assert_allclose(grads[name], expected, atol=1e-8, err_msg=name)
+
+
+def _loss_in_spec_order(model, X, y):
+    """Loss and gradients with the layers run exactly in spec order (no reordering)."""
+    out, caches = X.astype(model.dtype), []
+    for info in model.info:
+        out, cache = model._forward(info, out, True)
+        caches.append(cache)
+    loss, dout = L.softmax_loss(out, y)
+    grads = {}
+    for info, cache in zip(reversed(model.info), reversed(caches), strict=True):
+        dout, layer_grads = model._backward(info, dout, cache)
+        grads.update(layer_grads)
+        if dout is None:
+            break
+    return loss, grads
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("pool", "shape"),
+    [
+        ({"type": "max_pool", "size": 2, "stride": 2}, (2, 10, 12)),
+        ({"type": "max_pool", "size": 3, "stride": 2}, (2, 9, 11)),  # overlapping windows
+        ({"type": "max_pool", "size": [2, 3], "stride": 1}, (2, 9, 11)),
+    ],
+)
+def test_relu_before_max_pool_runs_after_it_with_identical_results(pool, shape, dtype):
+    """loss runs relu after max_pool (cheaper): the loss and every gradient are bit-identical
+    to running them in spec order, with windows that are all negative, have tied maxima
+    (zeros) or a positive maximum."""
+    layers = [
+        {"type": "conv", "filters": 3, "size": 3, "pad": 1},
+        {"type": "relu"},
+        pool,
+        {"type": "affine", "units": 7},
+        {"type": "relu"},
+    ]
+    model = ConvNet(layers, shape, 4, dtype=dtype, seed=2)
+    assert [i.spec["type"] for i in model_module._run_order(model.info)][1:3] == [
+        "max_pool",
+        "relu",
+    ]
+    X, y = _data(shape, n=5, classes=4, seed=8)
+    X[0, :, :4, :4] = 0  # zero windows: ties at 0 after the conv's zero bias
+    model.params["b1"][:] = 0
+    loss, grads = model.loss(X, y)
+    want_loss, want_grads = _loss_in_spec_order(model, X, y)
+    assert loss == want_loss
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], want_grads[name], err_msg=name)
+    np.testing.assert_array_equal(model.loss(X), model.loss(X))  # test mode runs too
 
 
 def test_gradient_with_respect_to_input_flows_through_every_layer():
