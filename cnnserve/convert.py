@@ -57,6 +57,7 @@ from cnnserve.model import (
     _normalise_spec,
     _out_shape,
     _plan,
+    _run_order,
     _shape_text,
     check_format,
     check_tensors,
@@ -415,6 +416,11 @@ class FullyConvNet:
         self.training = dict(training or {})
         self._folded = self._fold_batchnorm()
         self.per_window_from = per_window_start(self.layers)
+        # A relu before a max pool runs after it: the same values on a quarter of the cells
+        # (see cnnserve.model._run_order). Never across the per-window split: neither layer
+        # is a group norm.
+        position = {id(layer): k for k, layer in enumerate(self.layers)}
+        self._order = [position[id(layer)] for layer in _run_order(self.layers)]
         self._patch = _trunk_shape(self.layers, self.input_shape, self.per_window_from)
 
     def _fold_batchnorm(self) -> dict[int, tuple[np.ndarray, np.ndarray] | None]:
@@ -560,7 +566,8 @@ class FullyConvNet:
     def _run(self, start: int, stop: int | None, x: np.ndarray, owned: bool) -> np.ndarray:
         """``layers[start:stop]`` on x; ``owned``: x may be overwritten."""
         out = x
-        for k in range(start, len(self.layers) if stop is None else stop):
+        stop = len(self.layers) if stop is None else stop
+        for k in self._order[start:stop]:
             layer = self.layers[k]
             if k in self._folded:
                 if self._folded[k] is None:  # a batchnorm folded into the conv before it

@@ -706,9 +706,10 @@ class ConvNet:
         )
 
 
-def _run_order(info: list[LayerInfo]) -> list[LayerInfo]:
+def _run_order(info: Sequence[Any]) -> list[Any]:
     """The layers in the order :meth:`ConvNet.loss` runs them: ``relu`` then ``max_pool``
-    become ``max_pool`` then ``relu``.
+    become ``max_pool`` then ``relu``. ``info`` holds layers with a ``spec`` dict (LayerInfo,
+    or a converted network's layers, which run in the same order).
 
     ReLU is non-decreasing, so the max of a window of ReLU outputs is the ReLU of its max, and
     the gradients are the same too: a window whose max is positive sends its gradient to the

@@ -900,3 +900,26 @@ def test_a_converted_file_with_a_bad_self_check_record_is_refused(check, message
     path.write_bytes(save_safetensors(tensors, metadata=metadata))
     with pytest.raises(ModelFileError, match=message):
         load_fully_convolutional(path)
+
+
+def test_a_relu_before_a_max_pool_runs_after_it_with_identical_scores():
+    """The converted network, like ConvNet.loss, pools before the ReLU that precedes a max
+    pool (a quarter of the values): the scores are bit for bit those of the spec order."""
+    layers = [
+        {"type": "conv", "filters": 3, "size": 3},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 3, "stride": 2},  # overlapping windows
+        {"type": "conv", "filters": 4, "size": 2},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2},
+    ]
+    for dtype in (np.float32, np.float64):
+        fcn = to_fully_convolutional(build(layers, (1, 13, 13), 3, dtype=dtype))
+        assert [fcn.layers[k].kind for k in fcn._order][:6] == [
+            "conv", "max_pool", "relu", "conv", "max_pool", "relu"
+        ]  # fmt: skip
+        x = np.random.default_rng(0).standard_normal((3, 1, 27, 19)).astype(dtype)
+        x[0, 0, :8, :8] = -1.0  # windows with no positive value
+        swapped = fcn.forward(x)
+        fcn._order = list(range(len(fcn.layers)))
+        np.testing.assert_array_equal(fcn.forward(x), swapped)
