@@ -692,12 +692,12 @@ _DEMO_MAX_PIXELS = 2**22  # canvases up to 2048 x 2048
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     from cnnserve.convert import load_fully_convolutional
     from cnnserve.data import digits_canvas
     from cnnserve.dense import score_map
-    from cnnserve.heatmap import MAX_PICTURE_PIXELS, heatmap_image, png_bytes
+    from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
 
     height, width = args.size
     if height * width > _DEMO_MAX_PIXELS:
@@ -732,7 +732,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     canvas, placements = digits_canvas(args.size, args.count, seed=args.seed, **split)
     result = score_map(fcn, canvas, stride_divisor=fcn.geometry.stride)  # stride 1: a cell
     # at every position
-    picture = heatmap_image(canvas, np.zeros((1, 1)), stride=1, window=1, alpha=0, zoom=zoom)
+    # The canvas at its own size (8-bit gray): an input for `cnnserve scoremap`.
+    picture = Image.fromarray(np.rint(canvas[0] * 255).astype(np.uint8), mode="L")
     panels, rows = [], []
     for place in sorted(placements, key=lambda p: p["label"]):
         label, (x0, y0, x1, y1) = place["label"], place["box"]
@@ -760,7 +761,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"{f'({px}, {py})':>19}")  # fmt: skip
     correct = sum(predicted == label for label, _, _, _, predicted, _ in rows)
     print(f"{correct}/{len(rows)} digits classified correctly at their own window")
-    print(f"wrote {out / 'canvas.png'} and {out / 'heatmaps.png'} (zoom {zoom})")
+    print(f"wrote {out / 'canvas.png'} ({width}x{height}, an input for scoremap) and "
+          f"{out / 'heatmaps.png'} (zoom {zoom})")  # fmt: skip
     return 0
 
 

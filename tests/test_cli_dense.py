@@ -166,8 +166,10 @@ def test_demo_finds_every_digit_at_its_window(tmp_path, capsys):
     assert main(["demo", str(MODEL), "--out", str(out), "--size", "40x80", "--count", "5"]) == 0
     text = capsys.readouterr().out
     assert "5/5 digits classified correctly at their own window" in text
-    with Image.open(out / "canvas.png") as picture:
-        assert picture.size == (320, 160)
+    with Image.open(out / "canvas.png") as picture:  # the canvas itself, for scoremap
+        assert picture.size == (80, 40) and picture.mode == "L"
+    assert main(["scoremap", str(MODEL), str(out / "canvas.png"), "--quiet"]) == 0
+    assert "map 17x37 cells" in capsys.readouterr().out
     with Image.open(out / "heatmaps.png") as picture:
         assert picture.size == (2 * 320 + 4, 3 * 160 + 2 * 4)  # 5 panels, 2 columns
 
