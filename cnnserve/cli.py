@@ -474,15 +474,18 @@ def _info_converted(args: argparse.Namespace) -> int:
     print(f"{args.model} ({size:,} bytes): a converted (fully convolutional) network")
     print(f"training input shape (C, H, W): {fcn.input_shape}, dtype {fcn.dtype.name}")
     print(f"classes ({fcn.num_classes}): {', '.join(fcn.class_names)}")
-    print(fcn.summary())
-    print(fcn.geometry.describe())
-    print(_check_text(fcn.check))
+    print(_converted_text(fcn))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # convert and scoremap
 # ---------------------------------------------------------------------------------------------
+
+
+def _converted_text(fcn: Any) -> str:
+    """A converted network's layers, geometry and self-check, as `convert` and `info` print."""
+    return "\n".join([fcn.summary(), fcn.geometry.describe(), _check_text(fcn.check)])
 
 
 def _check_text(check: dict) -> str:
@@ -512,9 +515,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps({"model": str(source), "out": str(out), **fcn.to_dict()}, indent=2))
         return 0
     print(f"converted {source} -> {out}")
-    print(fcn.summary())
-    print(fcn.geometry.describe())
-    print(_check_text(fcn.check))
+    print(_converted_text(fcn))
     return 0
 
 

@@ -619,14 +619,9 @@ def _one_scale(
         logits = _dense_logits(fcn, image, budget, progress)
     else:
         logits = np.empty((fcn.num_classes, rows, cols), dtype=fcn.dtype)
-        step = fine.stride
-        for qa in range(divisor):
-            for qb in range(divisor):
-                y, x = qa * step, qb * step
-                if H - y < g.window[0] or W - x < g.window[1]:
-                    continue  # no window fits at this shift: no cells of the map have it
-                part = _dense_logits(fcn, image[:, y:, x:], budget, progress)
-                logits[:, qa::divisor, qb::divisor] = part
+        for qa, qb, y, x in _shifts(g, H, W, divisor):
+            part = _dense_logits(fcn, image[:, y:, x:], budget, progress)
+            logits[:, qa::divisor, qb::divisor] = part
     return ScoreMap(
         logits=logits,
         probabilities=softmax_cells(logits),
@@ -637,6 +632,19 @@ def _one_scale(
         resized_size=(H, W),
         stride_divisor=divisor,
     )
+
+
+def _shifts(g: Geometry, H: int, W: int, divisor: int) -> list[tuple[int, int, int, int]]:
+    """Shift-and-stitch passes ``(qa, qb, y, x)``: the image shifted by ``(y, x)`` pixels gives
+    the cells ``qa::divisor, qb::divisor`` of the map at stride S / divisor. Shifts at which no
+    window fits are left out (no cell of the map has them)."""
+    step = g.stride // divisor
+    return [
+        (qa, qb, qa * step, qb * step)
+        for qa in range(divisor)
+        for qb in range(divisor)
+        if H - qa * step >= g.window[0] and W - qb * step >= g.window[1]
+    ]
 
 
 def _as_fcn(model: Any) -> FullyConvNet:
@@ -765,15 +773,10 @@ def _progress(
         return None, None
     from tqdm.auto import tqdm
 
-    step = fcn.geometry.stride // divisor
-    total = 0
-    for _, (hs, ws) in sizes:
-        for qa in range(divisor):
-            for qb in range(divisor):
-                if (
-                    hs - qa * step >= fcn.geometry.window[0]
-                    and ws - qb * step >= (fcn.geometry.window[1])
-                ):
-                    total += _tile_count(fcn, hs - qa * step, ws - qb * step, budget)
+    total = sum(
+        _tile_count(fcn, hs - y, ws - x, budget)
+        for _, (hs, ws) in sizes
+        for _, _, y, x in _shifts(fcn.geometry, hs, ws, divisor)
+    )
     bar = tqdm(total=total, unit="tile", desc="score map", leave=False)
     return bar.update, bar
