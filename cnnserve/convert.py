@@ -556,7 +556,7 @@ class FullyConvNet:
             raise TypeError(f"x must be a float array (preprocessed pixels), got {x.dtype}")
         hc, wc = self.geometry.covered(x.shape[2], x.shape[3])
         out = np.ascontiguousarray(x[:, :, :hc, :wc], dtype=self.dtype)
-        owned = out is not x and not np.shares_memory(out, x)
+        owned = out is not x and not np.may_share_memory(out, x)
         split = self.per_window_from
         out = self._run(0, split, out, owned)
         if split is None:
