@@ -18,15 +18,18 @@ test: $(PY)
 	$(PIP) install -e ".[test]"
 	$(PY) -m pytest
 
+# The service on the shipped model(s), http://127.0.0.1:8000 (HOST=0.0.0.0 PORT=... to change).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 serve: install
-	@echo "cnnserve is installed with its Cython kernels."
-	@echo "The inference service is not built yet (see the issue tracker); nothing to start."
+	$(VENV)/bin/cnnserve serve --models models --host $(HOST) --port $(PORT)
 
 bench: $(PY)
 	$(PIP) install -e ".[bench]"
 	$(PY) bench/layers.py
 	$(PY) bench/train.py
 	$(PY) bench/dense.py
+	$(PY) bench/service.py
 
 lint: $(PY)
 	$(PIP) install -e ".[test]"

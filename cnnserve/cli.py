@@ -554,20 +554,14 @@ def _read_npy(path: str, max_values: int) -> np.ndarray:
 
 def _class_index(value: str | None, class_names: Sequence[str]) -> int | None:
     """``--class``: a class name, or an index when no class has that name."""
+    from cnnserve.dense import class_index
+
     if value is None:
         return None
-    if value in class_names:
-        return list(class_names).index(value)
     try:
-        index = int(value)
-    except ValueError:
-        index = -1
-    if not 0 <= index < len(class_names):
-        raise CommandError(
-            f"--class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
-            f"classes: {', '.join(class_names)}"
-        )
-    return index
+        return class_index(value, class_names)
+    except ValueError as exc:
+        raise CommandError(f"--{exc}") from None
 
 
 def _scales(text: str | None) -> list[float] | None:
@@ -631,12 +625,11 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
         )
         print(f"top-{min(args.top_k, fcn.num_classes)} by {by} over cells: {top}")
     best = maps[0]
-    flat = int(np.argmax(best.probabilities[class_index]))
-    i, j = divmod(flat, best.shape[1])
-    box = ", ".join(f"{v:g}" for v in best.box(i, j))
+    peak = best.peak(class_index)
+    box = ", ".join(f"{v:g}" for v in peak["box"])
     print(
-        f"class {label!r}: highest probability {best.probabilities[class_index, i, j]:.3f} at "
-        f"cell ({i}, {j}), box (x0, y0, x1, y1) = ({box})"
+        f"class {label!r}: highest probability {peak['probability']:.3f} at "
+        f"cell ({peak['row']}, {peak['col']}), box (x0, y0, x1, y1) = ({box})"
     )
     outputs = []
     if args.json is not None:
@@ -655,6 +648,117 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
     for target, data, note in outputs:
         atomic_write_bytes(Path(target), data)
         print(f"wrote {target}{note}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# predict and serve
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cnnserve.convert import load_fully_convolutional
+    from cnnserve.predict import predict
+
+    fcn = load_fully_convolutional(args.model)
+    image = _read_input_image(args.image, fcn.input_shape[0])
+    started = time.perf_counter()
+    result = predict(fcn, image)
+    seconds = time.perf_counter() - started
+    ranked = result.top_k(args.top_k)
+    if args.json:
+        record = {
+            "model": str(args.model),
+            "image": str(args.image),
+            "predictions": ranked,
+            "image_size": list(result.image_size),
+            "resized_to": list(result.resized_to) if result.resized_to else None,
+            "time_ms": round(seconds * 1e3, 3),
+        }
+        print(json.dumps(record, indent=2))
+        return 0
+    h, w = result.image_size
+    resized = (
+        f", resized to {result.resized_to[0]}x{result.resized_to[1]}" if result.resized_to else ""
+    )
+    print(f"image {args.image}: {h}x{w} pixels{resized}; {seconds * 1e3:.1f} ms")
+    width = max(len(r["label"]) for r in ranked)
+    for rank, r in enumerate(ranked, 1):
+        print(f"{rank:>2}. {r['label']:<{width}}  {r['probability']:.4f}  (class {r['index']})")
+    return 0
+
+
+# The `serve` flags and the Settings fields they set (as CNNSERVE_* environment variables, so
+# that every uvicorn worker process reads the same settings).
+_SERVE_SETTINGS = {
+    "models": "models",
+    "max_body_bytes": "max_body_bytes",
+    "max_pixels": "max_pixels",
+    "max_concurrency": "max_concurrency",
+    "queue_timeout": "queue_timeout",
+    "warmup": "warmup",
+}
+
+
+def _log_config(base: dict, level: str) -> dict:
+    """uvicorn's logging set-up, plus the service's own logger (models loaded, errors)."""
+    config = json.loads(json.dumps(base))
+    config["loggers"]["cnnserve"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import uvicorn
+    from pydantic import ValidationError
+    from uvicorn.config import LOGGING_CONFIG
+
+    from cnnserve import __version__
+    from cnnserve.service.registry import ModelDirectoryError, ModelRegistry
+    from cnnserve.service.settings import Settings
+
+    for option, field in _SERVE_SETTINGS.items():
+        value = getattr(args, option)
+        if value is not None:
+            os.environ[f"CNNSERVE_{field.upper()}"] = str(value)
+    try:
+        settings = Settings()  # flags and environment together, checked before uvicorn starts
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CNNSERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise CommandError(f"bad settings: {problems}") from None
+    try:
+        files = ModelRegistry(settings.models).discover()
+    except ModelDirectoryError as exc:
+        raise CommandError(str(exc)) from None
+    names = ", ".join(p.stem for p in files)
+    print(
+        f"cnnserve {__version__}: serving {names} from "
+        f"{settings.models.resolve()} on http://{args.host}:{args.port} ({args.workers} "
+        f"worker(s), {settings.max_concurrency} inference(s) at once each)",
+        flush=True,
+    )
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # Each worker writes its metrics there, and /metrics reports their sum.
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="cnnserve-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        uvicorn.run(
+            "cnnserve.service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+            log_config=_log_config(LOGGING_CONFIG, args.log_level),
+            timeout_graceful_shutdown=10,
+        )
     return 0
 
 
@@ -909,6 +1013,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scoremap.add_argument("--quiet", action="store_true", help="no progress bar")
     scoremap.set_defaults(handler=_cmd_scoremap)
+
+    predict = commands.add_parser(
+        "predict",
+        help="the top classes of one image (the service's /predict without a server)",
+        description="Classify one image as a whole: an image of another size than the "
+        "training size is resized to it first (bilinear).",
+    )
+    predict.add_argument("model", help="a trained or converted .safetensors model file")
+    predict.add_argument("image", help="an image file (PNG, JPEG, BMP, GIF, TIFF) or a .npy array")
+    predict.add_argument("--top-k", type=_positive_int, default=5, help="default 5")
+    predict.add_argument("--json", action="store_true", help="print the result as JSON")
+    predict.set_defaults(handler=_cmd_predict)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start the HTTP service (class scores, score maps, a web page)",
+        description="Serve every model file of a directory over HTTP (uvicorn). Options not "
+        "given come from CNNSERVE_* environment variables, then the defaults.",
+    )
+    serve.add_argument(
+        "--models", metavar="DIR", help="directory of .safetensors model files (default models)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--workers", type=_positive_int, default=1, help="uvicorn worker processes (default 1)"
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=_positive_int, help="largest request body (default 20 MiB)"
+    )
+    serve.add_argument(
+        "--max-pixels", type=_positive_int, help="largest image in pixels (default 4096*4096)"
+    )
+    serve.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        help="inferences at once per worker (default: the number of cores)",
+    )
+    serve.add_argument(
+        "--queue-timeout",
+        type=float,
+        help="seconds a request waits for an inference slot before a 503 (default 10)",
+    )
+    serve.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_const",
+        const=False,
+        help="skip running each model once before /readyz",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="default info",
+    )
+    serve.set_defaults(handler=_cmd_serve)
 
     demo = commands.add_parser(
         "demo",

@@ -45,9 +45,12 @@ from cnnserve.convert import (
 from cnnserve.model import ConvNet, _out_shape
 
 __all__ = [
+    "ImageError",
+    "ImageTooLargeError",
     "MultiScaleMap",
     "ScoreMap",
     "as_image",
+    "class_index",
     "read_image",
     "score_map",
     "softmax_cells",
@@ -115,6 +118,10 @@ class ImageError(ValueError):
     """An image file or upload that cannot be decoded or is too large."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than the limit, refused before it is decoded."""
+
+
 def read_image(
     source: str | os.PathLike | bytes, channels: int, *, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
@@ -132,11 +139,13 @@ def read_image(
     Raises
     ------
     ImageError
-        The data is not a decodable image, or has more than ``max_pixels`` pixels.
+        The data is not a decodable image.
+    ImageTooLargeError
+        The image has more than ``max_pixels`` pixels (an :class:`ImageError` too).
     """
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     max_pixels = check_int(max_pixels, "max_pixels", 1)
     if channels not in (1, 3):
@@ -144,14 +153,13 @@ def read_image(
     where = "the image" if isinstance(source, bytes | bytearray) else f"image {source}"
     stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        with (
-            warnings.catch_warnings(),  # our own limit below applies, not Pillow's warning
-            Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF")) as img,
-        ):
+        with warnings.catch_warnings():  # our own limit below applies, not Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF"))
+        with img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"{where} has {width}x{height} = {width * height:,} pixels, more than the "
                     f"limit of {max_pixels:,}"
                 )
@@ -166,10 +174,38 @@ def read_image(
         raise
     except FileNotFoundError as exc:
         raise ImageError(f"{where} does not exist") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
+        raise ImageTooLargeError(f"{where} is too large to decode: {exc}") from exc
+    except UnidentifiedImageError as exc:  # its message shows a stream object: not for people
+        raise ImageError(
+            f"{where} cannot be decoded as an image: it is not a PNG, JPEG, BMP, GIF or TIFF file"
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{where} cannot be decoded as an image: {exc}") from exc
     pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)  # (C, H, W)
     return pixels.astype(np.float32) / np.float32(255)
+
+
+def class_index(value: int | str, class_names: Sequence[str]) -> int:
+    """A class given by its name, or by its index when no class has that name.
+
+    Raises
+    ------
+    ValueError
+        Neither a class name nor an index in ``[0, K)``; the message lists the classes.
+    """
+    if value in class_names:
+        return list(class_names).index(value)
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        index = -1
+    if isinstance(value, bool) or not 0 <= index < len(class_names):
+        raise ValueError(
+            f"class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
+            f"classes: {', '.join(class_names)}"
+        )
+    return index
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -206,11 +242,11 @@ def softmax_cells(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def _encode(array: np.ndarray) -> dict:
-    """A compact JSON form: little-endian float32 bytes in base64, with shape and dtype."""
-    data = np.ascontiguousarray(array, dtype="<f4")
+def _encode(array: np.ndarray, dtype: str = "float32") -> dict:
+    """A compact JSON form: little-endian bytes (float32 or int32) in base64, shape and dtype."""
+    data = np.ascontiguousarray(array, dtype={"float32": "<f4", "int32": "<i4"}[dtype])
     return {
-        "dtype": "float32",
+        "dtype": dtype,
         "shape": list(array.shape),
         "order": "C",
         "data": base64.b64encode(data.tobytes()).decode("ascii"),
@@ -340,6 +376,21 @@ class ScoreMap(_Aggregates):
         if fy == fx == 1.0:
             return boxes
         return boxes / np.array([fx, fy, fx, fy])
+
+    def peak(self, class_index: int) -> dict:
+        """Where class ``class_index`` is most likely: ``{"row", "col", "box", "probability"}``.
+
+        ``box`` is ``[x0, y0, x1, y1]`` in the original image; the first cell wins a tie.
+        """
+        class_index = check_int(class_index, "class_index", 0, len(self.class_names) - 1)
+        plane = self.probabilities[class_index]
+        i, j = divmod(int(np.argmax(plane)), plane.shape[1])
+        return {
+            "row": i,
+            "col": j,
+            "box": [float(v) for v in self.box(i, j)],
+            "probability": float(plane[i, j]),
+        }
 
     def cell_top_k(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Per cell, the k most likely classes: ``(indices, probabilities)``, each (k, H', W')."""

@@ -1,0 +1,92 @@
+"""Class scores of one image: what ``cnnserve predict`` prints and the service's /predict returns.
+
+An image of the training size goes through the network as it is. An image of any other size
+is first resized to the training size (bilinear, with Pillow's antialiasing when it shrinks),
+so that the whole image is classified as one input: for where in a large image a class is,
+use a score map (:func:`cnnserve.dense.score_map`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cnnserve._checks import check_int
+from cnnserve.convert import FullyConvNet
+from cnnserve.dense import _as_fcn, _ranked, _resize, as_image
+from cnnserve.model import ConvNet
+
+__all__ = ["Prediction", "predict"]
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """The class scores of one image.
+
+    Attributes
+    ----------
+    probabilities : ndarray, shape (K,)
+        Softmax of the network's scores, float64.
+    class_names : tuple of str
+    image_size : tuple of int
+        ``(H, W)`` of the image as given.
+    resized_to : tuple of int or None
+        ``(Th, Tw)`` when the image was resized to the training size, else None.
+    """
+
+    probabilities: np.ndarray
+    class_names: tuple[str, ...]
+    image_size: tuple[int, int]
+    resized_to: tuple[int, int] | None
+
+    def top_k(self, k: int = 5) -> list[dict]:
+        """The k most likely classes, ``[{"label", "index", "probability"}]``.
+
+        ``k`` is clamped to the number of classes.
+        """
+        k = min(check_int(k, "k", 1), len(self.class_names))
+        return _ranked(self.probabilities, k, self.class_names)
+
+
+def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Prediction:
+    """Classify one image as a whole.
+
+    Parameters
+    ----------
+    model : FullyConvNet, ConvNet or path
+        A converted network (the service's), a trained one, or a model file of either kind.
+        The converted network's scores on a training-size input are the original network's
+        (its self-check); it runs with batchnorm folded into the convs.
+    image : ndarray
+        ``(H, W)`` for a one-channel model or ``(C, H, W)``; uint8 pixels or floats in
+        [0, 1]; any size >= 1x1 (resized to the training size when it differs).
+
+    Returns
+    -------
+    Prediction
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad image (shape, channels, dtype, range).
+
+    Shape
+    -----
+    ``(C, H, W)`` -> ``probabilities`` of shape ``(K,)``.
+    """
+    fcn = _as_fcn(model)
+    pixels = as_image(image, fcn.input_shape[0])  # (C, H, W) float32 in [0, 1]
+    size = (pixels.shape[1], pixels.shape[2])
+    target = fcn.geometry.window  # the training size (Th, Tw)
+    resized = None
+    if size != tuple(target):
+        pixels = _resize(pixels, *target)
+        resized = (int(target[0]), int(target[1]))
+    scores = fcn.forward(fcn.preprocess(pixels[None]))[0, :, 0, 0].astype(np.float64)  # (K,)
+    scores -= scores.max()
+    probabilities = np.exp(scores)
+    probabilities /= probabilities.sum()
+    return Prediction(probabilities, fcn.class_names, size, resized)

@@ -1,0 +1,519 @@
+"""The FastAPI application: class scores and dense score maps over HTTP.
+
+:func:`create_app` builds an app from :class:`~cnnserve.service.settings.Settings`. On startup
+(FastAPI's lifespan) it checks the model directory, then loads, converts and warms up every
+model in a background thread: ``/healthz`` answers at once, ``/readyz`` and the model routes
+answer 503 until the models are ready.
+
+Inference runs in worker threads, off the event loop (the Cython kernels release the GIL).
+At most ``max_concurrency`` inferences run at once; a request that finds no free slot within
+``queue_timeout`` seconds gets a 503 with ``Retry-After``. Request bodies are read in chunks
+and refused with a 413 as soon as they pass ``max_body_bytes``; images are refused with a 413
+before decoding when they have more than ``max_pixels`` pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException
+
+from cnnserve import __version__
+from cnnserve.dense import ImageError, ImageTooLargeError, _encode, class_index, read_image
+from cnnserve.dense import score_map as dense_score_map
+from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
+from cnnserve.predict import predict as classify
+from cnnserve.service.errors import ServiceError, install_error_handlers
+from cnnserve.service.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from cnnserve.service.registry import LoadedModel, ModelRegistry
+from cnnserve.service.schemas import (
+    ErrorResponse,
+    Health,
+    ModelDetail,
+    ModelList,
+    PredictResponse,
+    Ready,
+    ScoreMapResponse,
+)
+from cnnserve.service.settings import Settings
+
+__all__ = ["IMAGE_TYPES", "create_app"]
+
+log = logging.getLogger("cnnserve.service")
+
+# Media types of raw image bodies the decoder reads (read_image: PNG, JPEG, BMP, GIF, TIFF).
+IMAGE_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/bmp",
+    "image/x-bmp",
+    "image/x-ms-bmp",
+    "image/gif",
+    "image/tiff",
+)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "The body is not a decodable image, or a multipart body has no `file` field.",
+        404: "No model of that name is loaded.",
+        413: "The body is larger than the byte limit, or the image has more pixels than the "
+        "pixel limit (checked before decoding).",
+        415: "The body is neither multipart/form-data nor a supported image/* type.",
+        422: "A bad query parameter, or an image smaller than the model's window.",
+        503: "Models are still loading, or every inference slot stayed busy for the queue "
+        "timeout (see Retry-After).",
+    }.items()
+}
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: a multipart form with a `file` field (`curl -F "
+        "file=@digit.png`), or the raw bytes with an image media type (`curl --data-binary "
+        "@digit.png -H 'Content-Type: image/png'`). PNG, JPEG, BMP, GIF or TIFF.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+_STATIC = resources.files("cnnserve.service") / "static"
+
+ModelName = Annotated[str, Path(description="A model's name, as listed by GET /v1/models.")]
+TopK = Annotated[
+    int, Query(ge=1, description="How many classes to return (clamped to the classes).")
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------------------------
+
+
+def _too_large(limit: int) -> ServiceError:
+    return ServiceError(
+        413, "payload_too_large", f"the request body is larger than the limit of {limit:,} bytes"
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with a 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ServiceError(400, "bad_request", f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+def _check_image_type(media: str, where: str) -> None:
+    if media.startswith("image/") and media not in IMAGE_TYPES:
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"{where} is {media}; supported images: PNG, JPEG, BMP, GIF, TIFF",
+        )
+
+
+async def _image_bytes(request: Request, limit: int) -> bytes:
+    """The encoded image of a request: a multipart ``file`` field or a raw image/* body."""
+    media = _media_type(request.headers.get("content-type"))
+    if media == "multipart/form-data":
+        body = await _read_body(request, limit)
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form_request = Request(request.scope, replay)
+        try:
+            form = await form_request.form(max_files=1, max_fields=16)
+        except MultiPartException as exc:
+            raise ServiceError(400, "invalid_multipart", f"bad multipart body: {exc}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ServiceError(
+                    400,
+                    "missing_file",
+                    "the multipart body has no file field named 'file' (curl -F file=@image.png)",
+                )
+            _check_image_type(_media_type(upload.content_type), "the uploaded file")
+            data = await upload.read()
+        finally:
+            await form.close()
+    elif media.startswith("image/"):
+        _check_image_type(media, "the body")
+        data = await _read_body(request, limit)
+    else:
+        shown = media or "missing"
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {shown} is not accepted: send multipart/form-data with a 'file' "
+            "field, or the image bytes with an image/* type (e.g. image/png)",
+        )
+    if not data:
+        raise ServiceError(400, "invalid_image", "the image is empty (0 bytes)")
+    return data
+
+
+def _decode(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray:
+    """(C, H, W) float32 pixels in [0, 1] of an upload, or a 400 / 413."""
+    try:
+        return read_image(data, model.fcn.input_shape[0], max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ServiceError(413, "image_too_large", str(exc)) from None
+    except ImageError as exc:
+        raise ServiceError(400, "invalid_image", str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+class _Service:
+    """Everything the routes share: settings, models, metrics, the inference slots."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.slots: asyncio.Semaphore | None = None  # made in the lifespan, on its loop
+
+    def require_ready(self) -> None:
+        if not self.registry.finished:
+            raise ServiceError(
+                503, "not_ready", "models are still loading; retry shortly", {"Retry-After": "1"}
+            )
+
+    def model(self, name: str) -> LoadedModel:
+        """A loaded model by name (a 404 for any other name): never a path."""
+        self.require_ready()
+        reg = self.registry
+        found = reg.models.get(name)
+        if found is None:
+            served = ", ".join(sorted(reg.models)) or "none"
+            raise ServiceError(404, "model_not_found", f"no model named {name!r}; served: {served}")
+        return found
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of ``max_concurrency`` inference slots, waited for up to ``queue_timeout``."""
+        slots = self.slots
+        assert slots is not None, "the app's lifespan has not run"
+        m = self.metrics
+        m.waiting.inc()
+        try:
+            if slots.locked():
+                await asyncio.wait_for(slots.acquire(), self.settings.queue_timeout)
+            else:
+                await slots.acquire()
+        except TimeoutError:
+            m.rejected.inc()
+            raise ServiceError(
+                503,
+                "busy",
+                f"all {self.settings.max_concurrency} inference slots stayed busy for "
+                f"{self.settings.queue_timeout:g} s; retry later",
+                {"Retry-After": "1"},
+            ) from None
+        finally:
+            m.waiting.dec()
+        m.in_progress.inc()
+        try:
+            yield
+        finally:
+            m.in_progress.dec()
+            slots.release()
+
+    async def run(self, model: LoadedModel, endpoint: str, work: Any, *args: Any) -> Any:
+        """``work(*args)`` in a worker thread inside a slot, timed and counted."""
+        async with self.slot():
+            start = time.perf_counter()
+            result = await run_in_threadpool(work, *args)
+            seconds = time.perf_counter() - start
+        self.metrics.inference.labels(model.name, endpoint).observe(seconds)
+        self.metrics.images.labels(model.name, endpoint).inc()
+        return result, seconds
+
+
+def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None):
+    """The service's FastAPI app.
+
+    Parameters
+    ----------
+    settings : Settings, optional
+        Defaults to ``Settings()``: the defaults and the ``CNNSERVE_*`` environment.
+    registry : ModelRegistry, optional
+        For tests: a registry with its own loader. Defaults to the models of
+        ``settings.models``.
+
+    Returns
+    -------
+    fastapi.FastAPI
+    """
+    settings = settings or Settings()
+    registry = registry or ModelRegistry(settings.models, warmup=settings.warmup)
+    metrics = Metrics()
+    service = _Service(settings, registry, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.discover()  # a missing or empty directory stops the start-up here
+        service.slots = asyncio.Semaphore(settings.max_concurrency)
+        log.info(
+            "loading %d model file(s) from %s", len(registry.files), registry.directory.resolve()
+        )
+        loading = asyncio.create_task(
+            asyncio.to_thread(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc())
+        )
+        yield
+        await asyncio.shield(loading)  # a shutdown during loading waits for it to end
+
+    app = FastAPI(
+        title="cnnserve",
+        version=__version__,
+        summary="Class scores and dense class-score maps from small CNNs.",
+        description=(
+            "POST an image for its top-k classes (`/predict`), or a large image for a map of "
+            "class scores over every training-size window (`/scoremap`), as numbers or as a "
+            'heatmap picture. Errors are JSON: `{"error": {"code", "message"}}`.'
+        ),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(str(_STATIC / "index.html"), media_type="text/html")
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> dict:
+        """The process is alive (it may still be loading models)."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        response_model=Ready,
+        tags=["health"],
+        responses={503: {"model": ErrorResponse, "description": "Not ready."}},
+    )
+    async def readyz() -> dict:
+        """Every model is loaded, converted and warmed up (at least one is served)."""
+        if not registry.finished:
+            done = len(registry.models) + len(registry.failed)
+            raise ServiceError(
+                503,
+                "not_ready",
+                f"loading models ({done} of {len(registry.files)} done)",
+                {"Retry-After": "1"},
+            )
+        if not registry.models:
+            failures = "; ".join(registry.failed.values())
+            raise ServiceError(503, "not_ready", f"no model could be loaded: {failures}")
+        return {"status": "ready", "models": sorted(registry.models), "failed": registry.failed}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics: requests, latencies, inference time, images processed."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], responses=_ERRORS)
+    async def list_models() -> dict:
+        """The models served, with their input shape, classes and dense geometry."""
+        service.require_ready()
+        return {"models": [m.summary() for _, m in sorted(registry.models.items())]}
+
+    @app.get("/v1/models/{name}", response_model=ModelDetail, tags=["models"], responses=_ERRORS)
+    async def model_detail(name: ModelName) -> dict:
+        """One model: the summary, its architecture, training record and self-check."""
+        return service.model(name).detail()
+
+    @app.post(
+        "/v1/models/{name}/predict",
+        response_model=PredictResponse,
+        tags=["inference"],
+        responses=_ERRORS,
+        openapi_extra=_IMAGE_BODY,
+    )
+    async def predict(name: ModelName, request: Request, top_k: TopK = 5) -> dict:
+        """The top-k classes of an image.
+
+        The image is classified as a whole: one of another size than the training size is
+        resized to it (bilinear, antialiased when it shrinks) first. For where in a large
+        image each class is, use `/scoremap`.
+        """
+        model = service.model(name)
+        data = await _image_bytes(request, settings.max_body_bytes)
+
+        def work() -> Any:
+            pixels = _decode(data, model, settings.max_pixels)
+            return classify(model.fcn, pixels)
+
+        result, seconds = await service.run(model, "predict", work)
+        service.metrics.pixels.labels(model.name, "predict").inc(
+            result.image_size[0] * result.image_size[1]
+        )
+        return {
+            "model": model.name,
+            "predictions": result.top_k(top_k),
+            "image_size": list(result.image_size),
+            "resized_to": list(result.resized_to) if result.resized_to else None,
+            "time_ms": round(seconds * 1e3, 3),
+        }
+
+    @app.post(
+        "/v1/models/{name}/scoremap",
+        response_model=ScoreMapResponse,
+        tags=["inference"],
+        responses={
+            **_ERRORS,
+            200: {
+                "description": "`format=json`: the score map. `format=png`: the heatmap of "
+                "the class over the image.",
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        },
+        openapi_extra=_IMAGE_BODY,
+    )
+    async def scoremap(
+        name: ModelName,
+        request: Request,
+        stride_divisor: Annotated[
+            int,
+            Query(
+                ge=1,
+                description="d dividing the model's stride S: cells every S/d pixels "
+                "(shift-and-stitch, d*d passes).",
+            ),
+        ] = 1,
+        top_k: TopK = 5,
+        format: Annotated[
+            Literal["json", "png"], Query(description="`json`: the numbers; `png`: a heatmap.")
+        ] = "json",
+        class_: Annotated[
+            str | None,
+            Query(
+                alias="class",
+                description="A class name or index: the class whose peak is reported (json) "
+                "or drawn (png). Default: the top class by mean over the cells.",
+            ),
+        ] = None,
+        alpha: Annotated[
+            float, Query(ge=0, le=1, description="Heatmap opacity over the image (png).")
+        ] = 0.5,
+        zoom: Annotated[
+            int,
+            Query(ge=1, le=64, description="Draw the heatmap this many times the image's size."),
+        ] = 1,
+    ) -> Any:
+        """A dense map of class scores: one cell per training-size window of the image.
+
+        The image must be at least the model's window (its training size). Each cell's box is
+        in the image's own pixels. JSON arrays come as base64 of little-endian float32 (int32
+        for indices and boxes) with their shape.
+        """
+        model = service.model(name)
+        fcn = model.fcn
+        try:
+            fcn.geometry.finer(stride_divisor)
+            chosen = None if class_ is None else class_index(class_, fcn.class_names)
+        except ValueError as exc:
+            raise ServiceError(422, "invalid_parameter", str(exc)) from None
+        data = await _image_bytes(request, settings.max_body_bytes)
+
+        def work() -> Any:
+            pixels = _decode(data, model, settings.max_pixels)
+            H, W = pixels.shape[1:]
+            th, tw = fcn.geometry.window
+            if H < th or W < tw:
+                raise ServiceError(
+                    422,
+                    "image_too_small",
+                    f"the image is {H}x{W} pixels, smaller than the model's {th}x{tw} window",
+                )
+            if format == "png" and H * W * zoom**2 > MAX_PICTURE_PIXELS:
+                raise ServiceError(
+                    422,
+                    "invalid_parameter",
+                    f"zoom {zoom} would draw a {W * zoom}x{H * zoom} picture, more than "
+                    f"{MAX_PICTURE_PIXELS:,} pixels",
+                )
+            result = dense_score_map(
+                fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
+            )
+            index = chosen if chosen is not None else result.top_k(1, by="mean")[0]["index"]
+            if format == "png":
+                picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
+                return result, index, png_bytes(picture)
+            return result, index, _map_json(result, index, top_k)
+
+        (result, index, body), seconds = await service.run(model, "scoremap", work)
+        H, W = result.image_size
+        service.metrics.pixels.labels(model.name, "scoremap").inc(H * W)
+        if format == "png":
+            return Response(
+                body,
+                media_type="image/png",
+                headers={
+                    "X-Cnnserve-Class": fcn.class_names[index],
+                    "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
+                    "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
+                },
+            )
+        return {"model": model.name, **body, "time_ms": round(seconds * 1e3, 3)}
+
+    return app
+
+
+def _map_json(result: Any, index: int, top_k: int) -> dict:
+    """The JSON of a score map: everything compact (base64 arrays), nothing per cell."""
+    d = result.to_dict(top_k=top_k, cells=False, scores=True)
+    indices, probabilities = result.cell_top_k(top_k)
+    d["class"] = {
+        "label": result.class_names[index],
+        "index": index,
+        "peak": result.peak(index),
+    }
+    d["boxes"] = _encode(result.boxes(), "int32")
+    d["cell_top_k"] = {
+        "indices": _encode(indices, "int32"),
+        "probabilities": _encode(probabilities),
+    }
+    return d

@@ -1,0 +1,224 @@
+"""The models a service instance serves: found in one directory, loaded, converted, warmed up.
+
+A model's name is its file's stem (``models/digits.safetensors`` is ``digits``). Requests name
+models only by these names, looked up in :attr:`ModelRegistry.models`: no part of a request
+ever becomes a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
+from cnnserve.dense import score_map
+from cnnserve.model import FORMAT_NAME, ConvNet, ModelFileError, read_model_file
+from cnnserve.predict import predict
+
+__all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "load_one"]
+
+log = logging.getLogger("cnnserve.service")
+
+# A name that is safe in a URL path segment and a Prometheus label.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelDirectoryError(RuntimeError):
+    """The model directory is missing or holds no model file: the service cannot start."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model ready to serve: its converted network and what the API says about it."""
+
+    name: str
+    file: Path
+    fcn: FullyConvNet
+    architecture_summary: str  # the trained network's layer table
+    parameters: int
+    load_seconds: float
+
+    def summary(self) -> dict:
+        """The short description of ``GET /v1/models``."""
+        fcn = self.fcn
+        return {
+            "name": self.name,
+            "input_shape": list(fcn.input_shape),
+            "num_classes": fcn.num_classes,
+            "classes": list(fcn.class_names),
+            "dtype": fcn.dtype.name,
+            "geometry": fcn.geometry.to_dict(),
+        }
+
+    def detail(self) -> dict:
+        """The full description of ``GET /v1/models/{name}``."""
+        fcn = self.fcn
+        converted = fcn.to_dict()
+        return {
+            **self.summary(),
+            "file": self.file.name,
+            "parameters": self.parameters,
+            "architecture": fcn.config,
+            "summary": self.architecture_summary,
+            "converted_summary": fcn.summary(),
+            "converted_layers": converted["layers"],
+            "per_window_from": converted["per_window_from"],
+            "geometry_text": fcn.geometry.describe(),
+            "normalization": fcn.normalization,
+            "training": fcn.training,
+            "self_check": fcn.check,
+            "load_seconds": round(self.load_seconds, 4),
+        }
+
+
+def _file_format(path: Path) -> str | None:
+    """The ``format`` entry of a safetensors file's metadata, reading only its header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return (handle.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"model file {path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
+    """Load a trained or converted model file, convert it, and run it once.
+
+    Raises
+    ------
+    ModelFileError, ConversionError
+        A corrupt or mismatched file, or a conversion whose self-check fails.
+    """
+    start = time.perf_counter()
+    if _file_format(path) == FORMAT_NAME:
+        file = read_model_file(path)
+        model = file.model
+        fcn = to_fully_convolutional(model)
+        fcn.training = dict(file.training)
+    else:
+        fcn = load_fully_convolutional(path)
+        model = ConvNet.from_config(
+            fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
+        )  # for its layer table only: fresh weights, same shapes
+    if warmup:
+        # One classification and one small map: the first call of each conv path sets up
+        # its thread pools and scratch buffers, which should not be a user's first request.
+        C, th, tw = fcn.input_shape
+        predict(fcn, np.zeros((C, th, tw), dtype=np.float32))
+        score_map(fcn, np.zeros((C, 4 * th, 4 * tw), dtype=np.float32))
+    return LoadedModel(
+        name=path.stem,
+        file=path,
+        fcn=fcn,
+        architecture_summary=model.summary(),
+        parameters=model.num_parameters(),
+        load_seconds=time.perf_counter() - start,
+    )
+
+
+class ModelRegistry:
+    """The models of one directory, loaded in the background while the service starts.
+
+    Parameters
+    ----------
+    directory : Path
+        Holds ``*.safetensors`` model files (trained or converted).
+    warmup : bool
+        Run each model once after loading it.
+    loader : callable, optional
+        ``loader(path, warmup=...) -> LoadedModel``; :func:`load_one` by default.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        warmup: bool = True,
+        loader: Callable[..., LoadedModel] = load_one,
+    ) -> None:
+        self.directory = Path(directory)
+        self.warmup = warmup
+        self.loader = loader
+        self.models: dict[str, LoadedModel] = {}
+        self.failed: dict[str, str] = {}  # name -> why it could not be loaded
+        self.files: list[Path] = []
+        self._done = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Loading has finished and at least one model is served."""
+        return self._done.is_set() and bool(self.models)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def discover(self) -> list[Path]:
+        """The model files of the directory, checked before anything is loaded.
+
+        Raises
+        ------
+        ModelDirectoryError
+            The directory does not exist or holds no ``*.safetensors`` file.
+        """
+        if not self.directory.is_dir():
+            raise ModelDirectoryError(
+                f"model directory {self.directory.resolve()} does not exist (set --models or "
+                "CNNSERVE_MODELS)"
+            )
+        files = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        if not files:
+            raise ModelDirectoryError(
+                f"model directory {self.directory.resolve()} holds no *.safetensors model file"
+            )
+        self.files = files
+        return files
+
+    def load_all(self, on_loaded: Callable[[LoadedModel], Any] | None = None) -> None:
+        """Load every discovered file; one that fails is logged and listed in :attr:`failed`."""
+        try:
+            for path in self.files:
+                name = path.stem
+                if not _NAME.match(name):
+                    self.failed[name] = (
+                        f"{path.name}: a model name must be 1-64 letters, digits, '.', '_' or "
+                        "'-', starting with a letter or digit; rename the file"
+                    )
+                    log.error("skipping %s", self.failed[name])
+                    continue
+                try:
+                    model = self.loader(path, warmup=self.warmup)
+                except Exception as exc:  # noqa: BLE001 - any failure skips this model only
+                    self.failed[name] = f"{path.name}: {exc}"
+                    log.error("cannot load model %r: %s", name, exc)
+                    continue
+                self.models[name] = model
+                log.info(
+                    "model %r loaded from %s in %.2f s: %r",
+                    name,
+                    path,
+                    model.load_seconds,
+                    model.fcn,
+                )
+                if on_loaded is not None:
+                    on_loaded(model)
+        finally:
+            self._done.set()
+        if not self.models:
+            log.error("no model could be loaded from %s; /readyz stays 503", self.directory)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading has finished (for scripts and tests); returns :attr:`ready`."""
+        self._done.wait(timeout)
+        return self.ready

@@ -1,0 +1,55 @@
+"""Service settings: defaults, overridden by ``CNNSERVE_*`` environment variables.
+
+``cnnserve serve`` turns its flags into these variables, so that every uvicorn worker process
+reads the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """What the service loads and the limits it enforces.
+
+    Every field can be set by an environment variable named ``CNNSERVE_<FIELD>``, e.g.
+    ``CNNSERVE_MODELS=/srv/models`` or ``CNNSERVE_MAX_BODY_BYTES=1048576``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", frozen=True, extra="forbid")
+
+    models: Path = Field(
+        Path("models"),
+        description="Directory of model files (*.safetensors, trained or converted); each "
+        "file's stem is the model's name.",
+    )
+    max_body_bytes: int = Field(
+        20 * 2**20, ge=1, description="Largest request body, in bytes (413 above it)."
+    )
+    max_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Largest image, in pixels (413 above it, checked before decoding).",
+    )
+    max_concurrency: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Inferences running at once; further requests wait for a slot.",
+    )
+    queue_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a request waits for an inference slot before a 503.",
+    )
+    tile_memory: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="Working memory of one score map's batch of tiles, in bytes.",
+    )
+    warmup: bool = Field(True, description="Run each model once on startup, before /readyz.")
