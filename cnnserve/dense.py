@@ -160,8 +160,8 @@ def read_image(
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(
-                    f"{where} has {width}x{height} = {width * height:,} pixels, more than the "
-                    f"limit of {max_pixels:,}"
+                    f"{where} has {height}x{width} (HxW) = {width * height:,} pixels, more "
+                    f"than the limit of {max_pixels:,}"
                 )
             img.load()
             if img.mode.startswith("I") or img.mode == "F":  # 16-bit, 32-bit or float gray

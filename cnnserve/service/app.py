@@ -27,6 +27,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from cnnserve import __version__
@@ -159,8 +160,9 @@ async def _image_bytes(request: Request, limit: int) -> bytes:
         form_request = Request(request.scope, replay)
         try:
             form = await form_request.form(max_files=1, max_fields=16)
-        except MultiPartException as exc:
-            raise ServiceError(400, "invalid_multipart", f"bad multipart body: {exc}") from None
+        except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps the first
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+            raise ServiceError(400, "invalid_multipart", f"bad multipart body: {detail}") from None
         try:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
@@ -432,7 +434,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             Query(
                 alias="class",
                 description="A class name or index: the class whose peak is reported (json) "
-                "or drawn (png). Default: the top class by mean over the cells.",
+                "or drawn (png). Default: the top class by max over the cells (the most likely "
+                "class anywhere in the image).",
             ),
         ] = None,
         alpha: Annotated[
@@ -478,7 +481,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             result = dense_score_map(
                 fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
             )
-            index = chosen if chosen is not None else result.top_k(1, by="mean")[0]["index"]
+            index = chosen if chosen is not None else result.top_k(1, by="max")[0]["index"]
             if format == "png":
                 picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
                 return result, index, png_bytes(picture)

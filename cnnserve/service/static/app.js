@@ -1,0 +1,607 @@
+// cnnserve web page: pick a model, upload an image, see its class scores and a class's
+// dense score map. Plain JS, no build step, and no request leaves this origin.
+//
+// document.body.dataset.state tells tests (and styles) where the page is:
+// "loading" -> "ready" (models listed) -> "working" (requests in flight) -> "done" | "error".
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const els = {
+  status: $("status"),
+  error: $("error"),
+  model: $("model"),
+  modelInfo: $("model-info"),
+  dropzone: $("dropzone"),
+  file: $("file"),
+  topK: $("top-k"),
+  predictMeta: $("predict-meta"),
+  predictions: $("predictions"),
+  cls: $("class"),
+  divisor: $("stride-divisor"),
+  alpha: $("alpha"),
+  alphaValue: $("alpha-value"),
+  preview: $("preview"),
+  previewCaption: $("preview-caption"),
+  heatmap: $("heatmap"),
+  heatmapCaption: $("heatmap-caption"),
+  peakBox: $("peak-box"),
+  summary: $("scoremap-summary"),
+};
+
+// Largest display size of the images: small images are scaled up by a whole factor.
+const DISPLAY_WIDTH = 440;
+const DISPLAY_HEIGHT = 320;
+
+const state = {
+  models: [],
+  model: null, // the ModelSummary of the chosen model
+  file: null, // the uploaded File
+  classChosen: false, // false: the score map shows the top class by max
+  predictedKey: null, // which (model, file, top_k) the predictions on screen belong to
+  run: 0, // each analysis has a number; a newer one makes older ones stale
+  controller: null, // aborts the requests of a stale analysis
+  urls: { preview: null, heatmap: null },
+};
+
+// ----------------------------------------------------------------------------------------
+// Talking to the service
+// ----------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** The service's error body {"error": {"code", "message"}} as an ApiError. */
+async function errorOf(response) {
+  let code = "http_error";
+  let message = response.statusText || "the request failed";
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      code = body.error.code || code;
+      message = body.error.message || message;
+    }
+  } catch {
+    // not JSON: keep the status text
+  }
+  return new ApiError(response.status, code, message);
+}
+
+/** fetch() that throws an ApiError for a network failure or a status other than 2xx. */
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, "network_error", `cannot reach the service (${err.message})`);
+  }
+  if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
+function uploadBody(file) {
+  const form = new FormData();
+  form.append("file", file, file.name || "image");
+  return form;
+}
+
+function modelPath(name, action) {
+  return `/v1/models/${encodeURIComponent(name)}${action ? `/${action}` : ""}`;
+}
+
+async function predict(model, file, topK, signal) {
+  const query = new URLSearchParams({ top_k: String(topK) });
+  const response = await api(`${modelPath(model.name, "predict")}?${query}`, {
+    method: "POST",
+    body: uploadBody(file),
+    signal,
+  });
+  return response.json();
+}
+
+function scoremapQuery(format, options) {
+  const query = new URLSearchParams({
+    format,
+    stride_divisor: String(options.divisor),
+    top_k: String(options.topK),
+  });
+  if (options.label !== null) query.set("class", options.label);
+  if (format === "png") query.set("alpha", String(options.alpha));
+  return query;
+}
+
+async function scoremapJson(model, file, options, signal) {
+  const query = scoremapQuery("json", options);
+  const response = await api(`${modelPath(model.name, "scoremap")}?${query}`, {
+    method: "POST",
+    body: uploadBody(file),
+    signal,
+  });
+  return response.json();
+}
+
+async function scoremapPng(model, file, options, signal) {
+  const query = scoremapQuery("png", options);
+  const response = await api(`${modelPath(model.name, "scoremap")}?${query}`, {
+    method: "POST",
+    body: uploadBody(file),
+    signal,
+  });
+  return {
+    blob: await response.blob(),
+    label: response.headers.get("X-Cnnserve-Class"),
+    mapShape: response.headers.get("X-Cnnserve-Map-Shape"),
+    timeMs: response.headers.get("X-Cnnserve-Time-Ms"),
+  };
+}
+
+// ----------------------------------------------------------------------------------------
+// Small helpers
+// ----------------------------------------------------------------------------------------
+
+function el(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key === "style") Object.assign(node.style, value);
+    else node[key] = value;
+  }
+  node.append(...children);
+  return node;
+}
+
+function percent(p) {
+  if (p > 0 && p < 0.0005) return "<0.1%";
+  return `${(100 * p).toFixed(1)}%`;
+}
+
+function ms(value) {
+  const number = Number(value);
+  return Number.isFinite(number) ? `${number.toFixed(1)} ms` : "";
+}
+
+/** A [H, W] pair of the API as people read an image size: "W×H px". */
+function px(pair) {
+  return `${pair[1]}\u00d7${pair[0]} px`;
+}
+
+/** A map shape [rows, columns] of the API: "rows×columns cells". */
+function cells(pair) {
+  return `${pair[0]}\u00d7${pair[1]} ${pair[0] * pair[1] === 1 ? "cell" : "cells"}`;
+}
+
+function num(value) {
+  return String(+Number(value).toFixed(2));
+}
+
+function setStatus(text) {
+  els.status.textContent = text;
+}
+
+function setState(name) {
+  document.body.dataset.state = name;
+}
+
+function showError(err) {
+  let text;
+  if (err instanceof ApiError) {
+    text = err.status ? `${err.status}: ${err.message}` : `Network error: ${err.message}`;
+    els.error.dataset.code = err.code;
+    els.error.dataset.status = String(err.status);
+  } else {
+    text = `Error: ${err && err.message ? err.message : err}`;
+    els.error.dataset.code = "client_error";
+    els.error.dataset.status = "";
+  }
+  els.error.textContent = text;
+  els.error.hidden = false;
+}
+
+function clearError() {
+  els.error.hidden = true;
+  els.error.textContent = "";
+  delete els.error.dataset.code;
+  delete els.error.dataset.status;
+}
+
+/**
+ * Show blob in img through an object URL (null: show nothing). Resolves once the image has
+ * loaded, rejects if the browser cannot decode it.
+ */
+function setUrl(which, img, blob) {
+  if (state.urls[which]) URL.revokeObjectURL(state.urls[which]);
+  state.urls[which] = blob ? URL.createObjectURL(blob) : null;
+  if (!state.urls[which]) {
+    img.removeAttribute("src");
+    return Promise.resolve(img);
+  }
+  const done = new Promise((resolve, reject) => {
+    const settle = (event) => {
+      img.removeEventListener("load", settle);
+      img.removeEventListener("error", settle);
+      if (event.type === "load") resolve(img);
+      else reject(new Error("the browser cannot show the image"));
+    };
+    img.addEventListener("load", settle);
+    img.addEventListener("error", settle);
+  });
+  img.src = state.urls[which];
+  return done;
+}
+
+/** Show a small image scaled up by a whole factor (pixelated), a large one scaled down. */
+function sizeForDisplay(img) {
+  const w = img.naturalWidth;
+  const h = img.naturalHeight;
+  if (!w || !h) return;
+  const fit = Math.min(DISPLAY_WIDTH / w, DISPLAY_HEIGHT / h);
+  const scale = fit >= 1 ? Math.floor(fit) : fit;
+  img.style.width = `${Math.round(w * scale)}px`;
+  img.dataset.scale = String(scale);
+}
+
+// ----------------------------------------------------------------------------------------
+// Model
+// ----------------------------------------------------------------------------------------
+
+/** <dt>/<dd> pairs of [term, value] rows, leaving out empty values. */
+function factList(rows) {
+  return rows
+    .filter(([, value]) => value)
+    .flatMap(([term, value]) => [
+      el("dt", { textContent: term }),
+      el("dd", { textContent: value }),
+    ]);
+}
+
+function describeModel(model) {
+  const [channels, height, width] = model.input_shape;
+  const g = model.geometry || {};
+  const names = model.classes.slice(0, 20).join(", ");
+  const more = model.classes.length > 20 ? `, ... (${model.classes.length - 20} more)` : "";
+  const rows = [
+    ["Input", `${px([height, width])}, ${channels === 1 ? "grayscale" : `${channels} channels`}`],
+    ["Classes", `${model.num_classes}: ${names}${more}`],
+    [
+      "Dense map",
+      g.stride
+        ? `a cell every ${g.stride} px, window ${px(g.window)}, receptive field ` +
+          `${px(g.receptive_field)}${g.exact ? ", exact" : ", approximate (padding)"}`
+        : "not available",
+    ],
+    ["Weights", model.dtype],
+  ];
+  els.modelInfo.replaceChildren(...factList(rows));
+  // The training record is a nice extra: fetched on the side, never an error on screen.
+  api(modelPath(model.name))
+    .then((response) => response.json())
+    .then((detail) => {
+      const acc = detail && detail.training ? detail.training.test_acc : undefined;
+      if (state.model !== model || typeof acc !== "number") return;
+      els.modelInfo.append(
+        el("dt", { textContent: "Test accuracy" }),
+        el("dd", { textContent: percent(acc) }),
+      );
+    })
+    .catch(() => {});
+}
+
+function fillClassSelect(model) {
+  els.cls.replaceChildren(
+    ...model.classes.map((label) => el("option", { value: label, textContent: label })),
+  );
+  els.cls.disabled = false;
+}
+
+function fillDivisorSelect(model) {
+  const stride = (model.geometry && model.geometry.stride) || 1;
+  const options = [];
+  for (let d = 1; d <= stride; d += 1) {
+    if (stride % d !== 0) continue;
+    const step = stride / d;
+    const text = `${d} (a cell every ${step} px${d > 1 ? `, ${d * d} passes` : ""})`;
+    options.push(el("option", { value: String(d), textContent: text }));
+  }
+  els.divisor.replaceChildren(...options);
+  els.divisor.disabled = options.length < 2;
+}
+
+function chooseModel(name) {
+  const model = state.models.find((m) => m.name === name) || state.models[0];
+  state.model = model;
+  state.classChosen = false;
+  state.predictedKey = null;
+  els.topK.max = String(model.num_classes);
+  if (Number(els.topK.value) > model.num_classes) els.topK.value = String(model.num_classes);
+  describeModel(model);
+  fillClassSelect(model);
+  fillDivisorSelect(model);
+}
+
+// ----------------------------------------------------------------------------------------
+// Results
+// ----------------------------------------------------------------------------------------
+
+function rankingItem(p, index) {
+  const li = el("li", { dataset: { label: p.label, probability: String(p.probability) } }, [
+    el("span", { className: "label", textContent: p.label }),
+    el("span", { className: "bar", ariaHidden: "true" }, [
+      el("span", { style: { width: `${Math.max(0, Math.min(1, p.probability)) * 100}%` } }),
+    ]),
+    el("span", { className: "prob", textContent: percent(p.probability) }),
+  ]);
+  if (index === 0) li.classList.add("top1");
+  return li;
+}
+
+function renderPredictions(result) {
+  els.predictions.replaceChildren(...result.predictions.map(rankingItem));
+  const parts = [`${px(result.image_size)} image`];
+  if (result.resized_to) parts.push(`resized to ${px(result.resized_to)}`);
+  parts.push(ms(result.time_ms));
+  els.predictMeta.textContent = parts.filter(Boolean).join(" \u00b7 ");
+}
+
+function clearResults() {
+  els.predictions.replaceChildren();
+  els.predictMeta.textContent = "";
+  els.summary.replaceChildren();
+  els.heatmap.hidden = true;
+  els.peakBox.hidden = true;
+  els.heatmapCaption.textContent = "Heatmap";
+  setUrl("heatmap", els.heatmap, null);
+}
+
+function rankingTable(title, rows) {
+  return el("div", { className: "ranking-block" }, [
+    el("h3", { textContent: title }),
+    el("ol", { className: "ranking compact" }, rows.map(rankingItem)),
+  ]);
+}
+
+function cellStride(stride) {
+  if (!stride) return "";
+  const [down, across] = stride.map(num);
+  return down === across ? `${down} px` : `${down} px down, ${across} px across`;
+}
+
+function covered(g) {
+  if (!g.covered || !g.image_size) return "";
+  const [ch, cw] = g.covered;
+  const [h, w] = g.image_size;
+  if (ch === h && cw === w) return `the whole ${px(g.image_size)} image`;
+  return `${px(g.covered)} of ${px(g.image_size)} (the right and bottom margins are in no window)`;
+}
+
+function renderSummary(result) {
+  const g = result.geometry || {};
+  const cls = result.class;
+  const facts = [
+    ["Map", `${cells(result.map_shape)} (rows\u00d7columns)`],
+    ["Cell stride", cellStride(g.cell_stride)],
+    ["Covered", covered(g)],
+    ["Time", ms(result.time_ms)],
+  ];
+  if (cls && cls.peak) {
+    const p = cls.peak;
+    const [x0, y0, x1, y1] = p.box.map(num);
+    facts.push([
+      `Peak of \u201c${cls.label}\u201d`,
+      `${percent(p.probability)} at row ${p.row}, column ${p.col} ` +
+        `(x ${x0}\u2013${x1}, y ${y0}\u2013${y1})`,
+    ]);
+  }
+  const agg = result.aggregate || {};
+  els.summary.replaceChildren(
+    el("dl", { className: "facts" }, factList(facts)),
+    el("div", { className: "rankings" }, [
+      rankingTable("Top classes by max over cells", agg.top_k_by_max || []),
+      rankingTable("Top classes by mean over cells", agg.top_k_by_mean || []),
+    ]),
+  );
+}
+
+function placePeakBox(result, width, height) {
+  const peak = result.class && result.class.peak;
+  if (!peak || !width || !height) {
+    els.peakBox.hidden = true;
+    return;
+  }
+  const [x0, y0, x1, y1] = peak.box;
+  Object.assign(els.peakBox.style, {
+    left: `${(100 * x0) / width}%`,
+    top: `${(100 * y0) / height}%`,
+    width: `${(100 * (x1 - x0)) / width}%`,
+    height: `${(100 * (y1 - y0)) / height}%`,
+  });
+  els.peakBox.title = `Peak of class ${result.class.label}: ${percent(peak.probability)}`;
+  els.peakBox.hidden = false;
+}
+
+// ----------------------------------------------------------------------------------------
+// One analysis: predictions (when they are not on screen yet), then the score map
+// ----------------------------------------------------------------------------------------
+
+function topK() {
+  const max = state.model ? state.model.num_classes : 5;
+  const k = Math.round(Number(els.topK.value));
+  return Number.isFinite(k) ? Math.max(1, Math.min(max, k)) : 5;
+}
+
+function alpha() {
+  const value = Number(els.alpha.value);
+  return Number.isFinite(value) ? Math.max(0, Math.min(1, value)) : 0.5;
+}
+
+async function analyze() {
+  const model = state.model;
+  const file = state.file;
+  if (!model || !file) return;
+  if (state.controller) state.controller.abort();
+  const controller = new AbortController();
+  state.controller = controller;
+  const run = ++state.run;
+  const stale = () => run !== state.run;
+  const signal = controller.signal;
+
+  setState("working");
+  setStatus("Working...");
+  clearError();
+  const k = topK();
+  const key = JSON.stringify([model.name, file.name, file.size, file.lastModified, k]);
+  try {
+    if (state.predictedKey !== key) {
+      clearResults();
+      const prediction = await predict(model, file, k, signal);
+      if (stale()) return;
+      renderPredictions(prediction);
+      state.predictedKey = key;
+    }
+
+    const options = {
+      divisor: Number(els.divisor.value) || 1,
+      alpha: alpha(),
+      topK: k,
+      label: state.classChosen ? els.cls.value : null,
+    };
+    let summary = await scoremapJson(model, file, options, signal);
+    if (stale()) return;
+    // Unless a class was chosen, show the top class by max over the cells: the class most
+    // likely somewhere in the image. Ask again for its peak if the service chose another.
+    const byMax = (summary.aggregate && summary.aggregate.top_k_by_max) || [];
+    const served = summary.class ? summary.class.label : null;
+    const label = options.label ?? (byMax.length ? byMax[0].label : served);
+    if (label !== null && served !== label) {
+      summary = await scoremapJson(model, file, { ...options, label }, signal);
+      if (stale()) return;
+    }
+    renderSummary(summary);
+    if (label !== null) els.cls.value = label;
+
+    const png = await scoremapPng(model, file, { ...options, label }, signal);
+    if (stale()) return;
+    const shownHeatmap = setUrl("heatmap", els.heatmap, png.blob);
+    els.heatmap.hidden = false;
+    await shownHeatmap;
+    if (stale()) return;
+    sizeForDisplay(els.heatmap);
+    placePeakBox(summary, els.heatmap.naturalWidth, els.heatmap.naturalHeight);
+    const shown = png.label || label;
+    els.heatmap.alt = `Heatmap of class ${shown} over the image`;
+    els.heatmapCaption.textContent =
+      `Heatmap of class \u201c${shown}\u201d over ${cells(summary.map_shape)}` +
+      (state.classChosen ? "" : " (the top class by max)");
+
+    setStatus(`Done: ${model.name} on ${file.name || "the image"}`);
+    setState("done");
+  } catch (err) {
+    if (stale() || err.name === "AbortError") return;
+    showError(err);
+    if (!els.predictions.children.length) {
+      els.predictMeta.textContent = "No result: see the error above.";
+    }
+    setStatus("Failed: see the error above");
+    setState("error");
+  }
+}
+
+function showPreview(file) {
+  els.preview.hidden = true;
+  els.previewCaption.textContent = file.name ? `Your image: ${file.name}` : "Your image";
+  setUrl("preview", els.preview, file)
+    .then(() => {
+      if (state.file !== file) return; // another upload came since
+      sizeForDisplay(els.preview);
+      els.preview.hidden = false;
+      const { naturalWidth: w, naturalHeight: h } = els.preview;
+      els.previewCaption.textContent = `Your image: ${file.name || "upload"} (${w}\u00d7${h} px)`;
+    })
+    .catch(() => {
+      if (state.file !== file) return;
+      els.previewCaption.textContent = "Your image: the browser cannot show this file";
+    });
+}
+
+function useFile(file) {
+  if (!file) return;
+  state.file = file;
+  state.classChosen = false;
+  state.predictedKey = null;
+  showPreview(file);
+  analyze();
+}
+
+// ----------------------------------------------------------------------------------------
+// Wiring
+// ----------------------------------------------------------------------------------------
+
+function wire() {
+  els.model.addEventListener("change", () => {
+    chooseModel(els.model.value);
+    clearResults();
+    analyze();
+  });
+  els.file.addEventListener("change", () => useFile(els.file.files[0]));
+  els.topK.addEventListener("change", () => analyze());
+  els.cls.addEventListener("change", () => {
+    state.classChosen = true;
+    analyze();
+  });
+  els.divisor.addEventListener("change", () => analyze());
+  els.alpha.addEventListener("input", () => {
+    els.alphaValue.textContent = percent(alpha()).replace(".0%", "%");
+  });
+  els.alpha.addEventListener("change", () => analyze());
+
+  const zone = els.dropzone;
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, () => zone.classList.remove("dragging"));
+  }
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const files = event.dataTransfer && event.dataTransfer.files;
+    if (!files || !files.length || els.file.disabled) return;
+    try {
+      els.file.files = files; // shows the file's name beside the button
+    } catch {
+      // older browsers: the name is in the caption anyway
+    }
+    useFile(files[0]);
+  });
+}
+
+async function init() {
+  wire();
+  try {
+    const response = await api("/v1/models");
+    const body = await response.json();
+    state.models = body.models || [];
+    if (!state.models.length) throw new Error("the service has no models");
+    els.model.replaceChildren(
+      ...state.models.map((m) => el("option", { value: m.name, textContent: m.name })),
+    );
+    els.model.disabled = false;
+    chooseModel(state.models[0].name);
+    els.file.disabled = false;
+    setStatus("Ready");
+    setState("ready");
+  } catch (err) {
+    showError(err);
+    setStatus("Failed to load the models");
+    setState("error");
+  }
+}
+
+init();

@@ -1,0 +1,243 @@
+"""``cnnserve predict`` and ``cnnserve serve``: the service's answers from the command line,
+and the service as a real process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnserve.cli import main
+from cnnserve.convert import load_fully_convolutional
+from cnnserve.data import digits_canvas
+from cnnserve.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "digits.safetensors"
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    a = np.asarray(pixels)
+    a = a[0] if a.ndim == 3 else a
+    Image.fromarray(np.round(a * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def held_out_digit(seed: int) -> tuple[np.ndarray, int]:
+    canvas, placements = digits_canvas((8, 8), 1, seed=seed, margin=0)
+    return canvas, placements[0]["label"]
+
+
+# ---------------------------------------------------------------------------------------------
+# cnnserve predict
+# ---------------------------------------------------------------------------------------------
+
+
+def test_predict_prints_the_top_classes(tmp_path, capsys):
+    digit, label = held_out_digit(0)
+    image = write_png(tmp_path / "digit.png", digit)
+    assert main(["predict", str(MODEL), str(image), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"image {image}: 8x8 pixels; ")
+    assert len(out) == 4
+    assert out[1].split()[:2] == ["1.", str(label)]
+    expected = predict(load_fully_convolutional(MODEL), np.asarray(Image.open(image)))
+    for line, ranked in zip(out[1:], expected.top_k(3), strict=True):
+        assert line.split()[1:3] == [ranked["label"], f"{ranked['probability']:.4f}"]
+
+
+def test_predict_json_equals_the_library(tmp_path, capsys):
+    digit, _ = held_out_digit(1)
+    big = np.kron(digit[0], np.ones((3, 3), np.float32))
+    image = write_png(tmp_path / "big.png", big)
+    assert main(["predict", str(MODEL), str(image), "--json", "--top-k", "20"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    expected = predict(load_fully_convolutional(MODEL), np.asarray(Image.open(image)))
+    assert record["predictions"] == expected.top_k(10)
+    assert record["image_size"] == [24, 24] and record["resized_to"] == [8, 8]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "MODEL", "missing.png"], "does not exist"),
+        (["predict", "MODEL", "notes.png"], "cannot be decoded as an image"),
+        (
+            ["predict", "nope.safetensors", "digit.png"],
+            "model file nope.safetensors does not exist",
+        ),
+    ],
+)
+def test_predict_errors_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.png").write_text("not an image")
+    write_png(tmp_path / "digit.png", held_out_digit(0)[0])
+    args = [str(MODEL) if a == "MODEL" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnserve predict: error:") and message in err
+
+
+# ---------------------------------------------------------------------------------------------
+# cnnserve serve: refusals before uvicorn starts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_serve_refuses_a_missing_or_empty_model_directory(tmp_path, capsys, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("CNNSERVE_")]:
+        monkeypatch.delenv(name)
+    assert main(["serve", "--models", str(tmp_path / "nope")]) == 2
+    assert "does not exist (set --models or CNNSERVE_MODELS)" in capsys.readouterr().err
+    assert main(["serve", "--models", str(tmp_path)]) == 2
+    assert "holds no *.safetensors model file" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CNNSERVE_QUEUE_TIMEOUT", "-1")
+    assert main(["serve", "--models", str(MODEL.parent)]) == 2
+    assert "CNNSERVE_QUEUE_TIMEOUT: Input should be greater than or equal to 0" in (
+        capsys.readouterr().err
+    )
+
+
+def test_serve_flags_are_checked_by_argparse(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--max-pixels", "0"])
+    assert info.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The service as a real process
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, media: str = ""):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        headers = {"Content-Type": media} if media else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``cnnserve serve`` on a free port of 127.0.0.1, with the shipped model(s)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cnnserve",
+                "serve",
+                "--models",
+                str(MODEL.parent),
+                "--port",
+                str(port),
+                "--max-concurrency",
+                "2",
+            ],  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, f"the server exited: {log.read_text()}"
+                try:
+                    if request(port, "GET", "/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, f"not ready in 60 s: {log.read_text()}"
+                time.sleep(0.1)
+            yield port, proc, log
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def test_real_server_classifies_a_held_out_digit(server, tmp_path):
+    port, _, _ = server
+    digit, label = held_out_digit(2)
+    data = (write_png(tmp_path / "d.png", digit)).read_bytes()
+    status, headers, body = request(port, "POST", "/v1/models/digits/predict", data, "image/png")
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["predictions"][0]["label"] == str(label)
+    assert answer["predictions"][0]["probability"] > 0.5
+
+
+def test_real_server_maps_a_canvas(server, tmp_path):
+    port, _, _ = server
+    canvas, placements = digits_canvas((48, 96), 6, seed=0)
+    data = write_png(tmp_path / "canvas.png", canvas).read_bytes()
+    status, _, body = request(
+        port, "POST", "/v1/models/digits/scoremap?stride_divisor=2", data, "image/png"
+    )
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["map_shape"] == [41, 89]
+    p = answer["probabilities"]
+    probabilities = np.frombuffer(base64.b64decode(p["data"]), "<f4").reshape(p["shape"])
+    assert probabilities.shape == (10, 41, 89)
+    for placed in placements:
+        x0, y0, _, _ = placed["box"]
+        # at stride 1, cell (y0, x0) is the digit's own window: its class wins there
+        assert probabilities[:, y0, x0].argmax() == placed["label"]
+
+
+def test_real_server_errors_and_metrics(server):
+    port, _, _ = server
+    status, headers, body = request(port, "POST", "/v1/models/digits/predict", b"junk", "image/png")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_image"
+    status, _, body = request(port, "GET", "/v1/models/nope")
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    status, headers, body = request(port, "GET", "/metrics")
+    assert status == 200
+    assert 'cnnserve_http_requests_total{method="POST",route="/v1/models/{name}/predict"' in (
+        body.decode()
+    )
+    status, headers, body = request(port, "GET", "/")
+    assert status == 200 and b"<html" in body.lower()
+    assert io.BytesIO(body).read(15).lower().startswith(b"<!doctype html")
+
+
+def test_real_server_stops_cleanly_on_sigint(server):
+    port, proc, log = server
+    assert request(port, "GET", "/healthz")[0] == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0
+    text = log.read_text()
+    assert "model 'digits' loaded" in text
+    assert "Shutting down" in text

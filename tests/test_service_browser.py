@@ -1,0 +1,330 @@
+"""The web page at ``GET /``, driven by a real browser against the real service.
+
+The service runs in-process (uvicorn in a background thread, on a free port of 127.0.0.1) with
+a copy of the shipped ``models/digits.safetensors``; headless Chromium loads the page through
+Selenium, uploads images with the page's file input and reads what the page rendered.
+
+- A held-out digit (the test split the model's training record names) that the model
+  classifies correctly: the page lists its label first, picks it as the score map's class,
+  and shows the heatmap PNG.
+- A larger canvas of held-out digits: the heatmap has the canvas's size.
+- A text file: the page shows the service's 400 ``invalid_image`` error.
+
+Requirements
+------------
+Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``, ``/usr/bin/chromedriver``)
+and the ``selenium`` package. Selenium Manager never runs (it would download a driver): the
+test names both binaries. A missing browser or driver fails the test with the command that
+installs them; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from cnnserve.data import digits_canvas, load_dataset
+from cnnserve.model import read_model_file
+from cnnserve.service import Settings, create_app
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as exc:  # the driver fixture fails, saying how to install it
+    webdriver = None
+    SELENIUM_MISSING = str(exc)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILE = ROOT / "models" / "digits.safetensors"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+INSTALL = "apt-get install -y chromium chromium-driver"
+START_TIMEOUT = 60  # s, for the server to answer /readyz
+RENDER_TIMEOUT = 60  # s, for the page to reach a final state
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1400",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server and the browser
+# ---------------------------------------------------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app on 127.0.0.1 in a background thread; yields its base URL."""
+    models = tmp_path_factory.mktemp("models")
+    shutil.copy(MODEL_FILE, models / MODEL_FILE.name)
+    app = create_app(Settings(models=models))
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="none")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        status = None
+        while time.monotonic() < deadline and thread.is_alive():
+            try:
+                status, _ = _get(f"{base}/readyz")
+            except OSError:  # not listening yet
+                status = None
+            if status == 200:
+                break
+            time.sleep(0.1)
+        if status != 200:
+            pytest.fail(
+                f"the service did not become ready within {START_TIMEOUT} s "
+                f"(last /readyz status: {status}, server thread alive: {thread.is_alive()})"
+            )
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert not thread.is_alive(), "the server thread did not stop"
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    """Headless Chromium through Debian's chromedriver (never Selenium Manager)."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
+    if missing:
+        pytest.fail(
+            f"the browser test needs Chromium and its driver; missing {', '.join(missing)}. "
+            f"Install them with: {INSTALL}"
+        )
+    if webdriver is None:
+        pytest.fail(f"the browser test needs selenium ({SELENIUM_MISSING}): pip install selenium")
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    except Exception as exc:  # a broken install: say how to fix it rather than skip
+        pytest.fail(f"cannot start headless Chromium ({exc}); (re)install it with: {INSTALL}")
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def _state(browser) -> str:
+    return browser.execute_script("return document.body.dataset.state")
+
+
+def _wait_state(browser, states: tuple[str, ...]) -> str:
+    WebDriverWait(browser, RENDER_TIMEOUT, poll_frequency=0.1).until(
+        lambda b: _state(b) in states,
+        message=f"the page did not reach state {states} within {RENDER_TIMEOUT} s",
+    )
+    return _state(browser)
+
+
+def _open_page(browser, base: str) -> None:
+    browser.get_log("browser")  # drop the messages of earlier pages
+    browser.get(f"{base}/")
+    assert _wait_state(browser, ("ready", "error")) == "ready", _text(browser, "error")
+    assert _text(browser, "status") == "Ready"
+
+
+def _text(browser, element_id: str) -> str:
+    return browser.find_element(By.ID, element_id).text
+
+
+def _upload(browser, path: Path) -> str:
+    """Send ``path`` to the file input; the page's final state, "done" or "error"."""
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    return _wait_state(browser, ("done", "error"))
+
+
+def _values(browser, selector: str, attribute: str = "value") -> list[str]:
+    return [e.get_attribute(attribute) for e in browser.find_elements(By.CSS_SELECTOR, selector)]
+
+
+def _heatmap(browser) -> dict:
+    return browser.execute_script(
+        "const img = document.getElementById('heatmap');"
+        "return {complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,"
+        " src: img.src, rendering: getComputedStyle(img).imageRendering,"
+        " shownWidth: img.getBoundingClientRect().width};"
+    )
+
+
+def _severe_console_messages(browser) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_png(x01: np.ndarray, path: Path) -> Path:
+    """Save (H, W) pixels in [0, 1] as an 8-bit grayscale PNG."""
+    Image.fromarray(np.rint(x01 * 255).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digit_png(tmp_path_factory) -> tuple[Path, str]:
+    """A held-out digit the shipped model classifies correctly, as a PNG, and its label.
+
+    The test split is the one the model's training record names; the digit is the first
+    of that split that the model gets right with probability above 0.9, read back from the
+    PNG's own 8-bit pixels, so that the service has the same input.
+    """
+    model_file = read_model_file(MODEL_FILE)
+    model, training = model_file.model, model_file.training
+    data = load_dataset(
+        "digits",
+        seed=training["seed"],
+        val_fraction=training["val_fraction"],
+        test_fraction=training["test_fraction"],
+    )
+    x01 = data.X_test[:, 0] * data.std[0] + data.mean[0]  # (N, 8, 8), un-normalised
+    x01 = np.rint(np.clip(x01, 0, 1) * 255) / 255  # what the PNG will hold
+    scores = model.scores(model.preprocess(x01[:, None]))
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    good = np.flatnonzero((p.argmax(axis=1) == data.y_test) & (p.max(axis=1) > 0.9))
+    assert good.size, "the shipped model classifies no test digit correctly"
+    i = int(good[0])
+    label = data.class_names[int(data.y_test[i])]
+    path = _save_png(x01[i], tmp_path_factory.mktemp("upload") / f"digit_{label}.png")
+    return path, label
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_page_classifies_a_held_out_digit_and_shows_its_heatmap(server, driver, digit_png):
+    path, label = digit_png
+    _open_page(driver, server)
+    assert _values(driver, "#model option") == ["digits"]
+    assert "8\u00d78" in _text(driver, "model-info")
+
+    state = _upload(driver, path)
+    assert state == "done", _text(driver, "error")
+
+    items = driver.find_elements(By.CSS_SELECTOR, "#predictions li")
+    assert len(items) == 5  # top_k=5 by default
+    top1 = driver.find_element(By.CSS_SELECTOR, "#predictions li.top1")
+    assert top1 == items[0]
+    assert top1.get_attribute("data-label") == label
+    assert float(top1.get_attribute("data-probability")) > 0.9
+    assert top1.text.startswith(label) and top1.text.endswith("%")
+
+    # The score map of an 8x8 image has one cell: its top class by max is the prediction.
+    assert driver.find_element(By.ID, "class").get_attribute("value") == label
+    assert _values(driver, "#stride-divisor option") == ["1", "2"]  # divisors of the stride, 2
+
+    heat = _heatmap(driver)
+    assert heat["complete"] and heat["width"] == 8 and heat["height"] == 8, heat
+    assert heat["src"].startswith("blob:"), heat
+    assert heat["rendering"] == "pixelated"
+    assert heat["shownWidth"] >= 64, heat  # scaled up for display
+    assert "1\u00d71" in _text(driver, "scoremap-summary")
+    assert not driver.find_element(By.ID, "error").is_displayed()
+    assert _severe_console_messages(driver) == []
+
+
+def test_page_maps_a_canvas_of_digits(server, driver, tmp_path):
+    canvas, placements = digits_canvas((48, 96), count=5, seed=1)
+    path = _save_png(canvas[0], tmp_path / "canvas.png")
+    _open_page(driver, server)
+    assert _upload(driver, path) == "done", _text(driver, "error")
+
+    heat = _heatmap(driver)
+    assert heat["complete"] and (heat["width"], heat["height"]) == (96, 48), heat
+    # The class shown by default is the top class by max over the cells.
+    chosen = driver.find_element(By.ID, "class").get_attribute("value")
+    by_max = _values(driver, "#scoremap-summary .ranking-block:first-child li", "data-label")
+    assert chosen == by_max[0], by_max
+    summary = _text(driver, "scoremap-summary")
+    assert "21\u00d745" in summary  # (48 - 8) // 2 + 1 by (96 - 8) // 2 + 1 cells
+
+    # A finer map, and another class: the page asks again and shows that class.
+    other = next(str(p["label"]) for p in placements if str(p["label"]) != chosen)
+    driver.execute_script(
+        "const s = document.getElementById('stride-divisor'); s.value = '2';"
+        "s.dispatchEvent(new Event('change'));"
+        "const c = document.getElementById('class'); c.value = arguments[0];"
+        "c.dispatchEvent(new Event('change'));",
+        other,
+    )
+    assert _wait_state(driver, ("done", "error")) == "done", _text(driver, "error")
+    assert "41\u00d789" in _text(driver, "scoremap-summary")  # stride 1
+    assert f"\u201c{other}\u201d" in _text(driver, "heatmap-caption")
+    assert _heatmap(driver)["width"] == 96
+
+
+def test_page_shows_the_service_error_for_a_text_file(server, driver, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not an image\n")
+    _open_page(driver, server)
+    assert _upload(driver, path) == "error"
+
+    error = driver.find_element(By.ID, "error")
+    assert error.is_displayed()
+    assert error.get_attribute("data-code") == "invalid_image"
+    assert error.text.startswith("400: "), error.text
+    assert "decode" in error.text.lower(), error.text
+    assert driver.find_elements(By.CSS_SELECTOR, "#predictions li") == []
+    assert _text(driver, "status") != "Working..."
+
+
+def test_index_and_assets_are_served(server):
+    status, body = _get(f"{server}/")
+    assert status == 200
+    page = body.decode()
+    for needle in ('id="file"', 'id="predictions"', 'id="heatmap"', "/static/app.js"):
+        assert needle in page
+    for asset in ("app.js", "style.css"):
+        status, body = _get(f"{server}/static/{asset}")
+        assert status == 200 and body, asset
+    status, body = _get(f"{server}/v1/models")
+    assert status == 200 and json.loads(body)["models"][0]["name"] == "digits"
