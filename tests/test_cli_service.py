@@ -4,6 +4,7 @@ and the service as a real process on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -141,12 +142,11 @@ def request(port: int, method: str, path: str, body: bytes | None = None, media:
         conn.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``cnnserve serve`` on a free port of 127.0.0.1, with the shipped model(s)."""
+@contextlib.contextmanager
+def running_server(log: Path, *flags: str):
+    """``cnnserve serve`` on a free port of 127.0.0.1 with the shipped model(s), until ready."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNNSERVE_", "PROMETHEUS_"))}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -158,8 +158,7 @@ def server(tmp_path_factory):
                 str(MODEL.parent),
                 "--port",
                 str(port),
-                "--max-concurrency",
-                "2",
+                *flags,
             ],  # fmt: skip
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -176,7 +175,7 @@ def server(tmp_path_factory):
                     pass
                 assert time.monotonic() < deadline, f"not ready in 60 s: {log.read_text()}"
                 time.sleep(0.1)
-            yield port, proc, log
+            yield port, proc
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -185,6 +184,13 @@ def server(tmp_path_factory):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running_server(log, "--max-concurrency", "2") as (port, proc):
+        yield port, proc, log
 
 
 def test_real_server_classifies_a_held_out_digit(server, tmp_path):
@@ -241,3 +247,21 @@ def test_real_server_stops_cleanly_on_sigint(server):
     text = log.read_text()
     assert "model 'digits' loaded" in text
     assert "Shutting down" in text
+
+
+def test_real_server_with_two_workers_reports_the_metrics_of_both(tmp_path):
+    digit, label = held_out_digit(3)
+    data = write_png(tmp_path / "d.png", digit).read_bytes()
+    with running_server(tmp_path / "serve.log", "--workers", "2") as (port, _):
+        for _ in range(8):  # a new connection each: the kernel spreads them over the workers
+            status, _, body = request(port, "POST", "/v1/models/digits/predict", data, "image/png")
+            assert status == 200 and json.loads(body)["predictions"][0]["label"] == str(label)
+        text = request(port, "GET", "/metrics")[2].decode()
+    line = (
+        'cnnserve_http_requests_total{method="POST",route="/v1/models/{name}/predict",status="200"}'
+    )
+    assert f"{line} 8.0" in text
+    loaded = [ln for ln in text.splitlines() if ln.startswith("cnnserve_models_loaded{")]
+    assert len(loaded) == 2  # one per worker process
+    log = (tmp_path / "serve.log").read_text()
+    assert log.count("model 'digits' loaded") == 2

@@ -15,9 +15,11 @@ before decoding when they have more than ``max_pixels`` pixels.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -26,7 +28,6 @@ import numpy as np
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
@@ -214,6 +215,10 @@ class _Service:
         self.registry = registry
         self.metrics = metrics
         self.slots: asyncio.Semaphore | None = None  # made in the lifespan, on its loop
+        # The threads that run inference: as many as slots, and always the same ones, so that
+        # each keeps its OpenMP thread team and scratch buffers warm from one request to the
+        # next (a new thread would start a new team).
+        self.executor: ThreadPoolExecutor | None = None
 
     def require_ready(self) -> None:
         if not self.registry.finished:
@@ -265,7 +270,8 @@ class _Service:
         """``work(*args)`` in a worker thread inside a slot, timed and counted."""
         async with self.slot():
             start = time.perf_counter()
-            result = await run_in_threadpool(work, *args)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.executor, work, *args)
             seconds = time.perf_counter() - start
         self.metrics.inference.labels(model.name, endpoint).observe(seconds)
         self.metrics.images.labels(model.name, endpoint).inc()
@@ -296,14 +302,21 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.discover()  # a missing or empty directory stops the start-up here
         service.slots = asyncio.Semaphore(settings.max_concurrency)
+        service.executor = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix="cnnserve-inference"
+        )
         log.info(
             "loading %d model file(s) from %s", len(registry.files), registry.directory.resolve()
         )
-        loading = asyncio.create_task(
-            asyncio.to_thread(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc())
+        loading = asyncio.get_running_loop().run_in_executor(
+            service.executor,  # so that the warm-up warms an inference thread
+            functools.partial(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc()),
         )
         yield
-        await asyncio.shield(loading)  # a shutdown during loading waits for it to end
+        try:
+            await asyncio.shield(loading)  # a shutdown during loading waits for it to end
+        finally:
+            service.executor.shutdown(wait=True)
 
     app = FastAPI(
         title="cnnserve",
