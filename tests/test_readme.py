@@ -1,16 +1,19 @@
 """The README's code examples run as written."""
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+
+from tests.live_server import live_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 3, "expected the layer, training and dense-map examples"
+    assert len(blocks) == 4, "expected the layer, training, dense-map and client examples"
     monkeypatch.chdir(tmp_path)  # the training example writes a model file
     layer_example, training_example, dense_example = ({}, {}, {})
     exec(compile(blocks[0], str(README), "exec"), layer_example)
@@ -33,3 +36,18 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert result.box(5, 17) == (34, 10, 42, 18)
     assert finer.logits.shape == (10, 41, 89)
     np.testing.assert_allclose(finer.logits[:, ::2, ::2], result.logits, rtol=0, atol=1e-4)
+
+
+def test_readme_client_example_runs_against_the_service(tmp_path, monkeypatch):
+    """The Python client example, against the real service on a free port."""
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)[3]
+    shutil.copy(README.parent / "models" / "digits.safetensors", tmp_path)
+    monkeypatch.chdir(README.parent)  # the example reads the shipped demo canvas
+    with live_server(tmp_path) as base:
+        assert "http://127.0.0.1:8000" in block
+        example: dict = {}
+        exec(compile(block.replace("http://127.0.0.1:8000", base), str(README), "exec"), example)
+    assert [p["label"] for p in example["top3"]] and len(example["top3"]) == 3
+    assert example["probabilities"].shape == (10, 41, 89)
+    np.testing.assert_allclose(example["probabilities"].sum(axis=0), 1.0, atol=1e-5)
+    assert example["heatmap_png"].startswith(b"\x89PNG")

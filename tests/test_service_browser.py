@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from cnnserve.data import digits_canvas, load_dataset
 from cnnserve.model import read_model_file
-from cnnserve.service import Settings, create_app
+from tests.live_server import http_get, live_server
 
 try:
     from selenium import webdriver
@@ -52,7 +46,6 @@ MODEL_FILE = ROOT / "models" / "digits.safetensors"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver"
-START_TIMEOUT = 60  # s, for the server to answer /readyz
 RENDER_TIMEOUT = 60  # s, for the page to reach a final state
 CHROMIUM_FLAGS = (
     "--headless=new",
@@ -73,53 +66,13 @@ CHROMIUM_FLAGS = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real app on 127.0.0.1 in a background thread; yields its base URL."""
     models = tmp_path_factory.mktemp("models")
     shutil.copy(MODEL_FILE, models / MODEL_FILE.name)
-    app = create_app(Settings(models=models))
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="none")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        status = None
-        while time.monotonic() < deadline and thread.is_alive():
-            try:
-                status, _ = _get(f"{base}/readyz")
-            except OSError:  # not listening yet
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.1)
-        if status != 200:
-            pytest.fail(
-                f"the service did not become ready within {START_TIMEOUT} s "
-                f"(last /readyz status: {status}, server thread alive: {thread.is_alive()})"
-            )
+    with live_server(models) as base:
         yield base
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-    assert not thread.is_alive(), "the server thread did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -318,13 +271,13 @@ def test_page_shows_the_service_error_for_a_text_file(server, driver, tmp_path):
 
 
 def test_index_and_assets_are_served(server):
-    status, body = _get(f"{server}/")
+    status, body = http_get(f"{server}/")
     assert status == 200
     page = body.decode()
     for needle in ('id="file"', 'id="predictions"', 'id="heatmap"', "/static/app.js"):
         assert needle in page
     for asset in ("app.js", "style.css"):
-        status, body = _get(f"{server}/static/{asset}")
+        status, body = http_get(f"{server}/static/{asset}")
         assert status == 200 and body, asset
-    status, body = _get(f"{server}/v1/models")
+    status, body = http_get(f"{server}/v1/models")
     assert status == 200 and json.loads(body)["models"][0]["name"] == "digits"
