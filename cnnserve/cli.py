@@ -73,13 +73,14 @@ def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> Non
     )
     group.add_argument(
         "--data",
-        help="'digits' (scikit-learn's bundled 8x8 digits) or a path: an MNIST/Fashion-MNIST "
-        "IDX directory, a CIFAR-10 python batches directory, or an image folder "
-        f"(root/<class>/*.png); {later}",
+        help="'digits' (scikit-learn's bundled 8x8 digits), 'digits-windows' (8x8 windows of "
+        "canvases of those digits, with a background class: detector training data) or a "
+        "path: an MNIST/Fashion-MNIST IDX directory, a CIFAR-10 python batches directory, or "
+        f"an image folder (root/<class>/*.png); {later}",
     )
     group.add_argument(
         "--data-format",
-        choices=["digits", "idx", "cifar10", "folder"],
+        choices=["digits", "digits-windows", "idx", "cifar10", "folder"],
         help="the data format (default: detected from the path's contents)",
     )
     default = " (default {})" if training else " (default: as in training)"
@@ -145,7 +146,9 @@ def _same_source(given: str | None, recorded: str | None) -> bool:
     """True if ``--data given`` names the data set a model file records as ``recorded``."""
     if given is None or recorded is None:
         return given is None
-    if given.lower() == "digits" or recorded == "digits":
+    from cnnserve.data import BUNDLED
+
+    if given.lower() in BUNDLED or recorded in BUNDLED:
         return given.lower() == recorded
     return Path(given).resolve() == Path(recorded).resolve()
 

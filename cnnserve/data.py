@@ -1,11 +1,21 @@
 """Data sets to train on: the bundled digits, MNIST-style IDX files, CIFAR-10, image folders.
 
-:func:`load_dataset` reads one of four formats and returns a :class:`Dataset` whose arrays are
+:func:`load_dataset` reads one of five formats and returns a :class:`Dataset` whose arrays are
 ready for the :class:`~cnnserve.solver.Solver` (``Dataset.solver_data()``):
 
 ``"digits"``
     scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, no download). The
     raw values 0..16 are divided by 16. Split into train / val / test by ``seed``.
+``"digits-windows"``
+    Training data for a digit *detector*: 8x8 windows cut from canvases of those digits, in
+    11 classes, ``"0"`` .. ``"9"`` and ``"background"``. The digits are split exactly as
+    ``"digits"`` splits them (same ``seed`` and fractions), and each part's windows are cut
+    from canvases of that part's digits only, so the test windows hold only test digits, the
+    ones :func:`digits_canvas` places. A window is labelled with a digit when its corner is
+    within 1 pixel (in both axes) of that digit's corner, and ``"background"`` when it is
+    2 pixels or more off every digit (in some axis): blank windows, halves of digits, parts
+    of two digits. See :func:`_canvas_windows` for the canvases and how many windows of
+    each kind are taken; about half the windows are digits, half background.
 ``"idx"``
     MNIST or Fashion-MNIST: a directory holding ``train-images-idx3-ubyte``,
     ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each
@@ -66,6 +76,8 @@ import numpy as np
 from cnnserve._checks import check_int as _check_int
 
 __all__ = [
+    "BACKGROUND",
+    "BUNDLED",
     "DataError",
     "Dataset",
     "FORMATS",
@@ -76,7 +88,13 @@ __all__ = [
 ]
 
 #: Formats understood by :func:`load_dataset`.
-FORMATS = ("digits", "idx", "cifar10", "folder")
+FORMATS = ("digits", "digits-windows", "idx", "cifar10", "folder")
+
+#: The sources :func:`load_dataset` takes by name: bundled with scikit-learn, no files.
+BUNDLED = ("digits", "digits-windows")
+
+#: The class name of a window that is not a digit at its place (``"digits-windows"``).
+BACKGROUND = "background"
 
 #: Floor of the per-channel standard deviation, so that a constant channel does not divide by 0.
 STD_EPS = 1e-6
@@ -105,9 +123,10 @@ class Dataset:
     Attributes
     ----------
     name : str
-        ``"digits"``, or the resolved path the data came from.
+        ``"digits"``, ``"digits-windows"``, or the resolved path the data came from.
     format : str
-        One of ``"digits"``, ``"idx"``, ``"cifar10"``, ``"folder"``.
+        One of :data:`FORMATS`: ``"digits"``, ``"digits-windows"``, ``"idx"``, ``"cifar10"``,
+        ``"folder"``.
     class_names : tuple of str
         Label ``k`` is ``class_names[k]``.
     X_train, X_val, X_test : numpy.ndarray
@@ -875,24 +894,30 @@ def load_dataset(
     Parameters
     ----------
     source : str or os.PathLike
-        The string ``"digits"`` (any case) for the bundled digits, or a directory holding
-        IDX files, CIFAR-10 batches or class sub-folders. A ``Path`` is always a path.
-    format : {"digits", "idx", "cifar10", "folder"}, optional
-        Detected from the directory's contents when None. Given, it must match them.
+        The string ``"digits"`` (any case) for the bundled digits, ``"digits-windows"`` for
+        windows of canvases of them (detector training data, see the module docstring), or a
+        directory holding IDX files, CIFAR-10 batches or class sub-folders. A ``Path`` is
+        always a path.
+    format : {"digits", "digits-windows", "idx", "cifar10", "folder"}, optional
+        Detected from the directory's contents when None. Given, it must match them (the
+        bundled sources: it must be the source's own name).
     seed : int, optional
         Seed of the split (``np.random.default_rng(seed)``), >= 0.
     val_fraction : float, optional
         Share of the samples (IDX, CIFAR-10: of the train part) held out for validation.
     test_fraction : float, optional
-        Share held out for testing (digits and folders only: IDX and CIFAR-10 bring their own
-        test part). ``val_fraction + test_fraction`` must be below 1. A fraction of 0 gives an
-        empty split; a positive fraction that rounds to no sample is a :class:`DataError`.
+        Share held out for testing (digits, digits windows and folders only: IDX and CIFAR-10
+        bring their own test part). For ``"digits-windows"`` both fractions are shares of the
+        1797 digits, whose windows then make each part. ``val_fraction + test_fraction`` must
+        be below 1. A fraction of 0 gives an empty split; a positive fraction that rounds to
+        no sample is a :class:`DataError`.
     dtype : {numpy.float32, numpy.float64}, optional
         dtype of the returned X arrays.
     limit : int, optional
         Keep at most this many training samples (a stratified prefix of the shuffled train
         split), for quick runs; val and test are unchanged. The statistics are computed on
-        the kept samples.
+        the kept samples. For ``"digits-windows"`` the samples are windows (cut from all the
+        training digits).
     image_size : (int, int), optional
         ``(H, W)`` to resize every image of an image folder to. Folders only.
 
@@ -900,8 +925,8 @@ def load_dataset(
     -------
     Dataset
         ``X_*`` of shape ``(N, C, H, W)`` in ``dtype``, ``y_*`` int64 ``(N,)``, ``mean`` and
-        ``std`` float64 ``(C,)``. Shapes: digits ``(1, 8, 8)``; MNIST ``(1, 28, 28)``; CIFAR-10
-        ``(3, 32, 32)``; folders ``(1 or 3, H, W)``.
+        ``std`` float64 ``(C,)``. Shapes: digits and digits windows ``(1, 8, 8)``; MNIST
+        ``(1, 28, 28)``; CIFAR-10 ``(3, 32, 32)``; folders ``(1 or 3, H, W)``.
 
     Raises
     ------
@@ -925,15 +950,17 @@ def load_dataset(
         limit = _check_int(limit, "limit", 1)
     image_size = _check_image_size(image_size)
     if not isinstance(source, str | os.PathLike):
-        raise TypeError(f"source must be 'digits' or a path, got {type(source).__name__}")
+        raise TypeError(
+            f"source must be 'digits', 'digits-windows' or a path, got {type(source).__name__}"
+        )
 
-    if isinstance(source, str) and source.lower() == "digits":
-        if format not in (None, "digits"):
-            raise ValueError(f"source 'digits' is the digits format, got format={format!r}")
-        fmt, name = "digits", "digits"
+    if isinstance(source, str) and source.lower() in BUNDLED:
+        fmt = name = source.lower()
+        if format not in (None, fmt):
+            raise ValueError(f"source {fmt!r} is the {fmt} format, got format={format!r}")
     else:
-        if format == "digits":
-            raise ValueError(f"format='digits' needs source='digits', got {source!r}")
+        if format in BUNDLED:
+            raise ValueError(f"format={format!r} needs source={format!r}, got {source!r}")
         root = Path(source).expanduser()
         if not root.exists():
             raise DataError(f"{root}: no such file or directory")
@@ -948,8 +975,12 @@ def load_dataset(
     if image_size is not None and fmt != "folder":
         raise ValueError(f"image_size applies to image folders only, not to format {fmt!r}")
 
-    levels = 16 if fmt == "digits" else 255
-    if fmt == "digits":
+    levels = 16 if fmt in BUNDLED else 255
+    if fmt == "digits-windows":
+        class_names, X, y, tr, va, X_te, y_te = _load_digit_windows(
+            seed, val_fraction, test_fraction
+        )
+    elif fmt == "digits":
         class_names, X, y = _load_digits()
     else:
         try:
@@ -964,7 +995,7 @@ def load_dataset(
     if fmt in ("digits", "folder"):
         tr, va, te = _split(y, val_fraction, test_fraction, seed, name)
         X_te, y_te = X[te], y[te]
-    else:
+    elif fmt != "digits-windows":
         tr, va, _ = _split(y, val_fraction, 0.0, seed, name)
     if limit is not None and limit < len(tr):
         tr = tr[:limit]
@@ -1142,3 +1173,181 @@ def digits_canvas(
             }
         )
     return canvas, placements
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows of digit canvases: training data for a detector
+# ---------------------------------------------------------------------------------------------
+
+_WINDOW_CANVAS = (32, 32)  # (H, W) of the canvases the windows are cut from
+_WINDOW_COUNT = 4  # digits per canvas (the last canvas of a part may hold fewer)
+_WINDOW_MARGIN = 2  # pixels between digits and from the border, as digits_canvas's default
+_WINDOW_SHIFTS = 4  # one-pixel shifts per placed digit, besides its exact window
+_WINDOW_NEAR = 3  # background windows per placed digit, 2 or 3 pixels off the nearest digit
+_WINDOW_FAR = 2  # background windows with ink per placed digit, 4 or more pixels off all
+_WINDOW_BLANK = 1  # blank windows per canvas
+_WINDOW_LAYOUTS = 100  # random layouts tried per canvas (4 digits in 32x32 never jam in 1e4)
+
+
+def _window_labels(
+    shape: tuple[int, int], corners: list[tuple[int, int]], classes: list[int], background: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The label and the offset of every 8x8 window of a canvas holding digits.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        ``(H, W)`` of the canvas, each at least 8.
+    corners : list of (int, int)
+        Top-left corners ``(y0, x0)`` of the digits' 8x8 boxes, at least 2 pixels apart.
+    classes : list of int
+        The digits' classes, one per corner.
+    background : int
+        The label of a window that is no digit's.
+
+    Returns
+    -------
+    label : numpy.ndarray
+        int64: ``label[r, c]`` is the class of the window with top-left corner ``(r, c)``:
+        the class of the digit whose corner is within 1 pixel in both axes (offset 0 or 1),
+        else ``background``.
+    offset : numpy.ndarray
+        int64: ``offset[r, c] = min over digits of max(|r - y0|, |c - x0|)`` (the canvas
+        size ``H + W`` without digits).
+
+    Shape
+    -----
+    Both ``(H - 7, W - 7)``.
+    """
+    H, W = shape
+    rr, cc = np.indices((H - _DIGIT + 1, W - _DIGIT + 1))  # the windows' corners
+    offset = np.full(rr.shape, H + W, dtype=np.int64)
+    label = np.full(rr.shape, background, dtype=np.int64)
+    for (y0, x0), k in zip(corners, classes, strict=True):
+        off = np.maximum(np.abs(rr - y0), np.abs(cc - x0))  # (H - 7, W - 7)
+        label[off <= 1] = k
+        offset = np.minimum(offset, off)
+    return label, offset
+
+
+def _canvas_windows(
+    X: np.ndarray, y: np.ndarray, indices: np.ndarray, rng: np.random.Generator, background: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled 8x8 windows cut from canvases of the digits ``X[indices]``.
+
+    The digits, in a random order, are pasted four at a time on black 32x32 canvases, at
+    random positions at least 2 pixels from each other and from the border (placed as
+    :func:`digits_canvas` places them). The window with top-left corner ``(r, c)`` is
+    ``canvas[r : r + 8, c : c + 8]``; its *offset* from a digit with corner ``(y0, x0)`` is
+    ``max(|r - y0|, |c - x0|)``. A window at offset 0 or 1 from a digit is labelled with that
+    digit's class (at most one digit qualifies: two digits' corners are 10 or more pixels
+    apart in some axis), any other window ``background``. From each canvas, without
+    repetition (fewer where a canvas has fewer candidates):
+
+    - per digit, its exact window and 4 of its 8 one-pixel shifts (a random choice);
+    - per digit, 3 background windows at offset 2 or 3 from the nearest digit: shifted digits,
+      their halves, parts of a neighbour;
+    - per digit, 2 background windows holding ink at offset 4 or more from every digit:
+      edges and corners of digits, parts of two digits;
+    - 1 blank window.
+
+    So about half the windows are digits (a tenth of them per class), half background.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        uint8 digits, raw values 0..16, shape ``(N, 1, 8, 8)``.
+    y : numpy.ndarray
+        Their int64 labels in ``[0, background)``, shape ``(N,)``.
+    indices : numpy.ndarray
+        The rows of ``X`` to use: one part of the split.
+    rng : numpy.random.Generator
+        The source of every random choice.
+    background : int
+        The label of background windows.
+
+    Returns
+    -------
+    windows : numpy.ndarray
+        uint8, raw values 0..16, shape ``(M, 1, 8, 8)``.
+    labels : numpy.ndarray
+        int64, shape ``(M,)``.
+
+    Shape
+    -----
+    ``M = 10 n + ceil(n / 4)`` for ``n = len(indices)`` when no canvas runs short of
+    candidates.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    d = _DIGIT
+    H, W = _WINDOW_CANVAS
+    order = indices[rng.permutation(len(indices))]
+    windows: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    for start in range(0, len(order), _WINDOW_COUNT):
+        group = order[start : start + _WINDOW_COUNT]
+        for _ in range(_WINDOW_LAYOUTS):
+            corners = _place_boxes(H, W, len(group), _WINDOW_MARGIN, rng)
+            if corners is not None:
+                break
+        else:  # pragma: no cover - the constants make a jam vanishingly rare
+            raise RuntimeError(f"no layout of {len(group)} digits in {_WINDOW_CANVAS}")
+        canvas = np.zeros((H, W), dtype=np.uint8)
+        for index, (y0, x0) in zip(group, corners, strict=True):
+            canvas[y0 : y0 + d, x0 : x0 + d] = X[index, 0]
+        label, offset = _window_labels((H, W), corners, [int(y[i]) for i in group], background)
+        view = sliding_window_view(canvas, (d, d))  # (H - 7, W - 7, 8, 8)
+        inked = view.any(axis=(2, 3))
+        picked = []
+        for y0, x0 in corners:
+            picked.append((y0, x0))
+            for k in rng.choice(len(shifts), _WINDOW_SHIFTS, replace=False):
+                picked.append((y0 + shifts[k][0], x0 + shifts[k][1]))
+        near = (offset >= 2) & (offset <= 3)
+        far = (offset >= 4) & inked
+        for mask, per_digit in ((near, _WINDOW_NEAR), (far, _WINDOW_FAR)):
+            spots = np.flatnonzero(mask)
+            take = min(spots.size, per_digit * len(group))
+            for s in rng.choice(spots, take, replace=False):
+                picked.append(divmod(int(s), label.shape[1]))
+        rows, cols = np.array(picked).T
+        windows.append(view[rows, cols][:, None])  # (n, 1, 8, 8)
+        labels.append(label[rows, cols])
+        windows.append(np.zeros((_WINDOW_BLANK, 1, d, d), dtype=np.uint8))
+        labels.append(np.full(_WINDOW_BLANK, background, dtype=np.int64))
+    if not windows:
+        return np.zeros((0, 1, d, d), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    return np.concatenate(windows), np.concatenate(labels)
+
+
+def _load_digit_windows(seed: int, val_fraction: float, test_fraction: float):
+    """The ``"digits-windows"`` source: windows cut from canvases of each part's digits.
+
+    Returns ``(class_names, X, y, train, val, X_test, y_test)`` like the other loaders after
+    their split: ``X`` (N, 1, 8, 8) uint8 holds the train then the val windows, ``train``
+    (in stratified order) and ``val`` (shuffled) index it; the test windows are shuffled.
+    """
+    names, X, y = _load_digits()
+    parts = _split(y, val_fraction, test_fraction, seed, "digits-windows")
+    background = len(names)
+    cut = [
+        _canvas_windows(X, y, part, np.random.default_rng([seed, 2, k]), background)
+        for k, part in enumerate(parts)
+    ]
+    (X_tr, y_tr), (X_va, y_va), (X_te, y_te) = cut
+    rng = np.random.default_rng([seed, 3])
+    train = _stratified_order(y_tr, rng)
+    val = len(y_tr) + rng.permutation(len(y_va))
+    test = rng.permutation(len(y_te))
+    X_te, y_te = X_te[test], y_te[test]
+    return (
+        (*names, BACKGROUND),
+        np.concatenate([X_tr, X_va]),
+        np.concatenate([y_tr, y_va]),
+        train,
+        val,
+        X_te,
+        y_te,
+    )
