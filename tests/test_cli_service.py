@@ -1,5 +1,6 @@
 """``cnnserve predict`` and ``cnnserve serve``: the service's answers from the command line,
-and the service as a real process on 127.0.0.1."""
+and the service as a real process on 127.0.0.1 with the shipped models (the ``digits``
+classifier and the ``digits_detector``, trained with a background class)."""
 
 from __future__ import annotations
 
@@ -223,6 +224,34 @@ def test_real_server_maps_a_canvas(server, tmp_path):
         assert probabilities[:, y0, x0].argmax() == placed["label"]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_real_server_detector_finds_each_digit_where_it_was_placed(server, tmp_path, seed):
+    """The shipped detector (a background class): each digit's class peaks on that digit."""
+    port, _, _ = server
+    canvas, placements = digits_canvas((64, 128), 8, seed=seed)
+    data = write_png(tmp_path / "canvas.png", canvas).read_bytes()
+    path = "/v1/models/digits_detector/scoremap?stride_divisor=2"
+    status, _, body = request(port, "POST", path, data, "image/png")
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["map_shape"] == [57, 121]
+    assert answer["classes"] == [*map(str, range(10)), "background"]
+    p = answer["probabilities"]
+    probabilities = np.frombuffer(base64.b64decode(p["data"]), "<f4").reshape(p["shape"])
+    for placed in placements:
+        x0, y0, _, _ = placed["box"]
+        plane = probabilities[placed["label"]]
+        i, j = np.unravel_index(np.argmax(plane), plane.shape)
+        assert abs(i - y0) <= 1 and abs(j - x0) <= 1, (placed, (i, j))
+        assert plane[i, j] > 0.5
+    # and the service reports the same peak for a chosen class
+    label = placements[0]["label"]
+    status, _, body = request(port, "POST", f"{path}&class={label}", data, "image/png")
+    peak = json.loads(body)["class"]["peak"]
+    assert abs(peak["box"][0] - placements[0]["box"][0]) <= 1
+    assert abs(peak["box"][1] - placements[0]["box"][1]) <= 1
+
+
 def test_real_server_errors_and_metrics(server):
     port, _, _ = server
     status, headers, body = request(port, "POST", "/v1/models/digits/predict", b"junk", "image/png")
@@ -253,9 +282,18 @@ def test_real_server_with_two_workers_reports_the_metrics_of_both(tmp_path):
     digit, label = held_out_digit(3)
     data = write_png(tmp_path / "d.png", digit).read_bytes()
     with running_server(tmp_path / "serve.log", "--workers", "2") as (port, _):
-        for _ in range(8):  # a new connection each: the kernel spreads them over the workers
+        # /readyz answered for one worker; the other may still be loading: a client retries
+        # a 503 not_ready, as its Retry-After says (those answers count in the metrics too)
+        deadline = time.monotonic() + 60
+        answered = 0
+        while answered < 8:  # a new connection each: the kernel spreads them over the workers
             status, _, body = request(port, "POST", "/v1/models/digits/predict", data, "image/png")
+            if status == 503 and json.loads(body)["error"]["code"] == "not_ready":
+                assert time.monotonic() < deadline, "the second worker did not get ready"
+                time.sleep(0.2)
+                continue
             assert status == 200 and json.loads(body)["predictions"][0]["label"] == str(label)
+            answered += 1
         text = request(port, "GET", "/metrics")[2].decode()
     line = (
         'cnnserve_http_requests_total{method="POST",route="/v1/models/{name}/predict",status="200"}'
