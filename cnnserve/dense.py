@@ -145,12 +145,14 @@ def read_image(
     """
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     max_pixels = check_int(max_pixels, "max_pixels", 1)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    where = "the image" if isinstance(source, bytes | bytearray) else f"image {source}"
+    data = isinstance(source, bytes | bytearray)
+    where = "the image" if data else f"image {source}"
+    undecodable = f"{'the data' if data else where} cannot be decoded as an image"
     stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
         with warnings.catch_warnings():  # our own limit below applies, not Pillow's warning
@@ -164,9 +166,12 @@ def read_image(
                     f"than the limit of {max_pixels:,}"
                 )
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # a photo's orientation tag, if any
             if img.mode.startswith("I") or img.mode == "F":  # 16-bit, 32-bit or float gray
                 gray = np.asarray(img, dtype=np.float64)
                 gray = gray / 65535.0 if img.mode != "F" else gray
+                if not np.isfinite(gray).all():
+                    raise ImageError(f"{undecodable}: it holds NaN or infinite pixel values")
                 plane = np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
                 return plane if channels == 1 else np.repeat(plane, 3, axis=0)
             pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
@@ -177,11 +182,9 @@ def read_image(
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
         raise ImageTooLargeError(f"{where} is too large to decode: {exc}") from exc
     except UnidentifiedImageError as exc:  # its message shows a stream object: not for people
-        raise ImageError(
-            f"{where} cannot be decoded as an image: it is not a PNG, JPEG, BMP, GIF or TIFF file"
-        ) from exc
+        raise ImageError(f"{undecodable}: it is not a PNG, JPEG, BMP, GIF or TIFF file") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{where} cannot be decoded as an image: {exc}") from exc
+        raise ImageError(f"{undecodable}: {exc}") from exc
     pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)  # (C, H, W)
     return pixels.astype(np.float32) / np.float32(255)
 
@@ -196,11 +199,12 @@ def class_index(value: int | str, class_names: Sequence[str]) -> int:
     """
     if value in class_names:
         return list(class_names).index(value)
-    try:
+    index = -1
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
         index = int(value)
-    except (TypeError, ValueError):
-        index = -1
-    if isinstance(value, bool) or not 0 <= index < len(class_names):
+    elif isinstance(value, str) and value.isascii() and value.isdigit():  # not " 3" or "0_3"
+        index = int(value)
+    if not 0 <= index < len(class_names):
         raise ValueError(
             f"class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
             f"classes: {', '.join(class_names)}"

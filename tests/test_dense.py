@@ -782,7 +782,7 @@ def test_read_image_16_bit_png(tmp_path):
 
 
 def test_read_image_errors(tmp_path):
-    with pytest.raises(ImageError, match="the image cannot be decoded as an image"):
+    with pytest.raises(ImageError, match="the data cannot be decoded as an image"):
         read_image(b"definitely not an image", 1)
     with pytest.raises(ImageError, match="cannot be decoded"):
         read_image(png_bytes(np.zeros((4, 4), np.uint8))[:40], 1)  # truncated PNG

@@ -103,6 +103,7 @@ def assert_error(response, status: int, code: str, text: str = "") -> dict:
 
 def test_healthz_and_readyz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.head("/healthz").status_code == client.head("/readyz").status_code == 200
     assert client.get("/readyz").json() == {"status": "ready", "models": ["digits"], "failed": {}}
 
 
@@ -185,20 +186,37 @@ def test_unknown_model_is_404(client, path):
         assert "served: digits" in client.get(path).json()["error"]["message"]
 
 
-def test_model_names_never_reach_the_file_system(model_dir, tmp_path, monkeypatch):
-    """A valid model file beside the model directory cannot be named by a request."""
-    shutil.copy(MODEL, model_dir.parent / "secret.safetensors")
-    opened = []
-    real_open = Path.open
-    monkeypatch.setattr(
-        Path, "open", lambda self, *a, **k: opened.append(self) or real_open(self, *a, **k)
-    )
+def test_model_names_never_reach_the_file_system(model_dir, monkeypatch):
+    """After start-up, no request opens or loads a file, whatever model name it gives."""
+    import builtins
+    import os
+
+    from cnnserve.service import registry as registry_module
+
+    shutil.copy(MODEL, model_dir.parent / "secret.safetensors")  # a valid model, next door
     with make_client(model_dir) as c:
         wait_ready(c)
-        opened.clear()
-        for name in ("../secret", "..%2Fsecret", "secret", "%2E%2E%2Fsecret"):
+        touched = []
+
+        def spy(name, real):
+            def wrapper(*args, **kwargs):
+                touched.append((name, args[:1]))
+                return real(*args, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(builtins, "open", spy("open", builtins.open))
+        monkeypatch.setattr(os, "open", spy("os.open", os.open))
+        for name in ("load_one", "read_model_file", "load_fully_convolutional", "_file_format"):
+            monkeypatch.setattr(registry_module, name, spy(name, getattr(registry_module, name)))
+        image = png(test_digit(0)[0])
+        names = ["secret", "../secret", "..%2Fsecret", "%2E%2E%2Fsecret", "secret.safetensors",
+                 "models%2Fdigits", "%2Ftmp%2Fsecret"]  # fmt: skip
+        for name in names:
             assert c.get(f"/v1/models/{name}").status_code == 404
-    assert opened == []
+            r = c.post(f"/v1/models/{name}/predict", content=image, headers=PNG)
+            assert r.status_code == 404
+    assert touched == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,7 +708,13 @@ def test_openapi_documents_every_request_and_response(client):
     scoremap_ok = paths["/v1/models/{name}/scoremap"]["post"]["responses"]["200"]["content"]
     assert set(scoremap_ok) == {"application/json", "image/png"}
     params = {p["name"] for p in paths["/v1/models/{name}/scoremap"]["post"]["parameters"]}
-    assert params == {"name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom"}
+    assert params == {
+        "name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom", "arrays",
+    }  # fmt: skip
+    for path in ("/v1/models", "/v1/models/{name}"):  # lookups: only 404 and 503 can happen
+        assert set(paths[path]["get"]["responses"]) == {"200", "404", "422", "503"} - (
+            {"422"} if path == "/v1/models" else set()
+        )
     schemas = spec["components"]["schemas"]
     assert "class" in schemas["ScoreMapResponse"]["properties"]
     assert client.get("/docs").status_code == 200
@@ -699,9 +723,11 @@ def test_openapi_documents_every_request_and_response(client):
 def test_web_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "/static/app.js" in r.text
+    assert 'src="static/app.js"' in r.text  # relative: works behind a path prefix too
     assert client.get("/static/app.js").status_code == 200
-    assert_error(client.get("/static/../../settings.py"), 404, "not_found")
+    assert_error(client.get("/static/..%2F..%2Fsettings.py"), 404, "not_found")
+    assert_error(client.get("/static/..%2Fapp.py"), 404, "not_found")
+    assert client.head("/").status_code == 200
 
 
 def test_settings_from_the_environment(monkeypatch, tmp_path):
@@ -738,6 +764,7 @@ def test_bad_model_files_are_skipped_and_reported(model_dir, tmp_path, fcn):
         assert ready["models"] == ["digits", "digits_fcn"]
         assert set(ready["failed"]) == {"broken", "-bad name"}
         assert "not a readable safetensors file" in ready["failed"]["broken"]
+        assert all(str(folder) not in reason for reason in ready["failed"].values())
         assert "rename the file" in ready["failed"]["-bad name"]
         image = png(test_digit(5)[0])
         a = c.post("/v1/models/digits/predict", content=image, headers=PNG).json()
@@ -752,7 +779,229 @@ def test_no_loadable_model_keeps_readyz_503(tmp_path):
     with make_client(tmp_path) as c:
         app = c.app
         assert not app.state.service.registry.wait(30)
-        assert_error(
-            c.get("/readyz"), 503, "not_ready", "no model could be loaded: broken.safetensors"
+        body = assert_error(
+            c.get("/readyz"),
+            503,
+            "not_ready",
+            "no model could be loaded: model file broken.safetensors",
         )
+        assert str(tmp_path) not in body["error"]["message"]  # the name only, not where it is
         assert c.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Found in review: bounded maps, JSON off the event loop, cancelled and departed clients
+# ---------------------------------------------------------------------------------------------
+
+
+def test_maps_over_the_cell_limits_are_422(model_dir):
+    with make_client(model_dir, max_map_cells=1000, max_json_cells=100) as c:
+        wait_ready(c)
+        url = "/v1/models/digits/scoremap"
+        image = png(np.zeros((26, 26), np.uint8))  # a 10x10 map at stride 2, 19x19 at stride 1
+        body = c.post(url, content=image, headers=PNG).json()
+        assert body["map_shape"] == [10, 10] and decode(body["logits"]).shape == (10, 10, 10)
+        r = c.post(f"{url}?stride_divisor=2", content=image, headers=PNG)
+        assert_error(r, 422, "map_too_large", "a 19x19 map has 361 cells, more than the 100")
+        slim = c.post(f"{url}?stride_divisor=2&arrays=false", content=image, headers=PNG).json()
+        assert slim["map_shape"] == [19, 19]
+        assert {"logits", "probabilities", "boxes", "cell_top_k"}.isdisjoint(slim)
+        assert slim["class"]["peak"]["box"] and slim["aggregate"]["top_k_by_max"]
+        r = c.post(f"{url}?stride_divisor=2&format=png", content=image, headers=PNG)
+        assert r.status_code == 200  # a picture has no per-cell arrays
+        big = png(np.zeros((80, 80), np.uint8))  # 37x37 = 1369 cells
+        for query in ("", "?format=png", "?arrays=false"):
+            r = c.post(f"{url}{query}", content=big, headers=PNG)
+            assert_error(r, 422, "map_too_large", "1,369 cells, more than the limit of 1,000")
+
+
+def test_scoremap_json_follows_its_schema(client, canvas):
+    from cnnserve.service.schemas import ScoreMapResponse
+
+    for query in ("", "?arrays=false&top_k=2"):
+        r = client.post(f"/v1/models/digits/scoremap{query}", content=png(canvas[0]), headers=PNG)
+        assert r.headers["content-type"] == "application/json"
+        parsed = ScoreMapResponse.model_validate(r.json())
+        assert parsed.map_shape == [21, 45] and (parsed.logits is None) == bool(query)
+
+
+TIFF = {"content-type": "image/tiff"}
+
+
+def test_float_image_with_nan_is_400(client):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16), np.nan, np.float32), "F").save(buf, "TIFF")
+    for endpoint in ("predict", "scoremap", "scoremap?format=png"):
+        r = client.post(f"/v1/models/digits/{endpoint}", content=buf.getvalue(), headers=TIFF)
+        assert_error(r, 400, "invalid_image", "NaN or infinite pixel values")
+
+
+def test_png_class_header_of_a_non_latin_label(tmp_path):
+    import urllib.parse
+
+    named = load_fully_convolutional(MODEL)
+    named.class_names = ("ноль", "один", "два", "три", "четыре", "пять", "шесть", "семь",
+                         "восемь", "девять")  # fmt: skip
+    save_fully_convolutional(named, tmp_path / "ru.safetensors")
+    with make_client(tmp_path) as c:
+        wait_ready(c)
+        url = "/v1/models/ru/scoremap?format=png&class=три"
+        r = c.post(url, content=png(np.zeros((8, 8))), headers=PNG)
+        assert r.status_code == 200
+        assert urllib.parse.unquote(r.headers["x-cnnserve-class"]) == "три"
+        assert r.headers["x-cnnserve-class-index"] == "3"
+
+
+def held_classify(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
+    """Make /predict's inference wait for ``release``; ``entered`` is set when one starts."""
+    entered, release = threading.Event(), threading.Event()
+    real = app_module.classify
+    calls: list = []
+
+    def held(*args, **kwargs):
+        calls.append(1)
+        entered.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "classify", held)
+    return entered, release, calls
+
+
+def in_background(function) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=function()))
+    thread.start()
+    return thread, out
+
+
+def test_arrivals_beyond_running_and_waiting_are_refused_at_once(model_dir, monkeypatch):
+    entered, release, _ = held_classify(monkeypatch)
+    image = png(test_digit(0)[0])
+    with make_client(model_dir, max_concurrency=1, max_waiting=0, queue_timeout=20) as c:
+        wait_ready(c)
+        url = "/v1/models/digits/predict"
+        thread, first = in_background(lambda: c.post(url, content=image, headers=PNG))
+        assert entered.wait(30)
+        started = time.monotonic()
+        r = c.post(url, content=image, headers=PNG)
+        assert time.monotonic() - started < 5  # not after the 20 s queue timeout
+        assert_error(r, 503, "busy", "1 inferences are running and 0 waiting")
+        release.set()
+        thread.join(30)
+        assert first["result"].status_code == 200
+
+
+def test_a_cancelled_request_keeps_its_slot_until_its_thread_is_done(model_dir):
+    import asyncio
+    import contextlib
+
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_work():
+        entered.set()
+        assert release.wait(30)
+        return "done"
+
+    class StillThere:
+        async def is_disconnected(self):
+            return False
+
+    with make_client(model_dir, max_concurrency=1) as c:
+        wait_ready(c)
+        service = c.app.state.service
+        model = service.registry.models["digits"]
+
+        async def scenario():
+            task = asyncio.create_task(service.run(StillThere(), model, "predict", blocking_work))
+            assert await asyncio.to_thread(entered.wait, 30)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            held_after_cancel = service.slots.locked()
+            release.set()
+            for _ in range(500):
+                if not service.slots.locked():
+                    break
+                await asyncio.sleep(0.01)
+            return held_after_cancel, service.slots.locked()
+
+        assert c.portal.call(scenario) == (True, False)
+        assert metric(c.get("/metrics").text, "cnnserve_inferences_in_progress") == 0
+
+
+def call_asgi(client: TestClient, method: str, path: str, messages: list[dict]) -> list[dict]:
+    """One request straight through the app, receiving ``messages`` then a disconnect."""
+    sent: list[dict] = []
+    queue = list(messages)
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    path, _, query = path.partition("?")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query.encode(),
+        "root_path": "", "headers": [(b"content-type", b"image/png")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    client.portal.call(client.app, scope, receive, send)
+    return sent
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_not_a_500(model_dir, caplog):
+    with make_client(model_dir) as c:
+        wait_ready(c)
+        body = png(test_digit(0)[0])
+        partial = [{"type": "http.request", "body": body[:20], "more_body": True}]
+        sent = call_asgi(c, "POST", "/v1/models/digits/predict", partial)  # then it leaves
+        assert sent[0]["status"] == 499
+        text = c.get("/metrics").text
+    assert metric(text, "cnnserve_http_requests_total", status="499") == 1
+    assert 'status="500"' not in text
+    assert "unexpected error" not in caplog.text
+
+
+def test_a_request_whose_client_left_while_it_waited_does_not_run(model_dir, monkeypatch):
+    entered, release, calls = held_classify(monkeypatch)
+    body = png(test_digit(0)[0])
+    with make_client(model_dir, max_concurrency=1, queue_timeout=20) as c:
+        wait_ready(c)
+        url = "/v1/models/digits/predict"
+        thread, first = in_background(lambda: c.post(url, content=body, headers=PNG))
+        assert entered.wait(30)
+        # the second request's body arrives whole, then its client leaves while it waits
+        whole = [{"type": "http.request", "body": body, "more_body": False}]
+        waiter, second = in_background(lambda: call_asgi(c, "POST", url, whole))
+        deadline = time.monotonic() + 30
+        while metric(c.get("/metrics").text, "cnnserve_inferences_waiting") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        release.set()
+        thread.join(30)
+        waiter.join(30)
+        assert first["result"].status_code == 200
+        assert second["result"][0]["status"] == 499
+        assert len(calls) == 1  # the second one never ran
+
+
+def test_metrics_labels_stay_bounded(client):
+    client.request("FOO", "/healthz")
+    client.request("BAR", "/healthz")
+    client.get("/static/app.js")
+    client.get("/docs")
+    text = client.get("/metrics").text
+    assert 'method="FOO"' not in text and 'method="BAR"' not in text
+    assert metric(text, "cnnserve_http_requests_total", method="other", route="/healthz") == 2
+    assert metric(text, "cnnserve_http_requests_total", route="/static", status="200") >= 1
+    assert metric(text, "cnnserve_http_requests_total", route="/docs", status="200") >= 1
+
+
+@pytest.mark.parametrize("value", [" 3", "0_3", "\u0663", "3.0", "+3"])
+def test_class_indices_are_plain_digits(client, canvas, value):
+    url = "/v1/models/digits/scoremap"
+    r = client.post(url, params={"class": value}, content=png(canvas[0]), headers=PNG)
+    assert_error(r, 422, "invalid_parameter", "neither a class name nor an index")

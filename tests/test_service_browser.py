@@ -274,7 +274,7 @@ def test_index_and_assets_are_served(server):
     status, body = http_get(f"{server}/")
     assert status == 200
     page = body.decode()
-    for needle in ('id="file"', 'id="predictions"', 'id="heatmap"', "/static/app.js"):
+    for needle in ('id="file"', 'id="predictions"', 'id="heatmap"', "static/app.js"):
         assert needle in page
     for asset in ("app.js", "style.css"):
         status, body = http_get(f"{server}/static/{asset}")

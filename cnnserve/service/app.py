@@ -15,10 +15,13 @@ before decoding when they have more than ``max_pixels`` pixels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -30,6 +33,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from cnnserve import __version__
 from cnnserve.dense import ImageError, ImageTooLargeError, _encode, class_index, read_image
@@ -81,6 +85,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+_LOOKUP_ERRORS = {status: _ERRORS[status] for status in (404, 503)}
+
 _IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -123,7 +129,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with a 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ServiceError(400, "bad_request", f"Content-Length {declared!r} is not a number")
         if int(declared) > limit:
             raise _too_large(limit)
@@ -219,6 +225,7 @@ class _Service:
         # each keeps its OpenMP thread team and scratch buffers warm from one request to the
         # next (a new thread would start a new team).
         self.executor: ThreadPoolExecutor | None = None
+        self.admitted = 0  # inference requests in (reading, waiting, running): event loop only
 
     def require_ready(self) -> None:
         if not self.registry.finished:
@@ -236,9 +243,37 @@ class _Service:
             raise ServiceError(404, "model_not_found", f"no model named {name!r}; served: {served}")
         return found
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """One of ``max_concurrency`` inference slots, waited for up to ``queue_timeout``."""
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count an inference request from its arrival to its answer.
+
+        At most ``max_concurrency`` run and ``max_waiting`` wait (their bodies read, or being
+        read); a request beyond them is refused at once, before its body is read, so that the
+        memory held by waiting bodies stays bounded.
+        """
+        s = self.settings
+        if self.admitted >= s.max_concurrency + s.max_waiting:
+            self.metrics.rejected.inc()
+            raise ServiceError(
+                503,
+                "busy",
+                f"{s.max_concurrency} inferences are running and {s.max_waiting} waiting; retry "
+                "later",
+                {"Retry-After": "1"},
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    async def run(self, request: Request, model: LoadedModel, endpoint: str, work: Any) -> Any:
+        """``work()`` on an inference thread, once one of the slots is free.
+
+        Waits up to ``queue_timeout`` for a slot (then a 503). A request whose client has
+        gone while it waited is dropped. The slot is held until the thread has finished, even
+        if the request is cancelled meanwhile, so that slots never outnumber busy threads.
+        """
         slots = self.slots
         assert slots is not None, "the app's lifespan has not run"
         m = self.metrics
@@ -259,22 +294,27 @@ class _Service:
             ) from None
         finally:
             m.waiting.dec()
-        m.in_progress.inc()
         try:
-            yield
-        finally:
+            if await request.is_disconnected():
+                raise ClientDisconnect()
+        except BaseException:
+            slots.release()
+            raise
+        m.in_progress.inc()
+
+        def timed() -> tuple[Any, float]:
+            start = time.perf_counter()
+            return work(), time.perf_counter() - start
+
+        def done(_: asyncio.Future) -> None:
             m.in_progress.dec()
             slots.release()
 
-    async def run(self, model: LoadedModel, endpoint: str, work: Any, *args: Any) -> Any:
-        """``work(*args)`` in a worker thread inside a slot, timed and counted."""
-        async with self.slot():
-            start = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, work, *args)
-            seconds = time.perf_counter() - start
-        self.metrics.inference.labels(model.name, endpoint).observe(seconds)
-        self.metrics.images.labels(model.name, endpoint).inc()
+        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        future.add_done_callback(done)
+        result, seconds = await asyncio.shield(future)
+        m.inference.labels(model.name, endpoint).observe(seconds)
+        m.images.labels(model.name, endpoint).inc()
         return result, seconds
 
 
@@ -317,6 +357,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             await asyncio.shield(loading)  # a shutdown during loading waits for it to end
         finally:
             service.executor.shutdown(wait=True)
+            metrics.process_exit()
 
     app = FastAPI(
         title="cnnserve",
@@ -331,7 +372,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     )
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
     app.mount("/static", StaticFiles(directory=str(_STATIC)), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -364,18 +405,24 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             raise ServiceError(503, "not_ready", f"no model could be loaded: {failures}")
         return {"status": "ready", "models": sorted(registry.models), "failed": registry.failed}
 
+    for path, endpoint in (("/", index), ("/healthz", healthz), ("/readyz", readyz)):
+        # HEAD too, for monitors that probe with it (not in the docs: GET documents them)
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def prometheus() -> Response:
         """Prometheus metrics: requests, latencies, inference time, images processed."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList, tags=["models"], responses=_ERRORS)
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], responses=_LOOKUP_ERRORS)
     async def list_models() -> dict:
         """The models served, with their input shape, classes and dense geometry."""
         service.require_ready()
         return {"models": [m.summary() for _, m in sorted(registry.models.items())]}
 
-    @app.get("/v1/models/{name}", response_model=ModelDetail, tags=["models"], responses=_ERRORS)
+    @app.get(
+        "/v1/models/{name}", response_model=ModelDetail, tags=["models"], responses=_LOOKUP_ERRORS
+    )
     async def model_detail(name: ModelName) -> dict:
         """One model: the summary, its architecture, training record and self-check."""
         return service.model(name).detail()
@@ -395,13 +442,14 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         image each class is, use `/scoremap`.
         """
         model = service.model(name)
-        data = await _image_bytes(request, settings.max_body_bytes)
+        with service.admit():
+            data = await _image_bytes(request, settings.max_body_bytes)
 
-        def work() -> Any:
-            pixels = _decode(data, model, settings.max_pixels)
-            return classify(model.fcn, pixels)
+            def work() -> Any:
+                pixels = _decode(data, model, settings.max_pixels)
+                return classify(model.fcn, pixels)
 
-        result, seconds = await service.run(model, "predict", work)
+            result, seconds = await service.run(request, model, "predict", work)
         service.metrics.pixels.labels(model.name, "predict").inc(
             result.image_size[0] * result.image_size[1]
         )
@@ -458,6 +506,14 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             int,
             Query(ge=1, le=64, description="Draw the heatmap this many times the image's size."),
         ] = 1,
+        arrays: Annotated[
+            bool,
+            Query(
+                description="`json`: include the per-cell arrays (logits, probabilities, boxes, "
+                "cell_top_k). false: the map's shape, geometry, aggregates and the class's peak "
+                "only, for maps with more cells than `max_json_cells`."
+            ),
+        ] = True,
     ) -> Any:
         """A dense map of class scores: one cell per training-size window of the image.
 
@@ -472,64 +528,104 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             chosen = None if class_ is None else class_index(class_, fcn.class_names)
         except ValueError as exc:
             raise ServiceError(422, "invalid_parameter", str(exc)) from None
-        data = await _image_bytes(request, settings.max_body_bytes)
+        with service.admit():
+            data = await _image_bytes(request, settings.max_body_bytes)
 
-        def work() -> Any:
-            pixels = _decode(data, model, settings.max_pixels)
-            H, W = pixels.shape[1:]
-            th, tw = fcn.geometry.window
-            if H < th or W < tw:
-                raise ServiceError(
-                    422,
-                    "image_too_small",
-                    f"the image is {H}x{W} pixels, smaller than the model's {th}x{tw} window",
+            def work() -> Any:
+                started = time.perf_counter()
+                pixels = _decode(data, model, settings.max_pixels)
+                _check_map(fcn, pixels.shape[1:], stride_divisor, format, zoom, arrays, settings)
+                result = dense_score_map(
+                    fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
                 )
-            if format == "png" and H * W * zoom**2 > MAX_PICTURE_PIXELS:
-                raise ServiceError(
-                    422,
-                    "invalid_parameter",
-                    f"zoom {zoom} would draw a {W * zoom}x{H * zoom} picture, more than "
-                    f"{MAX_PICTURE_PIXELS:,} pixels",
-                )
-            result = dense_score_map(
-                fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
-            )
-            index = chosen if chosen is not None else result.top_k(1, by="max")[0]["index"]
-            if format == "png":
-                picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
-                return result, index, png_bytes(picture)
-            return result, index, _map_json(result, index, top_k)
+                index = chosen if chosen is not None else result.top_k(1, by="max")[0]["index"]
+                if format == "png":
+                    picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
+                    return result, index, png_bytes(picture)
+                # Encoded here, on the inference thread: a large map's JSON takes a while, and
+                # on the event loop it would hold up every other request.
+                body = {"model": model.name, **_map_json(result, index, top_k, arrays)}
+                body["time_ms"] = round((time.perf_counter() - started) * 1e3, 3)
+                return result, index, json.dumps(body, separators=(",", ":")).encode()
 
-        (result, index, body), seconds = await service.run(model, "scoremap", work)
+            (result, index, body), seconds = await service.run(request, model, "scoremap", work)
         H, W = result.image_size
         service.metrics.pixels.labels(model.name, "scoremap").inc(H * W)
-        if format == "png":
-            return Response(
-                body,
-                media_type="image/png",
-                headers={
-                    "X-Cnnserve-Class": fcn.class_names[index],
-                    "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
-                    "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
-                },
-            )
-        return {"model": model.name, **body, "time_ms": round(seconds * 1e3, 3)}
+        if format == "json":
+            return Response(body, media_type="application/json")
+        label = fcn.class_names[index]
+        return Response(
+            body,
+            media_type="image/png",
+            headers={
+                "X-Cnnserve-Class": urllib.parse.quote(label, safe=""),
+                "X-Cnnserve-Class-Index": str(index),
+                "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
+                "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
+            },
+        )
 
     return app
 
 
-def _map_json(result: Any, index: int, top_k: int) -> dict:
-    """The JSON of a score map: everything compact (base64 arrays), nothing per cell."""
-    d = result.to_dict(top_k=top_k, cells=False, scores=True)
-    indices, probabilities = result.cell_top_k(top_k)
+def _check_map(
+    fcn: Any,
+    size: tuple[int, int],
+    divisor: int,
+    format: str,
+    zoom: int,
+    arrays: bool,
+    settings: Settings,
+) -> None:
+    """Refuse, before any work, a map the service would not return (422)."""
+    H, W = size
+    th, tw = fcn.geometry.window
+    if H < th or W < tw:
+        raise ServiceError(
+            422,
+            "image_too_small",
+            f"the image is {H}x{W} pixels, smaller than the model's {th}x{tw} window",
+        )
+    rows, cols = fcn.geometry.finer(divisor).map_size(H, W)
+    cells = rows * cols
+    if cells > settings.max_map_cells:
+        raise ServiceError(
+            422,
+            "map_too_large",
+            f"a {H}x{W} image at stride_divisor {divisor} makes a {rows}x{cols} map: {cells:,} "
+            f"cells, more than the limit of {settings.max_map_cells:,}; send a smaller image or "
+            "a smaller stride_divisor",
+        )
+    if format == "json" and arrays and cells > settings.max_json_cells:
+        raise ServiceError(
+            422,
+            "map_too_large",
+            f"a {rows}x{cols} map has {cells:,} cells, more than the {settings.max_json_cells:,} "
+            "whose arrays a JSON answer carries; ask for format=png, or arrays=false for the "
+            "aggregates only, or send a smaller image",
+        )
+    if format == "png" and H * W * zoom**2 > MAX_PICTURE_PIXELS:
+        raise ServiceError(
+            422,
+            "invalid_parameter",
+            f"zoom {zoom} would draw a {W * zoom}x{H * zoom} picture, more than "
+            f"{MAX_PICTURE_PIXELS:,} pixels",
+        )
+
+
+def _map_json(result: Any, index: int, top_k: int, arrays: bool) -> dict:
+    """The JSON of a score map: arrays compact (base64), nothing per cell as objects."""
+    d = result.to_dict(top_k=top_k, cells=False, scores=arrays)
     d["class"] = {
         "label": result.class_names[index],
         "index": index,
         "peak": result.peak(index),
     }
-    d["boxes"] = _encode(result.boxes(), "int32")
-    d["cell_top_k"] = {
-        "indices": _encode(indices, "int32"),
-        "probabilities": _encode(probabilities),
-    }
+    if arrays:
+        indices, probabilities = result.cell_top_k(top_k)
+        d["boxes"] = _encode(result.boxes(), "int32")
+        d["cell_top_k"] = {
+            "indices": _encode(indices, "int32"),
+            "probabilities": _encode(probabilities),
+        }
     return d

@@ -2,8 +2,10 @@
 
 Every failure a request can cause is a :class:`ServiceError` raised by the routes, a FastAPI
 validation error (422), or a Starlette HTTP error (404 for an unknown path, 405 for a wrong
-method); all three answer in the same JSON form. Anything else is a bug: it is logged with its
-traceback and answered with a JSON 500 that gives nothing away.
+method); all three answer in the same JSON form. A client that leaves before its answer is
+not an error of the service: it is logged in one line and counted as status 499. Anything
+else is a bug: it is logged with its traceback and answered with a JSON 500 that gives
+nothing away.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-__all__ = ["ServiceError", "error_response", "install_error_handlers"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "ServiceError", "error_response", "install_error_handlers"]
+
+CLIENT_CLOSED_REQUEST = 499  # the status recorded for a request whose client left
 
 log = logging.getLogger("cnnserve.service")
 
@@ -84,6 +89,12 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is left to answer: counted as 499 (nginx's "client closed request").
+        log.info("client left during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

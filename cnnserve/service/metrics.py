@@ -98,6 +98,14 @@ class Metrics:
             multiprocess_mode="liveall",
         )
 
+    def process_exit(self) -> None:
+        """In multiprocess mode, drop this worker's live gauges (in progress, waiting)."""
+        path = _multiprocess_dir()
+        if path is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid(), path)
+
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric (summed over workers if several)."""
         path = _multiprocess_dir()
@@ -110,23 +118,46 @@ class Metrics:
         return generate_latest(merged)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware: counts every HTTP request and times it, by route template.
 
-    The route label is the matched route's path template (``/v1/models/{name}/predict``),
-    never the raw path, so that a scan of random URLs cannot blow up the number of series;
-    requests that match no route count as ``unmatched``.
+    The route label is the matched route's path template (``/v1/models/{name}/predict``, or a
+    mount's prefix such as ``/static``), never the raw path, and the method label is one of
+    the standard methods or ``other``, so that a scan of random URLs or methods cannot blow
+    up the number of series; requests that match no route count as ``unmatched``.
+
+    Parameters
+    ----------
+    app : ASGI app
+        The app below this middleware.
+    metrics : Metrics
+    routes : sequence of starlette routes
+        The app's routes, to label a request whose route the router did not record.
     """
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: Metrics, routes: Any = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
+
+    def _route(self, scope: dict, original: dict) -> str:
+        route = scope.get("route")
+        if route is None:  # Starlette records only some routes in the scope
+            from starlette.routing import Match
+
+            # matched against the scope as it came: a mount rewrites root_path on its way down
+            route = next((r for r in self.routes if r.matches(original)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        original = dict(scope)  # the router updates the scope in place
         status = 500  # if the app raises before it starts a response
 
         async def send_wrapper(message: dict) -> None:
@@ -138,8 +169,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = self._route(scope, original)
             method = scope.get("method", "")
+            method = method if method in _METHODS else "other"
             self.metrics.requests.labels(method, label, str(status)).inc()
             self.metrics.latency.labels(method, label).observe(time.perf_counter() - start)

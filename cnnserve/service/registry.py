@@ -200,7 +200,9 @@ class ModelRegistry:
                 try:
                     model = self.loader(path, warmup=self.warmup)
                 except Exception as exc:  # noqa: BLE001 - any failure skips this model only
-                    self.failed[name] = f"{path.name}: {exc}"
+                    # /readyz shows this: the file's name, not where the directory is
+                    reason = str(exc).replace(str(path), path.name)
+                    self.failed[name] = reason if path.name in reason else f"{path.name}: {reason}"
                     log.error("cannot load model %r: %s", name, exc)
                     continue
                 self.models[name] = model

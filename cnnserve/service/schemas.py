@@ -164,12 +164,16 @@ class ScoreMapResponse(BaseModel):
     class_: ClassPeak = Field(
         alias="class", description="The chosen class (`class=`, else the top class by max)."
     )
-    boxes: EncodedArray = Field(
-        description="(H', W', 4) int32: each cell's [x0, y0, x1, y1] in the image."
+    boxes: EncodedArray | None = Field(
+        None,
+        description="(H', W', 4) int32: each cell's [x0, y0, x1, y1] in the image (absent "
+        "with arrays=false, like the three arrays below).",
     )
-    cell_top_k: CellTopK
-    logits: EncodedArray = Field(description="(K, H', W') float32 class scores.")
-    probabilities: EncodedArray = Field(description="(K, H', W') float32 per-cell softmax.")
+    cell_top_k: CellTopK | None = None
+    logits: EncodedArray | None = Field(None, description="(K, H', W') float32 class scores.")
+    probabilities: EncodedArray | None = Field(
+        None, description="(K, H', W') float32 per-cell softmax."
+    )
     time_ms: float = Field(description="Decoding and inference time, in milliseconds.")
 
     model_config = {"populate_by_name": True, "serialize_by_alias": True}

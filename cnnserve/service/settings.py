@@ -38,14 +38,33 @@ class Settings(BaseSettings):
         description="Largest image, in pixels (413 above it, checked before decoding).",
     )
     max_concurrency: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
-        description="Inferences running at once; further requests wait for a slot.",
+        description="Inferences running at once (default: the cores this process may use); "
+        "further requests wait for a slot.",
+    )
+    max_waiting: int = Field(
+        16,
+        ge=0,
+        description="Requests waiting for a slot (their bodies read or being read); one more "
+        "gets a 503 at once.",
     )
     queue_timeout: float = Field(
         10.0,
         ge=0,
         description="Seconds a request waits for an inference slot before a 503.",
+    )
+    max_map_cells: int = Field(
+        2**22,
+        ge=1,
+        description="Largest score map, in cells (422 above it): bounds the work and memory "
+        "of one request; 4096x4096 at stride 2 is 4.2 M cells.",
+    )
+    max_json_cells: int = Field(
+        2**18,
+        ge=1,
+        description="Largest score map whose per-cell arrays a JSON answer carries (about "
+        "180 bytes a cell for 10 classes); above it, ask for arrays=false or format=png.",
     )
     tile_memory: int = Field(
         256 * 2**20,

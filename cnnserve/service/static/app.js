@@ -92,7 +92,7 @@ function uploadBody(file) {
 }
 
 function modelPath(name, action) {
-  return `/v1/models/${encodeURIComponent(name)}${action ? `/${action}` : ""}`;
+  return `v1/models/${encodeURIComponent(name)}${action ? `/${action}` : ""}`;
 }
 
 async function predict(model, file, topK, signal) {
@@ -135,7 +135,7 @@ async function scoremapPng(model, file, options, signal) {
   });
   return {
     blob: await response.blob(),
-    label: response.headers.get("X-Cnnserve-Class"),
+    label: decodeURIComponent(response.headers.get("X-Cnnserve-Class") || ""),
     mapShape: response.headers.get("X-Cnnserve-Map-Shape"),
     timeMs: response.headers.get("X-Cnnserve-Time-Ms"),
   };
@@ -585,7 +585,7 @@ function wire() {
 async function init() {
   wire();
   try {
-    const response = await api("/v1/models");
+    const response = await api("v1/models");
     const body = await response.json();
     state.models = body.models || [];
     if (!state.models.length) throw new Error("the service has no models");
