@@ -698,7 +698,10 @@ _SERVE_SETTINGS = {
     "max_body_bytes": "max_body_bytes",
     "max_pixels": "max_pixels",
     "max_concurrency": "max_concurrency",
+    "max_waiting": "max_waiting",
     "queue_timeout": "queue_timeout",
+    "max_map_cells": "max_map_cells",
+    "max_json_cells": "max_json_cells",
     "warmup": "warmup",
 }
 
@@ -803,7 +806,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from PIL import Image, ImageDraw
 
     from cnnserve.convert import load_fully_convolutional
-    from cnnserve.data import digits_canvas
+    from cnnserve.data import BACKGROUND, BUNDLED, digits_canvas
     from cnnserve.dense import score_map
     from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
 
@@ -820,17 +823,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is not a directory")
     fcn = load_fully_convolutional(args.model)
-    if fcn.input_shape != (1, 8, 8) or fcn.class_names != tuple(map(str, range(10))):
+    digits = tuple(map(str, range(10)))
+    if fcn.input_shape != (1, 8, 8) or fcn.class_names not in (digits, (*digits, BACKGROUND)):
         raise CommandError(
             f"the demo places scikit-learn digits: it needs a digits model (input (1, 8, 8), "
-            f"classes 0..9), got input {fcn.input_shape} and classes {fcn.class_names}"
+            f"classes 0..9, and maybe {BACKGROUND!r}), got input {fcn.input_shape} and classes "
+            f"{fcn.class_names}"
         )
     record = fcn.training
-    if record.get("dataset") != "digits" or not record.get("test_fraction"):
+    if record.get("dataset") not in BUNDLED or not record.get("test_fraction"):
         raise CommandError(
             "the demo shows digits the model has never seen: it needs a model trained on "
-            "'digits' with a test split (its training record has dataset "
-            f"{record.get('dataset')!r}, test_fraction {record.get('test_fraction')!r})"
+            f"{' or '.join(map(repr, BUNDLED))} with a test split (its training record has "
+            f"dataset {record.get('dataset')!r}, test_fraction {record.get('test_fraction')!r})"
         )
     split = {
         "split_seed": int(record.get("seed", 0)),
@@ -868,7 +873,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"{label:>5} {index:>6} {f'({x}, {y})':>10} {here:>14.3f} {predicted:>15} "
               f"{f'({px}, {py})':>19}")  # fmt: skip
     correct = sum(predicted == label for label, _, _, _, predicted, _ in rows)
-    print(f"{correct}/{len(rows)} digits classified correctly at their own window")
+    placed = sum(abs(px - x) <= 1 and abs(py - y) <= 1 for _, _, (x, y), _, _, (px, py) in rows)
+    print(f"{correct}/{len(rows)} digits classified correctly at their own window; "
+          f"{placed}/{len(rows)} digits' classes peak within 1 px of the digit")  # fmt: skip
     print(f"wrote {out / 'canvas.png'} ({width}x{height}, an input for scoremap) and "
           f"{out / 'heatmaps.png'} (zoom {zoom})")  # fmt: skip
     return 0
@@ -1052,7 +1059,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-concurrency",
         type=_positive_int,
-        help="inferences at once per worker (default: the number of cores)",
+        help="inferences at once per worker (default: the cores this process may use)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        help="requests waiting for a slot, per worker; one more gets a 503 at once (default 16)",
+    )
+    serve.add_argument(
+        "--max-map-cells",
+        type=_positive_int,
+        help="largest score map, in cells (default 2**22)",
+    )
+    serve.add_argument(
+        "--max-json-cells",
+        type=_positive_int,
+        help="largest score map whose arrays a JSON answer carries (default 2**18)",
     )
     serve.add_argument(
         "--queue-timeout",

@@ -174,6 +174,14 @@ def test_demo_finds_every_digit_at_its_window(tmp_path, capsys):
         assert picture.size == (2 * 320 + 4, 3 * 160 + 2 * 4)  # 5 panels, 2 columns
 
 
+def test_demo_with_the_detector_puts_every_peak_on_its_digit(tmp_path, capsys):
+    detector = MODEL.parent / "digits_detector.safetensors"
+    out = tmp_path / "demo"
+    assert main(["demo", str(detector), "--out", str(out), "--size", "48x96", "--count", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "6/6 digits' classes peak within 1 px of the digit" in text
+
+
 def test_demo_needs_a_digits_model(tmp_path, capsys):
     from cnnserve.model import ConvNet, save_model
 
@@ -238,5 +246,7 @@ def test_demo_refuses_before_writing_anything(tmp_path, capsys):
     net = ConvNet(preset_layers("digits", (1, 8, 8)), (1, 8, 8), 10)
     save_model(net, no_test, training={"dataset": "digits", "seed": 0, "test_fraction": 0.0})
     assert main(["demo", str(no_test), "--out", str(out)]) == 2
-    assert "needs a model trained on 'digits' with a test split" in capsys.readouterr().err
+    assert "needs a model trained on 'digits' or 'digits-windows' with a test split" in (
+        capsys.readouterr().err
+    )
     assert not out.exists()

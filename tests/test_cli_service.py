@@ -268,13 +268,17 @@ def test_real_server_errors_and_metrics(server):
     assert io.BytesIO(body).read(15).lower().startswith(b"<!doctype html")
 
 
-def test_real_server_stops_cleanly_on_sigint(server):
-    port, proc, log = server
-    assert request(port, "GET", "/healthz")[0] == 200
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(20) == 0
+def test_real_server_stops_cleanly_on_sigint(tmp_path):
+    log = tmp_path / "serve.log"
+    with running_server(log, "--max-waiting", "4", "--max-map-cells", "5000") as (port, proc):
+        assert request(port, "GET", "/healthz")[0] == 200
+        canvas = write_png(tmp_path / "c.png", np.zeros((1, 200, 200), np.float32)).read_bytes()
+        status, _, body = request(port, "POST", "/v1/models/digits/scoremap", canvas, "image/png")
+        assert status == 422 and "more than the limit of 5,000" in body.decode()  # the flag
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
     text = log.read_text()
-    assert "model 'digits' loaded" in text
+    assert "model 'digits' loaded" in text and "model 'digits_detector' loaded" in text
     assert "Shutting down" in text
 
 
