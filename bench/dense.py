@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _common import cpu_model, ms  # bench/ is on sys.path: these scripts run as files
+
 # No numpy or cnnserve import here: case processes import cnnserve before NumPy (its thread
 # defaults apply to NumPy's BLAS), the torch helper never imports cnnserve.
 
@@ -378,21 +380,6 @@ def run_json(args: list[str], env: dict[str, str]) -> dict:
     if done.returncode:
         raise SystemExit(f"{' '.join(args)} failed with exit status {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def ratio(a: float | None, b: float | None) -> str:

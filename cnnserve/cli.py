@@ -763,6 +763,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             log_level=args.log_level,
             log_config=_log_config(LOGGING_CONFIG, args.log_level),
+            http="cnnserve.service.server:NoDelayHTTPProtocol",
             timeout_graceful_shutdown=10,
         )
     return 0

@@ -97,6 +97,15 @@ def test_predict_errors_exit_2(tmp_path, capsys, monkeypatch, args, message):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """`cnnserve serve` puts its settings in the environment, for uvicorn's workers."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_serve_refuses_a_missing_or_empty_model_directory(tmp_path, capsys, monkeypatch):
     for name in [k for k in os.environ if k.startswith("CNNSERVE_")]:
         monkeypatch.delenv(name)
@@ -298,12 +307,57 @@ def test_real_server_with_two_workers_reports_the_metrics_of_both(tmp_path):
                 continue
             assert status == 200 and json.loads(body)["predictions"][0]["label"] == str(label)
             answered += 1
-        text = request(port, "GET", "/metrics")[2].decode()
+        # every worker reports its loaded models under its own pid, once it has loaded them
+        deadline = time.monotonic() + 60
+        while True:
+            text = request(port, "GET", "/metrics")[2].decode()
+            loaded = [ln for ln in text.splitlines() if ln.startswith("cnnserve_models_loaded{")]
+            counts = sorted(ln.rsplit(" ", 1)[1] for ln in loaded)
+            if counts == ["2.0", "2.0"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert counts == ["2.0", "2.0"]  # 2 models in each worker
     line = (
         'cnnserve_http_requests_total{method="POST",route="/v1/models/{name}/predict",status="200"}'
     )
-    assert f"{line} 8.0" in text
-    loaded = [ln for ln in text.splitlines() if ln.startswith("cnnserve_models_loaded{")]
-    assert len(loaded) == 2  # one per worker process
+    assert f"{line} 8.0" in text  # whichever worker answered /metrics: the sum of both
     log = (tmp_path / "serve.log").read_text()
     assert log.count("model 'digits' loaded") == 2
+
+
+def test_serve_hands_uvicorn_the_nodelay_protocol(monkeypatch, capsys):
+    import uvicorn
+
+    seen: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    for name in [k for k in os.environ if k.startswith("CNNSERVE_")]:
+        monkeypatch.delenv(name)
+    assert main(["serve", "--models", str(MODEL.parent), "--port", "9", "--workers", "3"]) == 0
+    assert seen["app"] == "cnnserve.service.app:create_app" and seen["factory"] is True
+    assert (seen["port"], seen["workers"]) == (9, 3)
+    assert seen["http"] == "cnnserve.service.server:NoDelayHTTPProtocol"
+    assert "serving digits, digits_detector" in capsys.readouterr().out
+
+
+def test_nodelay_protocol_sets_tcp_nodelay_on_tcp_connections_only():
+    from uvicorn.importer import import_from_string
+
+    from cnnserve.service.server import NoDelayHTTPProtocol, set_nodelay
+
+    assert import_from_string("cnnserve.service.server:NoDelayHTTPProtocol") is NoDelayHTTPProtocol
+
+    class Transport:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def get_extra_info(self, name):
+            return self.sock if name == "socket" else None
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as sock:  # proto 0, like uvicorn's
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert set_nodelay(Transport(sock)) is True
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    a, b = socket.socketpair()  # a Unix socket: nothing to set
+    with a, b:
+        assert set_nodelay(Transport(a)) is False
+    assert set_nodelay(Transport(None)) is False

@@ -579,41 +579,31 @@ def test_decompression_bomb_is_413_before_decoding(client):
 
 
 def test_busy_slots_give_503_after_the_queue_timeout(model_dir, monkeypatch):
-    entered, release = threading.Event(), threading.Event()
-    real = app_module.classify
-
-    def held(*args, **kwargs):
-        entered.set()
-        assert release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(app_module, "classify", held)
+    entered, release, _ = held_classify(monkeypatch)
     image = png(test_digit(0)[0])
     with make_client(model_dir, max_concurrency=1, queue_timeout=0.2) as c:
         wait_ready(c)
-        first: dict = {}
-        worker = threading.Thread(
-            target=lambda: first.update(
-                r=c.post("/v1/models/digits/predict", content=image, headers=PNG)
-            )
-        )
-        worker.start()
+        url = "/v1/models/digits/predict"
+        thread, first = in_background(lambda: c.post(url, content=image, headers=PNG))
         assert entered.wait(30)
         started = time.monotonic()
-        r = c.post(
-            "/v1/models/digits/scoremap", content=png(np.zeros((8, 8), np.uint8)), headers=PNG
-        )
+        r = c.post(url, content=image, headers=PNG)
         waited = time.monotonic() - started
-        assert_error(r, 503, "busy", "all 1 inference slots stayed busy for 0.2 s")
+        assert_error(r, 503, "busy", "all 1 predict slots stayed busy for 0.2 s")
         assert r.headers["retry-after"] == "1"
         assert waited >= 0.2
+        # score maps have their own lane: a held classification does not hold them up
+        r = c.post("/v1/models/digits/scoremap", content=png(np.zeros((8, 8))), headers=PNG)
+        assert r.status_code == 200
         release.set()
-        worker.join(30)
-        assert first["r"].status_code == 200
+        thread.join(30)
+        assert first["result"].status_code == 200
         # the slot is free again
-        assert c.post("/v1/models/digits/predict", content=image, headers=PNG).status_code == 200
+        assert c.post(url, content=image, headers=PNG).status_code == 200
         text = c.get("/metrics").text
-        assert "cnnserve_inferences_rejected_total 1.0" in text
+    assert metric(text, "cnnserve_inferences_rejected_total", endpoint="predict") == 1
+    assert metric(text, "cnnserve_inferences_in_progress", endpoint="predict") == 0
+    assert metric(text, "cnnserve_inferences_waiting", endpoint="predict") == 0
 
 
 def test_random_bodies_never_give_a_500(client):
@@ -886,7 +876,7 @@ def test_arrivals_beyond_running_and_waiting_are_refused_at_once(model_dir, monk
         started = time.monotonic()
         r = c.post(url, content=image, headers=PNG)
         assert time.monotonic() - started < 5  # not after the 20 s queue timeout
-        assert_error(r, 503, "busy", "1 inferences are running and 0 waiting")
+        assert_error(r, 503, "busy", "1 predict inferences are running and 0 waiting")
         release.set()
         thread.join(30)
         assert first["result"].status_code == 200
@@ -911,20 +901,21 @@ def test_a_cancelled_request_keeps_its_slot_until_its_thread_is_done(model_dir):
         wait_ready(c)
         service = c.app.state.service
         model = service.registry.models["digits"]
+        lane = service.lanes["predict"]
 
         async def scenario():
-            task = asyncio.create_task(service.run(StillThere(), model, "predict", blocking_work))
+            task = asyncio.create_task(lane.run(StillThere(), model, blocking_work))
             assert await asyncio.to_thread(entered.wait, 30)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            held_after_cancel = service.slots.locked()
+            held_after_cancel = lane.slots.locked()
             release.set()
             for _ in range(500):
-                if not service.slots.locked():
+                if not lane.slots.locked():
                     break
                 await asyncio.sleep(0.01)
-            return held_after_cancel, service.slots.locked()
+            return held_after_cancel, lane.slots.locked()
 
         assert c.portal.call(scenario) == (True, False)
         assert metric(c.get("/metrics").text, "cnnserve_inferences_in_progress") == 0
@@ -1005,3 +996,19 @@ def test_class_indices_are_plain_digits(client, canvas, value):
     url = "/v1/models/digits/scoremap"
     r = client.post(url, params={"class": value}, content=png(canvas[0]), headers=PNG)
     assert_error(r, 422, "invalid_parameter", "neither a class name nor an index")
+
+
+def test_warm_up_decodes_an_image(model_dir, monkeypatch):
+    """Pillow loads its plugins at the first decode: the warm-up pays that, not a user."""
+    from cnnserve.service import registry as registry_module
+
+    decoded = []
+    real = registry_module.read_image
+    monkeypatch.setattr(
+        registry_module, "read_image", lambda *a, **k: decoded.append(1) or real(*a, **k)
+    )
+    with make_client(model_dir) as c:
+        wait_ready(c)
+    assert decoded == [1]
+    loaded = registry_module.load_one(model_dir / "digits.safetensors", warmup=False)
+    assert decoded == [1] and loaded.name == "digits"

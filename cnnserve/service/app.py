@@ -6,10 +6,11 @@ model in a background thread: ``/healthz`` answers at once, ``/readyz`` and the 
 answer 503 until the models are ready.
 
 Inference runs in worker threads, off the event loop (the Cython kernels release the GIL).
-At most ``max_concurrency`` inferences run at once; a request that finds no free slot within
-``queue_timeout`` seconds gets a 503 with ``Retry-After``. Request bodies are read in chunks
-and refused with a 413 as soon as they pass ``max_body_bytes``; images are refused with a 413
-before decoding when they have more than ``max_pixels`` pixels.
+``/predict`` and ``/scoremap`` each run at most ``max_concurrency`` inferences at once, on
+threads of their own, so that large maps never hold up classifications; a request that finds
+no free slot within ``queue_timeout`` seconds gets a 503 with ``Retry-After``. Request bodies
+are read in chunks and refused with a 413 as soon as they pass ``max_body_bytes``; images are
+refused with a 413 before decoding when they have more than ``max_pixels`` pixels.
 """
 
 from __future__ import annotations
@@ -213,19 +214,105 @@ def _decode(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Lane:
+    """Inference slots and threads for one endpoint.
+
+    ``/predict`` and ``/scoremap`` each have their own lane, so that a few large maps never
+    make a classification wait for them: each lane runs at most ``max_concurrency``
+    inferences, on as many threads, and lets at most ``max_waiting`` more wait.
+    """
+
+    def __init__(self, endpoint: str, settings: Settings, metrics: Metrics) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.metrics = metrics
+        self.slots = asyncio.Semaphore(settings.max_concurrency)
+        # Always the same threads, so that each keeps its OpenMP thread team and scratch
+        # buffers warm from one request to the next (a new thread would start a new team).
+        self.executor = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix=f"cnnserve-{endpoint}"
+        )
+        self.admitted = 0  # requests in (reading, waiting, running): touched on the loop only
+
+    def _busy(self, why: str) -> ServiceError:
+        self.metrics.rejected.labels(self.endpoint).inc()
+        return ServiceError(503, "busy", f"{why}; retry later", {"Retry-After": "1"})
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a request from its arrival to its answer.
+
+        At most ``max_concurrency`` run and ``max_waiting`` wait (their bodies read, or being
+        read); a request beyond them is refused at once, before its body is read, so that the
+        memory held by waiting bodies stays bounded.
+        """
+        s = self.settings
+        if self.admitted >= s.max_concurrency + s.max_waiting:
+            raise self._busy(
+                f"{s.max_concurrency} {self.endpoint} inferences are running and "
+                f"{s.max_waiting} waiting"
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    async def run(self, request: Request, model: LoadedModel, work: Any) -> Any:
+        """``work()`` on one of the lane's threads, once a slot is free: ``(result, seconds)``.
+
+        Waits up to ``queue_timeout`` for a slot (then a 503). A request whose client has
+        gone while it waited is dropped. The slot is held until the thread has finished, even
+        if the request is cancelled meanwhile, so that slots never outnumber busy threads.
+        """
+        s, m, slots = self.settings, self.metrics, self.slots
+        waiting = m.waiting.labels(self.endpoint)
+        waiting.inc()
+        try:
+            if slots.locked():
+                await asyncio.wait_for(slots.acquire(), s.queue_timeout)
+            else:
+                await slots.acquire()
+        except TimeoutError:
+            raise self._busy(
+                f"all {s.max_concurrency} {self.endpoint} slots stayed busy for "
+                f"{s.queue_timeout:g} s"
+            ) from None
+        finally:
+            waiting.dec()
+        try:
+            if await request.is_disconnected():
+                raise ClientDisconnect()
+        except BaseException:
+            slots.release()
+            raise
+        running = m.in_progress.labels(self.endpoint)
+        running.inc()
+
+        def timed() -> tuple[Any, float]:
+            start = time.perf_counter()
+            return work(), time.perf_counter() - start
+
+        def done(_: asyncio.Future) -> None:
+            running.dec()
+            slots.release()
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        future.add_done_callback(done)
+        result, seconds = await asyncio.shield(future)
+        m.inference.labels(model.name, self.endpoint).observe(seconds)
+        m.images.labels(model.name, self.endpoint).inc()
+        return result, seconds
+
+
 class _Service:
-    """Everything the routes share: settings, models, metrics, the inference slots."""
+    """Everything the routes share: settings, models, metrics, the lanes."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self.slots: asyncio.Semaphore | None = None  # made in the lifespan, on its loop
-        # The threads that run inference: as many as slots, and always the same ones, so that
-        # each keeps its OpenMP thread team and scratch buffers warm from one request to the
-        # next (a new thread would start a new team).
-        self.executor: ThreadPoolExecutor | None = None
-        self.admitted = 0  # inference requests in (reading, waiting, running): event loop only
+        self.lanes: dict[str, _Lane] = {}  # made in the lifespan, on its event loop
 
     def require_ready(self) -> None:
         if not self.registry.finished:
@@ -242,80 +329,6 @@ class _Service:
             served = ", ".join(sorted(reg.models)) or "none"
             raise ServiceError(404, "model_not_found", f"no model named {name!r}; served: {served}")
         return found
-
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Count an inference request from its arrival to its answer.
-
-        At most ``max_concurrency`` run and ``max_waiting`` wait (their bodies read, or being
-        read); a request beyond them is refused at once, before its body is read, so that the
-        memory held by waiting bodies stays bounded.
-        """
-        s = self.settings
-        if self.admitted >= s.max_concurrency + s.max_waiting:
-            self.metrics.rejected.inc()
-            raise ServiceError(
-                503,
-                "busy",
-                f"{s.max_concurrency} inferences are running and {s.max_waiting} waiting; retry "
-                "later",
-                {"Retry-After": "1"},
-            )
-        self.admitted += 1
-        try:
-            yield
-        finally:
-            self.admitted -= 1
-
-    async def run(self, request: Request, model: LoadedModel, endpoint: str, work: Any) -> Any:
-        """``work()`` on an inference thread, once one of the slots is free.
-
-        Waits up to ``queue_timeout`` for a slot (then a 503). A request whose client has
-        gone while it waited is dropped. The slot is held until the thread has finished, even
-        if the request is cancelled meanwhile, so that slots never outnumber busy threads.
-        """
-        slots = self.slots
-        assert slots is not None, "the app's lifespan has not run"
-        m = self.metrics
-        m.waiting.inc()
-        try:
-            if slots.locked():
-                await asyncio.wait_for(slots.acquire(), self.settings.queue_timeout)
-            else:
-                await slots.acquire()
-        except TimeoutError:
-            m.rejected.inc()
-            raise ServiceError(
-                503,
-                "busy",
-                f"all {self.settings.max_concurrency} inference slots stayed busy for "
-                f"{self.settings.queue_timeout:g} s; retry later",
-                {"Retry-After": "1"},
-            ) from None
-        finally:
-            m.waiting.dec()
-        try:
-            if await request.is_disconnected():
-                raise ClientDisconnect()
-        except BaseException:
-            slots.release()
-            raise
-        m.in_progress.inc()
-
-        def timed() -> tuple[Any, float]:
-            start = time.perf_counter()
-            return work(), time.perf_counter() - start
-
-        def done(_: asyncio.Future) -> None:
-            m.in_progress.dec()
-            slots.release()
-
-        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
-        future.add_done_callback(done)
-        result, seconds = await asyncio.shield(future)
-        m.inference.labels(model.name, endpoint).observe(seconds)
-        m.images.labels(model.name, endpoint).inc()
-        return result, seconds
 
 
 def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None):
@@ -341,22 +354,20 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.discover()  # a missing or empty directory stops the start-up here
-        service.slots = asyncio.Semaphore(settings.max_concurrency)
-        service.executor = ThreadPoolExecutor(
-            settings.max_concurrency, thread_name_prefix="cnnserve-inference"
-        )
+        service.lanes = {name: _Lane(name, settings, metrics) for name in ("predict", "scoremap")}
         log.info(
             "loading %d model file(s) from %s", len(registry.files), registry.directory.resolve()
         )
         loading = asyncio.get_running_loop().run_in_executor(
-            service.executor,  # so that the warm-up warms an inference thread
+            service.lanes["predict"].executor,  # the warm-up warms an inference thread
             functools.partial(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc()),
         )
         yield
         try:
             await asyncio.shield(loading)  # a shutdown during loading waits for it to end
         finally:
-            service.executor.shutdown(wait=True)
+            for lane in service.lanes.values():
+                lane.executor.shutdown(wait=True)
             metrics.process_exit()
 
     app = FastAPI(
@@ -442,14 +453,15 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         image each class is, use `/scoremap`.
         """
         model = service.model(name)
-        with service.admit():
+        lane = service.lanes["predict"]
+        with lane.admit():
             data = await _image_bytes(request, settings.max_body_bytes)
 
             def work() -> Any:
                 pixels = _decode(data, model, settings.max_pixels)
                 return classify(model.fcn, pixels)
 
-            result, seconds = await service.run(request, model, "predict", work)
+            result, seconds = await lane.run(request, model, work)
         service.metrics.pixels.labels(model.name, "predict").inc(
             result.image_size[0] * result.image_size[1]
         )
@@ -528,7 +540,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             chosen = None if class_ is None else class_index(class_, fcn.class_names)
         except ValueError as exc:
             raise ServiceError(422, "invalid_parameter", str(exc)) from None
-        with service.admit():
+        lane = service.lanes["scoremap"]
+        with lane.admit():
             data = await _image_bytes(request, settings.max_body_bytes)
 
             def work() -> Any:
@@ -548,7 +561,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
                 body["time_ms"] = round((time.perf_counter() - started) * 1e3, 3)
                 return result, index, json.dumps(body, separators=(",", ":")).encode()
 
-            (result, index, body), seconds = await service.run(request, model, "scoremap", work)
+            (result, index, body), seconds = await lane.run(request, model, work)
         H, W = result.image_size
         service.metrics.pixels.labels(model.name, "scoremap").inc(H * W)
         if format == "json":

@@ -76,19 +76,22 @@ class Metrics:
         )
         self.in_progress = Gauge(
             "cnnserve_inferences_in_progress",
-            "Inferences running now.",
+            "Inferences running now, by endpoint.",
+            ["endpoint"],
             registry=r,
             multiprocess_mode="livesum",
         )
         self.waiting = Gauge(
             "cnnserve_inferences_waiting",
-            "Requests waiting for an inference slot now.",
+            "Requests waiting for an inference slot now, by endpoint.",
+            ["endpoint"],
             registry=r,
             multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "cnnserve_inferences_rejected_total",
-            "Requests refused with a 503 because no inference slot became free in time.",
+            "Requests refused with a 503 busy: too many waiting, or no slot free in time.",
+            ["endpoint"],
             registry=r,
         )
         self.models_loaded = Gauge(

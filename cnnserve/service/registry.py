@@ -7,6 +7,7 @@ ever becomes a path.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
-from cnnserve.dense import score_map
+from cnnserve.dense import read_image, score_map
 from cnnserve.model import FORMAT_NAME, ConvNet, ModelFileError, read_model_file
 from cnnserve.predict import predict
 
@@ -112,10 +114,15 @@ def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
             fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
         )  # for its layer table only: fresh weights, same shapes
     if warmup:
-        # One classification and one small map: the first call of each conv path sets up
-        # its thread pools and scratch buffers, which should not be a user's first request.
+        # One decode, one classification and one small map: Pillow loads its format plugins
+        # at its first decode (about 7 ms), and the first call of each conv path sets up its
+        # thread pools and scratch buffers; neither should be a user's first request.
         C, th, tw = fcn.input_shape
-        predict(fcn, np.zeros((C, th, tw), dtype=np.float32))
+        Image.init()
+        encoded = io.BytesIO()
+        Image.new("RGB", (tw, th)).save(encoded, "PNG")
+        pixels = read_image(encoded.getvalue(), C)
+        predict(fcn, pixels)
         score_map(fcn, np.zeros((C, 4 * th, 4 * tw), dtype=np.float32))
     return LoadedModel(
         name=path.stem,
