@@ -10,18 +10,27 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
-# Builds the Cython kernels into cnnserve/_ext and installs the package in editable mode.
-install: $(PY)
-	$(PIP) install -e .
+# Builds the Cython kernels into cnnserve/_ext and installs the package in editable mode;
+# again only when the build inputs change (a stamp file per set of extras).
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard cython_ext/*.pyx cython_ext/*.pxi cython_ext/*.h)
 
-test: $(PY)
+$(VENV)/.installed: $(PY) $(BUILD_INPUTS)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(PY) $(BUILD_INPUTS)
 	$(PIP) install -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 # The service on the shipped model(s), http://127.0.0.1:8000 (HOST=0.0.0.0 PORT=... to change).
 HOST ?= 127.0.0.1
 PORT ?= 8000
-serve: install
+serve: $(VENV)/.installed
 	$(VENV)/bin/cnnserve serve --models models --host $(HOST) --port $(PORT)
 
 bench: $(PY)
@@ -31,10 +40,10 @@ bench: $(PY)
 	$(PY) bench/dense.py
 	$(PY) bench/service.py
 
-lint: $(PY)
-	$(PIP) install -e ".[test]"
+lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf build *.egg-info cython_ext/*.c cython_ext/*.html cnnserve/_ext/*.so
+	rm -f $(VENV)/.installed $(VENV)/.installed-test
