@@ -8,10 +8,12 @@ and the metrics are checked against the library's own answers: the service must 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -579,25 +581,20 @@ def test_decompression_bomb_is_413_before_decoding(client):
 
 
 def test_busy_slots_give_503_after_the_queue_timeout(model_dir, monkeypatch):
-    entered, release, _ = held_classify(monkeypatch)
     image = png(test_digit(0)[0])
+    url = "/v1/models/digits/predict"
     with make_client(model_dir, max_concurrency=1, queue_timeout=0.2) as c:
         wait_ready(c)
-        url = "/v1/models/digits/predict"
-        thread, first = in_background(lambda: c.post(url, content=image, headers=PNG))
-        assert entered.wait(30)
-        started = time.monotonic()
-        r = c.post(url, content=image, headers=PNG)
-        waited = time.monotonic() - started
-        assert_error(r, 503, "busy", "all 1 predict slots stayed busy for 0.2 s")
-        assert r.headers["retry-after"] == "1"
-        assert waited >= 0.2
-        # score maps have their own lane: a held classification does not hold them up
-        r = c.post("/v1/models/digits/scoremap", content=png(np.zeros((8, 8))), headers=PNG)
-        assert r.status_code == 200
-        release.set()
-        thread.join(30)
-        assert first["result"].status_code == 200
+        with one_predict_held(c, monkeypatch, image):
+            started = time.monotonic()
+            r = c.post(url, content=image, headers=PNG)
+            waited = time.monotonic() - started
+            assert_error(r, 503, "busy", "all 1 predict slots stayed busy for 0.2 s")
+            assert r.headers["retry-after"] == "1"
+            assert waited >= 0.2
+            # score maps have their own lane: a held classification does not hold them up
+            r = c.post("/v1/models/digits/scoremap", content=png(np.zeros((8, 8))), headers=PNG)
+            assert r.status_code == 200
         # the slot is free again
         assert c.post(url, content=image, headers=PNG).status_code == 200
         text = c.get("/metrics").text
@@ -842,8 +839,10 @@ def test_png_class_header_of_a_non_latin_label(tmp_path):
         assert r.headers["x-cnnserve-class-index"] == "3"
 
 
-def held_classify(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
-    """Make /predict's inference wait for ``release``; ``entered`` is set when one starts."""
+@contextlib.contextmanager
+def one_predict_held(client: TestClient, monkeypatch, image: bytes) -> Iterator[list]:
+    """A /predict whose inference waits, in a thread, for the block to end; yields the list of
+    inferences started (the held one first), then checks that the held one answered 200."""
     entered, release = threading.Event(), threading.Event()
     real = app_module.classify
     calls: list = []
@@ -855,36 +854,34 @@ def held_classify(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(app_module, "classify", held)
-    return entered, release, calls
-
-
-def in_background(function) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(result=function()))
+    first: dict = {}
+    url = "/v1/models/digits/predict"
+    thread = threading.Thread(
+        target=lambda: first.update(r=client.post(url, content=image, headers=PNG))
+    )
     thread.start()
-    return thread, out
+    assert entered.wait(30)
+    try:
+        yield calls
+    finally:
+        release.set()
+        thread.join(30)
+    assert first["r"].status_code == 200
 
 
 def test_arrivals_beyond_running_and_waiting_are_refused_at_once(model_dir, monkeypatch):
-    entered, release, _ = held_classify(monkeypatch)
     image = png(test_digit(0)[0])
     with make_client(model_dir, max_concurrency=1, max_waiting=0, queue_timeout=20) as c:
         wait_ready(c)
-        url = "/v1/models/digits/predict"
-        thread, first = in_background(lambda: c.post(url, content=image, headers=PNG))
-        assert entered.wait(30)
-        started = time.monotonic()
-        r = c.post(url, content=image, headers=PNG)
-        assert time.monotonic() - started < 5  # not after the 20 s queue timeout
-        assert_error(r, 503, "busy", "1 predict inferences are running and 0 waiting")
-        release.set()
-        thread.join(30)
-        assert first["result"].status_code == 200
+        with one_predict_held(c, monkeypatch, image):
+            started = time.monotonic()
+            r = c.post("/v1/models/digits/predict", content=image, headers=PNG)
+            assert time.monotonic() - started < 5  # not after the 20 s queue timeout
+            assert_error(r, 503, "busy", "1 predict inferences are running and 0 waiting")
 
 
 def test_a_cancelled_request_keeps_its_slot_until_its_thread_is_done(model_dir):
     import asyncio
-    import contextlib
 
     entered, release = threading.Event(), threading.Event()
 
@@ -957,25 +954,25 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_a_500(model_dir, caplog):
 
 
 def test_a_request_whose_client_left_while_it_waited_does_not_run(model_dir, monkeypatch):
-    entered, release, calls = held_classify(monkeypatch)
     body = png(test_digit(0)[0])
     with make_client(model_dir, max_concurrency=1, queue_timeout=20) as c:
         wait_ready(c)
-        url = "/v1/models/digits/predict"
-        thread, first = in_background(lambda: c.post(url, content=body, headers=PNG))
-        assert entered.wait(30)
-        # the second request's body arrives whole, then its client leaves while it waits
-        whole = [{"type": "http.request", "body": body, "more_body": False}]
-        waiter, second = in_background(lambda: call_asgi(c, "POST", url, whole))
-        deadline = time.monotonic() + 30
-        while metric(c.get("/metrics").text, "cnnserve_inferences_waiting") < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        release.set()
-        thread.join(30)
+        with one_predict_held(c, monkeypatch, body) as calls:
+            # the second request's body arrives whole, then its client leaves while it waits
+            whole = [{"type": "http.request", "body": body, "more_body": False}]
+            second: dict = {}
+            waiter = threading.Thread(
+                target=lambda: second.update(
+                    sent=call_asgi(c, "POST", "/v1/models/digits/predict", whole)
+                )
+            )
+            waiter.start()
+            deadline = time.monotonic() + 30
+            while metric(c.get("/metrics").text, "cnnserve_inferences_waiting") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         waiter.join(30)
-        assert first["result"].status_code == 200
-        assert second["result"][0]["status"] == 499
+        assert second["sent"][0]["status"] == 499
         assert len(calls) == 1  # the second one never ran
 
 
