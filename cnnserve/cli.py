@@ -1060,12 +1060,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-concurrency",
         type=_positive_int,
-        help="inferences at once per worker (default: the cores this process may use)",
+        help="inferences at once per endpoint and worker (default: the cores this process may use)",
     )
     serve.add_argument(
         "--max-waiting",
         type=int,
-        help="requests waiting for a slot, per worker; one more gets a 503 at once (default 16)",
+        help="requests waiting for a slot per endpoint; one more gets a 503 at once (default 16)",
     )
     serve.add_argument(
         "--max-map-cells",

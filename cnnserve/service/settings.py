@@ -40,14 +40,14 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(
         default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
-        description="Inferences running at once (default: the cores this process may use); "
-        "further requests wait for a slot.",
+        description="Inferences running at once per endpoint (/predict and /scoremap each; "
+        "default: the cores this process may use); further requests wait for a slot.",
     )
     max_waiting: int = Field(
         16,
         ge=0,
-        description="Requests waiting for a slot (their bodies read or being read); one more "
-        "gets a 503 at once.",
+        description="Requests waiting for a slot per endpoint (their bodies read or being "
+        "read); one more gets a 503 at once.",
     )
     queue_timeout: float = Field(
         10.0,
