@@ -579,7 +579,7 @@ def _scales(text: str | None) -> list[float] | None:
 def _cmd_scoremap(args: argparse.Namespace) -> int:
     from cnnserve._checks import check_number
     from cnnserve.convert import load_fully_convolutional
-    from cnnserve.dense import MultiScaleMap, as_image, score_map
+    from cnnserve.dense import MultiScaleMap, as_image, default_class, score_map
     from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
 
     # Everything that can be refused is checked before the map is computed, and the files
@@ -606,9 +606,8 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - started
     maps = result.maps if isinstance(result, MultiScaleMap) else (result,)
-    ranked = result.top_k(args.top_k, by="mean")
     if class_index is None:
-        class_index = ranked[0]["index"]
+        class_index = default_class(result)
     label = fcn.class_names[class_index]
 
     print(f"image {args.image}: {image.shape[1]}x{image.shape[2]} pixels, {image.shape[0]} "
@@ -996,7 +995,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--class",
         dest="class_",
         metavar="K",
-        help="the class for the heatmap and the report, by name or index (default: the top one)",
+        help="the class for the heatmap and the report, by name or index (default: the top one "
+        "by max over the cells, other than 'background')",
     )
     scoremap.add_argument(
         "--stride-divisor",

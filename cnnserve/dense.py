@@ -42,6 +42,7 @@ from cnnserve.convert import (
     load_fully_convolutional,
     to_fully_convolutional,
 )
+from cnnserve.data import BACKGROUND
 from cnnserve.model import ConvNet, _out_shape
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ScoreMap",
     "as_image",
     "class_index",
+    "default_class",
     "read_image",
     "score_map",
     "softmax_cells",
@@ -210,6 +212,17 @@ def class_index(value: int | str, class_names: Sequence[str]) -> int:
             f"classes: {', '.join(class_names)}"
         )
     return index
+
+
+def default_class(result: ScoreMap | MultiScaleMap) -> int:
+    """The class a map shows when none is asked for: the top one by max over the cells.
+
+    A class named ``background`` (a detector's, like the ``digits-windows`` models') is
+    skipped: it is the most likely class of almost any image.
+    """
+    ranked = result.top_k(len(result.class_names), by="max")
+    shown = [r for r in ranked if r["label"] != BACKGROUND]
+    return (shown or ranked)[0]["index"]
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

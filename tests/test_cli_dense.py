@@ -250,3 +250,12 @@ def test_demo_refuses_before_writing_anything(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert not out.exists()
+
+
+def test_scoremap_default_class_skips_background(capsys):
+    detector = MODEL.parent / "digits_detector.safetensors"
+    canvas = MODEL.parent / "digits_demo" / "canvas.png"
+    assert main(["scoremap", str(detector), str(canvas), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "top-5 by max over cells: background" in text
+    assert "class 'background'" not in text and "highest probability" in text

@@ -844,3 +844,24 @@ def test_a_scale_over_the_pixel_limit_is_refused(stride4, monkeypatch):
         score_map(fcn, pixels((1, 20, 20)), scales=[1.0, 2.0])
     assert score_map(fcn, pixels((1, 40, 40)), scales=[0.5]).maps[0].shape == (3, 3)  # larger
     # originals may be downscaled
+
+
+def test_default_class_is_the_top_by_max_other_than_background():
+    from cnnserve.convert import Geometry
+    from cnnserve.dense import ScoreMap, default_class, softmax_cells
+
+    logits = np.zeros((3, 2, 2), np.float32)
+    logits[2] = 9.0  # "background" everywhere
+    logits[1, 0, 0] = 8.0  # class "b" in one cell
+    logits[0] = 1.0  # class "a": a little everywhere, more on average than "b"
+    g = Geometry(stride=2, window=(4, 4), receptive_field=(4, 4), offset=(0, 0), exact=True)
+
+    def scores(names):
+        return ScoreMap(logits, softmax_cells(logits), g, (6, 6), names, 1.0, (6, 6), 1)
+
+    assert default_class(scores(("a", "b", "background"))) == 1
+    assert default_class(scores(("a", "b", "c"))) == 2  # no background class: the top by max
+    only = ScoreMap(
+        logits[2:], softmax_cells(logits[2:]), g, (6, 6), ("background",), 1.0, (6, 6), 1
+    )
+    assert default_class(only) == 0

@@ -1009,3 +1009,18 @@ def test_warm_up_decodes_an_image(model_dir, monkeypatch):
     assert decoded == [1]
     loaded = registry_module.load_one(model_dir / "digits.safetensors", warmup=False)
     assert decoded == [1] and loaded.name == "digits"
+
+
+def test_a_detectors_default_class_is_not_background(tmp_path):
+    detector = MODEL.parent / "digits_detector.safetensors"
+    shutil.copy(detector, tmp_path)
+    canvas, placements = digits_canvas((48, 96), 6, seed=0)
+    with make_client(tmp_path) as c:
+        wait_ready(c)
+        url = "/v1/models/digits_detector/scoremap"
+        body = c.post(url, content=png(canvas), headers=PNG).json()
+        assert body["aggregate"]["top_k_by_max"][0]["label"] == "background"
+        assert body["class"]["label"] != "background"
+        assert int(body["class"]["label"]) in {p["label"] for p in placements}
+        blank = c.post(url, content=png(np.zeros((16, 16))), headers=PNG).json()
+        assert blank["class"]["label"] != "background"  # even where nothing else is likely

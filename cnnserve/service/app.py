@@ -37,7 +37,14 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
 from cnnserve import __version__
-from cnnserve.dense import ImageError, ImageTooLargeError, _encode, class_index, read_image
+from cnnserve.dense import (
+    ImageError,
+    ImageTooLargeError,
+    _encode,
+    class_index,
+    default_class,
+    read_image,
+)
 from cnnserve.dense import score_map as dense_score_map
 from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
 from cnnserve.predict import predict as classify
@@ -508,7 +515,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
                 alias="class",
                 description="A class name or index: the class whose peak is reported (json) "
                 "or drawn (png). Default: the top class by max over the cells (the most likely "
-                "class anywhere in the image).",
+                "class anywhere in the image), skipping a class named background.",
             ),
         ] = None,
         alpha: Annotated[
@@ -551,7 +558,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
                 result = dense_score_map(
                     fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
                 )
-                index = chosen if chosen is not None else result.top_k(1, by="max")[0]["index"]
+                index = chosen if chosen is not None else default_class(result)
                 if format == "png":
                     picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
                     return result, index, png_bytes(picture)
