@@ -426,9 +426,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from cnnserve.model import FCN_FORMAT_NAME, read_model_file, read_safetensors
+    from cnnserve.model import FCN_FORMAT_NAME, read_metadata, read_model_file
 
-    if read_safetensors(args.model)[0].get("format") == FCN_FORMAT_NAME:
+    if read_metadata(args.model).get("format") == FCN_FORMAT_NAME:
         return _info_converted(args)
     file = read_model_file(args.model)
     model = file.model
@@ -690,19 +690,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# The `serve` flags and the Settings fields they set (as CNNSERVE_* environment variables, so
-# that every uvicorn worker process reads the same settings).
-_SERVE_SETTINGS = {
-    "models": "models",
-    "max_body_bytes": "max_body_bytes",
-    "max_pixels": "max_pixels",
-    "max_concurrency": "max_concurrency",
-    "max_waiting": "max_waiting",
-    "queue_timeout": "queue_timeout",
-    "max_map_cells": "max_map_cells",
-    "max_json_cells": "max_json_cells",
-    "warmup": "warmup",
-}
+# The `serve` flags that set Settings fields of the same name (as CNNSERVE_* environment
+# variables, so that every uvicorn worker process reads the same settings).
+_SERVE_SETTINGS = (
+    "models",
+    "max_body_bytes",
+    "max_pixels",
+    "max_concurrency",
+    "max_waiting",
+    "queue_timeout",
+    "max_map_cells",
+    "max_json_cells",
+    "warmup",
+)
 
 
 def _log_config(base: dict, level: str) -> dict:
@@ -727,8 +727,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cnnserve.service.registry import ModelDirectoryError, ModelRegistry
     from cnnserve.service.settings import Settings
 
-    for option, field in _SERVE_SETTINGS.items():
-        value = getattr(args, option)
+    for field in _SERVE_SETTINGS:
+        value = getattr(args, field)
         if value is not None:
             os.environ[f"CNNSERVE_{field.upper()}"] = str(value)
     try:

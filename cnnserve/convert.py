@@ -61,6 +61,7 @@ from cnnserve.model import (
     _shape_text,
     check_format,
     check_tensors,
+    read_metadata,
     read_model_file,
     read_safetensors,
     write_model_file,
@@ -810,12 +811,12 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
         A trained model whose conversion fails its self-check.
     """
     path = Path(path)
-    metadata, tensors = read_safetensors(path)
-    if metadata.get("format") == FORMAT_NAME:
+    if read_metadata(path).get("format") == FORMAT_NAME:  # the header only
         file = read_model_file(path)
         fcn = to_fully_convolutional(file.model)
         fcn.training = dict(file.training)
         return fcn
+    metadata, tensors = read_safetensors(path)
     check_format(path, metadata, FCN_FORMAT_NAME)
     try:
         meta = json.loads(metadata["cnnserve"])

@@ -45,7 +45,8 @@ import datetime
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,6 +68,7 @@ __all__ = [
     "ThreeLayerConvNet",
     "load_model",
     "preset_layers",
+    "read_metadata",
     "read_model_file",
     "save_model",
     "tensor_shapes",
@@ -944,6 +946,35 @@ def write_model_file(
     return path
 
 
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """A safetensors file's handle; a missing or unreadable file is a :class:`ModelFileError`."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ModelFileError(f"model file {path} {what}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            yield handle
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"model file {path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, reading only its header (no tensor).
+
+    Raises
+    ------
+    ModelFileError
+        As :func:`read_safetensors`.
+    """
+    with _open_safetensors(Path(path)) as handle:
+        return dict(handle.metadata() or {})
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """The metadata and tensors of a safetensors file (never unpickles).
 
@@ -952,20 +983,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
     ModelFileError
         The file is missing, a directory, or not a readable safetensors file.
     """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ModelFileError(f"model file {path} {what}")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: np.array(handle.get_tensor(name)) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(
-            f"model file {path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
+    with _open_safetensors(Path(path)) as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {name: np.array(handle.get_tensor(name)) for name in handle.keys()}
     return metadata, tensors
 
 

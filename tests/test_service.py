@@ -209,7 +209,7 @@ def test_model_names_never_reach_the_file_system(model_dir, monkeypatch):
 
         monkeypatch.setattr(builtins, "open", spy("open", builtins.open))
         monkeypatch.setattr(os, "open", spy("os.open", os.open))
-        for name in ("load_one", "read_model_file", "load_fully_convolutional", "_file_format"):
+        for name in ("load_one", "load_fully_convolutional"):
             monkeypatch.setattr(registry_module, name, spy(name, getattr(registry_module, name)))
         image = png(test_digit(0)[0])
         names = ["secret", "../secret", "..%2Fsecret", "%2E%2E%2Fsecret", "secret.safetensors",

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
+from cnnserve.convert import FullyConvNet, load_fully_convolutional
 from cnnserve.dense import read_image, score_map
-from cnnserve.model import FORMAT_NAME, ConvNet, ModelFileError, read_model_file
+from cnnserve.model import ConvNet
 from cnnserve.predict import predict
 
 __all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "load_one"]
@@ -81,19 +81,6 @@ class LoadedModel:
         }
 
 
-def _file_format(path: Path) -> str | None:
-    """The ``format`` entry of a safetensors file's metadata, reading only its header."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return (handle.metadata() or {}).get("format")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(
-            f"model file {path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
-
-
 def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
     """Load a trained or converted model file, convert it, and run it once.
 
@@ -103,16 +90,10 @@ def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
         A corrupt or mismatched file, or a conversion whose self-check fails.
     """
     start = time.perf_counter()
-    if _file_format(path) == FORMAT_NAME:
-        file = read_model_file(path)
-        model = file.model
-        fcn = to_fully_convolutional(model)
-        fcn.training = dict(file.training)
-    else:
-        fcn = load_fully_convolutional(path)
-        model = ConvNet.from_config(
-            fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
-        )  # for its layer table only: fresh weights, same shapes
+    fcn = load_fully_convolutional(path)  # a trained file is converted and self-checked
+    model = ConvNet.from_config(
+        fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
+    )  # for its layer table and parameter count only: fresh weights, same shapes
     if warmup:
         # One decode, one classification and one small map: Pillow loads its format plugins
         # at its first decode (about 7 ms), and the first call of each conv path sets up its
