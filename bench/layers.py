@@ -9,8 +9,9 @@ Usage::
     python bench/layers.py --only conv     # only the rows whose label contains "conv"
 
 Columns: fwd+bwd time and GFLOP/s, forward time and GFLOP/s, the forward rate as a share of
-numpy's float32 GEMM rate measured in the same run (``%GEMM``; ``*`` marks the two rows with
-the largest forward GEMMs), the speed-up over the loop reference, PyTorch's time and the
+numpy's float32 GEMM rate (``%GEMM``: each forward run is paired with a GEMM run just before
+it, and the column is the median of the pairs' shares; ``*`` marks the two rows with the
+largest forward GEMMs), the speed-up over the loop reference, PyTorch's time and the
 ratio ours/torch; then the geometric means of the ratios over the conv rows and over all
 rows. GFLOP/s always count a direct convolution's multiply-adds, also where the Winograd
 path does fewer (an effective rate, the usual convention).
@@ -112,13 +113,44 @@ def conv_forward_flops(N, C, H, W, F, K, stride, pad) -> float:
     return 2.0 * N * F * out * out * C * K * K
 
 
-def gemm_rate(repeat: int, size: int = 2048) -> float:
-    """FLOP/s of numpy's float32 GEMM on (size x size) matrices: the machine's BLAS rate."""
+GEMM_SIZE = 2048
+
+
+def gemm_step(size: int = GEMM_SIZE) -> tuple[Callable[[], object], float]:
+    """numpy's float32 GEMM on (size x size) matrices, and its FLOPs: the machine's BLAS rate."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
     out = np.empty_like(a)
-    return 2.0 * size**3 / median_time(lambda: np.matmul(a, b, out=out), repeat)
+    return (lambda: np.matmul(a, b, out=out)), 2.0 * size**3
+
+
+def paired_share(
+    forward: Callable[[], object],
+    flops: float,
+    gemm: Callable[[], object],
+    gemm_flops: float,
+    repeat: int,
+) -> tuple[float, float]:
+    """``(median forward time, median share of the GEMM rate)``, the GEMM timed beside it.
+
+    The GEMM and the forward run alternately, ``repeat`` pairs after one warm-up each, and
+    each pair gives one share (forward FLOP/s over the GEMM's FLOP/s of the same moment).
+    On a shared machine whose speed drifts by tens of percent within minutes, a GEMM rate
+    measured once at the start would make the share follow the drift, not the kernel.
+    """
+    forward()
+    gemm()
+    times, shares = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        gemm()
+        middle = time.perf_counter()
+        forward()
+        end = time.perf_counter()
+        times.append(end - middle)
+        shares.append((flops / (end - middle)) / (gemm_flops / (middle - start)))
+    return statistics.median(times), statistics.median(shares)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     torch = start_torch(env)
     limit_threads()
     print("\n".join(describe_machine(torch)))
-    rate = gemm_rate(args.repeat)
-    print(f"numpy float32 GEMM 2048x2048x2048, {THREADS} threads: {rate / 1e9:.1f} GFLOP/s")
+    gemm, gemm_flops = gemm_step()
+    rate = gemm_flops / median_time(gemm, args.repeat)
+    print(
+        f"numpy float32 GEMM {GEMM_SIZE}x{GEMM_SIZE}x{GEMM_SIZE}, {THREADS} threads: "
+        f"{rate / 1e9:.1f} GFLOP/s (at the start; each %GEMM is paired, see below)"
+    )
     rows = [(kind, shape) for kind, shape in ROWS if args.only in label(kind, shape)]
     conv_rows = [shape for kind, shape in rows if kind == "conv"]
     # The two conv rows with the largest forward GEMMs (FLOPs; ties keep the table order).
@@ -337,13 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     for kind, shape in rows:
         a = make_arrays(kind, shape)
         ours = median_time(ours_step(kind, shape, a), args.repeat)
-        fwd_time = median_time(ours_step(kind, shape, a, backward=False), args.repeat)
+        forward = ours_step(kind, shape, a, backward=False)
         gflops = fwd_gflops = share = "-"
         if kind == "conv":
             gflops = f"{conv_flops(*shape) / ours / 1e9:.1f}"
-            fwd_rate = conv_forward_flops(*shape) / fwd_time
-            fwd_gflops = f"{fwd_rate / 1e9:.1f}"
-            share = f"{100 * fwd_rate / rate:.0f}{'*' if shape in largest else ''}"
+            fwd_time, fraction = paired_share(
+                forward, conv_forward_flops(*shape), gemm, gemm_flops, args.repeat
+            )
+            fwd_gflops = f"{conv_forward_flops(*shape) / fwd_time / 1e9:.1f}"
+            share = f"{100 * fraction:.0f}{'*' if shape in largest else ''}"
+        else:
+            fwd_time = median_time(forward, args.repeat)
         speedup = "-"
         if not args.no_reference:
             cut, scale = reference_slice(kind, a)
@@ -365,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch is not None:
         torch.close()
     print(
-        "\nGFLOP/s count a direct convolution's multiply-adds (fwd: 1x, fwd+bwd: 3x); %GEMM is "
-        "fwd GF/s over the GEMM rate above, * marks the two largest forward GEMMs."
+        "\nGFLOP/s count a direct convolution's multiply-adds (fwd: 1x, fwd+bwd: 3x).\n%GEMM is "
+        "the median over the forward runs of its rate over the rate of a GEMM run just before "
+        "it;\n* marks the two largest forward GEMMs."
     )
     for name, values in ratios.items():
         if values:
