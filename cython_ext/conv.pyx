@@ -690,3 +690,119 @@ def skinny_forward(const float[:, ::1] w_mat, const float[:, ::1] cols_t, const 
             if f1 > f0:
                 cnn_skinny_rows_f(&w_mat[0, 0], &cols_t[0, 0], o, K, J, &col_off[0], P,
                                   f0, f1, kc, fast)
+
+
+# ---------------------------------------------------------------------------------------------
+# The skinny product on filters packed once (cnn_skinny_packed.h), for fixed weights.
+# ---------------------------------------------------------------------------------------------
+
+
+cdef extern from "cnn_skinny_packed.h" nogil:
+    const int CNN_SKP_NR  # columns per tile
+    const int CNN_SKP_P  # rows per panel
+    const int CNN_SKP_G  # panels per group, a thread's unit of work
+    const int CNN_SKP_KC  # values of k per chunk
+    Py_ssize_t cnn_skp_panels(Py_ssize_t F)
+    Py_ssize_t cnn_skp_groups(Py_ssize_t F)
+    size_t cnn_skp_packed_size(Py_ssize_t F, Py_ssize_t K)
+    void cnn_skp_pack_f(const float* W, Py_ssize_t F, Py_ssize_t K, float* Wp, Py_ssize_t p0,
+                        Py_ssize_t p1)
+    void cnn_skp_rows_f(const float* Wp, const float* cols, float* out, Py_ssize_t ldo,
+                        const Py_ssize_t* col_off, Py_ssize_t F, Py_ssize_t K, Py_ssize_t J,
+                        Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t q0, Py_ssize_t q1, float* acc,
+                        float* tail, int use_avx512)
+
+
+def _aligned_empty(Py_ssize_t n):
+    """A float32 array of n values whose data starts on a 64-byte boundary."""
+    import numpy as np
+    buf = np.empty(n + 16, dtype=np.float32)
+    skip = (-buf.ctypes.data) % 64 // 4
+    return buf[skip : skip + n]
+
+
+def skinny_pack(const float[:, ::1] w_mat, int threads):
+    """The filter matrix ``w_mat`` (F, K) in the packed layout of ``cnn_skinny_packed.h``.
+
+    Returns a 1-D float32 array (64-byte aligned) of ``ceil(F / 32) * 32 * K`` values, rows
+    past F zero. ``threads`` OpenMP threads pack disjoint panels.
+    """
+    cdef Py_ssize_t F = w_mat.shape[0], K = w_mat.shape[1]
+    cdef Py_ssize_t n_panels = cnn_skp_panels(F), t
+    packed = _aligned_empty(cnn_skp_packed_size(F, K))
+    if F == 0 or K == 0:
+        return packed
+    cdef float[::1] wp = packed
+    if threads < 1:
+        threads = 1
+    with nogil:
+        for t in prange(threads, schedule="static", num_threads=threads):
+            cnn_skp_pack_f(&w_mat[0, 0], F, K, &wp[0], n_panels * t // threads,
+                           n_panels * (t + 1) // threads)
+    return packed
+
+
+def skinny_packed_forward(const float[::1] packed, Py_ssize_t F, const float[:, ::1] cols,
+                          const float[::1] b, float[:, :, ::1] out, int threads,
+                          bint use_fast=True):
+    """``out[n, f, p] = b[f] + sum_k W[f, k] * cols[k, n * P + p]``, with ``packed`` made by
+    :func:`skinny_pack` from W (F, K), float32 only.
+
+    ``cols`` is (K, N * P), the im2col columns of the batch; ``out`` is (N, F, P). Groups of
+    512 rows of W are split over ``threads`` OpenMP threads (the 32-row panels of W when it is
+    one group); each thread writes only its own rows of ``out``. ``use_fast=False`` forces the
+    portable tile (for tests); the AVX-512 tile is used only when :func:`skinny_fast` is true.
+    """
+    cdef Py_ssize_t K = cols.shape[0], J = cols.shape[1]
+    cdef Py_ssize_t N = out.shape[0], P = out.shape[2]
+    cdef Py_ssize_t n_groups = cnn_skp_groups(F), n_panels = cnn_skp_panels(F)
+    cdef Py_ssize_t t, f, j, n, p, g0, g1, q0, q1, f0, f1
+    cdef bint by_groups
+    cdef Py_ssize_t rows_per_group = CNN_SKP_G * CNN_SKP_P
+    cdef int fast = 1 if (use_fast and cnn_skinny_fast_f() == 1) else 0
+    if packed.shape[0] != <Py_ssize_t>cnn_skp_packed_size(F, K):
+        raise ValueError(f"skinny_packed_forward: packed holds {packed.shape[0]} values, not "
+                         f"the {cnn_skp_packed_size(F, K)} of a packed ({F}, {K}) matrix")
+    if out.shape[1] != F or J != N * P or b.shape[0] != F:
+        raise ValueError("skinny_packed_forward: shapes of cols, b and out do not match")
+    if F == 0 or J == 0:
+        return
+    if <size_t>&packed[0] % 64 != 0:
+        raise ValueError("skinny_packed_forward: packed must start on a 64-byte boundary")
+    import numpy as np
+    offsets = np.empty(J, dtype=np.intp)
+    cdef Py_ssize_t[::1] col_off = offsets
+    for j in range(J):
+        col_off[j] = (j // P) * F * P + j % P
+    if threads < 1:
+        threads = 1
+    by_groups = n_groups > 1
+    if threads > (n_groups if by_groups else n_panels):
+        threads = <int>(n_groups if by_groups else n_panels)
+    # per thread: a group's sums (rows x whole blocks of columns), then the partial block
+    cdef Py_ssize_t sums = rows_per_group * ((J + CNN_SKP_NR - 1) // CNN_SKP_NR) * CNN_SKP_NR
+    cdef Py_ssize_t scratch = sums + CNN_SKP_KC * CNN_SKP_NR
+    scratch_buf = _aligned_empty(threads * scratch)
+    cdef float[::1] work = scratch_buf
+    cdef float* o = &out[0, 0, 0]
+    with nogil:
+        for t in prange(threads, schedule="static", num_threads=threads):
+            if by_groups:  # whole groups
+                g0 = n_groups * t // threads
+                g1 = n_groups * (t + 1) // threads
+                q0 = 0
+                q1 = CNN_SKP_G
+            else:  # a share of the panels of the only group
+                g0 = 0
+                g1 = 1
+                q0 = n_panels * t // threads
+                q1 = n_panels * (t + 1) // threads
+            f0 = min(F, g0 * rows_per_group + q0 * CNN_SKP_P)
+            f1 = min(F, (g1 - 1) * rows_per_group + q1 * CNN_SKP_P)
+            for n in range(N):
+                for f in range(f0, f1):
+                    for p in range(P):
+                        o[(n * F + f) * P + p] = b[f]
+            if f1 > f0:
+                cnn_skp_rows_f(&packed[0], &cols[0, 0], o, P, &col_off[0], F, K, J, g0, g1,
+                               q0, q1, &work[t * scratch], &work[t * scratch + sums], fast)
