@@ -14,7 +14,9 @@ it, and the column is the median of the pairs' shares; ``*`` marks the two rows 
 largest forward GEMMs), the speed-up over the loop reference, PyTorch's time and the
 ratio ours/torch; then the geometric means of the ratios over the conv rows and over all
 rows. GFLOP/s always count a direct convolution's multiply-adds, also where the Winograd
-path does fewer (an effective rate, the usual convention).
+path does fewer (an effective rate, the usual convention). A last table times the forward of
+the conv rows that can read filters packed once (``layers.pack_filters``, for fixed weights
+at inference), with the packing time and %GEMM.
 
 Times are medians of ``--repeat`` runs after one warm-up. Both sides run in the same
 invocation, row by row, on identical arrays: cnnserve in this process, PyTorch in a helper
@@ -30,6 +32,7 @@ minutes on it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -327,6 +330,55 @@ def describe_machine(torch: TorchProcess | None) -> list[str]:
     return lines
 
 
+def packed_rows(
+    rows: list,
+    gemm: Callable[[], object],
+    gemm_flops: float,
+    shares: dict,
+    largest: list,
+    repeat: int,
+) -> None:
+    """The conv rows whose forward reads packed filters (``layers.pack_filters``: fixed
+    weights, as at inference): packing time, forward time and %GEMM, paired as above."""
+    from cnnserve import layers
+
+    lines = []
+    for kind, shape in rows:
+        if kind != "conv":
+            continue
+        N, C, H, W, F, K, stride, pad = shape
+        out_size = (H + 2 * pad - K) // stride + 1
+        if N * out_size**2 > layers._PACKED_MAX_COLUMNS:
+            continue
+        a = make_arrays(kind, shape)
+        start = time.perf_counter()
+        filters = layers.pack_filters(a["w"])
+        pack_time = time.perf_counter() - start
+        if not filters.packed:
+            continue
+        forward = functools.partial(
+            layers.conv_forward, a["x"], filters, a["b"], {"stride": stride, "pad": pad}
+        )
+        fwd_time, fraction = paired_share(
+            forward, conv_forward_flops(*shape), gemm, gemm_flops, repeat
+        )
+        star = "*" if shape in largest else ""
+        lines.append(
+            f"{label(kind, shape):<38} {pack_time * 1e3:8.1f} {fwd_time * 1e3:8.2f} "
+            f"{conv_forward_flops(*shape) / fwd_time / 1e9:8.1f} {100 * fraction:>5.0f}{star} "
+            f"{100 * shares[shape]:>9.0f}"
+        )
+    if not lines:
+        return
+    header = (
+        f"{'forward, filters packed once':<38} {'pack ms':>8} {'fwd ms':>8} {'fwd GF/s':>8} "
+        f"{'%GEMM':>6} {'unpacked':>9}"
+    )
+    print(f"\n{header}\n{'-' * len(header)}")
+    print("\n".join(lines))
+    print("unpacked: the %GEMM of the same forward on the plain filters, in the table above.")
+
+
 def label(kind: str, shape: tuple) -> str:
     if kind == "conv":
         N, C, H, W, F, K, stride, pad = shape
@@ -370,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\n{header}\n{'-' * len(header)}")
     ratios: dict[str, list[float]] = {"conv": [], "all": []}
+    shares: dict[tuple, float] = {}  # conv shape -> the forward's %GEMM
     for kind, shape in rows:
         a = make_arrays(kind, shape)
         ours = median_time(ours_step(kind, shape, a), args.repeat)
@@ -382,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             fwd_gflops = f"{conv_forward_flops(*shape) / fwd_time / 1e9:.1f}"
             share = f"{100 * fraction:.0f}{'*' if shape in largest else ''}"
+            shares[shape] = fraction
         else:
             fwd_time = median_time(forward, args.repeat)
         speedup = "-"
@@ -413,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         if values:
             gmean = float(np.exp(np.mean(np.log(values))))
             print(f"geometric mean of ours/torch over {len(values)} {name} rows: {gmean:.2f}")
+    packed_rows(rows, gemm, gemm_flops, shares, largest, args.repeat)
     return 0
 
 
