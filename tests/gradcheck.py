@@ -60,3 +60,16 @@ def scaled_error(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64)
     scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), 1e-12)
     return float(np.max(np.abs(a - b))) / scale
+
+
+def assert_close_to_scale(got: np.ndarray, want: np.ndarray, rel: float = 1e-5) -> None:
+    """``got`` within ``rel`` of the largest magnitude of ``want`` everywhere (float32 kernels
+    against a float64 result: an error relative to each entry would fail near zero)."""
+    scale = float(np.max(np.abs(want)))
+    assert float(np.max(np.abs(got - want))) <= rel * scale
+
+
+def conv_shape_id(shape: tuple) -> str:
+    """A test id for a conv case ``(N, C, H, W, F, HH, WW, stride, pad)``."""
+    N, C, H, W, F, HH, WW, s, p = shape
+    return f"x{N}x{C}x{H}x{W}-w{F}x{HH}x{WW}-s{s}p{p}"

@@ -5,7 +5,7 @@ import pytest
 
 from cnnserve import layers, reference
 from cnnserve._ext import conv as conv_ext
-from tests.gradcheck import numeric_gradient, scaled_error, tolerance
+from tests.gradcheck import conv_shape_id, numeric_gradient, scaled_error, tolerance
 
 # (N, C, H, W, F, HH, WW, stride, pad): batch of 1, single channel, non-square kernels and
 # inputs, stride 1/2/3, pad 0 and pad > 0, kernel == input (the whole-image path, one GEMM),
@@ -31,11 +31,6 @@ SHAPES = [
 ]
 
 
-def _ids(shape):
-    N, C, H, W, F, HH, WW, s, p = shape
-    return f"x{N}x{C}x{H}x{W}-w{F}x{HH}x{WW}-s{s}p{p}"
-
-
 def _random_problem(shape, dtype, seed=0):
     N, C, H, W, F, HH, WW, stride, pad = shape
     rng = np.random.default_rng(seed)
@@ -46,7 +41,7 @@ def _random_problem(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=conv_shape_id)
 def test_forward_and_backward_match_reference(shape, dtype):
     x, w, b, param = _random_problem(shape, dtype)
     out, cache = layers.conv_forward(x, w, b, param)
@@ -65,7 +60,7 @@ def test_forward_and_backward_match_reference(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 16, 16, 4, 3, 3, 1, 1), (4, 8, 21, 17, 3, 5, 3, 2, 0)], ids=_ids
+    "shape", [(2, 8, 16, 16, 4, 3, 3, 1, 1), (4, 8, 21, 17, 3, 5, 3, 2, 0)], ids=conv_shape_id
 )
 def test_parallel_path_matches_reference(shape, dtype):
     """Problems above the kernels' serial threshold (cython_ext/cnn_threads.h), so im2col and
@@ -86,7 +81,7 @@ def test_parallel_path_matches_reference(shape, dtype):
         np.testing.assert_allclose(got, want, **tolerance(dtype))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=conv_shape_id)
 def test_backward_matches_numeric_gradient(shape):
     x, w, b, param = _random_problem(shape, np.float64, seed=3)
     out, cache = layers.conv_forward(x, w, b, param)
@@ -133,7 +128,7 @@ def test_default_param_is_stride_1_pad_0():
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 3, 7, 7, 4, 3, 3, 2, 1), (2, 3, 8, 9, 4, 1, 1, 1, 0), (3, 4, 5, 6, 3, 5, 6, 1, 0)], ids=_ids
+    "shape", [(2, 3, 7, 7, 4, 3, 3, 2, 1), (2, 3, 8, 9, 4, 1, 1, 1, 0), (3, 4, 5, 6, 3, 5, 6, 1, 0)], ids=conv_shape_id
 )  # fmt: skip
 def test_non_contiguous_inputs_and_inputs_untouched(shape):
     x, w, b, param = _random_problem(shape, np.float64)
@@ -355,7 +350,7 @@ FAST_PATH_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
-    ("shape", "path"), FAST_PATH_SHAPES, ids=lambda v: v if isinstance(v, str) else _ids(v)
+    ("shape", "path"), FAST_PATH_SHAPES, ids=lambda v: v if isinstance(v, str) else conv_shape_id(v)
 )
 def test_fast_paths_match_reference(shape, path, dtype):
     """Against the loop reference run in float64 on the same inputs: float64 to 1e-10, float32
@@ -390,7 +385,7 @@ WHOLE_AND_POINTWISE = [
 @pytest.mark.parametrize(
     ("shape", "path"),
     FAST_PATH_SHAPES + WHOLE_AND_POINTWISE,
-    ids=lambda v: v if isinstance(v, str) else _ids(v),
+    ids=lambda v: v if isinstance(v, str) else conv_shape_id(v),
 )
 def test_backward_without_dx_gives_the_same_dw_and_db(shape, path, dtype):
     """need_dx=False (a network's first layer) skips dx and changes nothing else."""
@@ -409,7 +404,7 @@ def test_backward_without_dx_gives_the_same_dw_and_db(shape, path, dtype):
 @pytest.mark.parametrize(
     "shape",
     [(2, 2, 5, 7, 3, 3, 3, 1, 1), (1, 2, 6, 6, 2, 3, 3, 1, 0), (2, 2, 9, 10, 2, 2, 3, 1, 0), (1, 2, 17, 16, 2, 3, 2, 2, 1)],
-    ids=_ids,
+    ids=conv_shape_id,
 )  # fmt: skip
 def test_fast_paths_match_numeric_gradient(shape):
     assert _path(shape, np.float64) in ("winograd", "fused")
@@ -438,7 +433,7 @@ def test_fast_paths_match_numeric_gradient(shape):
 
 
 @pytest.mark.parametrize(
-    "shape", [(4, 16, 12, 12, 32, 3, 3, 1, 1), (4, 3, 16, 16, 16, 5, 5, 1, 2)], ids=_ids
+    "shape", [(4, 16, 12, 12, 32, 3, 3, 1, 1), (4, 3, 16, 16, 16, 5, 5, 1, 2)], ids=conv_shape_id
 )
 def test_fast_paths_float32_close_to_float64(shape):
     """Winograd's transforms add a few roundings: float32 stays within float32 tolerance of

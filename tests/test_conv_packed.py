@@ -7,16 +7,10 @@ import pytest
 
 from cnnserve import layers, reference
 from cnnserve._ext import conv as conv_ext
-from tests.gradcheck import tolerance
+from tests.gradcheck import assert_close_to_scale, conv_shape_id, tolerance
 
 FAST = conv_ext.skinny_fast()
 PANEL, GROUP, CHUNK = 32, 16, 256  # rows per panel, panels per group, k per chunk
-
-
-def _assert_close_to_scale(got, want):
-    """float32 to 1e-5 of the largest magnitude of the float64 result."""
-    scale = float(np.max(np.abs(want)))
-    assert float(np.max(np.abs(got - want))) <= 1e-5 * scale
 
 
 def _pack_in_numpy(w_mat):
@@ -77,7 +71,7 @@ def test_skinny_packed_forward_matches_float64_product(F, K, N, P, use_fast, thr
     conv_ext.skinny_packed_forward(packed, F, cols, b, out, threads, use_fast)
     prod = w_mat.astype(np.float64) @ cols.astype(np.float64)  # (F, N*P)
     want = prod.reshape(F, N, P).transpose(1, 0, 2) + b[:, None]
-    _assert_close_to_scale(out, want)
+    assert_close_to_scale(out, want)
 
 
 def test_skinny_packed_forward_rejects_bad_arguments():
@@ -135,13 +129,8 @@ CONV_SHAPES = [
 ]
 
 
-def _ids(shape):
-    N, C, H, W, F, HH, WW, s, p = shape
-    return f"x{N}x{C}x{H}x{W}-w{F}x{HH}x{WW}-s{s}p{p}"
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", CONV_SHAPES, ids=_ids)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=conv_shape_id)
 def test_conv_forward_packed_matches_reference(small_packing, packed_calls, shape, dtype):
     """Packed filters give the loop reference's output (float32: the packed kernel on AVX-512
     CPUs; float64 is never packed) and the same gradients as the plain filters."""
@@ -160,7 +149,7 @@ def test_conv_forward_packed_matches_reference(small_packing, packed_calls, shap
     )
     assert out.dtype == dtype and out.shape == ref_out.shape
     if dtype == np.float32:
-        _assert_close_to_scale(out, ref_out)
+        assert_close_to_scale(out, ref_out)
     else:
         np.testing.assert_allclose(out, ref_out, **tolerance(dtype))
     assert type(cache.w) is np.ndarray
@@ -188,7 +177,7 @@ def test_conv_forward_packed_only_up_to_the_column_limit(small_packing, packed_c
         out, _ = layers.conv_forward(x, filters, b, {"stride": 1, "pad": 0})
         assert packed_calls == ([8] if used else [])
         want, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})
-        _assert_close_to_scale(out, want)
+        assert_close_to_scale(out, want)
 
 
 def test_pack_filters_is_a_snapshot(small_packing):
@@ -202,7 +191,7 @@ def test_pack_filters_is_a_snapshot(small_packing):
     w[:] = 0
     got, _ = layers.conv_forward(x, filters, b, {})
     np.testing.assert_array_equal(layers.conv_forward(x, filters.w, b, {})[0], want)
-    _assert_close_to_scale(got, want)
+    assert_close_to_scale(got, want)
     assert not filters.w.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         filters.w[0, 0, 0, 0] = 1
@@ -251,4 +240,4 @@ def test_bench_row_4096_filters_packed():
     conv_ext.im2col(x, cols, 7, 7, 1, 0)
     prod = w.reshape(4096, -1).astype(np.float64) @ cols.astype(np.float64)  # (F, P)
     want = prod.reshape(1, 4096, 6, 6) + b[:, None, None]
-    _assert_close_to_scale(out, want)
+    assert_close_to_scale(out, want)

@@ -5,7 +5,7 @@ import pytest
 
 from cnnserve import layers, reference
 from cnnserve._ext import conv as conv_ext
-from tests.gradcheck import tolerance
+from tests.gradcheck import assert_close_to_scale, conv_shape_id, tolerance
 
 FAST = conv_ext.skinny_fast()
 
@@ -16,12 +16,6 @@ def _product_problem(F, K, J, seed=0):
     cols_t = rng.standard_normal((J, K)).astype(np.float32)  # (J, K)
     b = rng.standard_normal(F).astype(np.float32)  # (F,)
     return w_mat, cols_t, b
-
-
-def _assert_close_to_scale(got, want):
-    """float32 to 1e-5 of the largest magnitude of the float64 result."""
-    scale = float(np.max(np.abs(want)))
-    assert float(np.max(np.abs(got - want))) <= 1e-5 * scale
 
 
 # (F, K, N, P, kc): F not a multiple of the 6-row tile (nor a thread's share of rows), N*P
@@ -55,7 +49,7 @@ def test_skinny_forward_matches_float64_product(F, K, N, P, kc, use_fast, thread
     # want[n, f, p] = b[f] + sum_k w_mat[f, k] * cols_t[n * P + p, k], in float64
     prod = w_mat.astype(np.float64) @ cols_t.astype(np.float64).T  # (F, N * P)
     want = prod.reshape(F, N, P).transpose(1, 0, 2) + b[:, None]
-    _assert_close_to_scale(out, want)
+    assert_close_to_scale(out, want)
 
 
 def _at_offset(a, offset):
@@ -92,7 +86,7 @@ def test_skinny_forward_any_alignment(F, K, J, kc, w_off, c_off):
     out = np.full((1, F, J), np.nan, dtype=np.float32)  # (N, F, P) with N = 1
     conv_ext.skinny_forward(w_mat, cols_t, b, out, kc, 2)
     want = w_mat.astype(np.float64) @ cols_t.astype(np.float64).T + b[:, None]  # (F, J)
-    _assert_close_to_scale(out[0], want)
+    assert_close_to_scale(out[0], want)
 
 
 @pytest.mark.parametrize("w_off", [0, 3, 12])
@@ -109,7 +103,7 @@ def test_conv_forward_skinny_weights_off_cache_line(monkeypatch, w_off):
     ref_out, _ = reference.conv_forward_naive(
         x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), {"stride": 1, "pad": 0}
     )
-    _assert_close_to_scale(out, ref_out)
+    assert_close_to_scale(out, ref_out)
 
 
 def test_skinny_forward_rejects_mismatched_shapes():
@@ -149,14 +143,9 @@ CONV_SHAPES = [
 ]
 
 
-def _ids(shape):
-    N, C, H, W, F, HH, WW, s, p = shape
-    return f"x{N}x{C}x{H}x{W}-w{F}x{HH}x{WW}-s{s}p{p}"
-
-
 @pytest.mark.parametrize("taken", [True, False], ids=["skinny", "other"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", CONV_SHAPES, ids=_ids)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=conv_shape_id)
 def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, taken):
     """With the weight threshold lowered the small problems take the skinny path (float32 on
     AVX-512 CPUs; float64 never does); forward and backward match the float64 loop reference
@@ -179,7 +168,7 @@ def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, t
     )
     assert out.dtype == dtype and out.shape == ref_out.shape
     if dtype == np.float32:
-        _assert_close_to_scale(out, ref_out)
+        assert_close_to_scale(out, ref_out)
     else:
         np.testing.assert_allclose(out, ref_out, **tolerance(dtype))
     dout = rng.standard_normal(out.shape).astype(dtype)
@@ -187,7 +176,7 @@ def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, t
     ref_grads = reference.conv_backward_naive(dout.astype(np.float64), ref_cache)
     for got, want in zip(grads, ref_grads, strict=True):
         if dtype == np.float32:
-            _assert_close_to_scale(got, want)
+            assert_close_to_scale(got, want)
         else:
             np.testing.assert_allclose(got, want, **tolerance(dtype))
 
@@ -206,4 +195,4 @@ def test_bench_row_4096_filters(N):
     conv_ext.im2col(x, cols, 7, 7, 1, 0)
     prod = w.reshape(4096, -1).astype(np.float64) @ cols.astype(np.float64)  # (F, N*P)
     want = prod.reshape(4096, N, 6, 6).transpose(1, 0, 2, 3) + b[:, None, None]
-    _assert_close_to_scale(out, want)
+    assert_close_to_scale(out, want)
