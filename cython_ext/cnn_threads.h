@@ -54,4 +54,17 @@ static inline int cnn_threads_for(ptrdiff_t work) {
     return threads;
 }
 
+/* The thread count a caller computed earlier (from Python, with threads_for) for a kernel
+ * call about to run: at least 1, 1 in a single-threaded module, and recorded when above 1,
+ * as by cnn_threads_for. */
+static inline int cnn_threads_given(int threads) {
+    if (threads < 1 || cnn_single_threaded) {
+        threads = 1;
+    }
+    if (threads > 1) {
+        cnn_parallel_used = 1;
+    }
+    return threads;
+}
+
 #endif

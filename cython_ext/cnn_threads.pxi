@@ -4,6 +4,7 @@
 cdef extern from "cnn_threads.h":
     int cnn_threads_for(Py_ssize_t work) noexcept nogil
     int cnn_thread_count(Py_ssize_t work) noexcept nogil
+    int cnn_threads_given(int threads) noexcept nogil
     int cnn_openmp_enabled() noexcept nogil
     int cnn_parallel_used
     int cnn_single_threaded

@@ -282,6 +282,7 @@ def conv_forward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w_
     cdef floating* cols
     cdef floating* padded
     cdef floating* o
+    threads = cnn_threads_given(threads)
     with nogil:
         for n in prange(N, schedule="static", num_threads=threads):
             tid = threadid()
@@ -337,6 +338,7 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
         for e in range(K):
             for f in range(F):
                 dw_parts[t, e, f] = 0
+    threads = cnn_threads_given(threads)
     with nogil:
         for n in prange(N, schedule="static", num_threads=threads):
             tid = threadid()
@@ -552,6 +554,7 @@ def winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U
     cdef floating* padded
     cdef floating* V
     cdef floating* M
+    threads = cnn_threads_given(threads)
     with nogil:
         for blk in prange(n_blocks, schedule="static", num_threads=threads):
             tid = threadid()
@@ -600,6 +603,7 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
             for f in range(F):
                 for e in range(C):
                     dU_parts[t, xi, f, e] = 0
+    threads = cnn_threads_given(threads)
     with nogil:
         for blk in prange(n_blocks, schedule="static", num_threads=threads):
             tid = threadid()
@@ -677,8 +681,7 @@ def skinny_forward(const float[:, ::1] w_mat, const float[:, ::1] cols_t, const 
     for j in range(J):
         col_off[j] = (j // P) * F * P + j % P
     cdef float* o = &out[0, 0, 0]
-    if threads < 1:
-        threads = 1
+    threads = cnn_threads_given(threads)
     with nogil:
         for t in prange(threads, schedule="static", num_threads=threads):
             f0 = min(F, (n_blocks * t // threads) * _SKINNY_MR)
@@ -733,8 +736,7 @@ def skinny_pack(const float[:, ::1] w_mat, int threads):
     if F == 0 or K == 0:
         return packed
     cdef float[::1] wp = packed
-    if threads < 1:
-        threads = 1
+    threads = cnn_threads_given(threads)
     with nogil:
         for t in prange(threads, schedule="static", num_threads=threads):
             cnn_skp_pack_f(&w_mat[0, 0], F, K, &wp[0], n_panels * t // threads,

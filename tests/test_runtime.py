@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cnnserve import layers
 from cnnserve._ext import conv as conv_ext
@@ -32,20 +33,29 @@ import numpy as np
 from cnnserve import layers
 from cnnserve._ext import conv, norm, pool
 
-run_parallel_first = sys.argv[1] == "parallel"
+mode = sys.argv[1]
 x = np.random.default_rng(0).standard_normal((8, 16, 32, 32), dtype=np.float32)
 param = {"pool_height": 2, "pool_width": 2, "stride": 2}
 w = np.ones((4, 16, 3, 3), np.float32)
 assert pool.threads_for(10**9) == 2, "the parent must be able to run 2 threads"
-if run_parallel_first:
+if mode == "parallel":
     expected, _ = layers.max_pool_forward(x, param)  # a 2-thread region in the parent
     assert pool._parallel_used()
+elif mode == "winograd":  # a kernel whose thread count comes from Python
+    layers.conv_forward(x, w, np.zeros(4, np.float32), {"pad": 1})
+    assert conv._parallel_used()
+elif mode == "packed":
+    filters = layers.pack_filters(np.ones((1024, 256, 4, 4), np.float32))
+    assert conv._parallel_used()
 pid = os.fork()
 if pid == 0:
     signal.alarm(20)  # a hung child is killed, never left behind
     threads = [m.threads_for(10**9) for m in (conv, norm, pool)]
     out, _ = layers.max_pool_forward(x, param)
     conv_out, _ = layers.conv_forward(x, w, np.zeros(4, np.float32), {"pad": 1})
+    if mode == "packed":
+        small = np.ones((1, 256, 6, 6), np.float32)
+        layers.conv_forward(small, filters, np.zeros(1024, np.float32), {})
     ok = np.array_equal(out, layers.max_pool_forward(x, param)[0]) and conv_out.shape == (8, 4, 32, 32)
     print("child threads", threads, flush=True)
     os._exit(0 if ok else 3)
@@ -68,9 +78,11 @@ def _run_fork_script(mode: str) -> str:
     return result.stdout
 
 
-def test_child_forked_after_a_parallel_region_runs_kernels_on_one_thread():
-    """GNU OpenMP hangs in a child forked after a parallel region; the kernels must not."""
-    stdout = _run_fork_script("parallel")
+@pytest.mark.parametrize("mode", ["parallel", "winograd", "packed"])
+def test_child_forked_after_a_parallel_region_runs_kernels_on_one_thread(mode):
+    """GNU OpenMP hangs in a child forked after a parallel region; the kernels must not, also
+    after kernels whose thread count the Python side chose (Winograd, packing filters)."""
+    stdout = _run_fork_script(mode)
     assert "child threads [1, 1, 1]" in stdout, stdout
     assert "child exit 0" in stdout, stdout
 
