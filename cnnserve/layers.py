@@ -407,9 +407,10 @@ def _skinny_plan(dtype: np.dtype, columns: int, F: int, K: int) -> int:
 
 
 # Filters packed by pack_filters are read packed (cnn_skinny_packed.h) in products of at most
-# this many output columns. Against the unpacked paths on the 4096-filter 7x7 layer: 0.43-0.74
-# of the time at 4 to 36 columns (skinny kernel or BLAS), 0.66-0.84 at 72 to 576 (BLAS, which
-# packs the filters on every call). A group's sums, 512 rows x the columns, stay in L2.
+# this many output columns. Against the unpacked paths on the 4096-filter 7x7 layer: 0.43-0.95
+# of the time at 4 to 64 columns (skinny kernel or BLAS), 0.66-0.84 at 72 to 576 (BLAS, which
+# packs the filters on every call). At 512 columns a thread's sums (512 rows x 512 columns,
+# 1 MiB) and its chunk of the columns (256 x 512, 0.5 MiB) still fit a 2 MiB L2.
 _PACKED_MAX_COLUMNS = 512
 
 
@@ -422,25 +423,36 @@ class PackedFilters:
     on a small map, such as a 7x7 layer of 4096 filters at 6x6 outputs), the product reads
     the packed copy, laid out in the order the kernel reads it (``cnn_skinny_packed.h``):
     each thread streams its share of it front to back. On that layer it takes 0.74 of the
-    unpacked kernel's time at 36 columns, 0.66 of BLAS's at 576. Other shapes (and the
-    1x1, whole-image and Winograd paths, which come first), and :func:`conv_backward`,
-    use :attr:`w`.
+    unpacked kernel's time at 36 columns, 0.78 of BLAS's at 72. Other shapes (and the 1x1,
+    whole-image and Winograd paths, which come first), and :func:`conv_backward`, use
+    :attr:`w`.
+
+    Both copies are read-only, so they cannot disagree. Copying or pickling a PackedFilters
+    keeps only :attr:`w` and packs it again on the other side (where the CPU may differ).
 
     Attributes
     ----------
     w : ndarray, shape (F, C, HH, WW)
-        A read-only copy of the filters given to :func:`pack_filters`: the packed copy never
-        disagrees with it, whatever happens to the caller's array afterwards.
+        A read-only view of the copy of the filters made by :func:`pack_filters`.
     packed : bool
         True if the packed copy exists (float32, an AVX-512 CPU, a large enough filter
         matrix); otherwise :func:`conv_forward` treats this object as :attr:`w`.
     """
 
-    __slots__ = ("w", "_packed")
+    __slots__ = ("_w", "_packed")
 
     def __init__(self, w: np.ndarray, packed: np.ndarray | None):
-        self.w = w
+        for array in (w, packed):
+            if array is not None:
+                array.flags.writeable = False
+        self._w = w
         self._packed = packed
+
+    @property
+    def w(self) -> np.ndarray:
+        view = self._w.view()  # its base is read-only: the flag cannot be set back
+        view.flags.writeable = False
+        return view
 
     @property
     def packed(self) -> bool:
@@ -448,16 +460,20 @@ class PackedFilters:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.w.shape
+        return self._w.shape
 
     @property
     def dtype(self) -> np.dtype:
-        return self.w.dtype
+        return self._w.dtype
 
     @property
     def nbytes(self) -> int:
         """Bytes held: the copy of the filters and the packed copy."""
-        return self.w.nbytes + (0 if self._packed is None else self._packed.nbytes)
+        return self._w.nbytes + (0 if self._packed is None else self._packed.nbytes)
+
+    def __reduce__(self):
+        # The packed copy must start on a 64-byte boundary, which a copied array need not.
+        return pack_filters, (self._w,)
 
     def __repr__(self) -> str:
         return f"PackedFilters(shape={self.shape}, dtype={self.dtype}, packed={self.packed})"
@@ -483,7 +499,6 @@ def pack_filters(w: np.ndarray) -> PackedFilters:
     """
     w = _check_array(w, "w", 4, "(F, C, HH, WW)")
     copy = np.array(w, order="C", copy=True)
-    copy.flags.writeable = False
     F, K = w.shape[0], math.prod(w.shape[1:])
     packed = None
     if copy.dtype == np.float32 and F * K >= _SKINNY_MIN_WEIGHTS and _conv.skinny_fast():

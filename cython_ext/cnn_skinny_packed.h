@@ -5,7 +5,8 @@
  * order, so that each thread reads one sequential stream of it. On the 4096-filter row
  * (F = 4096, K = 25088, 36 columns) it ran 1.25-1.4x faster per call than the unpacked
  * kernel (paired, interleaved runs), at about the rate of numpy's 2048^3 GEMM measured
- * alongside; packing the 411 MB takes about 50 ms with 2 threads.
+ * alongside; packing the 411 MB takes 0.1-0.2 s with 2 threads (mostly page faults of the
+ * new array).
  *
  * Layout. Rows are grouped into panels of CNN_SKP_P = 32 (two zmm vectors along f; the last
  * panel is padded with zero rows), panels into groups of CNN_SKP_G = 16 (512 rows; the last
@@ -22,7 +23,7 @@
  * FMAs into vectors along f, so no horizontal sums. A thread walks a group as: for each
  * chunk, for each panel, for each block of 12 columns, one tile. The columns' chunk (256 x
  * J floats, 36 KB for 36 columns) stays in L1/L2 over the group's panels, the group's sums
- * (16 x 36 x 32 floats, 72 KB) in L2 over its chunks. A tile starts its sums from zero
+ * (512 rows x J floats, 72 KB for 36 columns) in L2 over its chunks. A tile starts its sums from zero
  * and adds them to the group's sums at its end: each output is a sum of K / 256 chunk sums,
  * about 3x less rounding error than one running sum over K.
  *

@@ -769,15 +769,17 @@ def skinny_packed_forward(const float[::1] packed, Py_ssize_t F, const float[:, 
         raise ValueError("skinny_packed_forward: shapes of cols, b and out do not match")
     if F == 0 or J == 0:
         return
+    import numpy as np
+    if K == 0:  # empty sums (and an empty packed array): the bias alone
+        np.asarray(out)[:] = np.asarray(b)[None, :, None]
+        return
     if <size_t>&packed[0] % 64 != 0:
         raise ValueError("skinny_packed_forward: packed must start on a 64-byte boundary")
-    import numpy as np
     offsets = np.empty(J, dtype=np.intp)
     cdef Py_ssize_t[::1] col_off = offsets
     for j in range(J):
         col_off[j] = (j // P) * F * P + j % P
-    if threads < 1:
-        threads = 1
+    threads = cnn_threads_given(threads)
     by_groups = n_groups > 1
     if threads > (n_groups if by_groups else n_panels):
         threads = <int>(n_groups if by_groups else n_panels)

@@ -1,6 +1,8 @@
 """Filters packed once (layers.pack_filters, cnn_skinny_packed.h): layout, kernel, conv path."""
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -192,9 +194,37 @@ def test_pack_filters_is_a_snapshot(small_packing):
     got, _ = layers.conv_forward(x, filters, b, {})
     np.testing.assert_array_equal(layers.conv_forward(x, filters.w, b, {})[0], want)
     assert_close_to_scale(got, want)
-    assert not filters.w.flags.writeable
+    for array in (filters.w, filters._w, filters._packed):
+        if array is not None:
+            assert not array.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
         filters.w[0, 0, 0, 0] = 1
+    with pytest.raises(ValueError, match="WRITEABLE"):
+        filters.w.flags.writeable = True  # a view of a read-only copy
+    with pytest.raises(AttributeError):
+        filters.w = w
+
+
+@pytest.mark.parametrize(
+    "duplicate",
+    [copy.copy, copy.deepcopy, lambda f: pickle.loads(pickle.dumps(f))],
+    ids=["copy", "deepcopy", "pickle"],
+)
+def test_packed_filters_copy_and_pickle(small_packing, duplicate):
+    """A duplicate packs its filters again: its packed copy starts on a 64-byte boundary like
+    the original's (a copied array need not), and a pickle holds the filters once."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    filters = layers.pack_filters(rng.standard_normal((40, 4, 3, 3)).astype(np.float32))
+    want, _ = layers.conv_forward(x, filters, b, {})
+    for _ in range(8):  # an unaligned copy would fail about every other time
+        other = duplicate(filters)
+        assert other.packed == filters.packed
+        if other.packed:
+            assert other._packed.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(layers.conv_forward(x, other, b, {})[0], want)
+    assert len(pickle.dumps(filters)) < filters.w.nbytes + 1000
 
 
 def test_pack_filters_packs_only_where_the_kernel_applies(monkeypatch):
