@@ -594,11 +594,11 @@ def conv_forward(
     (``cnn_skinny_packed.h``). float32 problems with few output pixels over the batch (12 to
     64) and a filter matrix of at least 2**22 values, on CPUs with AVX-512, use a kernel that
     reads the filters in place along K against the transposed columns (``cnn_skinny.h``)
-    instead of BLAS. Other filters, with at least one image
-    per thread, build the im2col columns of a block of output rows per thread and multiply
-    them by the (F, C*HH*WW) filter matrix with single-threaded BLAS, writing NCHW directly.
-    Otherwise a chunk of images is unrolled into a (C*HH*WW, n*H_out*W_out) column matrix
-    and multiplied in one multithreaded BLAS GEMM.
+    instead of BLAS. Other filters, with at least one image per thread, build the im2col
+    columns of a block of output rows per thread and multiply them by the (F, C*HH*WW) filter
+    matrix with single-threaded BLAS, writing NCHW directly. Otherwise a chunk of images is
+    unrolled into a (C*HH*WW, n*H_out*W_out) column matrix and multiplied in one multithreaded
+    BLAS GEMM.
     """
     x = _check_array(x, "x", 4, "(N, C, H, W)")
     packed = None
