@@ -1,7 +1,8 @@
-"""Argument checks shared by the layers, the networks, the update rules and the data sets.
+"""Argument checks shared by the whole package: scalars, the float dtypes, window geometry.
 
 Each raises ``TypeError`` for a value of the wrong type and ``ValueError`` for one out of
-range, with a message that names the argument and shows what came.
+range, with a message that names the argument and shows what came. Array checks for the
+layers live in :mod:`cnnserve.layers._checks`; they build on these.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_number", "short"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "check_dtype",
+    "check_int",
+    "check_labels",
+    "check_number",
+    "short",
+    "window_positions",
+]
+
+#: The dtypes of every array a layer, a network or a data set computes in.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def short(value: Any) -> str:
@@ -51,3 +63,46 @@ def check_number(
         bounds = f"{interval[0]}{low}, {high}{interval[1]}"
         raise ValueError(f"{what} must be in {bounds}, got {short(value)}")
     return number
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """The dtype rule: ``float32`` or ``float64``, given as a dtype, a type or its name.
+
+    ``None`` is refused (``np.dtype(None)`` would silently mean float64).
+    """
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved not in FLOAT_DTYPES:  # (None == float64 in NumPy)
+        shown = repr(dtype) if resolved is None else resolved.name
+        raise TypeError(f"{name} must be float32 or float64, got {shown}")
+    return resolved
+
+
+def window_positions(size: int, window: int, stride: int, pad: int = 0) -> int | None:
+    """Positions of a sliding window along one axis: ``(size + 2*pad - window) / stride + 1``.
+
+    Returns None when the window does not fit in the padded axis or the positions do not
+    tile it exactly (the result is never silently floored); callers say why in their terms.
+    """
+    span = size + 2 * pad - window
+    if span < 0 or span % stride:
+        return None
+    return span // stride + 1
+
+
+def check_labels(y: Any, num_samples: int, num_classes: int) -> np.ndarray:
+    """Class labels ``y`` of shape ``(num_samples,)``, integers in ``[0, num_classes)``."""
+    if not isinstance(y, np.ndarray):
+        raise TypeError(f"y must be a numpy.ndarray of integer labels, got {type(y).__name__}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"y must have an integer dtype, got {y.dtype}")
+    if y.shape != (num_samples,):
+        raise ValueError(
+            f"y must have shape ({num_samples},) (one label per row of x), got {y.shape}"
+        )
+    if y.min() < 0 or y.max() >= num_classes:
+        bad = int(y[(y < 0) | (y >= num_classes)][0])
+        raise ValueError(f"labels in y must be in [0, {num_classes}), got {bad}")
+    return y

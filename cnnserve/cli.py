@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ class CommandError(Exception):
 
 def _architecture(arch: str, input_shape: tuple[int, int, int]) -> tuple[list[dict], str]:
     """Layer specs from a preset name or a JSON file (a list of specs or {"layers": [...]})."""
-    from cnnserve.model import PRESETS, preset_layers
+    from cnnserve.specs import PRESETS, preset_layers
 
     if arch in PRESETS:
         return preset_layers(arch, input_shape), arch
@@ -113,10 +112,10 @@ def _load_data(args: argparse.Namespace, dtype: Any, defaults: dict | None = Non
     ``defaults`` (a model's training record) apply only when ``--data`` names the data set
     the record names, or is absent.
     """
-    from cnnserve.data import load_dataset
+    from cnnserve.data import load_dataset, same_source
 
     defaults = dict(defaults or {})
-    if not _same_source(args.data, defaults.get("dataset")):
+    if not same_source(args.data, defaults.get("dataset")):
         defaults = {}  # another data set: the training split options do not apply
     source = args.data or defaults.get("dataset")
     if source is None:
@@ -137,22 +136,6 @@ def _load_data(args: argparse.Namespace, dtype: Any, defaults: dict | None = Non
     return load_dataset(source, dtype=dtype, **options)
 
 
-def _accuracy(model: Any, X: np.ndarray, y: np.ndarray) -> float | None:
-    """Accuracy of ``model`` on ``(X, y)``, or None for an empty split."""
-    return float(np.mean(model.predict(X) == y)) if len(y) else None
-
-
-def _same_source(given: str | None, recorded: str | None) -> bool:
-    """True if ``--data given`` names the data set a model file records as ``recorded``."""
-    if given is None or recorded is None:
-        return given is None
-    from cnnserve.data import BUNDLED
-
-    if given.lower() in BUNDLED or recorded in BUNDLED:
-        return given.lower() == recorded
-    return Path(given).resolve() == Path(recorded).resolve()
-
-
 # Training options: their defaults, and the name of each in a checkpoint's solver options.
 TRAIN_DEFAULTS = {
     "arch": "digits",
@@ -166,26 +149,29 @@ TRAIN_DEFAULTS = {
     "dtype": "float32",
     "train_samples": 1000,
 }
-# Options fixed by a checkpoint: a resumed run must keep them to continue the same run.
-_RESUME_FIXED = {
-    "batch_size": lambda o, r: o["batch_size"],
-    "update_rule": lambda o, r: o["update_rule"],
-    "lr": lambda o, r: (o["optim_config"] or {}).get("learning_rate"),
-    "lr_decay": lambda o, r: o["lr_decay"],
-    "train_samples": lambda o, r: o["num_train_samples"],
-    "seed": lambda o, r: o["seed"],
-    "arch": lambda o, r: r.get("architecture"),
-    "reg": lambda o, r: r.get("reg"),
-    "weight_scale": lambda o, r: r.get("weight_scale"),
-    "dtype": lambda o, r: r.get("dtype"),
-    "limit": lambda o, r: r.get("limit"),
-    "val_fraction": lambda o, r: r.get("val_fraction"),
-    "test_fraction": lambda o, r: r.get("test_fraction"),
+# The flags that are Solver options: a resumed run keeps them (the Solver's rule, in
+# cnnserve.solver.resume_conflicts), and flags not given take the run's values.
+_SOLVER_FLAGS = {
+    "batch_size": "batch_size",
+    "update_rule": "update_rule",
+    "lr": "optim_config",
+    "lr_decay": "lr_decay",
+    "train_samples": "num_train_samples",
+    "seed": "seed",
 }
+# The flags that shape the model and its data, kept in the run's training record: a resumed
+# run keeps them too.
+_RECORD_FLAGS = ("arch", "reg", "weight_scale", "dtype", "limit", "val_fraction", "test_fraction")
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _flag_value(flag: str, options: dict) -> Any:
+    """A Solver option of a checkpoint as the flag's value (``--lr`` is a learning rate)."""
+    value = options.get(_SOLVER_FLAGS[flag])
+    return (value or {}).get("learning_rate") if flag == "lr" else value
 
 
 def _resume_options(args: argparse.Namespace) -> tuple[Any, dict]:
@@ -193,9 +179,11 @@ def _resume_options(args: argparse.Namespace) -> tuple[Any, dict]:
 
     A flag given again must have the value the run started with; flags not given take it.
     """
-    from cnnserve.model import read_model_file
+    from cnnserve.data import same_source
+    from cnnserve.modelfile import read_model_file
+    from cnnserve.solver import resume_conflicts
 
-    file = read_model_file(args.resume)
+    file = read_model_file(args.resume)  # the Solver checks the rest of the checkpoint
     state = file.state if isinstance(file.state, dict) else {}
     saved, record = state.get("options"), file.training
     if not isinstance(saved, dict) or "record" not in saved:
@@ -205,17 +193,31 @@ def _resume_options(args: argparse.Namespace) -> tuple[Any, dict]:
         )
     if args.epochs is None:
         args.epochs = saved["num_epochs"]  # finish the run as planned
-    conflicts = []
-    for name, read in _RESUME_FIXED.items():
-        was, given = read(saved, record), getattr(args, name, None)
-        if given is None:
-            setattr(args, name, was)
-        elif given != was:
-            conflicts.append(f"{_flag(name)} {given} (the run has {was})")
+    given = {}
+    for flag, option in _SOLVER_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            given[option] = {"learning_rate": value} if flag == "lr" else value
+    clashing = {key for key, _, _ in resume_conflicts(given, saved)}
+    conflicts = [
+        f"{_flag(flag)} {getattr(args, flag)} (the run has {_flag_value(flag, saved)})"
+        for flag, option in _SOLVER_FLAGS.items()
+        if option in clashing
+    ]
+    for flag in _SOLVER_FLAGS:
+        if getattr(args, flag) is None:
+            setattr(args, flag, _flag_value(flag, saved))
+    for flag in _RECORD_FLAGS:
+        was = record.get("architecture" if flag == "arch" else flag)
+        given_value = getattr(args, flag)
+        if given_value is None:
+            setattr(args, flag, was)
+        elif given_value != was:
+            conflicts.append(f"{_flag(flag)} {given_value} (the run has {was})")
     if args.data is None:
         args.data = record.get("dataset")
         args.data_format = args.data_format or record.get("data_format")
-    elif not _same_source(args.data, record.get("dataset")):
+    elif not same_source(args.data, record.get("dataset")):
         conflicts.append(f"--data {args.data} (the run has {record.get('dataset')})")
     if conflicts:
         raise CommandError(
@@ -247,7 +249,9 @@ def _make_directory(folder: Path) -> list[Path]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cnnserve.model import ConvNet, save_model
+    from cnnserve.evaluate import accuracy as split_accuracy
+    from cnnserve.modelfile import save_model
+    from cnnserve.network import ConvNet
     from cnnserve.solver import Solver
 
     out = Path(args.out)
@@ -332,9 +336,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise
     solver.train()
     accuracy = {
-        "train_acc": _accuracy(model, data.X_train, data.y_train),
-        "val_acc": _accuracy(model, data.X_val, data.y_val),
-        "test_acc": _accuracy(model, data.X_test, data.y_test),
+        "train_acc": split_accuracy(model, data.X_train, data.y_train),
+        "val_acc": split_accuracy(model, data.X_val, data.y_val),
+        "test_acc": split_accuracy(model, data.X_test, data.y_test),
     }
     record.update(
         epochs=args.epochs,
@@ -361,32 +365,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _renormalised(model: Any, data: Any, X: np.ndarray) -> np.ndarray:
-    """The split ``X`` normalised with the model's statistics instead of the data set's."""
-    x01 = X.astype(np.float64) * data.std[:, None, None] + data.mean[:, None, None]
-    return model.preprocess(x01)
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts ``m[i, j]`` of samples of class ``i`` predicted as ``j``: (K, K) int64."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (y_true, y_pred), 1)
-    return matrix
-
-
-def format_confusion(matrix: np.ndarray, names: Sequence[str]) -> str:
-    """The confusion matrix as a text table, true classes down, predictions across."""
-    labels = [str(n)[:10] for n in names]
-    width = max(max(len(s) for s in labels), len(str(int(matrix.max()))), 4)
-    head = " " * (width + 2) + " ".join(f"{s:>{width}}" for s in labels)
-    lines = ["true \\ predicted", head]
-    for label, row in zip(labels, matrix, strict=True):
-        lines.append(f"{label:>{width}}  " + " ".join(f"{int(v):>{width}}" for v in row))
-    return "\n".join(lines)
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnserve.model import read_model_file
+    from cnnserve.evaluate import evaluate, renormalised
+    from cnnserve.modelfile import read_model_file
 
     file = read_model_file(args.model)
     model, record = file.model, file.training
@@ -399,24 +380,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     X, y = getattr(data, f"X_{args.split}"), getattr(data, f"y_{args.split}")
     if len(y) == 0:
         raise CommandError(f"the {args.split} split of {data.name} is empty")
-    predicted = model.predict(_renormalised(model, data, X))
-    accuracy = float(np.mean(predicted == y))
-    matrix = confusion_matrix(y, predicted, model.num_classes)
+    result = evaluate(model, renormalised(model, X, data.mean, data.std), y)
     if args.json:
-        result = {
-            "model": str(args.model),
-            "dataset": data.name,
-            "split": args.split,
-            "samples": int(len(y)),
-            "accuracy": accuracy,
-            "class_names": list(model.class_names),
-            "confusion_matrix": matrix.tolist(),
-        }
-        print(json.dumps(result, indent=2))
+        head = {"model": str(args.model), "dataset": data.name, "split": args.split}
+        print(json.dumps({**head, **result.to_dict()}, indent=2))
     else:
         print(f"{args.model} on the {args.split} split of {data.name} ({len(y)} images)")
-        print(f"accuracy: {accuracy:.4f} ({int(np.sum(predicted == y))}/{len(y)})")
-        print(format_confusion(matrix, model.class_names))
+        print(result.text())
     return 0
 
 
@@ -426,7 +396,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from cnnserve.model import FCN_FORMAT_NAME, read_metadata, read_model_file
+    from cnnserve.modelfile import FCN_FORMAT_NAME, read_metadata, read_model_file
 
     if read_metadata(args.model).get("format") == FCN_FORMAT_NAME:
         return _info_converted(args)
@@ -503,7 +473,7 @@ def _check_text(check: dict) -> str:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from cnnserve.convert import save_fully_convolutional, to_fully_convolutional
-    from cnnserve.model import read_model_file
+    from cnnserve.modelfile import read_model_file
 
     source = Path(args.model)
     out = Path(args.out) if args.out else source.with_name(source.stem + "_fcn.safetensors")
@@ -520,39 +490,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {source} -> {out}")
     print(_converted_text(fcn))
     return 0
-
-
-def _read_input_image(path: str, channels: int) -> np.ndarray:
-    """An image file (PNG, JPEG, ...) or a .npy array of pixels."""
-    from cnnserve.dense import MAX_PIXELS, read_image
-
-    if path.endswith(".npy"):
-        return _read_npy(path, channels * MAX_PIXELS)
-    return read_image(path, channels)
-
-
-def _read_npy(path: str, max_values: int) -> np.ndarray:
-    """A .npy array, its header checked (size, dtype) before anything is allocated."""
-    try:
-        with open(path, "rb") as handle:
-            read_header = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }.get(np.lib.format.read_magic(handle))
-            if read_header is None:
-                raise CommandError(f"image array {path}: unsupported .npy format version")
-            shape, _, dtype = read_header(handle)
-            if dtype.hasobject or math.prod(shape) > max_values:
-                raise CommandError(
-                    f"image array {path} has shape {shape} and dtype {dtype}: at most "
-                    f"{max_values:,} numbers, and no Python objects"
-                )
-            data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
-            if data_bytes < math.prod(shape) * dtype.itemsize:
-                raise CommandError(f"image array {path} is shorter than its header says")
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CommandError(f"cannot read image array {path}: {exc}") from exc
 
 
 def _class_index(value: str | None, class_names: Sequence[str]) -> int | None:
@@ -579,8 +516,9 @@ def _scales(text: str | None) -> list[float] | None:
 def _cmd_scoremap(args: argparse.Namespace) -> int:
     from cnnserve._checks import check_number
     from cnnserve.convert import load_fully_convolutional
-    from cnnserve.dense import MultiScaleMap, as_image, default_class, score_map
-    from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
+    from cnnserve.dense import MultiScaleMap, default_class, score_map
+    from cnnserve.heatmap import check_picture_size, png_bytes
+    from cnnserve.images import as_image, read_image_file
 
     # Everything that can be refused is checked before the map is computed, and the files
     # are written only once both are ready: an error leaves no partial output.
@@ -590,12 +528,9 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
     check_number(args.alpha, "--alpha", 0, 1, "[]")
     fcn = load_fully_convolutional(args.model)
     class_index = _class_index(args.class_, fcn.class_names)
-    image = as_image(_read_input_image(args.image, fcn.input_shape[0]), fcn.input_shape[0])
-    if args.png and image.shape[1] * image.shape[2] * args.zoom**2 > MAX_PICTURE_PIXELS:
-        raise CommandError(
-            f"--zoom {args.zoom} would make a picture of {image.shape[2] * args.zoom}x"
-            f"{image.shape[1] * args.zoom} pixels, more than {MAX_PICTURE_PIXELS:,}"
-        )
+    image = as_image(read_image_file(args.image, fcn.input_shape[0]), fcn.input_shape[0])
+    if args.png:
+        check_picture_size(image.shape[1], image.shape[2], args.zoom, name="--zoom")
     started = time.perf_counter()
     result = score_map(
         fcn,
@@ -660,10 +595,11 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cnnserve.convert import load_fully_convolutional
+    from cnnserve.images import read_image_file
     from cnnserve.predict import predict
 
     fcn = load_fully_convolutional(args.model)
-    image = _read_input_image(args.image, fcn.input_shape[0])
+    image = read_image_file(args.image, fcn.input_shape[0])
     started = time.perf_counter()
     result = predict(fcn, image)
     seconds = time.perf_counter() - started
@@ -672,9 +608,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         record = {
             "model": str(args.model),
             "image": str(args.image),
-            "predictions": ranked,
-            "image_size": list(result.image_size),
-            "resized_to": list(result.resized_to) if result.resized_to else None,
+            **result.to_dict(args.top_k),
             "time_ms": round(seconds * 1e3, 3),
         }
         print(json.dumps(record, indent=2))
@@ -785,20 +719,6 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _montage(panels: list, columns: int, gap: int = 4):
-    """Pictures of the same size in a grid, on a white background."""
-    from PIL import Image
-
-    width, height = panels[0].size
-    rows = -(-len(panels) // columns)
-    sheet = Image.new(
-        "RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white"
-    )
-    for k, panel in enumerate(panels):
-        sheet.paste(panel, ((k % columns) * (width + gap), (k // columns) * (height + gap)))
-    return sheet
-
-
 _DEMO_MAX_PIXELS = 2**22  # canvases up to 2048 x 2048
 
 
@@ -806,19 +726,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from PIL import Image, ImageDraw
 
     from cnnserve.convert import load_fully_convolutional
-    from cnnserve.data import BACKGROUND, BUNDLED, digits_canvas
+    from cnnserve.data import BUNDLED, digits_canvas
     from cnnserve.dense import score_map
-    from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
+    from cnnserve.heatmap import check_picture_size, montage, png_bytes
+    from cnnserve.specs import BACKGROUND
 
     height, width = args.size
     if height * width > _DEMO_MAX_PIXELS:
         raise CommandError(f"--size {height}x{width} is over {_DEMO_MAX_PIXELS:,} pixels")
     zoom = args.zoom
-    if height * width * zoom**2 > MAX_PICTURE_PIXELS:
-        raise CommandError(
-            f"--zoom {zoom} would make pictures of {width * zoom}x{height * zoom} pixels, more "
-            f"than {MAX_PICTURE_PIXELS:,}"
-        )
+    check_picture_size(height, width, zoom, name="--zoom")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} is not a directory")
@@ -860,7 +777,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         predicted = int(np.argmax(result.probabilities[:, y0, x0]))
         py, px = np.unravel_index(int(np.argmax(probability)), probability.shape)
         rows.append((label, place["index"], (x0, y0), here, predicted, (int(px), int(py))))
-    files = {"canvas.png": png_bytes(picture), "heatmaps.png": png_bytes(_montage(panels, 2))}
+    files = {"canvas.png": png_bytes(picture), "heatmaps.png": png_bytes(montage(panels, 2))}
     _make_directory(out)
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
@@ -1118,8 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from cnnserve.data import DataError
-    from cnnserve.dense import ImageError
-    from cnnserve.model import ModelFileError
+    from cnnserve.images import ImageError
+    from cnnserve.modelfile import ModelFileError
     from cnnserve.solver import TrainingDiverged
 
     prefix = f"cnnserve {args.command}: error:"

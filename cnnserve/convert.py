@@ -27,7 +27,6 @@ one cell of scores per training-size window, at the network's total stride; see
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -38,40 +37,42 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cnnserve import __version__
-from cnnserve import layers as L
-from cnnserve._checks import check_int
-from cnnserve.data import normalize
-from cnnserve.model import (
-    FCN_FORMAT_NAME,
+from cnnserve._checks import check_dtype, check_int
+from cnnserve.images import preprocess
+from cnnserve.modelfile import (
     FORMAT_NAME,
-    ConvNet,
     ModelFileError,
-    _check_class_names,
-    _check_config,
-    _check_dtype,
-    _check_input_shape,
-    _check_layers,
-    _check_normalization,
-    _describe,
-    _normalise_spec,
-    _out_shape,
-    _plan,
-    _run_order,
-    _shape_text,
-    check_format,
     check_tensors,
+    read_converted_file,
     read_metadata,
     read_model_file,
-    read_safetensors,
-    write_model_file,
+    write_converted_file,
+)
+from cnnserve.network import ConvNet, layer_forward
+from cnnserve.specs import (
+    check_class_names,
+    check_config,
+    check_input_shape,
+    check_layers,
+    check_normalization,
+    describe_spec,
+    normalise_spec,
+    out_shape,
+    plan_layers,
+    run_order,
+    shape_text,
 )
 
 __all__ = [
+    "CHECK_TOLERANCE",
     "ConversionError",
+    "FcnLayer",
     "FullyConvNet",
     "Geometry",
+    "as_fully_convolutional",
+    "convert_plan",
     "load_fully_convolutional",
+    "per_window_start",
     "save_fully_convolutional",
     "to_fully_convolutional",
 ]
@@ -250,21 +251,20 @@ class FcnLayer(NamedTuple):
     eps: float  # normalisation layers (0 otherwise)
 
 
-def _convert_plan(config: Mapping) -> tuple[list[FcnLayer], dict[str, tuple[int, ...]], Geometry]:
+def convert_plan(config: Mapping) -> tuple[list[FcnLayer], dict[str, tuple[int, ...]], Geometry]:
     """The converted layers, their tensors' shapes and the geometry, from an architecture.
 
     Allocates nothing, so that a converted model file can be checked before it is loaded.
     """
-    _check_config(config)
+    check_config(config)
     body = [
-        _normalise_spec(spec, f"layer {i}")
-        for i, spec in enumerate(_check_layers(config["layers"]))
+        normalise_spec(spec, f"layer {i}") for i, spec in enumerate(check_layers(config["layers"]))
     ]
     head = {"type": "affine", "units": check_int(config["num_classes"], "num_classes", 2)}
-    input_shape = _check_input_shape(config["input_shape"])
+    input_shape = check_input_shape(config["input_shape"])
     fcn: list[FcnLayer] = []
     shapes: dict[str, tuple[int, ...]] = {}
-    for info, _, owned in _plan([*body, head], input_shape):
+    for info, _, owned in plan_layers([*body, head], input_shape):
         kind, spec, names = info.spec["type"], info.spec, info.param_names
         eps = float(spec.get("eps", 0.0))
         if kind in ("conv", "max_pool", "avg_pool", "relu", "spatial_batchnorm"):
@@ -281,7 +281,7 @@ def _convert_plan(config: Mapping) -> tuple[list[FcnLayer], dict[str, tuple[int,
             else:  # reads a vector of D values: a 1x1 filter on D channels
                 C, hf, wf = info.in_shape[0], 1, 1
             conv = {"type": "conv", "filters": units, "size": [hf, wf], "stride": 1, "pad": 0}
-            fcn.append(FcnLayer("conv", conv, info.index, _describe(spec), names, 0.0))
+            fcn.append(FcnLayer("conv", conv, info.index, describe_spec(spec), names, 0.0))
             shapes[w_name] = (units, C, hf, wf)
             shapes[b_name] = (units,)
         elif kind == "batchnorm":  # test mode: a per-feature affine map, per channel per cell
@@ -296,7 +296,7 @@ def _convert_plan(config: Mapping) -> tuple[list[FcnLayer], dict[str, tuple[int,
             continue
         else:
             raise ConversionError(
-                f"layer {info.index} ({_describe(spec)}) has no fully convolutional equivalent"
+                f"layer {info.index} ({describe_spec(spec)}) has no fully convolutional equivalent"
             )
     return fcn, shapes, _geometry(fcn, input_shape)
 
@@ -317,7 +317,7 @@ def _trunk_shape(
     """The shape of a training-size input after ``layers[:stop]``."""
     shape = input_shape
     for k, layer in enumerate(layers[:stop]):
-        shape = _out_shape(layer.spec, shape, f"layer {k}")
+        shape = out_shape(layer.spec, shape, f"layer {k}")
     return shape
 
 
@@ -384,6 +384,12 @@ class FullyConvNet:
         ``tolerance``, ``passed``.
     training : dict
         The original model's training record.
+    per_window_from : int or None
+        Index of the first layer that runs window by window (a group norm), or None.
+    patch_shape : tuple of int
+        ``(C, hp, wp)``: the feature map before :attr:`per_window_from` on a training-size
+        input (each window's patch); the output shape of the whole network when it runs in
+        one pass.
 
     Shape
     -----
@@ -401,13 +407,13 @@ class FullyConvNet:
         check: Mapping | None = None,
         training: Mapping | None = None,
     ) -> None:
-        self.layers, shapes, self.geometry = _convert_plan(config)
+        self.layers, shapes, self.geometry = convert_plan(config)
         self.config = json.loads(json.dumps(dict(config)))  # a deep, JSON-clean copy
-        self.dtype = _check_dtype(config.get("dtype", "float32"))
-        self.input_shape = _check_input_shape(config["input_shape"])
+        self.dtype = check_dtype(config.get("dtype", "float32"))
+        self.input_shape = check_input_shape(config["input_shape"])
         self.num_classes = int(config["num_classes"])
-        self.class_names = _check_class_names(class_names, self.num_classes)
-        self.normalization = _check_normalization(normalization, self.input_shape[0])
+        self.class_names = check_class_names(class_names, self.num_classes)
+        self.normalization = check_normalization(normalization, self.input_shape[0])
         check_tensors("the converted network", tensors, shapes, self.dtype)
         params = {name: np.array(tensors[name], order="C") for name in shapes}
         for value in params.values():
@@ -418,11 +424,11 @@ class FullyConvNet:
         self._folded = self._fold_batchnorm()
         self.per_window_from = per_window_start(self.layers)
         # A relu before a max pool runs after it: the same values on a quarter of the cells
-        # (see cnnserve.model._run_order). Never across the per-window split: neither layer
+        # (see cnnserve.specs.run_order). Never across the per-window split: neither layer
         # is a group norm.
         position = {id(layer): k for k, layer in enumerate(self.layers)}
-        self._order = [position[id(layer)] for layer in _run_order(self.layers)]
-        self._patch = _trunk_shape(self.layers, self.input_shape, self.per_window_from)
+        self._order = [position[id(layer)] for layer in run_order(self.layers)]
+        self.patch_shape = _trunk_shape(self.layers, self.input_shape, self.per_window_from)
 
     def _fold_batchnorm(self) -> dict[int, tuple[np.ndarray, np.ndarray] | None]:
         """Test-mode batchnorm right after a conv, folded into that conv's weights and bias.
@@ -454,21 +460,21 @@ class FullyConvNet:
         """A table of the converted layers and their output shapes on a training-size input."""
         rows = [("#", "layer", "from", "output shape")]
         shape: tuple[int, ...] = self.input_shape
-        rows.append(("", "input", "", _shape_text(shape)))
+        rows.append(("", "input", "", shape_text(shape)))
         for k, layer in enumerate(self.layers):
-            shape = _out_shape(layer.spec, shape, f"layer {k}")
-            label = _describe(layer.spec) if layer.kind != "channel_layernorm" else layer.kind
+            shape = out_shape(layer.spec, shape, f"layer {k}")
+            label = describe_spec(layer.spec) if layer.kind != "channel_layernorm" else layer.kind
             origin = f"layer {layer.source}" + (
                 f" ({layer.converted_from})" if layer.converted_from else ""
             )
-            rows.append((str(k), label, origin, _shape_text(shape)))
+            rows.append((str(k), label, origin, shape_text(shape)))
         widths = [max(len(row[c]) for row in rows) for c in range(4)]
         lines = [
             "  ".join(f"{row[c]:<{widths[c]}}" if c else f"{row[c]:>{widths[c]}}" for c in range(4))
             for row in rows
         ]
         if self.per_window_from is not None:
-            C, hp, wp = self._patch
+            C, hp, wp = self.patch_shape
             lines.append(
                 f"layers {self.per_window_from}.. run window by window, on each window's "
                 f"({C}, {hp}, {wp}) patch of the feature map: group norm takes its statistics "
@@ -488,7 +494,7 @@ class FullyConvNet:
             "check": dict(self.check),
             "layers": [
                 {
-                    "layer": _describe(layer.spec)
+                    "layer": describe_spec(layer.spec)
                     if layer.kind != "channel_layernorm"
                     else layer.kind,
                     "from_layer": layer.source,
@@ -517,12 +523,14 @@ class FullyConvNet:
         Returns
         -------
         ndarray of the model's dtype, same shape.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Not float pixels in [0, 1] (the rule of :func:`cnnserve.images.preprocess`), or
+            not the model's channels.
         """
-        if self.normalization is None:
-            return np.asarray(x01, dtype=self.dtype)
-        return normalize(
-            x01, self.normalization["mean"], self.normalization["std"], dtype=self.dtype
-        )
+        return preprocess(x01, self.normalization, self.dtype, channels=self.input_shape[0])
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Class scores of every window of ``x`` (already preprocessed), in one pass.
@@ -573,18 +581,17 @@ class FullyConvNet:
             if k in self._folded:
                 if self._folded[k] is None:  # a batchnorm folded into the conv before it
                     continue
-                w, b = self._folded[k]
-                conv_param = {"stride": layer.spec["stride"], "pad": layer.spec["pad"]}
-                out = L.conv_forward(out, w, b, conv_param)[0]
+                out = layer_forward(layer.spec, out, self._folded[k])[0]
             elif layer.kind == "relu" and owned:
                 np.maximum(out, 0, out=out)  # in place: tiles of large images stay small
             else:
-                out = self._forward_layer(layer, out)
+                weights, options = self._weights(layer)
+                out = layer_forward(layer.spec, out, weights, **options)[0]
             owned = True
         return out
 
-    # Values of the window patches gathered at a time for the per-window layers.
-    _PATCH_VALUES = 2**21
+    #: Values of the window patches gathered at a time for the per-window layers.
+    PATCH_VALUES = 2**21
 
     def _per_window(self, trunk: np.ndarray) -> np.ndarray:
         """The layers from :attr:`per_window_from` on, run on every window's patch.
@@ -593,7 +600,7 @@ class FullyConvNet:
         ``(hp, wp)`` patch at ``(i, j) * step``, where ``(C, hp, wp)`` is that feature map on
         a training-size input and ``step`` the stride of the layers after it.
         """
-        C, hp, wp = self._patch
+        C, hp, wp = self.patch_shape
         step = self.geometry.stride
         for layer in self.layers[: self.per_window_from]:
             if layer.kind in ("conv", "max_pool", "avg_pool"):
@@ -603,7 +610,7 @@ class FullyConvNet:
         windows = np.lib.stride_tricks.sliding_window_view(trunk, (hp, wp), axis=(2, 3))
         windows = windows[:, :, ::step, ::step]  # (N, C, rows, cols, hp, wp), a view
         out = np.empty((N, self.num_classes, rows, cols), dtype=self.dtype)
-        block = max(1, self._PATCH_VALUES // (C * hp * wp * cols))  # rows of windows at a time
+        block = max(1, self.PATCH_VALUES // (C * hp * wp * cols))  # rows of windows at a time
         for n in range(N):
             for r0 in range(0, rows, block):
                 r1 = min(rows, r0 + block)
@@ -613,39 +620,20 @@ class FullyConvNet:
                 out[n, :, r0:r1] = scores.reshape(r1 - r0, cols, -1).transpose(2, 0, 1)
         return out
 
-    def _forward_layer(self, layer: FcnLayer, x: np.ndarray) -> np.ndarray:
-        p, names, spec = self.params, layer.param_names, layer.spec
-        kind = layer.kind
-        if kind == "conv":
-            conv_param = {"stride": spec["stride"], "pad": spec["pad"]}
-            return L.conv_forward(x, p[names[0]], p[names[1]], conv_param)[0]
-        if kind == "relu":
-            return np.maximum(x, 0)
-        if kind in ("max_pool", "avg_pool"):
-            (ph, pw), stride = spec["size"], spec["stride"]
-            pool_param = {"pool_height": ph, "pool_width": pw, "stride": stride}
-            fn = L.max_pool_forward if kind == "max_pool" else L.avg_pool_forward
-            return fn(x, pool_param)[0]
-        gamma, beta = p[names[0]], p[names[1]]
-        if kind == "spatial_batchnorm":
-            k = names[0][len("gamma") :]
-            bn_param = {
-                "mode": "test",
-                "eps": layer.eps,
-                "running_mean": p[f"running_mean{k}"],
-                "running_var": p[f"running_var{k}"],
-            }
-            return L.spatial_batchnorm_forward(x, gamma, beta, bn_param)[0]
-        if kind == "spatial_groupnorm":
-            return L.spatial_groupnorm_forward(x, gamma, beta, spec["groups"], {"eps": layer.eps})[
-                0
-            ]
-        if kind == "channel_layernorm":
-            N, C, H, W = x.shape
-            rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, C)  # (N*H*W, C)
-            out = L.layernorm_forward(rows, gamma, beta, {"eps": layer.eps})[0]
-            return np.ascontiguousarray(out.reshape(N, H, W, C).transpose(0, 3, 1, 2))
-        raise AssertionError(f"unhandled converted layer {kind}")  # _convert_plan makes no other
+    def _weights(self, layer: FcnLayer) -> tuple[tuple[np.ndarray, ...], dict[str, Any]]:
+        """The arguments of :func:`~cnnserve.network.layer_forward` for ``layer``, test mode:
+        its weights and, for a batchnorm, its ``bn_param``."""
+        weights = tuple(self.params[name] for name in layer.param_names)
+        if layer.kind != "spatial_batchnorm":
+            return (weights, {})
+        k = layer.param_names[0][len("gamma") :]
+        bn_param = {
+            "mode": "test",
+            "eps": layer.eps,
+            "running_mean": self.params[f"running_mean{k}"],
+            "running_var": self.params[f"running_var{k}"],
+        }
+        return (weights, {"bn_param": bn_param})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +701,7 @@ def to_fully_convolutional(
     if not isinstance(model, ConvNet):
         raise TypeError(f"model must be a ConvNet, got {type(model).__name__}")
     config = model.config()
-    _, shapes, _ = _convert_plan(config)
+    _, shapes, _ = convert_plan(config)
     fcn = FullyConvNet(
         config,
         _converted_tensors(model, shapes),
@@ -768,8 +756,9 @@ def save_fully_convolutional(fcn: FullyConvNet, path: str | os.PathLike) -> Path
     """Write a converted network to a safetensors file, atomically.
 
     The file holds the converted weights (conv shapes) and, in its metadata, the original
-    architecture, classes, normalisation, training record, geometry and self-check. It is
-    read back by :func:`load_fully_convolutional`.
+    architecture, classes, normalisation, training record, geometry and self-check
+    (:func:`cnnserve.modelfile.write_converted_file`). It is read back by
+    :func:`load_fully_convolutional`.
 
     Returns
     -------
@@ -777,20 +766,17 @@ def save_fully_convolutional(fcn: FullyConvNet, path: str | os.PathLike) -> Path
     """
     if not isinstance(fcn, FullyConvNet):
         raise TypeError(f"fcn must be a FullyConvNet, got {type(fcn).__name__}")
-    meta = {
-        "architecture": fcn.config,
-        "class_names": list(fcn.class_names),
-        "normalization": fcn.normalization,
-        "dtype": fcn.dtype.name,
-        "training": fcn.training,
-        "conversion": {
-            "geometry": fcn.geometry.to_dict(),
-            "check": fcn.check,
-            "cnnserve_version": __version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        },
-    }
-    return write_model_file(path, FCN_FORMAT_NAME, fcn.params, meta)
+    return write_converted_file(
+        path,
+        config=fcn.config,
+        tensors=fcn.params,
+        class_names=fcn.class_names,
+        normalization=fcn.normalization,
+        dtype=fcn.dtype,
+        training=fcn.training,
+        geometry=fcn.geometry.to_dict(),
+        check=fcn.check,
+    )
 
 
 def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
@@ -800,7 +786,7 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
     ----------
     path : str or PathLike
         A file written by :func:`save_fully_convolutional` (``cnnserve convert``), or a
-        trained model file (:func:`~cnnserve.model.save_model`), which is converted and
+        trained model file (:func:`~cnnserve.modelfile.save_model`), which is converted and
         self-checked on loading.
 
     Raises
@@ -816,55 +802,38 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
         fcn = to_fully_convolutional(file.model)
         fcn.training = dict(file.training)
         return fcn
-    metadata, tensors = read_safetensors(path)
-    check_format(path, metadata, FCN_FORMAT_NAME)
-    try:
-        meta = json.loads(metadata["cnnserve"])
-        config = meta["architecture"]
-        _, shapes, geometry = _convert_plan(config)  # allocates nothing
-        dtype = _check_dtype(config.get("dtype", "float32"))
-        conversion = meta.get("conversion") or {}
-        check = dict(conversion.get("check") or {})
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
-    _check_record(path, check)
-    check_tensors(path, tensors, shapes, dtype)
+    stored = read_converted_file(path, lambda config: convert_plan(config)[1])
     try:
         fcn = FullyConvNet(
-            config,
-            tensors,
-            class_names=meta.get("class_names"),
-            normalization=meta.get("normalization"),
-            check=check,
-            training=meta.get("training"),
+            stored.config,
+            stored.tensors,
+            class_names=stored.class_names,
+            normalization=stored.normalization,
+            check=stored.check,
+            training=stored.training,
         )
     except (ValueError, TypeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
-    if "geometry" in conversion and conversion["geometry"] != geometry.to_dict():
+    if stored.geometry is not None and stored.geometry != fcn.geometry.to_dict():
         raise ModelFileError(
-            f"{path}: the stored geometry {conversion['geometry']} does not match the "
-            f"architecture's {geometry.to_dict()}"
+            f"{path}: the stored geometry {stored.geometry} does not match the "
+            f"architecture's {fcn.geometry.to_dict()}"
         )
     return fcn
 
 
-def _check_record(path: Path, check: Mapping) -> None:
-    """A converted file's self-check record must be complete and must have passed."""
-    numbers = ("max_abs_diff", "score_scale", "tolerance")
-    valid = (
-        isinstance(check.get("inputs"), int)
-        and check["inputs"] >= 1
-        and all(isinstance(check.get(k), int | float) for k in numbers)
-        and isinstance(check.get("passed"), bool)
+def as_fully_convolutional(model: FullyConvNet | ConvNet | str | os.PathLike) -> FullyConvNet:
+    """A converted network from what a user has: itself, a trained network, or a file.
+
+    A :class:`~cnnserve.network.ConvNet` is converted (and self-checked) on every call:
+    convert once with :func:`to_fully_convolutional` for repeated use.
+    """
+    if isinstance(model, FullyConvNet):
+        return model
+    if isinstance(model, ConvNet):
+        return to_fully_convolutional(model)
+    if isinstance(model, str | os.PathLike):
+        return load_fully_convolutional(model)
+    raise TypeError(
+        f"model must be a FullyConvNet, a ConvNet or a model file path, got {type(model).__name__}"
     )
-    if not valid:
-        raise ModelFileError(
-            f"{path} has an invalid self-check record {dict(check)!r}: it needs inputs, "
-            "max_abs_diff, score_scale, tolerance and passed; convert the model again"
-        )
-    if not (check["passed"] and check["max_abs_diff"] <= check["tolerance"]):
-        raise ModelFileError(
-            f"{path} records a failed self-check (max |converted - original| = "
-            f"{check['max_abs_diff']:.3g}, tolerance {check['tolerance']:.3g}): its scores are "
-            "not the original network's"
-        )

@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,30 +35,24 @@ from typing import Any
 import numpy as np
 
 from cnnserve._checks import check_int, check_number
-from cnnserve.convert import (
-    FullyConvNet,
-    Geometry,
-    load_fully_convolutional,
-    to_fully_convolutional,
-)
-from cnnserve.data import BACKGROUND
-from cnnserve.model import ConvNet, _out_shape
+from cnnserve.convert import FullyConvNet, Geometry, as_fully_convolutional
+from cnnserve.images import MAX_PIXELS, as_image, resize
+from cnnserve.network import ConvNet
+from cnnserve.predict import ranked
+from cnnserve.specs import BACKGROUND, out_shape
 
 __all__ = [
-    "ImageError",
-    "ImageTooLargeError",
+    "DEFAULT_TILE_MEMORY",
     "MultiScaleMap",
     "ScoreMap",
-    "as_image",
     "class_index",
     "default_class",
-    "read_image",
+    "encode_array",
     "score_map",
     "softmax_cells",
 ]
 
 DEFAULT_TILE_MEMORY = 256 * 2**20  # bytes of working memory per batch of tiles
-MAX_PIXELS = 64 * 2**20  # images decoded, or resized for a scale, above this are refused
 # Tiles are as small as they can be while their windows overlap little: a tile's input is at
 # most this many times the pixels of its own cells. Small tiles keep the activations in cache,
 # and tiles of the same size go through the network together (at most _MAX_TILE_BATCH at a
@@ -70,125 +63,8 @@ _MAX_TILE_BATCH = 64
 
 
 # ---------------------------------------------------------------------------------------------
-# Images
+# Classes
 # ---------------------------------------------------------------------------------------------
-
-
-def as_image(image: Any, channels: int) -> np.ndarray:
-    """An image as float32 pixels in [0, 1], shape ``(C, H, W)``.
-
-    Parameters
-    ----------
-    image : ndarray
-        ``(H, W)`` (one channel) or ``(C, H, W)``: uint8 pixels (divided by 255) or floats
-        in [0, 1].
-    channels : int
-        The model's input channels C.
-
-    Raises
-    ------
-    TypeError
-        Not an ndarray, or a dtype other than uint8 and float.
-    ValueError
-        A shape that does not have ``channels`` channels, an empty image, or float values
-        outside [0, 1] (or NaN).
-    """
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy.ndarray, got {type(image).__name__}")
-    if image.ndim == 2 and channels == 1:
-        image = image[None]
-    if image.ndim != 3 or image.shape[0] != channels:
-        expected = "(H, W) or (1, H, W)" if channels == 1 else f"({channels}, H, W)"
-        raise ValueError(f"image must have shape {expected} for this model, got {image.shape}")
-    if image.shape[1] == 0 or image.shape[2] == 0:
-        raise ValueError(f"image must not be empty, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / np.float32(255)
-    if not np.issubdtype(image.dtype, np.floating):
-        raise TypeError(f"image must have dtype uint8 (0..255) or float (0..1), got {image.dtype}")
-    out = np.asarray(image, dtype=np.float32)
-    low, high = float(np.min(out)), float(np.max(out))
-    if not (low >= 0.0 and high <= 1.0):  # NaN fails too
-        raise ValueError(
-            f"a float image must hold pixels in [0, 1], got values from {low:g} to {high:g} "
-            "(divide 8-bit pixels by 255, or pass a uint8 array)"
-        )
-    return out
-
-
-class ImageError(ValueError):
-    """An image file or upload that cannot be decoded or is too large."""
-
-
-class ImageTooLargeError(ImageError):
-    """An image with more pixels than the limit, refused before it is decoded."""
-
-
-def read_image(
-    source: str | os.PathLike | bytes, channels: int, *, max_pixels: int = MAX_PIXELS
-) -> np.ndarray:
-    """Decode a PNG, JPEG, BMP, GIF or TIFF image into float32 pixels in [0, 1], ``(C, H, W)``.
-
-    Parameters
-    ----------
-    source : str, PathLike or bytes
-        A file or the encoded bytes.
-    channels : int
-        1 (converted to grayscale, ``L``) or 3 (``RGB``). Transparency is dropped.
-    max_pixels : int
-        Larger images are refused before they are decoded (decompression bombs).
-
-    Raises
-    ------
-    ImageError
-        The data is not a decodable image.
-    ImageTooLargeError
-        The image has more than ``max_pixels`` pixels (an :class:`ImageError` too).
-    """
-    import io
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    max_pixels = check_int(max_pixels, "max_pixels", 1)
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    data = isinstance(source, bytes | bytearray)
-    where = "the image" if data else f"image {source}"
-    undecodable = f"{'the data' if data else where} cannot be decoded as an image"
-    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    try:
-        with warnings.catch_warnings():  # our own limit below applies, not Pillow's warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF"))
-        with img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{where} has {height}x{width} (HxW) = {width * height:,} pixels, more "
-                    f"than the limit of {max_pixels:,}"
-                )
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # a photo's orientation tag, if any
-            if img.mode.startswith("I") or img.mode == "F":  # 16-bit, 32-bit or float gray
-                gray = np.asarray(img, dtype=np.float64)
-                gray = gray / 65535.0 if img.mode != "F" else gray
-                if not np.isfinite(gray).all():
-                    raise ImageError(f"{undecodable}: it holds NaN or infinite pixel values")
-                plane = np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
-                return plane if channels == 1 else np.repeat(plane, 3, axis=0)
-            pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except ImageError:
-        raise
-    except FileNotFoundError as exc:
-        raise ImageError(f"{where} does not exist") from exc
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
-        raise ImageTooLargeError(f"{where} is too large to decode: {exc}") from exc
-    except UnidentifiedImageError as exc:  # its message shows a stream object: not for people
-        raise ImageError(f"{undecodable}: it is not a PNG, JPEG, BMP, GIF or TIFF file") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{undecodable}: {exc}") from exc
-    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)  # (C, H, W)
-    return pixels.astype(np.float32) / np.float32(255)
 
 
 def class_index(value: int | str, class_names: Sequence[str]) -> int:
@@ -225,19 +101,6 @@ def default_class(result: ScoreMap | MultiScaleMap) -> int:
     return (shown or ranked)[0]["index"]
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of (C, H, W) float32 pixels, channel by channel (Pillow mode F)."""
-    from PIL import Image
-
-    out = np.empty((image.shape[0], height, width), dtype=np.float32)
-    for c, plane in enumerate(image):
-        resized = Image.fromarray(plane, mode="F").resize(
-            (width, height), Image.Resampling.BILINEAR
-        )
-        out[c] = np.asarray(resized, dtype=np.float32)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +122,21 @@ def softmax_cells(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def _encode(array: np.ndarray, dtype: str = "float32") -> dict:
-    """A compact JSON form: little-endian bytes (float32 or int32) in base64, shape and dtype."""
+def encode_array(array: np.ndarray, dtype: str = "float32") -> dict:
+    """An array in compact JSON form: little-endian bytes in base64, with shape and dtype.
+
+    Parameters
+    ----------
+    array : ndarray, any shape
+    dtype : {"float32", "int32"}
+        The stored type (values are cast to it).
+
+    Returns
+    -------
+    dict
+        ``{"dtype", "shape", "order": "C", "data"}``; ``data`` decodes to
+        ``prod(shape)`` values in row-major order.
+    """
     data = np.ascontiguousarray(array, dtype={"float32": "<f4", "int32": "<i4"}[dtype])
     return {
         "dtype": dtype,
@@ -268,13 +144,6 @@ def _encode(array: np.ndarray, dtype: str = "float32") -> dict:
         "order": "C",
         "data": base64.b64encode(data.tobytes()).decode("ascii"),
     }
-
-
-def _ranked(values: np.ndarray, k: int, class_names: Sequence[str]) -> list[dict]:
-    order = np.argsort(-values, kind="stable")[:k]
-    return [
-        {"label": class_names[c], "index": int(c), "probability": float(values[c])} for c in order
-    ]
 
 
 class _Aggregates:
@@ -300,7 +169,7 @@ class _Aggregates:
         k = min(check_int(k, "k", 1), len(self.class_names))
         if by not in ("mean", "max"):
             raise ValueError(f"by must be 'mean' or 'max', got {by!r}")
-        return _ranked(self.mean if by == "mean" else self.max, k, self.class_names)
+        return ranked(self.mean if by == "mean" else self.max, k, self.class_names)
 
     def aggregate_dict(self, k: int = 5) -> dict:
         """JSON-ready aggregates: per-class max and mean, and the top-k by each."""
@@ -474,8 +343,8 @@ class ScoreMap(_Aggregates):
                 for j in range(self.shape[1])
             ]
         if scores:
-            out["logits"] = _encode(self.logits)
-            out["probabilities"] = _encode(self.probabilities)
+            out["logits"] = encode_array(self.logits)
+            out["probabilities"] = encode_array(self.probabilities)
         return out
 
     def heatmap(self, image: np.ndarray, class_index: int, **options: Any):
@@ -553,7 +422,7 @@ def _layer_values(layers: Sequence, shape: tuple[int, ...]) -> tuple[int, tuple[
     """
     peak = 0
     for k, layer in enumerate(layers):
-        out = _out_shape(layer.spec, shape, f"layer {k}")
+        out = out_shape(layer.spec, shape, f"layer {k}")
         need = math.prod(shape) + math.prod(out)
         if layer.kind == "conv":
             kh, kw = layer.spec["size"]
@@ -573,9 +442,9 @@ def _working_bytes(fcn: FullyConvNet, batch: int, height: int, width: int) -> in
     trunk, shape = _layer_values(fcn.layers[:split], (fcn.input_shape[0], height, width))
     peak = trunk * batch
     if split is not None:
-        patch = math.prod(fcn._patch)
-        head, _ = _layer_values(fcn.layers[split:], fcn._patch)
-        windows = max(1, fcn._PATCH_VALUES // patch) + shape[2]  # a block of rows of windows
+        patch = math.prod(fcn.patch_shape)
+        head, _ = _layer_values(fcn.layers[split:], fcn.patch_shape)
+        windows = max(1, fcn.PATCH_VALUES // patch) + shape[2]  # a block of rows of windows
         peak = max(peak, math.prod(shape) * batch + windows * (patch + head))
     return peak * fcn.dtype.itemsize
 
@@ -715,18 +584,6 @@ def _shifts(g: Geometry, H: int, W: int, divisor: int) -> list[tuple[int, int, i
     ]
 
 
-def _as_fcn(model: Any) -> FullyConvNet:
-    if isinstance(model, FullyConvNet):
-        return model
-    if isinstance(model, ConvNet):
-        return to_fully_convolutional(model)
-    if isinstance(model, str | os.PathLike):
-        return load_fully_convolutional(model)
-    raise TypeError(
-        f"model must be a FullyConvNet, a ConvNet or a model file path, got {type(model).__name__}"
-    )
-
-
 def score_map(
     model: FullyConvNet | ConvNet | str | os.PathLike,
     image: np.ndarray,
@@ -778,7 +635,7 @@ def score_map(
     ``W' = (W - Tw) // s + 1`` and ``s = S / stride_divisor``; cell (i, j) scores the box
     ``x in [s*j, s*j + Tw)``, ``y in [s*i, s*i + Th)``.
     """
-    fcn = _as_fcn(model)
+    fcn = as_fully_convolutional(model)
     pixels = as_image(image, fcn.input_shape[0])
     H, W = pixels.shape[1], pixels.shape[2]
     budget = check_int(tile_memory, "tile_memory", 1)
@@ -805,7 +662,7 @@ def score_map(
     try:
         maps = []
         for s, (hs, ws) in sizes:
-            resized = pixels if (hs, ws) == (H, W) else _resize(pixels, hs, ws)
+            resized = pixels if (hs, ws) == (H, W) else resize(pixels, hs, ws)
             maps.append(_one_scale(fcn, resized, (H, W), s, stride_divisor, budget, callback))
     finally:
         if bar is not None:

@@ -35,8 +35,11 @@ from cnnserve._files import atomic_write_bytes
 
 __all__ = [
     "CMAPS",
+    "MAX_PICTURE_PIXELS",
+    "check_picture_size",
     "colorize",
     "heatmap_image",
+    "montage",
     "overlay",
     "png_bytes",
     "save_png",
@@ -463,6 +466,40 @@ def overlay(
     return Image.fromarray(_blend(img, h, a, lut, lo, hi))
 
 
+def check_picture_size(height: int, width: int, zoom: int = 1, *, name: str = "zoom") -> None:
+    """Refuse a picture of an image enlarged ``zoom`` times with more than
+    ``MAX_PICTURE_PIXELS`` pixels: the one limit of the CLI, the service and the library.
+
+    Raises
+    ------
+    ValueError
+        The message names the option (``name``) and the picture's size, W x H.
+    """
+    if height * width * zoom * zoom > MAX_PICTURE_PIXELS:
+        raise ValueError(
+            f"{name} {zoom} would make a {width * zoom}x{height * zoom} picture, more than "
+            f"{MAX_PICTURE_PIXELS:,} pixels"
+        )
+
+
+def montage(panels: list[Image.Image], columns: int, gap: int = 4) -> Image.Image:
+    """Pictures of one size in a grid of ``columns``, ``gap`` pixels apart, on white.
+
+    Shape
+    -----
+    ``n`` panels of ``w x h`` -> ``columns * w + (columns - 1) * gap`` wide and
+    ``rows * h + (rows - 1) * gap`` high, ``rows = ceil(n / columns)``.
+    """
+    width, height = panels[0].size
+    rows = -(-len(panels) // columns)
+    sheet = Image.new(
+        "RGB", (columns * width + (columns - 1) * gap, rows * height + (rows - 1) * gap), "white"
+    )
+    for k, panel in enumerate(panels):
+        sheet.paste(panel, ((k % columns) * (width + gap), (k // columns) * (height + gap)))
+    return sheet
+
+
 def heatmap_image(
     image: np.ndarray,
     values: Any,
@@ -516,11 +553,7 @@ def heatmap_image(
     a, lut, lo, hi = _check_overlay(alpha, cmap, vmin, vmax)
     img = _check_image(image)
     _, H, W = img.shape
-    if H * W * zoom * zoom > MAX_PICTURE_PIXELS:
-        raise ValueError(
-            f"zoom {zoom} would make a {W * zoom}x{H * zoom} picture, more than "
-            f"{MAX_PICTURE_PIXELS:,} pixels"
-        )
+    check_picture_size(H, W, zoom)
     heat = upsample_map(values, (H, W), stride=stride, window=window, offset=offset)
     picture = Image.fromarray(_blend(img, heat, a, lut, lo, hi))
     if zoom > 1:

@@ -9,17 +9,38 @@ use a score map (:func:`cnnserve.dense.score_map`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cnnserve._checks import check_int
-from cnnserve.convert import FullyConvNet
-from cnnserve.dense import _as_fcn, _ranked, _resize, as_image
-from cnnserve.model import ConvNet
+from cnnserve.convert import FullyConvNet, as_fully_convolutional
+from cnnserve.images import as_image, resize
+from cnnserve.network import ConvNet
 
-__all__ = ["Prediction", "predict"]
+__all__ = ["Prediction", "predict", "ranked"]
+
+
+def ranked(probabilities: np.ndarray, k: int, class_names: Sequence[str]) -> list[dict]:
+    """The k most likely classes: ``[{"label", "index", "probability"}]``, best first.
+
+    Ties keep the class order. The form of every ranking cnnserve returns (a prediction's
+    top-k, a score map's aggregates).
+
+    Parameters
+    ----------
+    probabilities : ndarray, shape (K,)
+    k : int
+        At most K.
+    class_names : sequence of str, K names
+    """
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [
+        {"label": class_names[c], "index": int(c), "probability": float(probabilities[c])}
+        for c in order
+    ]
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +69,22 @@ class Prediction:
         ``k`` is clamped to the number of classes.
         """
         k = min(check_int(k, "k", 1), len(self.class_names))
-        return _ranked(self.probabilities, k, self.class_names)
+        return ranked(self.probabilities, k, self.class_names)
+
+    def to_dict(self, top_k: int = 5) -> dict:
+        """The answer's JSON, as ``/predict`` and ``cnnserve predict --json`` give it.
+
+        Returns
+        -------
+        dict
+            ``predictions`` (:meth:`top_k`), ``image_size`` ``[H, W]`` and ``resized_to``
+            ``[Th, Tw]`` or None.
+        """
+        return {
+            "predictions": self.top_k(top_k),
+            "image_size": list(self.image_size),
+            "resized_to": list(self.resized_to) if self.resized_to else None,
+        }
 
 
 def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Prediction:
@@ -77,13 +113,13 @@ def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Pr
     -----
     ``(C, H, W)`` -> ``probabilities`` of shape ``(K,)``.
     """
-    fcn = _as_fcn(model)
+    fcn = as_fully_convolutional(model)
     pixels = as_image(image, fcn.input_shape[0])  # (C, H, W) float32 in [0, 1]
     size = (pixels.shape[1], pixels.shape[2])
     target = fcn.geometry.window  # the training size (Th, Tw)
     resized = None
     if size != tuple(target):
-        pixels = _resize(pixels, *target)
+        pixels = resize(pixels, *target)
         resized = (int(target[0]), int(target[1]))
     scores = fcn.forward(fcn.preprocess(pixels[None]))[0, :, 0, 0].astype(np.float64)  # (K,)
     scores -= scores.max()

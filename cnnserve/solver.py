@@ -37,10 +37,11 @@ from cnnserve._buffers import release_buffer_cache
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve.history import HISTORY_FORMAT, plot_history, write_history
-from cnnserve.model import ConvNet, ModelFileError, read_model_file, save_model
+from cnnserve.modelfile import ModelFileError, read_model_file, save_model
+from cnnserve.network import ConvNet
 from cnnserve.optim import UPDATE_RULES, get_update_rule
 
-__all__ = ["Solver", "TrainingDiverged"]
+__all__ = ["Solver", "TrainingDiverged", "read_checkpoint", "resume_conflicts"]
 
 CHECKPOINT_FORMAT = "cnnserve.solver"
 CHECKPOINT_VERSION = 1
@@ -220,7 +221,7 @@ class Solver:
         self.dtype = self._check_model(model)
         checkpoint = None
         if resume is not None:
-            checkpoint = self._read_checkpoint(resume)
+            checkpoint = read_checkpoint(resume)
             if not isinstance(model, ConvNet):
                 raise TypeError(
                     f"resume needs a cnnserve.model.ConvNet, got {type(model).__name__}"
@@ -733,37 +734,12 @@ class Solver:
         plot_history(history, f"{os.fspath(self.checkpoint_name)}_history.png")
 
     @staticmethod
-    def _read_checkpoint(path: Any) -> Any:
-        if not isinstance(path, str | os.PathLike):
-            raise TypeError(f"resume must be a str or path, got {type(path).__name__}")
-        checkpoint = read_model_file(path)
-        state = checkpoint.state
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ModelFileError(
-                f"{path} is a model file but not a solver checkpoint (no solver state): "
-                "train from it with load_model() and a new Solver instead"
-            )
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ModelFileError(
-                f"{path} has solver checkpoint version {state.get('version')!r}; this cnnserve "
-                f"reads version {CHECKPOINT_VERSION}"
-            )
-        return checkpoint
-
-    @staticmethod
     def _merge_resumed_options(given: dict, saved: Mapping, path: Any) -> dict:
         """Saved options, overridden by the given ones where that is allowed."""
         merged = {k: saved[k] for k in _DEFAULTS if k in saved}
-        conflicts = []
-        for key, value in given.items():
-            if key in _TRAJECTORY:
-                mine = _rule_name(value) if key == "update_rule" else value
-                if key == "optim_config" and value is None:
-                    mine = {}
-                if mine != saved.get(key):
-                    conflicts.append(f"{key}={mine!r} (checkpoint: {saved.get(key)!r})")
-                    continue
-            merged[key] = value
+        clashes = resume_conflicts(given, saved)
+        conflicts = [f"{key}={mine!r} (checkpoint: {theirs!r})" for key, mine, theirs in clashes]
+        merged.update((k, v) for k, v in given.items() if k not in {c[0] for c in clashes})
         if conflicts:
             raise ValueError(
                 f"cannot resume {os.fspath(path)!r} with different training options: "
@@ -830,6 +806,58 @@ class Solver:
             self.optim_configs = configs
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} has an incomplete solver state: {exc!r}") from exc
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """A solver checkpoint (a model file with the solver's state), checked before use.
+
+    Returns
+    -------
+    cnnserve.modelfile.ModelFile
+        Its ``state["options"]`` are the run's solver options (see :func:`resume_conflicts`).
+
+    Raises
+    ------
+    TypeError
+        ``path`` is not a str or path.
+    ModelFileError
+        Not a readable model file, or one without solver state (of this version).
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"resume must be a str or path, got {type(path).__name__}")
+    checkpoint = read_model_file(path)
+    state = checkpoint.state
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(
+            f"{path} is a model file but not a solver checkpoint (no solver state): "
+            "train from it with load_model() and a new Solver instead"
+        )
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ModelFileError(
+            f"{path} has solver checkpoint version {state.get('version')!r}; this cnnserve "
+            f"reads version {CHECKPOINT_VERSION}"
+        )
+    return checkpoint
+
+
+def resume_conflicts(given: Mapping, saved: Mapping) -> list[tuple[str, Any, Any]]:
+    """The options a resumed run may not change that ``given`` changes: ``(key, given, saved)``.
+
+    A resumed run continues bit for bit only with the options that shape its trajectory
+    (update rule, its config, learning-rate decay, batch size, the accuracy subsamples, the
+    seed). ``given`` holds Solver options (any subset); ``saved`` the checkpoint's
+    ``state["options"]``. An update rule compares by its registered name.
+    """
+    conflicts = []
+    for key, value in given.items():
+        if key not in _TRAJECTORY:
+            continue
+        mine = _rule_name(value) if key == "update_rule" else value
+        if key == "optim_config" and value is None:
+            mine = {}
+        if mine != saved.get(key):
+            conflicts.append((key, mine, saved.get(key)))
+    return conflicts
 
 
 def _json_scalar(value: Any, name: str) -> Any:

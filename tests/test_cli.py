@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnserve.cli import confusion_matrix, format_confusion, main
+from cnnserve.cli import main
 from cnnserve.model import read_model_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,12 +220,12 @@ def test_checkpoint_name_may_carry_the_suffix(tmp_path):
 
 
 def test_a_failed_write_is_one_line_with_status_1(tmp_path, capsys, monkeypatch):
-    import cnnserve.model
+    import cnnserve.modelfile
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cnnserve.model, "save_model", disk_full)
+    monkeypatch.setattr(cnnserve.modelfile, "save_model", disk_full)
     assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "m.safetensors")]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "cnnserve train: error: [Errno 28] No space left on device"
@@ -319,12 +319,6 @@ def test_evaluate_refuses_data_of_another_shape(tmp_path, capsys):
     status = main(["evaluate", str(SHIPPED), "--data", str(tmp_path / "imgs")])
     assert status == 2
     assert "takes (1, 8, 8) images of 10 classes" in capsys.readouterr().err
-
-
-def test_confusion_matrix_counts():
-    matrix = confusion_matrix(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 3)
-    np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 1]])
-    assert format_confusion(matrix, ["x", "y", "z"]).splitlines()[2].split() == ["x", "1", "1", "0"]
 
 
 def test_shipped_model_reaches_98_percent_on_the_held_out_digits(capsys):

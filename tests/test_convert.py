@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
+from cnnserve._checks import window_positions as _window
 from cnnserve.convert import (
     ConversionError,
     FullyConvNet,
@@ -19,14 +20,8 @@ from cnnserve.convert import (
     save_fully_convolutional,
     to_fully_convolutional,
 )
-from cnnserve.model import (
-    ConvNet,
-    ModelFileError,
-    _window,
-    load_model,
-    read_safetensors,
-    save_model,
-)
+from cnnserve.model import ConvNet, ModelFileError, load_model, save_model
+from cnnserve.modelfile import read_safetensors
 
 DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits.safetensors"
 DTYPES = [np.float32, np.float64]

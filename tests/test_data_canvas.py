@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from cnnserve.data import _load_digits, _split, digits_canvas, load_dataset
+from cnnserve.data import digits_canvas, load_dataset
+from cnnserve.data._common import split as _split
+from cnnserve.data.digits import load_digits as _load_digits
 
 
 @pytest.fixture(scope="module")

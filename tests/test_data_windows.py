@@ -7,17 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cnnserve.data as data_module
+import cnnserve.data.canvas as canvas_module
 from cnnserve.cli import main
 from cnnserve.convert import to_fully_convolutional
-from cnnserve.data import (
-    BACKGROUND,
-    _load_digits,
-    _split,
-    _window_labels,
-    digits_canvas,
-    load_dataset,
-)
+from cnnserve.data import BACKGROUND, digits_canvas, load_dataset
+from cnnserve.data._common import split as _split
+from cnnserve.data.canvas import window_labels as _window_labels
+from cnnserve.data.digits import load_digits as _load_digits
 from cnnserve.dense import score_map
 from cnnserve.model import read_model_file
 
@@ -135,7 +131,7 @@ def test_every_window_holds_only_its_own_parts_digits(monkeypatch, digits):
     value = dict(zip(PARTS, (4, 8, 16), strict=True))
     for part, indices in zip(PARTS, _split(y, 0.1, 0.2, 0, "digits"), strict=True):
         marked[indices] = value[part]
-    monkeypatch.setattr(data_module, "_load_digits", lambda: (NAMES[:10], marked, y))
+    monkeypatch.setattr(canvas_module, "load_digits", lambda: (NAMES[:10], marked, y))
     ds = load_dataset("digits-windows", dtype=np.float64)
     for part in PARTS:
         W = raw(ds, getattr(ds, f"X_{part}"))

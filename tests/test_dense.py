@@ -1,16 +1,12 @@
-"""Dense score maps: exactness against a crop loop, finer strides, scales, tiles, results, images."""
+"""Dense score maps: exactness against a crop loop, finer strides, scales, tiles, results."""
 
 import base64
-import io
 import json
 import math
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cnnserve import dense
 from cnnserve.convert import (
@@ -18,15 +14,8 @@ from cnnserve.convert import (
     save_fully_convolutional,
     to_fully_convolutional,
 )
-from cnnserve.dense import (
-    ImageError,
-    MultiScaleMap,
-    ScoreMap,
-    as_image,
-    read_image,
-    score_map,
-    softmax_cells,
-)
+from cnnserve.dense import MultiScaleMap, ScoreMap, score_map, softmax_cells
+from cnnserve.images import as_image, resize
 from cnnserve.model import load_model, save_model
 from tests.test_convert import build, random_net
 
@@ -291,7 +280,7 @@ def test_each_scale_equals_the_map_of_the_resized_image(stride4):
     for s, m in zip(scales, result.maps, strict=True):
         hs, ws = max(1, round(31 * s)), max(1, round(45 * s))
         assert m.scale == s and m.resized_size == (hs, ws) and m.image_size == (31, 45)
-        resized = image if s == 1.0 else dense._resize(image, hs, ws)
+        resized = image if s == 1.0 else resize(image, hs, ws)
         one = score_map(fcn, resized)
         np.testing.assert_array_equal(m.logits, one.logits)
         fy, fx = hs / 31, ws / 45
@@ -321,7 +310,7 @@ def test_scales_on_the_digits_model(digits):
     image = pixels((16, 24), 8)
     result = score_map(model, image, scales=(1.0, 0.5))  # 0.5: exactly the window height
     assert result.maps[1].resized_size == (8, 12) and result.maps[1].shape == (1, 3)
-    small = dense._resize(image[None], 8, 12)
+    small = resize(image[None], 8, 12)
     assert_close_to(result.maps[1].logits, crop_loop(model, small, 2), np.float32)
     assert result.maps[1].box(0, 2) == (8.0, 0.0, 24.0, 16.0)
 
@@ -362,9 +351,7 @@ def test_scales_upscale_an_image_smaller_than_the_window_and_take_arrays(stride4
         score_map(fcn, image)
     result = score_map(fcn, image, scales=np.array([2.0, 1.5]))
     assert [m.resized_size for m in result.maps] == [(16, 20), (12, 15)]
-    assert_close_to(
-        result.maps[0].logits, crop_loop(model, dense._resize(image, 16, 20), 4), np.float64
-    )
+    assert_close_to(result.maps[0].logits, crop_loop(model, resize(image, 16, 20), 4), np.float64)
     assert result.maps[0].box(1, 1) == (2.0, 2.0, 8.0, 8.0)  # (4, 4, 16, 16) / 2
 
 
@@ -674,156 +661,6 @@ def test_score_map_image_errors(stride4):
         score_map(fcn, pixels((3, 20, 20)))
     with pytest.raises(TypeError, match="numpy.ndarray"):
         score_map(fcn, [[0.0] * 20] * 20)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-
-
-def test_as_image_shapes_and_scaling():
-    gray = np.array([[0, 51, 255], [102, 204, 153]], dtype=np.uint8)
-    out = as_image(gray, 1)
-    assert out.shape == (1, 2, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0], gray / 255.0, rtol=1e-7)
-    assert out[0, 0, 2] == 1.0 and out[0, 0, 0] == 0.0
-    np.testing.assert_array_equal(as_image(gray[None], 1), out)
-    rgb = np.random.default_rng(0).random((3, 4, 5))
-    out = as_image(rgb, 3)
-    assert out.shape == (3, 4, 5) and out.dtype == np.float32
-    np.testing.assert_array_equal(out, rgb.astype(np.float32))
-    edges = np.array([[0.0, 1.0]], dtype=np.float64)
-    np.testing.assert_array_equal(as_image(edges, 1), [[[0.0, 1.0]]])
-
-
-@pytest.mark.parametrize(
-    ("image", "channels", "error", "message"),
-    [
-        ([[0.5]], 1, TypeError, "numpy.ndarray, got list"),
-        (np.zeros((4, 4)), 3, ValueError, r"\(3, H, W\) for this model, got \(4, 4\)"),
-        (np.zeros((3, 4, 4)), 1, ValueError, r"\(H, W\) or \(1, H, W\)"),
-        (np.zeros((1, 4, 4)), 3, ValueError, r"\(3, H, W\)"),
-        (np.zeros((4,)), 1, ValueError, "shape"),
-        (np.zeros((1, 1, 4, 4)), 1, ValueError, "shape"),
-        (np.zeros((0, 4)), 1, ValueError, "empty"),
-        (np.zeros((3, 4, 0)), 3, ValueError, "empty"),
-        (np.full((2, 2), 1.5), 1, ValueError, "in \\[0, 1\\], got values from 1.5 to 1.5"),
-        (np.full((2, 2), -0.1), 1, ValueError, "\\[0, 1\\]"),
-        (np.array([[0.5, np.nan]]), 1, ValueError, "\\[0, 1\\]"),
-        (np.array([[0.5, np.inf]]), 1, ValueError, "\\[0, 1\\]"),
-        (np.zeros((2, 2), dtype=np.int32), 1, TypeError, "uint8 .* or float .* got int32"),
-        (np.zeros((2, 2), dtype=bool), 1, TypeError, "got bool"),
-        (np.zeros((2, 2), dtype=np.uint16), 1, TypeError, "got uint16"),
-        (np.zeros((2, 2), dtype=np.complex64), 1, TypeError, "complex64"),
-    ],
-)
-def test_as_image_errors(image, channels, error, message):
-    with pytest.raises(error, match=message):
-        as_image(image, channels)
-
-
-def png_bytes(array, mode=None):
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_read_image_gray_png_bytes_and_files(tmp_path):
-    gray = np.random.default_rng(0).integers(0, 256, (6, 9), dtype=np.uint8)
-    data = png_bytes(gray)
-    out = read_image(data, 1)
-    assert out.shape == (1, 6, 9) and out.dtype == np.float32
-    np.testing.assert_array_equal(out[0], gray.astype(np.float32) / np.float32(255))
-    np.testing.assert_array_equal(read_image(bytearray(data), 1), out)
-    path = tmp_path / "gray.png"
-    path.write_bytes(data)
-    np.testing.assert_array_equal(read_image(path, 1), out)
-    np.testing.assert_array_equal(read_image(str(path), 1), out)
-    three = read_image(path, 3)  # gray -> RGB: three equal planes
-    assert three.shape == (3, 6, 9)
-    for c in range(3):
-        np.testing.assert_array_equal(three[c], out[0])
-
-
-def test_read_image_rgb_and_rgba(tmp_path):
-    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    out = read_image(png_bytes(rgb), 3)
-    assert out.shape == (3, 5, 7)
-    np.testing.assert_array_equal(out, rgb.transpose(2, 0, 1) / np.float32(255))
-    gray = read_image(png_bytes(rgb), 1)  # Pillow's ITU-R 601-2 luma
-    expected = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / np.float32(255)
-    np.testing.assert_array_equal(gray[0], expected)
-    r, g, b = (rgb[..., c].astype(np.int64) for c in range(3))
-    luma = (299 * r + 587 * g + 114 * b) / 1000 / 255
-    np.testing.assert_allclose(gray[0], luma, atol=1.01 / 255)
-    rgba = np.concatenate([rgb, np.full((5, 7, 1), 7, dtype=np.uint8)], axis=2)
-    path = tmp_path / "rgba.png"
-    Image.fromarray(rgba, mode="RGBA").save(path)
-    np.testing.assert_array_equal(read_image(path, 3), out)  # alpha dropped
-    assert read_image(path, 1).shape == (1, 5, 7)
-    jpeg = io.BytesIO()
-    Image.fromarray(rgb).save(jpeg, format="JPEG", quality=95)
-    assert read_image(jpeg.getvalue(), 3).shape == (3, 5, 7)
-
-
-def test_read_image_16_bit_png(tmp_path):
-    deep = np.array([[0, 1000, 65535], [32768, 257, 12345]], dtype=np.uint16)
-    path = tmp_path / "deep.png"
-    Image.fromarray(deep).save(path)
-    with Image.open(path) as img:
-        assert img.mode.startswith("I")
-    out = read_image(path, 1)
-    assert out.shape == (1, 2, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0], deep / 65535.0, rtol=1e-6)
-    assert out[0, 0, 2] == 1.0 and out[0, 0, 0] == 0.0
-    three = read_image(path, 3)
-    assert three.shape == (3, 2, 3)
-    np.testing.assert_array_equal(three[1], out[0])
-
-
-def test_read_image_errors(tmp_path):
-    with pytest.raises(ImageError, match="the data cannot be decoded as an image"):
-        read_image(b"definitely not an image", 1)
-    with pytest.raises(ImageError, match="cannot be decoded"):
-        read_image(png_bytes(np.zeros((4, 4), np.uint8))[:40], 1)  # truncated PNG
-    text = tmp_path / "notes.txt"
-    text.write_text("hello, world\n" * 10)
-    with pytest.raises(ImageError, match=f"image {text} cannot be decoded"):
-        read_image(text, 1)
-    missing = tmp_path / "missing.png"
-    with pytest.raises(ImageError, match=f"image {missing} does not exist"):
-        read_image(missing, 1)
-    with pytest.raises(ImageError):
-        read_image(b"", 3)
-    with pytest.raises(ValueError, match="channels must be 1 or 3, got 2"):
-        read_image(png_bytes(np.zeros((4, 4), np.uint8)), 2)
-    assert issubclass(ImageError, ValueError)
-
-
-def test_read_image_refuses_too_many_pixels():
-    data = png_bytes(np.zeros((20, 30), np.uint8))
-    assert read_image(data, 1, max_pixels=600).shape == (1, 20, 30)
-    with pytest.raises(ImageError, match=r"20x30 \(HxW\) = 600 pixels, more than the limit of 599"):
-        read_image(data, 1, max_pixels=599)
-
-
-def test_read_image_refuses_a_bomb_before_decoding():
-    """A PNG header claiming 9000 x 9000 pixels, with garbage where the pixels should be."""
-
-    def chunk(kind, body):
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"\x00" * 16)
-    with pytest.raises(
-        ImageError, match=r"9000x9000 \(HxW\) = 81,000,000 pixels, more than the limit"
-    ):
-        read_image(data, 1)  # the default limit: 64 Mi pixels
 
 
 def test_heatmap_needs_the_image_the_map_was_computed_on(digits_map):

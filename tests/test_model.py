@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from cnnserve import layers as L
-from cnnserve import model as model_module
 from cnnserve.model import (
     PRESETS,
     ConvNet,
@@ -19,6 +18,7 @@ from cnnserve.model import (
     read_model_file,
     save_model,
 )
+from cnnserve.specs import run_order
 from tests.gradcheck import numeric_gradient, scaled_error
 
 # Every layer type, on a small odd-sized input: conv with a non-square kernel and stride 2,
@@ -152,7 +152,7 @@ def test_relu_before_max_pool_runs_after_it_with_identical_results(pool, shape, 
         {"type": "relu"},
     ]
     model = ConvNet(layers, shape, 4, dtype=dtype, seed=2)
-    assert [i.spec["type"] for i in model_module._run_order(model.info)][1:3] == [
+    assert [i.spec["type"] for i in run_order(model.info)][1:3] == [
         "max_pool",
         "relu",
     ]
@@ -395,7 +395,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def crash(*args):
         raise KeyboardInterrupt("killed during the rename")
 
-    monkeypatch.setattr(model_module.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         save_model(model, path, training={"epochs": 2})
     assert read_model_file(path).training["epochs"] == 1  # the old file is intact

@@ -37,16 +37,10 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
 from cnnserve import __version__
-from cnnserve.dense import (
-    ImageError,
-    ImageTooLargeError,
-    _encode,
-    class_index,
-    default_class,
-    read_image,
-)
+from cnnserve.dense import class_index, default_class, encode_array
 from cnnserve.dense import score_map as dense_score_map
 from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
+from cnnserve.images import ImageError, ImageTooLargeError, read_image
 from cnnserve.predict import predict as classify
 from cnnserve.service.errors import ServiceError, install_error_handlers
 from cnnserve.service.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
@@ -643,9 +637,9 @@ def _map_json(result: Any, index: int, top_k: int, arrays: bool) -> dict:
     }
     if arrays:
         indices, probabilities = result.cell_top_k(top_k)
-        d["boxes"] = _encode(result.boxes(), "int32")
+        d["boxes"] = encode_array(result.boxes(), "int32")
         d["cell_top_k"] = {
-            "indices": _encode(indices, "int32"),
-            "probabilities": _encode(probabilities),
+            "indices": encode_array(indices, "int32"),
+            "probabilities": encode_array(probabilities),
         }
     return d

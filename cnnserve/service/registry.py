@@ -21,8 +21,9 @@ import numpy as np
 from PIL import Image
 
 from cnnserve.convert import FullyConvNet, load_fully_convolutional
-from cnnserve.dense import read_image, score_map
-from cnnserve.model import ConvNet
+from cnnserve.dense import score_map
+from cnnserve.images import read_image
+from cnnserve.network import ConvNet
 from cnnserve.predict import predict
 
 __all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "load_one"]
