@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from cnnserve._checks import check_int, check_number
-from cnnserve.convert import FullyConvNet, Geometry, as_fully_convolutional
+from cnnserve.convert import FullyConvNet, as_fully_convolutional
+from cnnserve.geometry import Geometry
 from cnnserve.images import MAX_PIXELS, as_image, resize
 from cnnserve.network import ConvNet
 from cnnserve.predict import ranked

@@ -40,6 +40,7 @@ __all__ = [
     "adam",
     "get_update_rule",
     "rmsprop",
+    "rule_name",
     "sgd",
     "sgd_momentum",
 ]
@@ -327,3 +328,14 @@ def get_update_rule(name_or_callable: str | UpdateRule) -> UpdateRule:
         "update_rule must be the name of an update rule or a callable, "
         f"got {type(name_or_callable).__name__}"
     )
+
+
+def rule_name(rule: str | UpdateRule) -> str:
+    """The JSON name of an update rule: its registry name, or ``callable:module.qualname``."""
+    if isinstance(rule, str):
+        return rule
+    for name, registered in UPDATE_RULES.items():
+        if rule is registered:
+            return name
+    module = getattr(rule, "__module__", "?")
+    return f"callable:{module}.{getattr(rule, '__qualname__', type(rule).__name__)}"

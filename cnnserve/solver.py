@@ -21,12 +21,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,18 @@ from tqdm import tqdm
 from cnnserve._buffers import release_buffer_cache
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
+from cnnserve.checkpoint import (
+    json_scalars,
+    read_checkpoint,
+    restore_checkpoint,
+    resume_conflicts,
+    write_checkpoint,
+)
 from cnnserve.history import HISTORY_FORMAT, plot_history, write_history
-from cnnserve.modelfile import ModelFileError, read_model_file, save_model
 from cnnserve.network import ConvNet
-from cnnserve.optim import UPDATE_RULES, get_update_rule
+from cnnserve.optim import UPDATE_RULES, get_update_rule, rule_name
 
-__all__ = ["Solver", "TrainingDiverged", "read_checkpoint", "resume_conflicts"]
-
-CHECKPOINT_FORMAT = "cnnserve.solver"
-CHECKPOINT_VERSION = 1
+__all__ = ["Solver", "TrainingDiverged"]
 
 # Options, their defaults, and whether a resumed run must keep them (they shape the
 # trajectory: changing one breaks the bit-for-bit continuation).
@@ -63,15 +65,6 @@ _DEFAULTS: dict[str, Any] = {
     "progress": True,
     "record": None,
 }
-_TRAJECTORY = (
-    "update_rule",
-    "optim_config",
-    "lr_decay",
-    "batch_size",
-    "num_train_samples",
-    "num_val_samples",
-    "seed",
-)
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,17 +100,6 @@ class TrainingDiverged(RuntimeError):
         self.total_iteration = total_iteration
         self.loss = loss
         self.last_finite_loss = last_finite_loss
-
-
-def _rule_name(rule: str | Callable) -> str:
-    """The JSON name of an update rule: its registry name, or ``callable:module.qualname``."""
-    if isinstance(rule, str):
-        return rule
-    for name, registered in UPDATE_RULES.items():
-        if rule is registered:
-            return name
-    module = getattr(rule, "__module__", "?")
-    return f"callable:{module}.{getattr(rule, '__qualname__', type(rule).__name__)}"
 
 
 class Solver:
@@ -229,7 +211,7 @@ class Solver:
             kwargs = self._merge_resumed_options(kwargs, checkpoint.state["options"], resume)
         options = {**_DEFAULTS, **kwargs}
 
-        self.update_rule_name = _rule_name(options["update_rule"])
+        self.update_rule_name = rule_name(options["update_rule"])
         self.update_rule = get_update_rule(options["update_rule"])
         optim_config = options["optim_config"]
         if optim_config is None:
@@ -628,7 +610,7 @@ class Solver:
         """The solver's options as a JSON-serialisable dict (``update_rule`` by name)."""
         return {
             "update_rule": self.update_rule_name,
-            "optim_config": _json_scalars(self.optim_config, "optim_config"),
+            "optim_config": json_scalars(self.optim_config, "optim_config"),
             "lr_decay": self.lr_decay,
             "batch_size": self.batch_size,
             "num_epochs": self.num_epochs,
@@ -682,56 +664,7 @@ class Solver:
         return Path(f"{os.fspath(self.checkpoint_name)}.safetensors")
 
     def _save_checkpoint(self) -> None:
-        tensors: dict[str, np.ndarray] = {}
-        configs: dict[str, dict] = {}
-        for p, config in self.optim_configs.items():
-            configs[p] = {}
-            for key, value in config.items():
-                if isinstance(value, np.ndarray):
-                    tensors[f"optim/{p}/{key}"] = value
-                else:
-                    configs[p][key] = _json_scalar(value, f"optim config {p!r}[{key!r}]")
-        for p, value in self.best_params.items():
-            tensors[f"best/{p}"] = value
-        for i, stats in enumerate(self.best_running_stats):
-            for key, value in stats.items():
-                tensors[f"best_bn/{i}/{key}"] = value
-        tensors["loss_history"] = np.asarray(self.loss_history, dtype=np.float64)
-        tensors["train_acc_history"] = np.asarray(self.train_acc_history, dtype=np.float64)
-        tensors["val_acc_history"] = np.asarray(self.val_acc_history, dtype=np.float64)
-        tensors["val_loss_history"] = np.asarray(self.val_loss_history, dtype=np.float64)
-        model_rng = getattr(self.model, "rng", None)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": self.epoch,
-            "iteration": self.iteration,
-            "num_train": self.num_train,
-            "best_val_acc": self.best_val_acc,
-            "best_val_loss": self.best_val_loss,
-            "best_epoch": self.best_epoch,
-            "best_params": sorted(self.best_params),
-            "best_running_stats": len(self.best_running_stats),
-            "optim_configs": configs,
-            "rng_state": self.rng.bit_generator.state,
-            "model_rng_state": None if model_rng is None else model_rng.bit_generator.state,
-            "epoch_seconds": list(self.epoch_seconds),
-            "options": self.options(),
-        }
-        training = {
-            **self.record,
-            "epochs": self.epoch,
-            "train_acc": self.train_acc_history[-1],
-            "val_acc": self.val_acc_history[-1],
-            "best_val_acc": self.best_val_acc,
-            "best_epoch": self.best_epoch,
-        }
-        save_model(
-            self.model, self.checkpoint_path, training=training, state_tensors=tensors, state=state
-        )
-        history = self.history()
-        write_history(history, f"{os.fspath(self.checkpoint_name)}_history.json")
-        plot_history(history, f"{os.fspath(self.checkpoint_name)}_history.png")
+        write_checkpoint(self)
 
     @staticmethod
     def _merge_resumed_options(given: dict, saved: Mapping, path: Any) -> dict:
@@ -755,130 +688,4 @@ class Solver:
         return merged
 
     def _restore(self, checkpoint: Any, path: Any) -> None:
-        state, tensors, saved = checkpoint.state, checkpoint.state_tensors, checkpoint.model
-        where = os.fspath(path)
-        if self.model.config() | {"seed": 0} != saved.config() | {"seed": 0}:
-            raise ValueError(
-                f"the model does not match the checkpoint {where!r}: architecture "
-                f"{saved.config()} in the file, {self.model.config()} given"
-            )
-        if state["num_train"] != self.num_train:
-            raise ValueError(
-                f"the checkpoint {where!r} was trained on {state['num_train']} training "
-                f"samples but data['X_train'] has {self.num_train}: resume with the same data"
-            )
-        try:
-            for name in self.model.params:
-                self.model.params[name] = saved.params[name]
-            for mine, theirs in zip(self.model.bn_params, saved.bn_params, strict=True):
-                mine["running_mean"] = theirs["running_mean"]
-                mine["running_var"] = theirs["running_var"]
-            if state["model_rng_state"] is not None:
-                self.model.rng.bit_generator.state = state["model_rng_state"]
-            self.rng.bit_generator.state = state["rng_state"]
-            self.epoch = state["epoch"]
-            self.iteration = state["iteration"]
-            self.loss_history = [float(v) for v in tensors["loss_history"]]
-            self.train_acc_history = [float(v) for v in tensors["train_acc_history"]]
-            self.val_acc_history = [float(v) for v in tensors["val_acc_history"]]
-            self.val_loss_history = [float(v) for v in tensors["val_loss_history"]]
-            self.epoch_seconds = [float(v) for v in state["epoch_seconds"]]
-            self.best_val_acc = state["best_val_acc"]
-            self.best_val_loss = state["best_val_loss"]
-            self.best_epoch = state["best_epoch"]
-            self.best_params = {p: tensors[f"best/{p}"] for p in state["best_params"]}
-            self.best_running_stats = [
-                {
-                    k: tensors[f"best_bn/{i}/{k}"]
-                    for k in ("running_mean", "running_var")
-                    if f"best_bn/{i}/{k}" in tensors
-                }
-                for i in range(state["best_running_stats"])
-            ]
-            configs = {}
-            for p in self.model.params:
-                config = dict(state["optim_configs"][p])
-                prefix = f"optim/{p}/"
-                for name, value in tensors.items():
-                    if name.startswith(prefix):
-                        config[name[len(prefix) :]] = value
-                configs[p] = config
-            self.optim_configs = configs
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{where} has an incomplete solver state: {exc!r}") from exc
-
-
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """A solver checkpoint (a model file with the solver's state), checked before use.
-
-    Returns
-    -------
-    cnnserve.modelfile.ModelFile
-        Its ``state["options"]`` are the run's solver options (see :func:`resume_conflicts`).
-
-    Raises
-    ------
-    TypeError
-        ``path`` is not a str or path.
-    ModelFileError
-        Not a readable model file, or one without solver state (of this version).
-    """
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"resume must be a str or path, got {type(path).__name__}")
-    checkpoint = read_model_file(path)
-    state = checkpoint.state
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ModelFileError(
-            f"{path} is a model file but not a solver checkpoint (no solver state): "
-            "train from it with load_model() and a new Solver instead"
-        )
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ModelFileError(
-            f"{path} has solver checkpoint version {state.get('version')!r}; this cnnserve "
-            f"reads version {CHECKPOINT_VERSION}"
-        )
-    return checkpoint
-
-
-def resume_conflicts(given: Mapping, saved: Mapping) -> list[tuple[str, Any, Any]]:
-    """The options a resumed run may not change that ``given`` changes: ``(key, given, saved)``.
-
-    A resumed run continues bit for bit only with the options that shape its trajectory
-    (update rule, its config, learning-rate decay, batch size, the accuracy subsamples, the
-    seed). ``given`` holds Solver options (any subset); ``saved`` the checkpoint's
-    ``state["options"]``. An update rule compares by its registered name.
-    """
-    conflicts = []
-    for key, value in given.items():
-        if key not in _TRAJECTORY:
-            continue
-        mine = _rule_name(value) if key == "update_rule" else value
-        if key == "optim_config" and value is None:
-            mine = {}
-        if mine != saved.get(key):
-            conflicts.append((key, mine, saved.get(key)))
-    return conflicts
-
-
-def _json_scalar(value: Any, name: str) -> Any:
-    """``value`` as a JSON scalar (numpy scalars become Python ones)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} is {value}: it cannot be saved")
-        return value
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{name} is a {type(value).__name__}, which cannot be saved in a checkpoint "
-            "(numbers, strings and arrays can)"
-        ) from None
-    return value
-
-
-def _json_scalars(config: Mapping, name: str) -> dict:
-    return {str(k): _json_scalar(v, f"{name}[{k!r}]") for k, v in config.items()}
+        restore_checkpoint(self, checkpoint, path)

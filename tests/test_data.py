@@ -150,11 +150,6 @@ def check_normalised(ds, tol=1e-6):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 def test_digits_shapes_classes_and_splits(digits):
     ds = digits
     assert isinstance(ds, Dataset)

@@ -5,13 +5,6 @@ import pytest
 
 from cnnserve.data import digits_canvas, load_dataset
 from cnnserve.data._common import split as _split
-from cnnserve.data.digits import load_digits as _load_digits
-
-
-@pytest.fixture(scope="module")
-def digits():
-    _, X, y = _load_digits()
-    return X, y
 
 
 def gap(a, b):
@@ -41,8 +34,8 @@ def check_canvas(canvas, placements, X, y, test_idx, size, count, margin):
             assert gap(a["box"], b["box"]) >= margin, (a, b)
 
 
-def test_default_canvas(digits):
-    X, y = digits
+def test_default_canvas(digit_images):
+    X, y = digit_images
     canvas, placements = digits_canvas()
     _, _, test = _split(y, 0.1, 0.2, 0, "digits")
     check_canvas(canvas, placements, X, y, set(test.tolist()), (64, 128), 6, 2)
@@ -50,8 +43,8 @@ def test_default_canvas(digits):
     assert len(set(labels)) == 6
 
 
-def test_digits_are_the_test_split_of_load_dataset(digits):
-    X, y = digits
+def test_digits_are_the_test_split_of_load_dataset(digit_images):
+    X, y = digit_images
     ds = load_dataset("digits", seed=3, val_fraction=0.15, test_fraction=0.25)
     canvas, placements = digits_canvas(
         (40, 40), 4, seed=5, split_seed=3, val_fraction=0.15, test_fraction=0.25
@@ -72,8 +65,8 @@ def test_digits_are_the_test_split_of_load_dataset(digits):
     assert all(p["index"] in set(test0.tolist()) for p in placements0)
 
 
-def test_all_ten_labels_are_distinct_and_more_than_ten_repeat_none(digits):
-    X, y = digits
+def test_all_ten_labels_are_distinct_and_more_than_ten_repeat_none(digit_images):
+    X, y = digit_images
     _, _, test = _split(y, 0.1, 0.2, 0, "digits")
     canvas, placements = digits_canvas((64, 128), 10, seed=1)
     assert sorted(p["label"] for p in placements) == list(range(10))
@@ -83,8 +76,8 @@ def test_all_ten_labels_are_distinct_and_more_than_ten_repeat_none(digits):
     assert len({p["index"] for p in placements}) == 25
 
 
-def test_margin_zero_and_tight_fits(digits):
-    X, y = digits
+def test_margin_zero_and_tight_fits(digit_images):
+    X, y = digit_images
     test = set(_split(y, 0.1, 0.2, 0, "digits")[2].tolist())
     canvas, placements = digits_canvas((8, 8), 1, margin=0)
     assert placements[0]["box"] == [0, 0, 8, 8]
@@ -107,8 +100,8 @@ def test_deterministic_in_seed_and_independent_of_global_state():
     assert c[1] != a[1] and not np.array_equal(c[0], a[0])
 
 
-def test_different_split_seed_changes_the_pool(digits):
-    _, y = digits
+def test_different_split_seed_changes_the_pool(digit_images):
+    _, y = digit_images
     pool3 = set(_split(y, 0.1, 0.2, 3, "digits")[2].tolist())
     _, placements = digits_canvas((64, 64), 10, seed=0, split_seed=3)
     assert all(p["index"] in pool3 for p in placements)

@@ -13,7 +13,6 @@ from cnnserve.convert import to_fully_convolutional
 from cnnserve.data import BACKGROUND, digits_canvas, load_dataset
 from cnnserve.data._common import split as _split
 from cnnserve.data.canvas import window_labels as _window_labels
-from cnnserve.data.digits import load_digits as _load_digits
 from cnnserve.dense import score_map
 from cnnserve.model import read_model_file
 
@@ -22,12 +21,6 @@ DETECTOR = ROOT / "models" / "digits_detector.safetensors"
 NAMES = (*"0123456789", "background")
 BG = 10  # the label of "background"
 PARTS = ("train", "val", "test")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    _, X, y = _load_digits()
-    return X, y
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +54,9 @@ def shifted_digits(X, y, indices):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_shapes_classes_sizes_and_normalisation(windows, digits):
+def test_shapes_classes_sizes_and_normalisation(windows, digit_images):
     ds = windows
-    _, y = digits
+    _, y = digit_images
     assert ds.name == "digits-windows" and ds.format == "digits-windows"
     assert ds.class_names == NAMES and BACKGROUND == "background" and ds.num_classes == 11
     assert ds.input_shape == (1, 8, 8)
@@ -80,8 +73,8 @@ def test_shapes_classes_sizes_and_normalisation(windows, digits):
     assert x32.X_train.dtype == np.float32 and len(x32.y_train) == 200
 
 
-def test_balance_half_digits_half_background(windows, digits):
-    _, y = digits
+def test_balance_half_digits_half_background(windows, digit_images):
+    _, y = digit_images
     parts = dict(zip(PARTS, _split(y, 0.1, 0.2, 0, "digits"), strict=True))
     for part in PARTS:
         labels = getattr(windows, f"y_{part}")
@@ -104,12 +97,12 @@ def test_deterministic_in_the_seed_whatever_the_global_state(windows):
     assert not np.array_equal(other.X_test, windows.X_test)
 
 
-def test_digit_windows_are_their_digit_shifted_by_at_most_one_pixel(windows, digits):
+def test_digit_windows_are_their_digit_shifted_by_at_most_one_pixel(windows, digit_images):
     """Each part's digit windows are that part's digits, shifted by 0 or 1 px, and nothing else.
 
     The background windows are none of them: they are 2 px or more off every digit.
     """
-    X, y = digits
+    X, y = digit_images
     parts = dict(zip(PARTS, _split(y, 0.1, 0.2, 0, "digits"), strict=True))
     shifted = {part: shifted_digits(X, y, parts[part]) for part in PARTS}
     for part in PARTS:
@@ -124,9 +117,9 @@ def test_digit_windows_are_their_digit_shifted_by_at_most_one_pixel(windows, dig
                 assert all(key not in shifted[other] for other in PARTS if other != part)
 
 
-def test_every_window_holds_only_its_own_parts_digits(monkeypatch, digits):
+def test_every_window_holds_only_its_own_parts_digits(monkeypatch, digit_images):
     """Digits replaced by solid blocks whose value names their part: no window mixes parts."""
-    X, y = digits
+    X, y = digit_images
     marked = np.zeros_like(X)
     value = dict(zip(PARTS, (4, 8, 16), strict=True))
     for part, indices in zip(PARTS, _split(y, 0.1, 0.2, 0, "digits"), strict=True):

@@ -54,7 +54,7 @@ def pixels(shape, seed=0):
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits_model():
     model = load_model(DIGITS)
     return model, to_fully_convolutional(model)
 
@@ -128,8 +128,8 @@ def test_stride4_map_equals_the_crop_loop_with_margins(H, W, dtype):
     assert_close_to(result.logits, crop_loop(model, image, 4), dtype)
 
 
-def test_digits_model_equals_the_crop_loop(digits):
-    model, fcn = digits
+def test_digits_model_equals_the_crop_loop(digits_model):
+    model, fcn = digits_model
     image = pixels((21, 30), 5)  # 7 x 12 cells, margins (1, 0)
     result = score_map(fcn, image)
     assert result.shape == (7, 12)
@@ -248,8 +248,8 @@ def test_stride_divisor_equals_the_crop_loop_at_the_finer_stride(stride4, d, H, 
     )
 
 
-def test_digits_stride_divisor_2(digits):
-    model, fcn = digits
+def test_digits_stride_divisor_2(digits_model):
+    model, fcn = digits_model
     image = pixels((17, 22), 11)
     result = score_map(fcn, image, stride_divisor=2)
     assert result.geometry.stride == 1 and result.shape == (10, 15)
@@ -305,8 +305,8 @@ def test_each_scale_equals_the_map_of_the_resized_image(stride4):
     assert d["aggregate"]["top_k_by_mean"] == result.top_k(2)
 
 
-def test_scales_on_the_digits_model(digits):
-    model, fcn = digits
+def test_scales_on_the_digits_model(digits_model):
+    model, fcn = digits_model
     image = pixels((16, 24), 8)
     result = score_map(model, image, scales=(1.0, 0.5))  # 0.5: exactly the window height
     assert result.maps[1].resized_size == (8, 12) and result.maps[1].shape == (1, 3)
@@ -403,10 +403,10 @@ def test_tiles_of_unequal_sizes_stitch(stride4):
     assert sum(calls) == 6
 
 
-def test_tiles_are_small_overlap_little_and_go_through_in_batches(digits):
+def test_tiles_are_small_overlap_little_and_go_through_in_batches(digits_model):
     """The digits model (T = 8, S = 2): tiles of 19 x 19 cells read 44 pixels for 38 of their
     own (1.34x the pixels, within _TILE_OVERLAP), and go through the network many at a time."""
-    model, fcn = digits
+    model, fcn = digits_model
     t, batch = dense._tile_plan(fcn, 500, 500, 0, dense.DEFAULT_TILE_MEMORY)
     assert t == 19 and (8 + 2 * (t - 1)) ** 2 <= dense._TILE_OVERLAP * (2 * t) ** 2
     assert (8 + 2 * (t - 2)) ** 2 > dense._TILE_OVERLAP * (2 * (t - 1)) ** 2  # the smallest
@@ -434,8 +434,8 @@ def test_tiles_of_a_padded_network_carry_their_halo(padded):
     assert sum(calls) == 15 * 12
 
 
-def test_tiles_in_float32_and_with_stride_divisor(digits):
-    model, fcn = digits
+def test_tiles_in_float32_and_with_stride_divisor(digits_model):
+    model, fcn = digits_model
     image = pixels((27, 23), 2)
     whole = score_map(fcn, image, stride_divisor=2)
     calls = []
@@ -500,8 +500,8 @@ def test_bad_tile_memory(stride4):
 
 
 @pytest.fixture(scope="module")
-def digits_map(digits):
-    _, fcn = digits
+def digits_map(digits_model):
+    _, fcn = digits_model
     return score_map(fcn, pixels((19, 24), 12))  # 6 x 9 cells, margins (1, 0)
 
 

@@ -383,8 +383,13 @@ def test_state_tensors_and_state_round_trip(tmp_path):
 
 
 def test_loaded_parameters_are_writable(tmp_path):
-    model = load_model(save_model(_trained_model(), tmp_path / "m.safetensors"))
-    model.params["W1"] += 1.0  # training can continue on a loaded model
+    path = save_model(_trained_model(), tmp_path / "m.safetensors")
+    model = load_model(path)
+    assert all(p.flags.writeable for p in model.params.values())
+    before = model.params["W1"].copy()
+    model.params["W1"] += 1.0  # training can continue on a loaded model, in place
+    np.testing.assert_array_equal(model.params["W1"], before + 1.0)
+    np.testing.assert_array_equal(load_model(path).params["W1"], before)  # the file is untouched
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

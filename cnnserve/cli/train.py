@@ -1,0 +1,408 @@
+"""``cnnserve train`` and ``cnnserve evaluate``: training a network on a data set, and its
+scores on a split of one."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnserve.cli._common import (
+    CommandError,
+    check_output,
+    flag,
+    make_directory,
+    positive_int,
+)
+
+__all__ = ["add_evaluate", "add_train"]
+
+
+def _architecture(arch: str, input_shape: tuple[int, int, int]) -> tuple[list[dict], str]:
+    """Layer specs from a preset name or a JSON file (a list of specs or {"layers": [...]})."""
+    from cnnserve.specs import PRESETS, preset_layers
+
+    if arch in PRESETS:
+        return preset_layers(arch, input_shape), arch
+    path = Path(arch)
+    if not path.is_file():
+        raise CommandError(
+            f"--arch {arch!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+        )
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(f"--arch {path}: not a readable JSON file: {exc}") from exc
+    if isinstance(spec, dict):
+        spec = spec.get("layers")
+    if not isinstance(spec, list):
+        raise CommandError(f'--arch {path}: expected a list of layer specs or {{"layers": [...]}}')
+    return spec, str(path)
+
+
+def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    """--data and the split options.
+
+    Every default is None here: ``train`` fills in its defaults (or a resumed run's values),
+    ``evaluate`` the values the model file records.
+    """
+    group = parser.add_argument_group("data")
+    later = (
+        "default: the checkpoint's with --resume"
+        if training
+        else "default: the data the model was trained on"
+    )
+    group.add_argument(
+        "--data",
+        help="'digits' (scikit-learn's bundled 8x8 digits), 'digits-windows' (8x8 windows of "
+        "canvases of those digits, with a background class: detector training data) or a "
+        "path: an MNIST/Fashion-MNIST IDX directory, a CIFAR-10 python batches directory, or "
+        f"an image folder (root/<class>/*.png); {later}",
+    )
+    group.add_argument(
+        "--data-format",
+        choices=["digits", "digits-windows", "idx", "cifar10", "folder"],
+        help="the data format (default: detected from the path's contents)",
+    )
+    default = " (default {})" if training else " (default: as in training)"
+    group.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the train/val/test split"
+        + (", the initial weights and the batch order" if training else "")
+        + default.format(0),
+    )
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        help="fraction held out for validation" + default.format(0.1),
+    )
+    group.add_argument(
+        "--test-fraction",
+        type=float,
+        help="fraction held out for testing, from digits and image folders (IDX and CIFAR-10 "
+        "come with a test part)" + default.format(0.2),
+    )
+
+
+_SPLIT_DEFAULTS = {"seed": 0, "val_fraction": 0.1, "test_fraction": 0.2}
+
+
+def _load_data(args: argparse.Namespace, dtype: Any, defaults: dict | None = None) -> Any:
+    """Load ``--data`` with the split options, missing ones taken from ``defaults``.
+
+    ``defaults`` (a model's training record) apply only when ``--data`` names the data set
+    the record names, or is absent.
+    """
+    from cnnserve.data import load_dataset, same_source
+
+    defaults = dict(defaults or {})
+    if not same_source(args.data, defaults.get("dataset")):
+        defaults = {}  # another data set: the training split options do not apply
+    source = args.data or defaults.get("dataset")
+    if source is None:
+        raise CommandError("--data is required: the model file does not name its data set")
+    options: dict[str, Any] = {"format": args.data_format or defaults.get("data_format")}
+    for key, fallback in _SPLIT_DEFAULTS.items():
+        value = getattr(args, key)
+        options[key] = value if value is not None else defaults.get(key, fallback)
+    if defaults and args.seed is not None and args.seed != defaults.get("seed", 0):
+        print(
+            f"note: the model was trained on the split of seed {defaults.get('seed', 0)}; with "
+            f"--seed {args.seed} the held-out images overlap its training images",
+            file=sys.stderr,
+        )
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        options["limit"] = limit
+    return load_dataset(source, dtype=dtype, **options)
+
+
+# Training options: their defaults, and the name of each in a checkpoint's solver options.
+TRAIN_DEFAULTS = {
+    "arch": "digits",
+    "epochs": 10,
+    "batch_size": 50,
+    "update_rule": "adam",
+    "lr": 1e-3,
+    "lr_decay": 1.0,
+    "reg": 0.0,
+    "weight_scale": None,
+    "dtype": "float32",
+    "train_samples": 1000,
+}
+
+
+_SOLVER_FLAGS = {
+    "batch_size": "batch_size",
+    "update_rule": "update_rule",
+    "lr": "optim_config",
+    "lr_decay": "lr_decay",
+    "train_samples": "num_train_samples",
+    "seed": "seed",
+}
+
+
+_RECORD_FLAGS = ("arch", "reg", "weight_scale", "dtype", "limit", "val_fraction", "test_fraction")
+
+
+def _flag_value(name: str, options: dict) -> Any:
+    """A Solver option of a checkpoint as the flag's value (``--lr`` is a learning rate)."""
+    value = options.get(_SOLVER_FLAGS[name])
+    return (value or {}).get("learning_rate") if name == "lr" else value
+
+
+def _resume_options(args: argparse.Namespace) -> tuple[Any, dict]:
+    """The checkpoint ``--resume`` names, and the options of the run it continues.
+
+    A flag given again must have the value the run started with; flags not given take it.
+    """
+    from cnnserve.checkpoint import resume_conflicts
+    from cnnserve.data import same_source
+    from cnnserve.modelfile import read_model_file
+
+    file = read_model_file(args.resume)  # the Solver checks the rest of the checkpoint
+    state = file.state if isinstance(file.state, dict) else {}
+    saved, record = state.get("options"), file.training
+    if not isinstance(saved, dict) or "record" not in saved:
+        raise CommandError(
+            f"--resume {args.resume} is not a checkpoint written by `cnnserve train` (no "
+            "solver state); start a new run instead"
+        )
+    if args.epochs is None:
+        args.epochs = saved["num_epochs"]  # finish the run as planned
+    given = {}
+    for name, option in _SOLVER_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            given[option] = {"learning_rate": value} if name == "lr" else value
+    clashing = {key for key, _, _ in resume_conflicts(given, saved)}
+    conflicts = [
+        f"{flag(name)} {getattr(args, name)} (the run has {_flag_value(name, saved)})"
+        for name, option in _SOLVER_FLAGS.items()
+        if option in clashing
+    ]
+    for name in _SOLVER_FLAGS:
+        if getattr(args, name) is None:
+            setattr(args, name, _flag_value(name, saved))
+    for name in _RECORD_FLAGS:
+        was = record.get("architecture" if name == "arch" else name)
+        given_value = getattr(args, name)
+        if given_value is None:
+            setattr(args, name, was)
+        elif given_value != was:
+            conflicts.append(f"{flag(name)} {given_value} (the run has {was})")
+    if args.data is None:
+        args.data = record.get("dataset")
+        args.data_format = args.data_format or record.get("data_format")
+    elif not same_source(args.data, record.get("dataset")):
+        conflicts.append(f"--data {args.data} (the run has {record.get('dataset')})")
+    if conflicts:
+        raise CommandError(
+            f"--resume {args.resume}: a resumed run keeps the options it started with; "
+            f"{'; '.join(conflicts)}. Leave them out, or start a new run to change them"
+        )
+    return file, record
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cnnserve.evaluate import accuracy as split_accuracy
+    from cnnserve.modelfile import save_model
+    from cnnserve.network import ConvNet
+    from cnnserve.solver import Solver
+
+    out = Path(args.out)
+    check_output(out)
+    checkpoint = Path(args.checkpoint or f"{out.with_suffix('')}_checkpoint")
+    if checkpoint.suffix == ".safetensors":
+        checkpoint = checkpoint.with_suffix("")  # the Solver adds it
+    resumed = _resume_options(args) if args.resume else None
+    if args.data is None:
+        raise CommandError("--data is required (or --resume a checkpoint that names its data)")
+    for name, default in {**TRAIN_DEFAULTS, **_SPLIT_DEFAULTS}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    dtype = np.dtype(args.dtype)
+    started = time.perf_counter()
+    data = _load_data(args, dtype)
+    print(data.summary(), flush=True)
+    if resumed is not None:
+        model = resumed[0].model
+        if model.input_shape != data.input_shape or model.num_classes != data.num_classes:
+            raise CommandError(
+                f"--resume {args.resume}: the checkpoint's model takes {model.input_shape} with "
+                f"{model.num_classes} classes, the data is {data.input_shape} with "
+                f"{data.num_classes}"
+            )
+    else:
+        layers, args.arch = _architecture(args.arch, data.input_shape)
+        model = ConvNet(
+            layers,
+            data.input_shape,
+            data.num_classes,
+            weight_scale=args.weight_scale,
+            reg=args.reg,
+            dtype=dtype,
+            seed=args.seed,
+            class_names=list(data.class_names),
+            normalization={"mean": data.mean.tolist(), "std": data.std.tolist()},
+        )
+    print(model.summary(), flush=True)
+    record = {
+        "dataset": data.name,
+        "data_format": data.format,
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "limit": args.limit,
+        "num_train": int(len(data.y_train)),
+        "num_val": int(len(data.y_val)),
+        "num_test": int(len(data.y_test)),
+        "architecture": args.arch,
+        "dtype": dtype.name,
+        "reg": model.reg,
+        "weight_scale": args.weight_scale,
+        "batch_size": args.batch_size,
+        "update_rule": args.update_rule,
+        "learning_rate": args.lr,
+        "lr_decay": args.lr_decay,
+    }
+    created = make_directory(checkpoint.parent) + make_directory(out.parent)
+    try:
+        solver = Solver(
+            model,
+            data.solver_data(),
+            update_rule=args.update_rule,
+            optim_config={"learning_rate": args.lr},
+            lr_decay=args.lr_decay,
+            batch_size=args.batch_size,
+            num_epochs=args.epochs,
+            num_train_samples=args.train_samples,
+            checkpoint_name=str(checkpoint),
+            print_every=10**9,
+            verbose=not args.quiet,
+            progress=not args.quiet,
+            seed=args.seed,
+            record=record,
+            resume=args.resume,
+        )
+    except BaseException:
+        for folder in reversed(created):  # leave nothing behind for a run that never started
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    solver.train()
+    accuracy = {
+        "train_acc": split_accuracy(model, data.X_train, data.y_train),
+        "val_acc": split_accuracy(model, data.X_val, data.y_val),
+        "test_acc": split_accuracy(model, data.X_test, data.y_test),
+    }
+    record.update(
+        epochs=args.epochs,
+        best_val_acc=solver.best_val_acc,
+        best_epoch=solver.best_epoch,
+        **accuracy,
+        train_seconds=round(time.perf_counter() - started, 1),
+    )
+    save_model(model, out, training={k: v for k, v in record.items() if v is not None})
+    history = out.with_name(out.stem + "_history.json")
+    solver.save_history(history)
+    solver.plot_history(history.with_suffix(".png"))
+    shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in accuracy.items()}
+    print(
+        f"train accuracy {shown['train_acc']}, val {shown['val_acc']}, "
+        f"test {shown['test_acc']} ({record['train_seconds']} s)"
+    )
+    print(f"wrote {out}, {history} and {history.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnnserve.evaluate import evaluate, renormalised
+    from cnnserve.modelfile import read_model_file
+
+    file = read_model_file(args.model)
+    model, record = file.model, file.training
+    data = _load_data(args, model.dtype, defaults=record)
+    if data.input_shape != model.input_shape or data.num_classes != model.num_classes:
+        raise CommandError(
+            f"{args.model} takes {model.input_shape} images of {model.num_classes} classes, "
+            f"but {data.name} holds {data.input_shape} images of {data.num_classes} classes"
+        )
+    X, y = getattr(data, f"X_{args.split}"), getattr(data, f"y_{args.split}")
+    if len(y) == 0:
+        raise CommandError(f"the {args.split} split of {data.name} is empty")
+    result = evaluate(model, renormalised(model, X, data.mean, data.std), y)
+    if args.json:
+        head = {"model": str(args.model), "dataset": data.name, "split": args.split}
+        print(json.dumps({**head, **result.to_dict()}, indent=2))
+    else:
+        print(f"{args.model} on the {args.split} split of {data.name} ({len(y)} images)")
+        print(result.text())
+    return 0
+
+
+def add_train(commands: Any) -> None:
+    """The ``train`` command."""
+    train = commands.add_parser(
+        "train",
+        help="train a network and save it as a model file",
+        description="Train a network on a data set and save it to a .safetensors model file, "
+        "with a checkpoint after every epoch and the history as JSON and PNG beside it.",
+    )
+    _add_data_options(train, training=True)
+    train.add_argument("--limit", type=positive_int, help="use at most this many training images")
+    train.add_argument(
+        "--arch", help="a preset (digits, three_layer, lenet) or a JSON file (default digits)"
+    )
+    train.add_argument("--epochs", type=positive_int, help="epochs in all (default 10)")
+    train.add_argument("--batch-size", type=positive_int, help="default 50")
+    train.add_argument(
+        "--update-rule",
+        choices=["sgd", "sgd_momentum", "rmsprop", "adam"],
+        help="default adam",
+    )
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    train.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch (default 1)")
+    train.add_argument("--reg", type=float, help="L2 strength: 0.5*reg*sum(W**2) (default 0)")
+    train.add_argument("--weight-scale", type=float, help="initial weight std (default: He)")
+    train.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
+    train.add_argument(
+        "--train-samples",
+        type=positive_int,
+        help="training images used for the per-epoch training accuracy (default 1000)",
+    )
+    train.add_argument("--out", required=True, help="the model file to write (.safetensors)")
+    train.add_argument(
+        "--checkpoint",
+        help="checkpoint name, written as NAME.safetensors after every epoch "
+        "(default: OUT without suffix + '_checkpoint')",
+    )
+    train.add_argument(
+        "--resume",
+        help="continue the run a checkpoint file holds (its options apply; give --epochs for "
+        "the new total)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.set_defaults(handler=_cmd_train)
+
+
+def add_evaluate(commands: Any) -> None:
+    """The ``evaluate`` command."""
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy and confusion matrix of a model on a data split",
+        description="Evaluate a model file on a split of a data set (by default the held-out "
+        "test split of the data it was trained on, split as in training).",
+    )
+    evaluate.add_argument("model", help="a .safetensors model file")
+    _add_data_options(evaluate, training=False)
+    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.set_defaults(handler=_cmd_evaluate)
