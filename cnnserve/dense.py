@@ -40,7 +40,7 @@ from cnnserve.geometry import Geometry
 from cnnserve.images import MAX_PIXELS, as_image, resize
 from cnnserve.network import ConvNet
 from cnnserve.predict import ranked
-from cnnserve.specs import BACKGROUND, out_shape
+from cnnserve.specs import BACKGROUND, class_index, out_shape
 
 __all__ = [
     "DEFAULT_TILE_MEMORY",
@@ -66,29 +66,6 @@ _MAX_TILE_BATCH = 64
 # ---------------------------------------------------------------------------------------------
 # Classes
 # ---------------------------------------------------------------------------------------------
-
-
-def class_index(value: int | str, class_names: Sequence[str]) -> int:
-    """A class given by its name, or by its index when no class has that name.
-
-    Raises
-    ------
-    ValueError
-        Neither a class name nor an index in ``[0, K)``; the message lists the classes.
-    """
-    if value in class_names:
-        return list(class_names).index(value)
-    index = -1
-    if isinstance(value, int | np.integer) and not isinstance(value, bool):
-        index = int(value)
-    elif isinstance(value, str) and value.isascii() and value.isdigit():  # not " 3" or "0_3"
-        index = int(value)
-    if not 0 <= index < len(class_names):
-        raise ValueError(
-            f"class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
-            f"classes: {', '.join(class_names)}"
-        )
-    return index
 
 
 def default_class(result: ScoreMap | MultiScaleMap) -> int:

@@ -50,6 +50,7 @@ __all__ = [
     "PRESETS",
     "LayerInfo",
     "check_class_names",
+    "class_index",
     "check_config",
     "check_input_shape",
     "check_layers",
@@ -390,6 +391,29 @@ def check_class_names(class_names: Any, num_classes: int) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"class_names must be distinct, got {names!r}")
     return names
+
+
+def class_index(value: int | str, class_names: Sequence[str]) -> int:
+    """A class given by its name, or by its index when no class has that name.
+
+    Raises
+    ------
+    ValueError
+        Neither a class name nor an index in ``[0, K)``; the message lists the classes.
+    """
+    if value in class_names:
+        return list(class_names).index(value)
+    index = -1
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        index = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit():  # not " 3" or "0_3"
+        index = int(value)
+    if not 0 <= index < len(class_names):
+        raise ValueError(
+            f"class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
+            f"classes: {', '.join(class_names)}"
+        )
+    return index
 
 
 def check_normalization(normalization: Any, channels: int) -> dict | None:
