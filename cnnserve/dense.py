@@ -53,6 +53,7 @@ __all__ = [
     "as_image",
     "class_index",
     "default_class",
+    "encode_array",
     "read_image",
     "score_map",
     "softmax_cells",
@@ -259,8 +260,26 @@ def softmax_cells(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def _encode(array: np.ndarray, dtype: str = "float32") -> dict:
-    """A compact JSON form: little-endian bytes (float32 or int32) in base64, shape and dtype."""
+def encode_array(array: np.ndarray, dtype: str = "float32") -> dict:
+    """An array in a compact JSON form: its little-endian bytes in base64, shape and dtype.
+
+    Parameters
+    ----------
+    array : ndarray
+        Any shape; its values are cast to ``dtype``.
+    dtype : {"float32", "int32"}
+        The type the bytes are written in (little-endian, C order).
+
+    Returns
+    -------
+    dict
+        ``{"dtype", "shape", "order": "C", "data"}``: ``data`` is the base64 of the bytes.
+
+    Shape
+    -----
+    ``array`` of shape ``(d0, ..., dn)`` -> ``shape == [d0, ..., dn]`` and ``data`` of
+    ``4 * d0 * ... * dn`` bytes before base64.
+    """
     data = np.ascontiguousarray(array, dtype={"float32": "<f4", "int32": "<i4"}[dtype])
     return {
         "dtype": dtype,
@@ -474,8 +493,8 @@ class ScoreMap(_Aggregates):
                 for j in range(self.shape[1])
             ]
         if scores:
-            out["logits"] = _encode(self.logits)
-            out["probabilities"] = _encode(self.probabilities)
+            out["logits"] = encode_array(self.logits)
+            out["probabilities"] = encode_array(self.probabilities)
         return out
 
     def heatmap(self, image: np.ndarray, class_index: int, **options: Any):

@@ -40,9 +40,9 @@ from cnnserve import __version__
 from cnnserve.dense import (
     ImageError,
     ImageTooLargeError,
-    _encode,
     class_index,
     default_class,
+    encode_array,
     read_image,
 )
 from cnnserve.dense import score_map as dense_score_map
@@ -643,9 +643,9 @@ def _map_json(result: Any, index: int, top_k: int, arrays: bool) -> dict:
     }
     if arrays:
         indices, probabilities = result.cell_top_k(top_k)
-        d["boxes"] = _encode(result.boxes(), "int32")
+        d["boxes"] = encode_array(result.boxes(), "int32")
         d["cell_top_k"] = {
-            "indices": _encode(indices, "int32"),
-            "probabilities": _encode(probabilities),
+            "indices": encode_array(indices, "int32"),
+            "probabilities": encode_array(probabilities),
         }
     return d
