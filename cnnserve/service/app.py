@@ -1,9 +1,12 @@
 """The FastAPI application: class scores and dense score maps over HTTP.
 
-:func:`create_app` builds an app from :class:`~cnnserve.service.settings.Settings`. On startup
-(FastAPI's lifespan) it checks the model directory, then loads, converts and warms up every
-model in a background thread: ``/healthz`` answers at once, ``/readyz`` and the model routes
-answer 503 until the models are ready.
+:func:`create_app` builds an app from :class:`~cnnserve.service.settings.Settings`: the error
+handlers, the metrics middleware, the static web page and the routers of
+:mod:`cnnserve.service.routes`, with a :class:`~cnnserve.service.deps.Service` in
+``app.state.service`` that the routes receive as a dependency. On startup, :func:`lifespan`
+checks the model directory, then loads, converts and warms up every model in a background
+thread: ``/healthz`` answers at once, ``/readyz`` and the model routes answer 503 until the
+models are ready.
 
 Inference runs in worker threads, off the event loop (the Cython kernels release the GIL).
 ``/predict`` and ``/scoremap`` each run at most ``max_concurrency`` inferences at once, on
@@ -17,56 +20,55 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
-import time
-import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from cnnserve import __version__
-from cnnserve.dense import (
-    class_index,
-    default_class,
-    encode_array,
-)
-from cnnserve.dense import score_map as dense_score_map
-from cnnserve.heatmap import MAX_PICTURE_PIXELS, png_bytes
-from cnnserve.predict import predict as classify
-from cnnserve.service.deps import (
-    ERROR_RESPONSES,
-    IMAGE_BODY,
-    LOOKUP_ERRORS,
-    STATIC,
-    Lane,
-    ModelName,
-    Service,
-    TopK,
-    decode_image,
-    image_bytes,
-)
-from cnnserve.service.errors import ServiceError, install_error_handlers
-from cnnserve.service.metrics import CONTENT_TYPE_LATEST, Metrics, MetricsMiddleware
+from cnnserve.service.deps import STATIC, Lane, Service
+from cnnserve.service.errors import install_error_handlers
+from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry
-from cnnserve.service.schemas import (
-    ErrorResponse,
-    Health,
-    ModelDetail,
-    ModelList,
-    PredictResponse,
-    Ready,
-    ScoreMapResponse,
-)
+from cnnserve.service.routes import health, inference, models
 from cnnserve.service.settings import Settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "lifespan"]
 
 log = logging.getLogger("cnnserve.service")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The service's start-up and shutdown, around the time it serves.
+
+    Start-up checks the model directory (a missing or empty one stops it), makes the
+    inference lanes and starts loading every model on a thread of the ``predict`` lane.
+    Shutdown waits for the loading to end, then for the lanes' threads.
+
+    Parameters
+    ----------
+    app : FastAPI
+        An app of :func:`create_app`: its ``state.service`` is the :class:`Service`.
+    """
+    service: Service = app.state.service
+    registry, settings, metrics = service.registry, service.settings, service.metrics
+    registry.discover()  # a missing or empty directory stops the start-up here
+    service.lanes = {name: Lane(name, settings, metrics) for name in ("predict", "scoremap")}
+    log.info("loading %d model file(s) from %s", len(registry.files), registry.directory.resolve())
+    loading = asyncio.get_running_loop().run_in_executor(
+        service.lanes["predict"].executor,  # the warm-up warms an inference thread
+        functools.partial(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc()),
+    )
+    yield
+    try:
+        await asyncio.shield(loading)  # a shutdown during loading waits for it to end
+    finally:
+        for lane in service.lanes.values():
+            lane.executor.shutdown(wait=True)
+        metrics.process_exit()
 
 
 def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None):
@@ -87,26 +89,6 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     settings = settings or Settings()
     registry = registry or ModelRegistry(settings.models, warmup=settings.warmup)
     metrics = Metrics()
-    service = Service(settings, registry, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry.discover()  # a missing or empty directory stops the start-up here
-        service.lanes = {name: Lane(name, settings, metrics) for name in ("predict", "scoremap")}
-        log.info(
-            "loading %d model file(s) from %s", len(registry.files), registry.directory.resolve()
-        )
-        loading = asyncio.get_running_loop().run_in_executor(
-            service.lanes["predict"].executor,  # the warm-up warms an inference thread
-            functools.partial(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc()),
-        )
-        yield
-        try:
-            await asyncio.shield(loading)  # a shutdown during loading waits for it to end
-        finally:
-            for lane in service.lanes.values():
-                lane.executor.shutdown(wait=True)
-            metrics.process_exit()
 
     app = FastAPI(
         title="cnnserve",
@@ -119,264 +101,10 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         ),
         lifespan=lifespan,
     )
-    app.state.service = service
+    app.state.service = Service(settings, registry, metrics)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
-
-    @app.get("/healthz", response_model=Health, tags=["health"])
-    async def healthz() -> dict:
-        """The process is alive (it may still be loading models)."""
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        response_model=Ready,
-        tags=["health"],
-        responses={503: {"model": ErrorResponse, "description": "Not ready."}},
-    )
-    async def readyz() -> dict:
-        """Every model is loaded, converted and warmed up (at least one is served)."""
-        if not registry.finished:
-            done = len(registry.models) + len(registry.failed)
-            raise ServiceError(
-                503,
-                "not_ready",
-                f"loading models ({done} of {len(registry.files)} done)",
-                {"Retry-After": "1"},
-            )
-        if not registry.models:
-            failures = "; ".join(registry.failed.values())
-            raise ServiceError(503, "not_ready", f"no model could be loaded: {failures}")
-        return {"status": "ready", "models": sorted(registry.models), "failed": registry.failed}
-
-    for path, endpoint in (("/", index), ("/healthz", healthz), ("/readyz", readyz)):
-        # HEAD too, for monitors that probe with it (not in the docs: GET documents them)
-        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
-
-    @app.get("/metrics", tags=["health"], response_class=Response)
-    async def prometheus() -> Response:
-        """Prometheus metrics: requests, latencies, inference time, images processed."""
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", response_model=ModelList, tags=["models"], responses=LOOKUP_ERRORS)
-    async def list_models() -> dict:
-        """The models served, with their input shape, classes and dense geometry."""
-        service.require_ready()
-        return {"models": [m.summary() for _, m in sorted(registry.models.items())]}
-
-    @app.get(
-        "/v1/models/{name}", response_model=ModelDetail, tags=["models"], responses=LOOKUP_ERRORS
-    )
-    async def model_detail(name: ModelName) -> dict:
-        """One model: the summary, its architecture, training record and self-check."""
-        return service.model(name).detail()
-
-    @app.post(
-        "/v1/models/{name}/predict",
-        response_model=PredictResponse,
-        tags=["inference"],
-        responses=ERROR_RESPONSES,
-        openapi_extra=IMAGE_BODY,
-    )
-    async def predict(name: ModelName, request: Request, top_k: TopK = 5) -> dict:
-        """The top-k classes of an image.
-
-        The image is classified as a whole: one of another size than the training size is
-        resized to it (bilinear, antialiased when it shrinks) first. For where in a large
-        image each class is, use `/scoremap`.
-        """
-        model = service.model(name)
-        lane = service.lanes["predict"]
-        with lane.admit():
-            data = await image_bytes(request, settings.max_body_bytes)
-
-            def work() -> Any:
-                pixels = decode_image(data, model, settings.max_pixels)
-                return classify(model.fcn, pixels)
-
-            result, seconds = await lane.run(request, model, work)
-        service.metrics.pixels.labels(model.name, "predict").inc(
-            result.image_size[0] * result.image_size[1]
-        )
-        return {
-            "model": model.name,
-            "predictions": result.top_k(top_k),
-            "image_size": list(result.image_size),
-            "resized_to": list(result.resized_to) if result.resized_to else None,
-            "time_ms": round(seconds * 1e3, 3),
-        }
-
-    @app.post(
-        "/v1/models/{name}/scoremap",
-        response_model=ScoreMapResponse,
-        tags=["inference"],
-        responses={
-            **ERROR_RESPONSES,
-            200: {
-                "description": "`format=json`: the score map. `format=png`: the heatmap of "
-                "the class over the image.",
-                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-            },
-        },
-        openapi_extra=IMAGE_BODY,
-    )
-    async def scoremap(
-        name: ModelName,
-        request: Request,
-        stride_divisor: Annotated[
-            int,
-            Query(
-                ge=1,
-                description="d dividing the model's stride S: cells every S/d pixels "
-                "(shift-and-stitch, d*d passes).",
-            ),
-        ] = 1,
-        top_k: TopK = 5,
-        format: Annotated[
-            Literal["json", "png"], Query(description="`json`: the numbers; `png`: a heatmap.")
-        ] = "json",
-        class_: Annotated[
-            str | None,
-            Query(
-                alias="class",
-                description="A class name or index: the class whose peak is reported (json) "
-                "or drawn (png). Default: the top class by max over the cells (the most likely "
-                "class anywhere in the image), skipping a class named background.",
-            ),
-        ] = None,
-        alpha: Annotated[
-            float, Query(ge=0, le=1, description="Heatmap opacity over the image (png).")
-        ] = 0.5,
-        zoom: Annotated[
-            int,
-            Query(ge=1, le=64, description="Draw the heatmap this many times the image's size."),
-        ] = 1,
-        arrays: Annotated[
-            bool,
-            Query(
-                description="`json`: include the per-cell arrays (logits, probabilities, boxes, "
-                "cell_top_k). false: the map's shape, geometry, aggregates and the class's peak "
-                "only, for maps with more cells than `max_json_cells`."
-            ),
-        ] = True,
-    ) -> Any:
-        """A dense map of class scores: one cell per training-size window of the image.
-
-        The image must be at least the model's window (its training size). Each cell's box is
-        in the image's own pixels. JSON arrays come as base64 of little-endian float32 (int32
-        for indices and boxes) with their shape.
-        """
-        model = service.model(name)
-        fcn = model.fcn
-        try:
-            fcn.geometry.finer(stride_divisor)
-            chosen = None if class_ is None else class_index(class_, fcn.class_names)
-        except ValueError as exc:
-            raise ServiceError(422, "invalid_parameter", str(exc)) from None
-        lane = service.lanes["scoremap"]
-        with lane.admit():
-            data = await image_bytes(request, settings.max_body_bytes)
-
-            def work() -> Any:
-                started = time.perf_counter()
-                pixels = decode_image(data, model, settings.max_pixels)
-                _check_map(fcn, pixels.shape[1:], stride_divisor, format, zoom, arrays, settings)
-                result = dense_score_map(
-                    fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
-                )
-                index = chosen if chosen is not None else default_class(result)
-                if format == "png":
-                    picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
-                    return result, index, png_bytes(picture)
-                # Encoded here, on the inference thread: a large map's JSON takes a while, and
-                # on the event loop it would hold up every other request.
-                body = {"model": model.name, **_map_json(result, index, top_k, arrays)}
-                body["time_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-                return result, index, json.dumps(body, separators=(",", ":")).encode()
-
-            (result, index, body), seconds = await lane.run(request, model, work)
-        H, W = result.image_size
-        service.metrics.pixels.labels(model.name, "scoremap").inc(H * W)
-        if format == "json":
-            return Response(body, media_type="application/json")
-        label = fcn.class_names[index]
-        return Response(
-            body,
-            media_type="image/png",
-            headers={
-                "X-Cnnserve-Class": urllib.parse.quote(label, safe=""),
-                "X-Cnnserve-Class-Index": str(index),
-                "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
-                "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
-            },
-        )
-
+    for routes in (health, models, inference):
+        app.include_router(routes.router)
     return app
-
-
-def _check_map(
-    fcn: Any,
-    size: tuple[int, int],
-    divisor: int,
-    format: str,
-    zoom: int,
-    arrays: bool,
-    settings: Settings,
-) -> None:
-    """Refuse, before any work, a map the service would not return (422)."""
-    H, W = size
-    th, tw = fcn.geometry.window
-    if H < th or W < tw:
-        raise ServiceError(
-            422,
-            "image_too_small",
-            f"the image is {H}x{W} pixels, smaller than the model's {th}x{tw} window",
-        )
-    rows, cols = fcn.geometry.finer(divisor).map_size(H, W)
-    cells = rows * cols
-    if cells > settings.max_map_cells:
-        raise ServiceError(
-            422,
-            "map_too_large",
-            f"a {H}x{W} image at stride_divisor {divisor} makes a {rows}x{cols} map: {cells:,} "
-            f"cells, more than the limit of {settings.max_map_cells:,}; send a smaller image or "
-            "a smaller stride_divisor",
-        )
-    if format == "json" and arrays and cells > settings.max_json_cells:
-        raise ServiceError(
-            422,
-            "map_too_large",
-            f"a {rows}x{cols} map has {cells:,} cells, more than the {settings.max_json_cells:,} "
-            "whose arrays a JSON answer carries; ask for format=png, or arrays=false for the "
-            "aggregates only, or send a smaller image",
-        )
-    if format == "png" and H * W * zoom**2 > MAX_PICTURE_PIXELS:
-        raise ServiceError(
-            422,
-            "invalid_parameter",
-            f"zoom {zoom} would draw a {W * zoom}x{H * zoom} picture, more than "
-            f"{MAX_PICTURE_PIXELS:,} pixels",
-        )
-
-
-def _map_json(result: Any, index: int, top_k: int, arrays: bool) -> dict:
-    """The JSON of a score map: arrays compact (base64), nothing per cell as objects."""
-    d = result.to_dict(top_k=top_k, cells=False, scores=arrays)
-    d["class"] = {
-        "label": result.class_names[index],
-        "index": index,
-        "peak": result.peak(index),
-    }
-    if arrays:
-        indices, probabilities = result.cell_top_k(top_k)
-        d["boxes"] = encode_array(result.boxes(), "int32")
-        d["cell_top_k"] = {
-            "indices": encode_array(indices, "int32"),
-            "probabilities": encode_array(probabilities),
-        }
-    return d
