@@ -26,8 +26,8 @@ from cnnserve.data import digits_canvas
 from cnnserve.dense import score_map
 from cnnserve.predict import predict
 from cnnserve.service import Settings, create_app
-from cnnserve.service import app as app_module
 from cnnserve.service.registry import ModelDirectoryError, ModelRegistry, load_one
+from cnnserve.service.routes import inference as inference_module
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
 
@@ -517,7 +517,7 @@ def test_zoom_beyond_the_picture_limit_is_422(model_dir):
         wait_ready(c)
         big = png(np.zeros((2048, 4096), np.uint8))
         r = c.post("/v1/models/digits/scoremap?format=png&zoom=8", content=big, headers=PNG)
-        assert_error(r, 422, "invalid_parameter", "zoom 8 would draw a 32768x16384 picture")
+        assert_error(r, 422, "invalid_parameter", "zoom 8 would make a 32768x16384 picture")
 
 
 def test_unknown_routes_and_methods(client):
@@ -844,7 +844,7 @@ def one_predict_held(client: TestClient, monkeypatch, image: bytes) -> Iterator[
     """A /predict whose inference waits, in a thread, for the block to end; yields the list of
     inferences started (the held one first), then checks that the held one answered 200."""
     entered, release = threading.Event(), threading.Event()
-    real = app_module.classify
+    real = inference_module.classify
     calls: list = []
 
     def held(*args, **kwargs):
@@ -853,7 +853,7 @@ def one_predict_held(client: TestClient, monkeypatch, image: bytes) -> Iterator[
         assert release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "classify", held)
+    monkeypatch.setattr(inference_module, "classify", held)
     first: dict = {}
     url = "/v1/models/digits/predict"
     thread = threading.Thread(

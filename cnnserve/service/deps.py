@@ -1,0 +1,420 @@
+"""What the routes share: the service's state, request bodies, images, FastAPI dependencies.
+
+:class:`Service` holds the settings, the model registry, the metrics and the inference
+:class:`Lane` of each endpoint; :func:`create_app <cnnserve.service.app.create_app>` keeps one in
+``app.state.service`` and the routes receive it through :data:`ServiceDep`
+(``Depends(get_service)``). :func:`image_bytes` reads the image of a request (a multipart
+``file`` field or a raw image/* body, refused with a 413 as soon as it passes the byte limit)
+and :func:`decode_image` turns it into pixels, or a 400 / 413. The annotated parameters and the
+documented error responses here are the ones several routes declare in the OpenAPI docs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, Path, Query, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
+
+from cnnserve.images import ImageError, ImageTooLargeError, read_image
+from cnnserve.service.errors import ServiceError
+from cnnserve.service.metrics import Metrics
+from cnnserve.service.registry import LoadedModel, ModelRegistry
+from cnnserve.service.schemas import ErrorResponse
+from cnnserve.service.settings import Settings
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "IMAGE_BODY",
+    "IMAGE_TYPES",
+    "LOOKUP_ERRORS",
+    "STATIC",
+    "Lane",
+    "ModelName",
+    "Service",
+    "ServiceDep",
+    "TopK",
+    "decode_image",
+    "get_service",
+    "image_bytes",
+    "read_body",
+]
+
+# Media types of raw image bodies the decoder reads (read_image: PNG, JPEG, BMP, GIF, TIFF).
+IMAGE_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/bmp",
+    "image/x-bmp",
+    "image/x-ms-bmp",
+    "image/gif",
+    "image/tiff",
+)
+
+# The static web page's directory: mounted at /static, its index.html served at /.
+STATIC = resources.files("cnnserve.service") / "static"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the OpenAPI docs say of several routes
+# ---------------------------------------------------------------------------------------------
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "The body is not a decodable image, or a multipart body has no `file` field.",
+        404: "No model of that name is loaded.",
+        413: "The body is larger than the byte limit, or the image has more pixels than the "
+        "pixel limit (checked before decoding).",
+        415: "The body is neither multipart/form-data nor a supported image/* type.",
+        422: "A bad query parameter, or an image smaller than the model's window.",
+        503: "Models are still loading, or every inference slot stayed busy for the queue "
+        "timeout (see Retry-After).",
+    }.items()
+}
+
+LOOKUP_ERRORS = {status: ERROR_RESPONSES[status] for status in (404, 503)}
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: a multipart form with a `file` field (`curl -F "
+        "file=@digit.png`), or the raw bytes with an image media type (`curl --data-binary "
+        "@digit.png -H 'Content-Type: image/png'`). PNG, JPEG, BMP, GIF or TIFF.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+ModelName = Annotated[str, Path(description="A model's name, as listed by GET /v1/models.")]
+TopK = Annotated[
+    int, Query(ge=1, description="How many classes to return (clamped to the classes).")
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies and images
+# ---------------------------------------------------------------------------------------------
+
+
+def _too_large(limit: int) -> ServiceError:
+    return ServiceError(
+        413, "payload_too_large", f"the request body is larger than the limit of {limit:,} bytes"
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body of a request, refused with a 413 as soon as it passes ``limit`` bytes.
+
+    Parameters
+    ----------
+    request : Request
+    limit : int
+        The largest body accepted, in bytes.
+
+    Returns
+    -------
+    bytes
+
+    Raises
+    ------
+    ServiceError
+        400 for a Content-Length that is not a number; 413 for a declared or actual body
+        over ``limit``, before more than ``limit`` bytes are held.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise ServiceError(400, "bad_request", f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+def _check_image_type(media: str, where: str) -> None:
+    if media.startswith("image/") and media not in IMAGE_TYPES:
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"{where} is {media}; supported images: PNG, JPEG, BMP, GIF, TIFF",
+        )
+
+
+async def image_bytes(request: Request, limit: int) -> bytes:
+    """The encoded image of a request: a multipart ``file`` field or a raw image/* body.
+
+    Parameters
+    ----------
+    request : Request
+    limit : int
+        The largest body accepted, in bytes (the whole multipart body for a form).
+
+    Returns
+    -------
+    bytes
+        The image file's bytes, not decoded (never empty).
+
+    Raises
+    ------
+    ServiceError
+        400 for a bad multipart body, a form without a ``file`` field or an empty image;
+        413 for a body over ``limit``; 415 for any other media type, or an image/* type that
+        is not one of :data:`IMAGE_TYPES`.
+    """
+    media = _media_type(request.headers.get("content-type"))
+    if media == "multipart/form-data":
+        body = await read_body(request, limit)
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form_request = Request(request.scope, replay)
+        try:
+            form = await form_request.form(max_files=1, max_fields=16)
+        except (MultiPartException, StarletteHTTPException) as exc:  # Starlette wraps the first
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+            raise ServiceError(400, "invalid_multipart", f"bad multipart body: {detail}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ServiceError(
+                    400,
+                    "missing_file",
+                    "the multipart body has no file field named 'file' (curl -F file=@image.png)",
+                )
+            _check_image_type(_media_type(upload.content_type), "the uploaded file")
+            data = await upload.read()
+        finally:
+            await form.close()
+    elif media.startswith("image/"):
+        _check_image_type(media, "the body")
+        data = await read_body(request, limit)
+    else:
+        shown = media or "missing"
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {shown} is not accepted: send multipart/form-data with a 'file' "
+            "field, or the image bytes with an image/* type (e.g. image/png)",
+        )
+    if not data:
+        raise ServiceError(400, "invalid_image", "the image is empty (0 bytes)")
+    return data
+
+
+def decode_image(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray:
+    """The pixels of an uploaded image, with the model's channels, or a 400 / 413.
+
+    Parameters
+    ----------
+    data : bytes
+        An encoded image (PNG, JPEG, BMP, GIF, TIFF).
+    model : LoadedModel
+        The model the image is for: it sets the number of channels.
+    max_pixels : int
+        The largest image accepted, in pixels (checked before decoding).
+
+    Returns
+    -------
+    ndarray
+        float32 pixels in [0, 1].
+
+    Raises
+    ------
+    ServiceError
+        413 for an image of more than ``max_pixels`` pixels; 400 for bytes that are not a
+        decodable image.
+
+    Shape
+    -----
+    ``(C, H, W)``: ``C`` the model's input channels, ``(H, W)`` the image's own size.
+    """
+    try:
+        return read_image(data, model.fcn.input_shape[0], max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ServiceError(413, "image_too_large", str(exc)) from None
+    except ImageError as exc:
+        raise ServiceError(400, "invalid_image", str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The service's state
+# ---------------------------------------------------------------------------------------------
+
+
+class Lane:
+    """Inference slots and threads for one endpoint.
+
+    ``/predict`` and ``/scoremap`` each have their own lane, so that a few large maps never
+    make a classification wait for them: each lane runs at most ``max_concurrency``
+    inferences, on as many threads, and lets at most ``max_waiting`` more wait.
+
+    Parameters
+    ----------
+    endpoint : str
+        The endpoint's name (``"predict"``, ``"scoremap"``): the metrics' label.
+    settings : Settings
+    metrics : Metrics
+    """
+
+    def __init__(self, endpoint: str, settings: Settings, metrics: Metrics) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.metrics = metrics
+        self.slots = asyncio.Semaphore(settings.max_concurrency)
+        # Always the same threads, so that each keeps its OpenMP thread team and scratch
+        # buffers warm from one request to the next (a new thread would start a new team).
+        self.executor = ThreadPoolExecutor(
+            settings.max_concurrency, thread_name_prefix=f"cnnserve-{endpoint}"
+        )
+        self.admitted = 0  # requests in (reading, waiting, running): touched on the loop only
+
+    def _busy(self, why: str) -> ServiceError:
+        self.metrics.rejected.labels(self.endpoint).inc()
+        return ServiceError(503, "busy", f"{why}; retry later", {"Retry-After": "1"})
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a request from its arrival to its answer.
+
+        At most ``max_concurrency`` run and ``max_waiting`` wait (their bodies read, or being
+        read); a request beyond them is refused at once, before its body is read, so that the
+        memory held by waiting bodies stays bounded.
+        """
+        s = self.settings
+        if self.admitted >= s.max_concurrency + s.max_waiting:
+            raise self._busy(
+                f"{s.max_concurrency} {self.endpoint} inferences are running and "
+                f"{s.max_waiting} waiting"
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    async def run(self, request: Request, model: LoadedModel, work: Any) -> Any:
+        """``work()`` on one of the lane's threads, once a slot is free: ``(result, seconds)``.
+
+        Waits up to ``queue_timeout`` for a slot (then a 503). A request whose client has
+        gone while it waited is dropped. The slot is held until the thread has finished, even
+        if the request is cancelled meanwhile, so that slots never outnumber busy threads.
+        """
+        s, m, slots = self.settings, self.metrics, self.slots
+        waiting = m.waiting.labels(self.endpoint)
+        waiting.inc()
+        try:
+            if slots.locked():
+                await asyncio.wait_for(slots.acquire(), s.queue_timeout)
+            else:
+                await slots.acquire()
+        except TimeoutError:
+            raise self._busy(
+                f"all {s.max_concurrency} {self.endpoint} slots stayed busy for "
+                f"{s.queue_timeout:g} s"
+            ) from None
+        finally:
+            waiting.dec()
+        try:
+            if await request.is_disconnected():
+                raise ClientDisconnect()
+        except BaseException:
+            slots.release()
+            raise
+        running = m.in_progress.labels(self.endpoint)
+        running.inc()
+
+        def timed() -> tuple[Any, float]:
+            start = time.perf_counter()
+            return work(), time.perf_counter() - start
+
+        def done(_: asyncio.Future) -> None:
+            running.dec()
+            slots.release()
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
+        future.add_done_callback(done)
+        result, seconds = await asyncio.shield(future)
+        m.inference.labels(model.name, self.endpoint).observe(seconds)
+        m.images.labels(model.name, self.endpoint).inc()
+        return result, seconds
+
+
+class Service:
+    """Everything the routes share: settings, models, metrics, the lanes.
+
+    Parameters
+    ----------
+    settings : Settings
+    registry : ModelRegistry
+    metrics : Metrics
+    """
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.lanes: dict[str, Lane] = {}  # made in the lifespan, on its event loop
+
+    def require_ready(self) -> None:
+        """Nothing once every model file has been tried; before that, a 503."""
+        if not self.registry.finished:
+            raise ServiceError(
+                503, "not_ready", "models are still loading; retry shortly", {"Retry-After": "1"}
+            )
+
+    def model(self, name: str) -> LoadedModel:
+        """A loaded model by name (a 404 for any other name): never a path."""
+        self.require_ready()
+        reg = self.registry
+        found = reg.models.get(name)
+        if found is None:
+            served = ", ".join(sorted(reg.models)) or "none"
+            raise ServiceError(404, "model_not_found", f"no model named {name!r}; served: {served}")
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# FastAPI dependencies
+# ---------------------------------------------------------------------------------------------
+
+
+async def get_service(request: Request) -> Service:
+    """The app's :class:`Service` (``app.state.service``), for ``Depends``.
+
+    A coroutine, so that FastAPI calls it on the event loop: a plain function would be sent
+    to a worker thread on every request.
+    """
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
