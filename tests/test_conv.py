@@ -5,6 +5,8 @@ import pytest
 
 from cnnserve import layers, reference
 from cnnserve._ext import conv as conv_ext
+from cnnserve.layers import _runtime
+from cnnserve.layers import conv as conv_layer
 from tests.gradcheck import conv_shape_id, numeric_gradient, scaled_error, tolerance
 
 # (N, C, H, W, F, HH, WW, stride, pad): batch of 1, single channel, non-square kernels and
@@ -241,10 +243,10 @@ def test_backward_rejects_bad_dout_and_cache():
 @pytest.mark.parametrize("chunk_bytes", [1, 3000])
 def test_chunked_batches_match_reference(monkeypatch, chunk_bytes):
     """Batches split into several im2col chunks (1 image, or a few) give the same results."""
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(_runtime, "CHUNK_BYTES", chunk_bytes)
     shape = (5, 3, 7, 7, 4, 3, 3, 2, 1)
     x, w, b, param = _random_problem(shape, np.float64)
-    assert layers._images_per_chunk(5, 3 * 3 * 3 * 16, 8) < 5  # several chunks
+    assert _runtime.images_per_chunk(5, 3 * 3 * 3 * 16, 8) < 5  # several chunks
     out, cache = layers.conv_forward(x, w, b, param)
     ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
     np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -318,13 +320,13 @@ def _path(shape, dtype) -> str:
     itemsize = np.dtype(dtype).itemsize
     if H_out * W_out == 1 and pad == 0:
         return "whole-image"
-    if layers._is_pointwise(HH, WW, stride, pad, H_out * W_out):
+    if conv_layer._is_pointwise(HH, WW, stride, pad, H_out * W_out):
         return "pointwise"
-    if layers._winograd_plan(N, C, F, HH, WW, stride, H_out, W_out, itemsize)[0]:
+    if conv_layer._winograd_plan(N, C, F, HH, WW, stride, H_out, W_out, itemsize)[0]:
         return "winograd"
-    if layers._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW):
+    if conv_layer._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW):
         return "skinny"  # forward only; the backward takes the fused or chunk path
-    if layers._fused_plan(N, C * HH * WW, H_out, W_out, F, itemsize)[0]:
+    if conv_layer._fused_plan(N, C * HH * WW, H_out, W_out, F, itemsize)[0]:
         return "fused"
     return "chunks"
 
@@ -455,10 +457,10 @@ def test_fast_paths_float32_close_to_float64(shape):
 
 def test_fused_path_with_several_row_blocks_per_image(monkeypatch):
     """Columns are built for a few output rows at a time when an image's do not fit."""
-    monkeypatch.setattr(layers, "_BLOCK_BYTES", 6 * 18 * 12 * 8)
+    monkeypatch.setattr(conv_layer, "_BLOCK_BYTES", 6 * 18 * 12 * 8)
     shape = (3, 3, 13, 11, 4, 3, 2, 1, 1)  # 13x12 output, K = 18: blocks of 6, 6 and 1 rows
     assert _path(shape, np.float64) == "fused"
-    assert layers._fused_plan(3, 18, 13, 12, 4, 8)[1] == 6
+    assert conv_layer._fused_plan(3, 18, 13, 12, 4, 8)[1] == 6
     x, w, b, param = _random_problem(shape, np.float64, seed=17)
     out, cache = layers.conv_forward(x, w, b, param)
     ref_out, ref_cache = reference.conv_forward_naive(x, w, b, param)
@@ -479,8 +481,8 @@ def test_fused_forward_blocks_smaller_than_the_backward_ones(dtype):
     shape = (3, 3, 15, 11, 5, 7, 7, 1, 3)  # 15x11 output, K = 147
     assert _path(shape, dtype) == "fused"
     itemsize = np.dtype(dtype).itemsize
-    rows = layers._fused_plan(3, 147, 15, 11, 5, itemsize)[1]
-    forward_rows = layers._forward_rows(rows, 147, 11, itemsize)
+    rows = conv_layer._fused_plan(3, 147, 15, 11, 5, itemsize)[1]
+    forward_rows = conv_layer._forward_rows(rows, 147, 11, itemsize)
     assert rows == 15 and 1 < forward_rows < 15 and 15 % forward_rows
     x, w, b, param = _random_problem(shape, dtype, seed=19)
     out, cache = layers.conv_forward(x, w, b, param)
@@ -503,7 +505,7 @@ def test_winograd_switches_off_for_large_transform_buffers(monkeypatch):
     assert _path(shape, np.float64) == "winograd"
     x, w, b, param = _random_problem(shape, np.float64, seed=19)
     winograd = layers.conv_forward(x, w, b, param)[0]
-    monkeypatch.setattr(layers, "_WINOGRAD_MAX_BYTES", 100)
+    monkeypatch.setattr(conv_layer, "_WINOGRAD_MAX_BYTES", 100)
     assert _path(shape, np.float64) == "chunks"
     direct = layers.conv_forward(x, w, b, param)[0]
     np.testing.assert_allclose(winograd, direct, rtol=1e-12, atol=1e-12)
@@ -525,7 +527,7 @@ def test_fast_paths_leave_numpy_blas_threads_alone():
     out, cache = layers.conv_forward(x, w, b, param)
     layers.conv_backward(out, cache)
     assert numpy_blas_threads() == before
-    assert layers._BLAS_1._depth == 0
+    assert _runtime.BLAS_1._depth == 0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

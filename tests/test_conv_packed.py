@@ -9,6 +9,7 @@ import pytest
 
 from cnnserve import layers, reference
 from cnnserve._ext import conv as conv_ext
+from cnnserve.layers import conv as conv_layer
 from tests.gradcheck import assert_close_to_scale, conv_shape_id, tolerance
 
 FAST = conv_ext.skinny_fast()
@@ -100,7 +101,7 @@ def test_skinny_packed_forward_rejects_bad_arguments():
 @pytest.fixture
 def small_packing(monkeypatch):
     """Small problems packed and run packed, as large ones are."""
-    monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(conv_layer, "_SKINNY_MIN_WEIGHTS", 1)
 
 
 @pytest.fixture
@@ -171,7 +172,7 @@ def test_conv_forward_packed_only_up_to_the_column_limit(small_packing, packed_c
     w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
     filters = layers.pack_filters(w)
-    limit = layers._PACKED_MAX_COLUMNS
+    limit = conv_layer._PACKED_MAX_COLUMNS
     side = math.isqrt(limit)  # side * side <= limit < (side + 1) ** 2
     for pixels_side, used in ((side, FAST), (side + 1, False)):
         packed_calls.clear()
@@ -231,7 +232,7 @@ def test_pack_filters_packs_only_where_the_kernel_applies(monkeypatch):
     rng = np.random.default_rng(0)
     w32 = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
     assert not layers.pack_filters(w32).packed  # 48 values, far below the threshold
-    monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 48)
+    monkeypatch.setattr(conv_layer, "_SKINNY_MIN_WEIGHTS", 48)
     filters = layers.pack_filters(w32)
     assert filters.packed == FAST
     assert filters.shape == (4, 3, 2, 2) and filters.dtype == np.float32

@@ -5,6 +5,7 @@ import pytest
 
 from cnnserve import layers, reference
 from cnnserve._ext import conv as conv_ext
+from cnnserve.layers import conv as conv_layer
 from tests.gradcheck import assert_close_to_scale, conv_shape_id, tolerance
 
 FAST = conv_ext.skinny_fast()
@@ -92,13 +93,13 @@ def test_skinny_forward_any_alignment(F, K, J, kc, w_off, c_off):
 @pytest.mark.parametrize("w_off", [0, 3, 12])
 def test_conv_forward_skinny_weights_off_cache_line(monkeypatch, w_off):
     """conv_forward places its column copy like the weights, wherever the weights start."""
-    monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1)
-    monkeypatch.setattr(layers, "_SKINNY_CHUNK", 32)  # several chunks of K
+    monkeypatch.setattr(conv_layer, "_SKINNY_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(conv_layer, "_SKINNY_CHUNK", 32)  # several chunks of K
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 16, 5, 5)).astype(np.float32)  # K = 16 * 9 = 144
     w = _at_offset(rng.standard_normal((11, 16, 3, 3)).astype(np.float32), w_off)
     b = rng.standard_normal(11).astype(np.float32)
-    assert 0 < layers._skinny_plan(x.dtype, 2 * 9, 11, 144) < 144 or not FAST
+    assert 0 < conv_layer._skinny_plan(x.dtype, 2 * 9, 11, 144) < 144 or not FAST
     out, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})  # (2, 11, 3, 3)
     ref_out, _ = reference.conv_forward_naive(
         x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), {"stride": 1, "pad": 0}
@@ -117,17 +118,17 @@ def test_skinny_forward_rejects_mismatched_shapes():
 def test_skinny_plan_switch():
     """Both sides of each condition of the switch, for the bench's 4096-filter row."""
     K = 512 * 49
-    kc = layers._skinny_plan(np.dtype(np.float32), 36, 4096, K)
+    kc = conv_layer._skinny_plan(np.dtype(np.float32), 36, 4096, K)
     assert (kc > 0) == FAST
     if FAST:
-        assert kc == layers._SKINNY_CHUNK and kc % 16 == 0
-    assert layers._skinny_plan(np.dtype(np.float64), 36, 4096, K) == 0  # float64: other paths
-    assert layers._skinny_plan(np.dtype(np.float32), 65, 4096, K) == 0  # too many columns
-    assert layers._skinny_plan(np.dtype(np.float32), 11, 4096, K) == 0  # too few columns
-    assert layers._skinny_plan(np.dtype(np.float32), 36, 64, 1024) == 0  # small weights
+        assert kc == conv_layer._SKINNY_CHUNK and kc % 16 == 0
+    assert conv_layer._skinny_plan(np.dtype(np.float64), 36, 4096, K) == 0  # float64: other paths
+    assert conv_layer._skinny_plan(np.dtype(np.float32), 65, 4096, K) == 0  # too many columns
+    assert conv_layer._skinny_plan(np.dtype(np.float32), 11, 4096, K) == 0  # too few columns
+    assert conv_layer._skinny_plan(np.dtype(np.float32), 36, 64, 1024) == 0  # small weights
     if FAST:
-        assert layers._skinny_plan(np.dtype(np.float32), 64, 4096, K) > 0
-        assert layers._skinny_plan(np.dtype(np.float32), 12, 4096, K) > 0
+        assert conv_layer._skinny_plan(np.dtype(np.float32), 64, 4096, K) > 0
+        assert conv_layer._skinny_plan(np.dtype(np.float32), 12, 4096, K) > 0
 
 
 # (N, C, H, W, F, HH, WW, stride, pad) with 12..64 output pixels over the batch: batch of 1
@@ -151,10 +152,10 @@ def test_conv_forward_skinny_path_matches_reference(monkeypatch, shape, dtype, t
     AVX-512 CPUs; float64 never does); forward and backward match the float64 loop reference
     either way."""
     N, C, H, W, F, HH, WW, stride, pad = shape
-    monkeypatch.setattr(layers, "_SKINNY_MIN_WEIGHTS", 1 if taken else 2**62)
-    monkeypatch.setattr(layers, "_SKINNY_CHUNK", 32)  # several chunks of K
+    monkeypatch.setattr(conv_layer, "_SKINNY_MIN_WEIGHTS", 1 if taken else 2**62)
+    monkeypatch.setattr(conv_layer, "_SKINNY_CHUNK", 32)  # several chunks of K
     H_out, W_out = (H + 2 * pad - HH) // stride + 1, (W + 2 * pad - WW) // stride + 1
-    kc = layers._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW)
+    kc = conv_layer._skinny_plan(np.dtype(dtype), N * H_out * W_out, F, C * HH * WW)
     assert (kc > 0) == (taken and FAST and dtype == np.float32)
 
     rng = np.random.default_rng(0)
@@ -189,7 +190,7 @@ def test_bench_row_4096_filters(N):
     x = rng.standard_normal((N, 512, 12, 12)).astype(np.float32)
     w = (rng.standard_normal((4096, 512, 7, 7)) * 0.01).astype(np.float32)
     b = rng.standard_normal(4096).astype(np.float32)
-    assert (layers._skinny_plan(x.dtype, N * 36, 4096, 512 * 49) > 0) == (FAST and N == 1)
+    assert (conv_layer._skinny_plan(x.dtype, N * 36, 4096, 512 * 49) > 0) == (FAST and N == 1)
     out, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})  # (N, 4096, 6, 6)
     cols = np.empty((512 * 49, N * 36), dtype=np.float32)  # (K, N*P)
     conv_ext.im2col(x, cols, 7, 7, 1, 0)
