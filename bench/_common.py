@@ -4,8 +4,11 @@ heavy)."""
 from __future__ import annotations
 
 import platform
+import statistics
+import time
+from collections.abc import Callable
 
-__all__ = ["cpu_model", "ms"]
+__all__ = ["cpu_model", "median_time", "ms"]
 
 
 def cpu_model() -> str:
@@ -23,3 +26,17 @@ def cpu_model() -> str:
 def ms(seconds: float | None) -> str:
     """Seconds as milliseconds with one decimal, or ``-`` for None."""
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def median_time(
+    fn: Callable[[], object], repeat: int, warmup: Callable[[], object] | None = None
+) -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeat`` runs, after one warm-up run:
+    of ``warmup`` when given (a run that must not count, on other inputs), else of ``fn``."""
+    (fn if warmup is None else warmup)()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

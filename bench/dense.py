@@ -41,15 +41,12 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from _common import cpu_model, ms  # bench/ is on sys.path: these scripts run as files
+from _common import cpu_model, median_time, ms  # bench/ is on sys.path: these scripts run as files
 
 # No numpy or cnnserve import here: case processes import cnnserve before NumPy (its thread
 # defaults apply to NumPy's BLAS), the torch helper never imports cnnserve.
@@ -88,18 +85,6 @@ ALEXNET = [
     {"type": "dropout", "keep": 0.5},
 ]
 ALEXNET_CLASSES = 1000
-
-
-def median_time(fn: Callable[[], object], repeat: int, warmup: Callable[[], object] | None):
-    """Median wall time of ``fn()`` over ``repeat`` runs, after one run of ``warmup``."""
-    if warmup is not None:
-        warmup()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_rss_mib() -> float:

@@ -47,6 +47,7 @@ from collections.abc import Callable
 # BLAS, or a spinning BLAS worker takes a core from the next OpenMP kernel.
 import cnnserve  # isort: skip
 import numpy as np
+from _common import median_time  # bench/ is on sys.path: these scripts run as files
 
 THREADS = 2
 ROWS = [  # (kind, shape)
@@ -64,17 +65,6 @@ ROWS = [  # (kind, shape)
     ("maxpool", (64, 64, 33, 33, 3, 2)),
     ("spatial_batchnorm", (64, 64, 32, 32)),  # (N, C, H, W)
 ]
-
-
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of ``fn()`` over ``repeat`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_arrays(kind: str, shape: tuple) -> dict[str, np.ndarray]:
@@ -343,6 +333,7 @@ def packed_rows(
     from unittest import mock
 
     from cnnserve import layers
+    from cnnserve.layers import conv as conv_layer
 
     lines = []
     for kind, shape in rows:
@@ -356,8 +347,8 @@ def packed_rows(
         forward = functools.partial(
             layers.conv_forward, a["x"], filters, a["b"], {"stride": stride, "pad": pad}
         )
-        kernel = layers._conv.skinny_packed_forward
-        with mock.patch.object(layers._conv, "skinny_packed_forward", wraps=kernel) as spy:
+        kernel = conv_layer._conv.skinny_packed_forward
+        with mock.patch.object(conv_layer._conv, "skinny_packed_forward", wraps=kernel) as spy:
             forward()  # another path (Winograd, 1x1, too many columns) may come first
         if not spy.called:
             continue
