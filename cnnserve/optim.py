@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cnnserve._buffers import with_reused_buffers
+from cnnserve._checks import FLOAT_DTYPES
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve._ext import load as _load_kernels
@@ -47,8 +48,6 @@ __all__ = [
 
 UpdateRule = Callable[[np.ndarray, np.ndarray, "dict | None"], tuple[np.ndarray, dict]]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks
@@ -59,7 +58,7 @@ def _check_w_dw(w: Any, dw: Any) -> tuple[np.ndarray, np.ndarray]:
     for name, a in (("w", w), ("dw", dw)):
         if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray | np.matrix):
             raise TypeError(f"{name} must be a plain numpy.ndarray, got {type(a).__name__}")
-        if a.dtype not in _FLOAT_DTYPES:
+        if a.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if dw.shape != w.shape:
         raise ValueError(f"dw must have the shape of w {w.shape}, got {dw.shape}")

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnnserve._buffers import release_buffer_cache
+from cnnserve._checks import FLOAT_DTYPES
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve.checkpoint import (
@@ -272,7 +273,7 @@ class Solver:
         if not callable(getattr(model, "loss", None)):
             raise TypeError("model must have a method loss(X, y=None)")
         for name, value in params.items():
-            if not isinstance(value, np.ndarray) or value.dtype not in (np.float32, np.float64):
+            if not isinstance(value, np.ndarray) or value.dtype not in FLOAT_DTYPES:
                 raise TypeError(
                     f"model.params[{name!r}] must be a float32 or float64 ndarray, got "
                     f"{getattr(value, 'dtype', type(value).__name__)}"
