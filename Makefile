@@ -12,7 +12,7 @@ $(PY):
 
 # Builds the Cython kernels into cnnserve/_ext and installs the package in editable mode;
 # again only when the build inputs change (a stamp file per set of extras).
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard cython_ext/*.pyx cython_ext/*.pxi cython_ext/*.h)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard cython_ext/*.pyx cython_ext/*.pxd cython_ext/*.pxi cython_ext/*.h)
 
 $(VENV)/.installed: $(PY) $(BUILD_INPUTS)
 	$(PIP) install -e .

@@ -63,14 +63,18 @@ class BuildExt(build_ext):
 
 def _extensions() -> list[Extension]:
     pyx_files = sorted((HERE / KERNEL_DIR).glob("*.pyx"))
-    headers = sorted(f"{KERNEL_DIR}/{h.name}" for h in (HERE / KERNEL_DIR).glob("*.h"))
+    headers = sorted(
+        f"{KERNEL_DIR}/{h.name}"
+        for pattern in ("*.h", "*.pxd", "*.pxi")
+        for h in (HERE / KERNEL_DIR).glob(pattern)
+    )
     return [
         Extension(
             f"cnnserve._ext.{p.stem}",
             [f"{KERNEL_DIR}/{p.name}"],
             include_dirs=[KERNEL_DIR, numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
-            depends=headers,  # rebuild when a C helper header changes
+            depends=headers,  # rebuild when a shared header or declaration changes
         )
         for p in pyx_files
     ]

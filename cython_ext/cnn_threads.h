@@ -25,6 +25,12 @@
 static int cnn_parallel_used = 0;
 static int cnn_single_threaded = 0;
 
+/* 1 once a kernel of this module has run a parallel region with several threads. */
+static inline int cnn_parallel_was_used(void) { return cnn_parallel_used; }
+
+/* Make every kernel of this module run on the calling thread (flag 1), or not (0). */
+static inline void cnn_set_single_threaded(int flag) { cnn_single_threaded = flag ? 1 : 0; }
+
 /* 1 if the kernels were compiled with OpenMP, else 0. */
 static inline int cnn_openmp_enabled(void) {
 #ifdef _OPENMP

@@ -1,13 +1,15 @@
 # Shared by every kernel module (``include "cnn_threads.pxi"``): the thread-count policy of
-# cnn_threads.h and the per-module hooks that cnnserve/_ext/__init__.py uses around fork().
+# cnn_threads.h (declared in cnn_helpers.pxd) and the per-module Python hooks that
+# cnnserve/_ext/__init__.py uses around fork().
 
-cdef extern from "cnn_threads.h":
-    int cnn_threads_for(Py_ssize_t work) noexcept nogil
-    int cnn_thread_count(Py_ssize_t work) noexcept nogil
-    int cnn_threads_given(int threads) noexcept nogil
-    int cnn_openmp_enabled() noexcept nogil
-    int cnn_parallel_used
-    int cnn_single_threaded
+from cnn_helpers cimport (
+    cnn_openmp_enabled,
+    cnn_parallel_was_used,
+    cnn_set_single_threaded,
+    cnn_thread_count,
+    cnn_threads_for,
+    cnn_threads_given,
+)
 
 
 def openmp_enabled():
@@ -22,13 +24,12 @@ def threads_for(Py_ssize_t work):
 
 def _parallel_used():
     """True once a kernel of this module has run a parallel region with several threads."""
-    return cnn_parallel_used == 1
+    return cnn_parallel_was_used() == 1
 
 
 def _set_single_threaded(bint flag):
     """Make every kernel of this module run on the calling thread (used after fork)."""
-    global cnn_single_threaded
-    cnn_single_threaded = 1 if flag else 0
+    cnn_set_single_threaded(1 if flag else 0)
 
 
 # A module first imported in a child that was forked after a parallel region (by another

@@ -14,6 +14,8 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 include "cnn_threads.pxi"
 
+from cnn_helpers cimport run_sum
+
 
 cdef inline Py_ssize_t _first_valid(Py_ssize_t offset, Py_ssize_t stride) noexcept nogil:
     """Smallest o >= 0 with o * stride + offset >= 0."""
@@ -122,19 +124,6 @@ def col2im(const floating[:, ::1] cols, floating[:, :, :, ::1] dx,
 # Fused per-image convolution: im2col of a block of output rows into a per-thread buffer that
 # stays in cache, then BLAS on that block from inside the OpenMP loop (one BLAS thread each).
 # ---------------------------------------------------------------------------------------------
-
-
-cdef extern from "cnn_runs.h" nogil:
-    double cnn_run_sum_f(const float* p, Py_ssize_t n)
-    double cnn_run_sum_d(const double* p, Py_ssize_t n)
-
-
-cdef inline double _run_sum(const floating* p, Py_ssize_t n) noexcept nogil:
-    """``sum(p[:n])`` in double, vectorised (``cnn_runs.h``)."""
-    if floating is float:
-        return cnn_run_sum_f(p, n)
-    else:
-        return cnn_run_sum_d(p, n)
 
 
 cdef inline void _gemm(char* transa, char* transb, int m, int n, int k, floating alpha,
@@ -350,7 +339,7 @@ def conv_backward_fused(const floating[:, :, :, ::1] x, const floating[:, ::1] w
                 for e in range(C * Hp * Wp):
                     dpadded[e] = 0
             for f in range(F):
-                db_parts[tid, f] += _run_sum(&dout[n, f, 0], P)
+                db_parts[tid, f] += run_sum(&dout[n, f, 0], P)
             for blk in range(n_blocks):
                 ho0 = blk * rows_per_block
                 ho1 = min(ho0 + rows_per_block, H_out)
@@ -617,7 +606,7 @@ def winograd_backward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] 
                 _wino_input(&x[n, 0, 0, 0], padded, V, C, H, W, pad, th, tw, Tb, (n - n0) * T)
                 _wino_dout(&dout[n, 0, 0, 0], dM, padded, F, H_out, W_out, th, tw, Tb, (n - n0) * T)
                 for f in range(F):
-                    db_parts[tid, f] += _run_sum(&dout[n, f, 0, 0], P)
+                    db_parts[tid, f] += run_sum(&dout[n, f, 0, 0], P)
             for xi in range(16):
                 # dU[xi] (F, C) += dM[xi] (F, Tb) @ V[xi].T; column-major (C x F)
                 _gemm("T", "N", <int>C, <int>F, nt, 1, V + xi * _plane(C, Tb), <int>Tb,

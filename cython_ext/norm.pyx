@@ -33,6 +33,18 @@ from libc.math cimport sqrt
 
 include "cnn_threads.pxi"
 
+from cnn_helpers cimport (
+    cnn_run_affine_d,
+    cnn_run_affine_f,
+    cnn_run_dx_d,
+    cnn_run_dx_f,
+    cnn_run_sum_dy_dev_d,
+    cnn_run_sum_dy_dev_f,
+    cnn_run_sum_sq_dev_d,
+    cnn_run_sum_sq_dev_f,
+    run_sum,
+)
+
 cdef enum:
     CHANNEL_BLOCK = 16  # channels per work item of the channel-wise reductions
 
@@ -40,37 +52,6 @@ cdef enum:
 # ---------------------------------------------------------------------------------------------
 # Sums over one contiguous run of values
 # ---------------------------------------------------------------------------------------------
-
-
-cdef extern from "cnn_runs.h" nogil:
-    double cnn_run_sum_f(const float* p, Py_ssize_t n)
-    double cnn_run_sum_d(const double* p, Py_ssize_t n)
-    double cnn_run_sum_sq_dev_f(const float* p, Py_ssize_t n, double m)
-    double cnn_run_sum_sq_dev_d(const double* p, Py_ssize_t n, double m)
-    void cnn_run_sum_dy_dev_f(const float* dy, const float* p, Py_ssize_t n, double m,
-                              double* sum_dy, double* sum_dy_dev)
-    void cnn_run_sum_dy_dev_d(const double* dy, const double* p, Py_ssize_t n, double m,
-                              double* sum_dy, double* sum_dy_dev)
-    void cnn_run_affine_f(const float* src, float* dst, Py_ssize_t n, double m, double scale,
-                          double shift)
-    void cnn_run_affine_d(const double* src, double* dst, Py_ssize_t n, double m, double scale,
-                          double shift)
-    void cnn_run_dx_f(const float* dy, const float* x, float* dx, Py_ssize_t n, double a,
-                      double c, double b, double m, double k)
-    void cnn_run_dx_d(const double* dy, const double* x, double* dx, Py_ssize_t n, double a,
-                      double c, double b, double m, double k)
-
-
-# The loops themselves are C (cnn_runs.h): vectorised, and built for AVX-512 and AVX2 besides
-# the baseline, the best version being picked when the module loads.
-
-
-cdef inline double _sum(const floating* p, Py_ssize_t n) noexcept nogil:
-    """``sum(p[:n])`` in double."""
-    if floating is float:
-        return cnn_run_sum_f(p, n)
-    else:
-        return cnn_run_sum_d(p, n)
 
 
 cdef inline double _sum_sq_dev(const floating* p, Py_ssize_t n, double m) noexcept nogil:
@@ -125,7 +106,7 @@ cdef void _channel_stats_block(
         acc[c - c0] = 0.0
     for n in range(N):
         for c in range(c0, c1):
-            acc[c - c0] += _sum(&x[n, c, 0], S)
+            acc[c - c0] += run_sum(&x[n, c, 0], S)
     for c in range(c0, c1):
         mean[c] = acc[c - c0] / M
         acc[c - c0] = 0.0
@@ -256,7 +237,7 @@ cdef void _group_forward_one(
     cdef double m, istd, gc, bc
     cdef const floating* run = &x[n, g * Cg, 0]  # the group's Cg * S values, contiguous
     cdef floating* dst
-    m = _sum(run, Cg * S) / K
+    m = run_sum(run, Cg * S) / K
     istd = 1.0 / sqrt(_sum_sq_dev(run, Cg * S, m) / K + eps)
     mean[n, g] = m
     inv_std[n, g] = istd
