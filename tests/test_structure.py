@@ -7,6 +7,8 @@
   Attribute access such as ``L._check_labels`` on an imported cnnserve module counts too.
 - The inference path (decoding, networks, conversion, maps, predictions, the service) never
   imports the training-data package ``cnnserve.data``, directly or through another module.
+- The rooms run one way: each has a rank (:data:`RANKS`) and imports only rooms of a lower
+  rank, at any depth of its code, so there are no cycles and nothing imports upward.
 - No file of the package is over about 700 lines.
 """
 
@@ -36,6 +38,37 @@ INFERENCE_PATH = (
     "cnnserve.layers",
     "cnnserve.service",
 )
+
+# The house from the bottom up: a room may import rooms of a lower rank only. A new module
+# belongs to the room of its longest listed prefix; a new room needs a rank here.
+RANKS = {
+    "cnnserve._ext": 0,
+    "cnnserve": 1,  # thread defaults, then the kernels' loader
+    "cnnserve._checks": 1,
+    "cnnserve._files": 1,
+    "cnnserve._buffers": 1,
+    "cnnserve.layers": 2,
+    "cnnserve.reference": 2,
+    "cnnserve.specs": 3,
+    "cnnserve.geometry": 3,
+    "cnnserve.images": 3,
+    "cnnserve.optim": 3,
+    "cnnserve.history": 3,
+    "cnnserve.evaluate": 3,
+    "cnnserve.heatmap": 3,
+    "cnnserve.network": 4,
+    "cnnserve.modelfile": 5,
+    "cnnserve.model": 6,  # re-exports of specs, network and modelfile
+    "cnnserve.convert": 6,
+    "cnnserve.data": 6,
+    "cnnserve.checkpoint": 6,
+    "cnnserve.solver": 7,
+    "cnnserve.predict": 7,
+    "cnnserve.dense": 8,
+    "cnnserve.service": 9,
+    "cnnserve.cli": 10,
+    "cnnserve.__main__": 11,
+}
 
 
 def module_name(path: Path) -> str:
@@ -224,6 +257,39 @@ def test_serving_an_image_loads_no_training_data_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def room_of(module: str) -> str:
+    """The room (a key of :data:`RANKS`) a module belongs to: its longest listed prefix."""
+    parts = module.split(".")
+    for k in range(len(parts), 0, -1):
+        if ".".join(parts[:k]) in RANKS:
+            return ".".join(parts[:k])
+    raise AssertionError(f"{module} belongs to no room of RANKS: give it a rank")
+
+
+def upward_imports() -> list[str]:
+    """Each import of a room by a room of the same or a lower rank. Importing any module runs
+    the package's ``__init__`` first, so ``cnnserve`` itself is never counted as a target."""
+    upward = []
+    for name, targets in import_graph().items():
+        room = room_of(name)
+        for target in sorted(targets - {"cnnserve"}):
+            other = room_of(target)
+            if other != room and RANKS[other] >= RANKS[room]:
+                upward.append(f"{name} (rank {RANKS[room]}) imports {target} (rank {RANKS[other]})")
+    return upward
+
+
+def test_the_rooms_import_only_rooms_below_them():
+    assert upward_imports() == []
+
+
+def test_the_rank_rule_catches_an_upward_import(monkeypatch):
+    monkeypatch.setitem(RANKS, "cnnserve.network", 2)  # pretend network sat beside layers
+    found = upward_imports()
+    assert "cnnserve.network (rank 2) imports cnnserve.layers (rank 2)" in found
+    assert all(line.startswith("cnnserve.network") for line in found)
 
 
 def test_no_file_of_the_package_is_over_700_lines():
