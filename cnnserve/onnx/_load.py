@@ -31,21 +31,23 @@ def load_proto(source: Any) -> tuple[Any, str]:
     """The checked ModelProto of a path or bytes, and how to name it in messages."""
     onnx = onnx_module()
     if isinstance(source, bytes | bytearray | memoryview):
-        data, label = bytes(source), "the ONNX model"
+        data, label = bytes(source), "ONNX model (bytes)"
     elif isinstance(source, str | os.PathLike):
         path = Path(source)
         label = f"ONNX model {path}"
         if not path.is_file():
-            raise OnnxError(f"{label} {'is a directory' if path.is_dir() else 'does not exist'}")
+            raise OnnxError(f"{label}: {'a directory' if path.is_dir() else 'no such file'}")
         data = path.read_bytes()
     else:
         raise TypeError(f"source must be a path or bytes, got {type(source).__name__}")
     if not data:
-        raise OnnxError(f"{label} is empty")
+        raise OnnxError(f"{label}: the file is empty")
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and its relatives
-        raise OnnxError(f"{label} is not an ONNX model (truncated or not ONNX?): {exc}") from exc
+        raise OnnxError(
+            f"{label}: not an ONNX model (truncated, or another format?): {exc}"
+        ) from exc
     missing = [
         what
         for what, present in (
@@ -57,7 +59,7 @@ def load_proto(source: Any) -> tuple[Any, str]:
     ]
     if missing:
         raise OnnxError(
-            f"{label} is not an ONNX model (truncated or not ONNX?): it has no {missing[0]}"
+            f"{label}: not an ONNX model (truncated, or another format?): it has no {missing[0]}"
         )
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -71,8 +73,12 @@ def load_proto(source: Any) -> tuple[Any, str]:
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - onnx.checker.ValidationError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxError(f"{label} is not a valid ONNX model: {first}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[0] if lines else type(exc).__name__
+        context = next((line for line in lines if "Name:" in line), None)
+        if context:  # "==> Context: Bad node spec for node. Name: pool OpType: MaxPool"
+            text += f" ({context.split('Context:')[-1].strip()})"
+        raise OnnxError(f"{label}: not a valid ONNX model: {text}") from exc
     return model, label
 
 

@@ -87,7 +87,7 @@ class _Reader:
         self.opset = opsets.get("ai.onnx")
         if self.opset not in OPSETS:
             raise OnnxError(
-                f"{label} uses opset {self.opset} of the ONNX operators; cnnserve reads opsets "
+                f"{label}: it uses opset {self.opset} of the ONNX operators; cnnserve reads opsets "
                 f"{OPSETS.start} to {OPSETS.stop - 1} (convert it with onnx.version_converter)"
             )
         # A value: its arrays for each batch size of _BATCHES (the same array for constants).
@@ -199,7 +199,10 @@ class _Reader:
         try:
             self.shape = out_shape(spec, self.shape, where)
         except ValueError as exc:
-            raise OnnxError(f"{self.label}: {exc}") from exc
+            raise OnnxError(
+                f"{self.label}: {exc} (ONNX would drop the rows and columns that do not fit; "
+                "cnnserve does not drop pixels silently)"
+            ) from exc
         self.layers.append(spec)
         self.tensors.append(tensors)
 
@@ -491,7 +494,8 @@ class _Reader:
             if shape != [n, D]:
                 raise self.refuse(
                     where,
-                    f"it reshapes to {list(np.asarray(target).reshape(-1))}; cnnserve takes only "
+                    f"it reshapes to {[int(v) for v in np.asarray(target).reshape(-1)]}; "
+                    "cnnserve takes only "
                     "a flatten to (N, -1)",
                 )
         self.flat = len(self.shape) == 3

@@ -183,8 +183,8 @@ class ModelRegistry:
         )
         if not files:
             raise ModelDirectoryError(
-                f"model directory {self.directory.resolve()} holds no *.safetensors or *.onnx "
-                "model file"
+                f"model directory {self.directory.resolve()} holds no *.safetensors model file "
+                "(nor any *.onnx file)"
             )
         self.files = files
         return files
