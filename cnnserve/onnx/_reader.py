@@ -461,10 +461,12 @@ class _Reader:
             tensors[name] = value
         if np.any(tensors["running_var"] < 0):
             raise self.refuse(where, "its input_var has negative values")
-        eps = float(attrs.get("epsilon", 1e-5))
+        # ONNX stores float32: 1e-3 comes back as 0.0010000000474974513; the shortest decimal
+        # of that float32 is the value that was meant (and what export writes back)
+        eps = float(str(np.float32(attrs.get("epsilon", 1e-5))))
         if not eps > 0:
             raise self.refuse(where, f"attribute epsilon = {eps}: cnnserve needs epsilon > 0")
-        momentum = float(attrs.get("momentum", 0.9))
+        momentum = float(str(np.float32(attrs.get("momentum", 0.9))))
         kind = "spatial_batchnorm" if len(self.shape) == 3 else "batchnorm"
         spec = {"type": kind, "eps": eps, "momentum": momentum if 0 <= momentum <= 1 else 0.9}
         self.add_layer(spec, where, tensors)

@@ -201,10 +201,11 @@ class ModelRegistry:
                     )
                     log.error("skipping %s", self.failed[name])
                     continue
-                if (
-                    name in self.models or name in self.failed
-                ):  # digits.onnx beside digits.safetensors
-                    self.failed[path.name] = f"{path.name}: another model file is named {name!r}"
+                if name in self.models or name in self.failed:  # x.onnx beside x.safetensors
+                    self.failed[path.name] = (
+                        f"{path.name}: another model file already has the name {name!r}; "
+                        "rename one of them"
+                    )
                     log.error("skipping %s", self.failed[path.name])
                     continue
                 try:
