@@ -362,3 +362,46 @@ def test_missing_files_and_wrong_sources(tmp_path):
         import_onnx(3)
     with pytest.raises(ValueError, match=r"input_shape \(2, 7, 8\) does not match"):
         import_onnx(DATA / "fc357.onnx", input_shape=(2, 7, 8))
+
+
+def test_a_graph_of_fixed_batch_size_reshaping_to_that_size_is_read():
+    """torch.onnx.export without dynamic axes writes `x.view(x.size(0), -1)` as a Reshape to
+    the constant [1, -1]: a flatten, for the batch size the graph was made for."""
+    reshape = helper.make_node("Reshape", ["f", "shape"], ["m"], name="flat")
+    model = flat_classifier([reshape], {"shape": np.array([1, -1])}, 72)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    result = read_onnx(model.SerializeToString())
+    assert result.notes == [
+        "node 'flat' (Reshape): the reshape to [1, -1] is taken as a flatten to (N, -1) (the "
+        "graph's batch size is fixed at 1; cnnserve takes any)"
+    ]
+    x = np.random.default_rng(0).standard_normal((1, 2, 6, 6)).astype(np.float32)
+    assert_scores_close(result.model.scores(x), ort_scores(model, x))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # dynamic: refused
+    with pytest.raises(OnnxError, match=r"it reshapes to \[1, -1\]; cnnserve takes only a flatten"):
+        import_onnx(model.SerializeToString())
+
+
+def test_initializers_listed_as_graph_inputs_are_weights_not_inputs():
+    model = onnx.load(DATA / "fc357.onnx")  # as exporters with keep_initializers_as_inputs
+    for tensor in model.graph.initializer:
+        value = helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        model.graph.input.append(value)
+    stored = expected("fc357")
+    assert_scores_close(
+        import_onnx(model.SerializeToString()).scores(stored["inputs"]), stored["scores"]
+    )
+
+
+def test_an_identity_after_the_final_softmax_is_dropped_too():
+    model = flat_classifier([], {}, 72)
+    model.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], name="softmax", axis=-1))
+    model.graph.node.append(helper.make_node("Identity", ["p"], ["out"], name="id"))
+    model.graph.output[0].name = "out"
+    assert len(read_onnx(model.SerializeToString()).notes) == 1
+    model.graph.node[-1].op_type = "Relu"
+    with pytest.raises(
+        OnnxError,
+        match=r"node 'id' \(Relu\): it follows node 'softmax' \(Softmax\), which cnnserve only takes at the end",
+    ):
+        import_onnx(model.SerializeToString())

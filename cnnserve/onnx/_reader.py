@@ -139,6 +139,7 @@ class _Reader:
         else:
             chw = tuple(dims[1:])
         self.input_shape = chw
+        self.fixed_batch = dims[0]  # None when dynamic
         self.act = self.input_name  # the activation that flows along the chain
         self.shape: tuple[int, ...] = chw  # as cnnserve sees it: (C, H, W) or (D,)
         self.flat = False  # ONNX flattened the (C, H, W) volume; cnnserve's affine flattens
@@ -195,8 +196,8 @@ class _Reader:
         return attrs
 
     def add_layer(self, spec: dict, where: str, tensors: dict[str, np.ndarray]) -> None:
-        spec = normalise_spec(spec, where)
         try:
+            spec = normalise_spec(spec, where)
             self.shape = out_shape(spec, self.shape, where)
         except ValueError as exc:
             raise OnnxError(
@@ -250,7 +251,7 @@ class _Reader:
                     where,
                     f"the activation {self.act!r} must be its first input and only once",
                 )
-            if self.end is not None:
+            if self.end is not None and node.op_type != "Identity":
                 raise self.refuse(
                     where, f"it follows {self.end}, which cnnserve only takes at the end"
                 )
@@ -484,23 +485,34 @@ class _Reader:
         name = node.input[1] if len(node.input) > 1 else ""
         if name not in self.values:
             raise self.refuse(where, f"its shape input {name!r} is not computed before it")
-        D = self.features()
-        for n, target in zip(_BATCHES, self.values[name], strict=True):
-            shape = [int(v) for v in np.asarray(target).reshape(-1)]
-            dims = (n, D) if self.flat or len(self.shape) == 1 else (n, *self.shape)
-            if not attrs.get("allowzero", 0):
-                shape = [dims[i] if v == 0 and i < len(dims) else v for i, v in enumerate(shape)]
-            if -1 in shape and shape.count(-1) == 1:
-                known = math.prod(v for v in shape if v != -1)
-                shape[shape.index(-1)] = n * D // known if known and n * D % known == 0 else -2
-            if shape != [n, D]:
+        targets = self.values[name]
+        allowzero = bool(attrs.get("allowzero", 0))
+        if not all(self.flattens(n, t, allowzero) for n, t in zip(_BATCHES, targets, strict=True)):
+            first = [int(v) for v in np.asarray(targets[0]).reshape(-1)]
+            fixed = self.fixed_batch
+            constant = all(np.array_equal(targets[0], t) for t in targets)
+            if not (fixed is not None and constant and self.flattens(fixed, targets[0], allowzero)):
                 raise self.refuse(
-                    where,
-                    f"it reshapes to {[int(v) for v in np.asarray(target).reshape(-1)]}; "
-                    "cnnserve takes only "
-                    "a flatten to (N, -1)",
+                    where, f"it reshapes to {first}; cnnserve takes only a flatten to (N, -1)"
                 )
+            # A graph exported for one batch size reshapes to that size: still a flatten.
+            self.notes.append(
+                f"{where}: the reshape to {first} is taken as a flatten to (N, -1) (the graph's "
+                f"batch size is fixed at {fixed}; cnnserve takes any)"
+            )
         self.flat = len(self.shape) == 3
+
+    def flattens(self, n: int, target: np.ndarray, allowzero: bool) -> bool:
+        """Whether a Reshape to ``target`` of a batch of n is the flatten to (n, D)."""
+        D = self.features()
+        shape = [int(v) for v in np.asarray(target).reshape(-1)]
+        dims = (n, D) if self.flat or len(self.shape) == 1 else (n, *self.shape)
+        if not allowzero:
+            shape = [dims[i] if v == 0 and i < len(dims) else v for i, v in enumerate(shape)]
+        if shape.count(-1) == 1:
+            known = math.prod(v for v in shape if v != -1)
+            shape[shape.index(-1)] = n * D // known if known and n * D % known == 0 else -2
+        return shape == [n, D]
 
     def affine(self, where: str, w: np.ndarray, b: np.ndarray) -> None:
         D = self.features()
