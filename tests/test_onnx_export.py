@@ -165,9 +165,23 @@ def test_import_of_export_of_an_imported_torch_model_is_the_same():
 # ---------------------------------------------------------------------------------------------
 
 
+# Converted: the affine layers become convolutions, the layer and batch norms after them act
+# per cell (layernorm as a channel layernorm: Transpose, LayerNormalization, Transpose).
+PER_CELL_NORMS = [
+    {"type": "conv", "filters": 4, "size": 4, "stride": 2, "pad": 1},
+    {"type": "relu"},
+    {"type": "affine", "units": 8},
+    {"type": "layernorm"},
+    {"type": "relu"},
+    {"type": "affine", "units": 6},
+    {"type": "batchnorm"},
+]
+
+
+@pytest.mark.parametrize("layers", [IMPORTABLE, PER_CELL_NORMS], ids=["importable", "norms"])
 @pytest.mark.parametrize("size", [(10, 10), (23, 31), (26, 27)])
-def test_exported_converted_network_gives_the_dense_map(size):
-    net = trained(IMPORTABLE, np.float32, seed=2)
+def test_exported_converted_network_gives_the_dense_map(size, layers):
+    net = trained(layers, np.float32, seed=2)
     fcn = to_fully_convolutional(net)
     proto = export_onnx(fcn)
     meta = {p.key: p.value for p in proto.metadata_props}

@@ -200,10 +200,8 @@ class _Reader:
             spec = normalise_spec(spec, where)
             self.shape = out_shape(spec, self.shape, where)
         except ValueError as exc:
-            raise OnnxError(
-                f"{self.label}: {exc} (ONNX would drop the rows and columns that do not fit; "
-                "cnnserve does not drop pixels silently)"
-            ) from exc
+            why = " (ONNX would drop the rows and columns that do not fit; cnnserve does not)"
+            raise OnnxError(f"{self.label}: {exc}{why if 'tile' in str(exc) else ''}") from exc
         self.layers.append(spec)
         self.tensors.append(tensors)
 
