@@ -205,4 +205,5 @@ REFUSALS = [
     ("truncated file", _truncated, "not an ONNX model (truncated, or another format?)"),
     ("not ONNX", lambda: b"\x89PNG\r\n\x1a\n not a model at all", "not an ONNX model (truncated, or another format?)"),
     ("empty file", lambda: b"", "the file is empty"),
+    ("protobuf, but no model", lambda: b"\x08\x07", "not an ONNX model (truncated, or another format?): it has no opset"),
 ]  # fmt: skip

@@ -405,3 +405,24 @@ def test_an_identity_after_the_final_softmax_is_dropped_too():
         match=r"node 'id' \(Relu\): it follows node 'softmax' \(Softmax\), which cnnserve only takes at the end",
     ):
         import_onnx(model.SerializeToString())
+
+
+def test_weights_that_do_not_fit_the_networks_dtype_are_refused():
+    model = onnx.load(DATA / "fc357.onnx")
+    for tensor in model.graph.initializer:
+        if tensor.name == "fc2.weight":  # float64 values beyond float32, in a FLOAT graph
+            big = np.full(tuple(tensor.dims), 1e300)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(big, tensor.name))
+    with pytest.raises(OnnxError, match="tensor W3 overflows float32"):
+        import_onnx(model.SerializeToString())
+
+
+def test_an_initializer_of_the_wrong_size_is_refused():
+    model = onnx.load(DATA / "fc357.onnx")
+    model.graph.initializer[0].raw_data = b"\0" * 12
+    with pytest.raises(
+        OnnxError,
+        match=r"\(bytes\): not a valid ONNX model: TensorProto \(tensor name: conv.weight\) "
+        r"raw_data size \(12 bytes\) is too small",
+    ):
+        import_onnx(model.SerializeToString())

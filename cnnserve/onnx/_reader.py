@@ -93,7 +93,10 @@ class _Reader:
         # A value: its arrays for each batch size of _BATCHES (the same array for constants).
         self.values: dict[str, tuple[np.ndarray, ...]] = {}
         for tensor in graph.initializer:
-            array = onnx.numpy_helper.to_array(tensor)
+            try:
+                array = onnx.numpy_helper.to_array(tensor)
+            except Exception as exc:  # noqa: BLE001 - data of the wrong size or type
+                raise OnnxError(f"{label}: initializer {tensor.name!r}: {exc}") from exc
             self.values[tensor.name] = (array,) * len(_BATCHES)
         inputs = [i for i in graph.input if i.name not in self.values]
         if len(inputs) != 1:
@@ -633,6 +636,14 @@ class _Reader:
             )
         except (ValueError, TypeError) as exc:
             raise OnnxError(f"{self.label}: {exc}") from exc
+        with np.errstate(over="ignore"):  # checked below
+            self.set_tensors(model)
+        for name, value in model.state_tensors().items():
+            if not np.all(np.isfinite(value)):  # finite in float64, not in float32
+                raise OnnxError(f"{self.label}: tensor {name} overflows {model.dtype.name}")
+        return model
+
+    def set_tensors(self, model: ConvNet) -> None:
         for info, tensors in zip(model.info, self.tensors, strict=True):
             if info.spec["type"] in ("conv", "affine"):
                 w_name, b_name = info.param_names
@@ -645,7 +656,6 @@ class _Reader:
                 bn = model.bn_params[info.bn_index]
                 bn["running_mean"] = tensors["running_mean"].astype(model.dtype)
                 bn["running_var"] = tensors["running_var"].astype(model.dtype)
-        return model
 
 
 def read_onnx(
