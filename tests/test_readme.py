@@ -1,12 +1,9 @@
 """The README's code examples run as written."""
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
-
-from tests.live_server import live_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,15 +35,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(finer.logits[:, ::2, ::2], result.logits, rtol=0, atol=1e-4)
 
 
-def test_readme_client_example_runs_against_the_service(tmp_path, monkeypatch):
+def test_readme_client_example_runs_against_the_service(live_service, monkeypatch):
     """The Python client example, against the real service on a free port."""
     block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)[3]
-    shutil.copy(README.parent / "models" / "digits.safetensors", tmp_path)
     monkeypatch.chdir(README.parent)  # the example reads the shipped demo canvas
-    with live_server(tmp_path) as base:
-        assert "http://127.0.0.1:8000" in block
-        example: dict = {}
-        exec(compile(block.replace("http://127.0.0.1:8000", base), str(README), "exec"), example)
+    assert "http://127.0.0.1:8000" in block
+    example: dict = {}
+    exec(
+        compile(block.replace("http://127.0.0.1:8000", live_service), str(README), "exec"), example
+    )
     assert [p["label"] for p in example["top3"]] and len(example["top3"]) == 3
     assert example["probabilities"].shape == (10, 41, 89)
     np.testing.assert_allclose(example["probabilities"].sum(axis=0), 1.0, atol=1e-5)

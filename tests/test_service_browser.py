@@ -21,7 +21,6 @@ installs them; it is never skipped.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from PIL import Image
 
 from cnnserve.data import digits_canvas, load_dataset
 from cnnserve.model import read_model_file
-from tests.live_server import http_get, live_server
+from tests.live_server import http_get
 
 try:
     from selenium import webdriver
@@ -67,12 +66,9 @@ CHROMIUM_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real app on 127.0.0.1 in a background thread; yields its base URL."""
-    models = tmp_path_factory.mktemp("models")
-    shutil.copy(MODEL_FILE, models / MODEL_FILE.name)
-    with live_server(models) as base:
-        yield base
+def server(live_service):
+    """The real app on 127.0.0.1 (the shared ``live_service``); its base URL."""
+    return live_service
 
 
 @pytest.fixture(scope="module")
