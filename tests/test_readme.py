@@ -44,7 +44,7 @@ def test_readme_client_example_runs_against_the_service(live_service, monkeypatc
     exec(
         compile(block.replace("http://127.0.0.1:8000", live_service), str(README), "exec"), example
     )
-    assert [p["label"] for p in example["top3"]] and len(example["top3"]) == 3
+    assert [p["label"] for p in example["top3"]][0] == "4" and len(example["top3"]) == 3
     assert example["probabilities"].shape == (10, 41, 89)
     np.testing.assert_allclose(example["probabilities"].sum(axis=0), 1.0, atol=1e-5)
     assert example["heatmap_png"].startswith(b"\x89PNG")
