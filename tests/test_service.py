@@ -694,7 +694,7 @@ def test_openapi_documents_every_request_and_response(client):
         "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/models/{name}",
         "/v1/models/{name}/predict", "/v1/models/{name}/scoremap",
     }  # fmt: skip
-    for endpoint in ("predict", "scoremap"):
+    for endpoint in ("predict", "scoremap", "activations"):
         op = paths[f"/v1/models/{{name}}/{endpoint}"]["post"]
         assert set(op["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
         for status in ("400", "404", "413", "415", "422", "503"):
@@ -706,7 +706,7 @@ def test_openapi_documents_every_request_and_response(client):
     assert set(scoremap_ok) == {"application/json", "image/png"}
     params = {p["name"] for p in paths["/v1/models/{name}/scoremap"]["post"]["parameters"]}
     assert params == {
-        "name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom", "arrays",
+        "name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom", "legend", "arrays",
     }  # fmt: skip
     for path in ("/v1/models", "/v1/models/{name}"):  # lookups: only 404 and 503 can happen
         assert set(paths[path]["get"]["responses"]) == {"200", "404", "422", "503"} - (
