@@ -84,6 +84,11 @@ def trained_network(model: ConvNet | FullyConvNet) -> ConvNet:
     every layer of the original, even a batchnorm folded into its conv or a dropout the
     conversion dropped, has its own output.
 
+    Returns
+    -------
+    ConvNet
+        Test-mode use only: shared between callers, never to be trained.
+
     Raises
     ------
     TypeError
@@ -233,6 +238,11 @@ def select_layers(found: Sequence[Activation], layers: Any) -> list[Activation]:
     layers : None, int, str or sequence of int or str
         Layer indices (as in ``ConvNet.summary()``), ``"input"``, or a text such as
         ``"input,0,3"``. Kept in the order given, without repeats.
+
+    Returns
+    -------
+    list of Activation
+        Elements of ``found`` (the same objects).
 
     Raises
     ------
