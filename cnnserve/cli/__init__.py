@@ -1,4 +1,5 @@
-"""The ``cnnserve`` command: train, evaluate, inspect and convert models; dense score maps.
+"""The ``cnnserve`` command: train, evaluate, inspect and convert models; dense score maps;
+pictures of the activations and filters.
 
 Run ``cnnserve --help`` or ``cnnserve COMMAND --help`` for the options. Errors in what the
 user gave (a missing data file, a corrupt model, an impossible architecture) print one line,
@@ -12,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnnserve.cli import maps, models, serve, train
+from cnnserve.cli import inside, maps, models, serve, train
 from cnnserve.cli._common import EXIT_ERROR, EXIT_FAILED, CommandError
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         models.add_convert,
         maps.add_scoremap,
         maps.add_predict,
+        inside.add_activations,
+        inside.add_filters,
         serve.add_serve,
         maps.add_demo,
     ):
