@@ -11,8 +11,9 @@ window. To draw it over the image:
    (``"inferno"``, ``"viridis"``, ``"gray"``);
 3. :func:`overlay` blends the colours over the image;
 
-:func:`heatmap_image` does the three (and an optional nearest-neighbour zoom for tiny images),
-and :func:`png_bytes` / :func:`save_png` encode the picture. Work is done in float32, a block of
+:func:`heatmap_image` does the three (and an optional nearest-neighbour zoom for tiny images);
+:func:`add_legend` writes the class label above a heatmap and its colour bar beside it;
+:func:`png_bytes` / :func:`save_png` encode the picture. Work is done in float32, a block of
 rows at a time, so that a 4096 x 4096 picture needs little more than its own memory.
 
 Pixel coordinates are continuous: pixel ``x`` spans ``[x, x + 1)`` and its centre is
@@ -28,14 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from cnnserve import _draw
 from cnnserve._checks import check_int, check_number, short
 from cnnserve._files import atomic_write_bytes
 
 __all__ = [
     "CMAPS",
     "MAX_PICTURE_PIXELS",
+    "add_legend",
     "check_picture_size",
     "colorize",
     "heatmap_image",
@@ -512,6 +515,7 @@ def heatmap_image(
     vmin: float = 0.0,
     vmax: float = 1.0,
     zoom: int = 1,
+    legend: str | None = None,
 ) -> Image.Image:
     """Draw a dense score map over the image it was computed on.
 
@@ -532,11 +536,15 @@ def heatmap_image(
         As for :func:`overlay`.
     zoom : int, optional
         Enlargement factor, >= 1.
+    legend : str, optional
+        A title (e.g. ``"class '3': probability"``): :func:`add_legend` writes it above the
+        picture and draws the colour bar beside it.
 
     Returns
     -------
     PIL.Image.Image
-        Mode ``"RGB"``, ``W * zoom`` pixels wide and ``H * zoom`` high.
+        Mode ``"RGB"``, ``W * zoom`` pixels wide and ``H * zoom`` high (larger with a
+        legend).
 
     Raises
     ------
@@ -558,7 +566,52 @@ def heatmap_image(
     picture = Image.fromarray(_blend(img, heat, a, lut, lo, hi))
     if zoom > 1:
         picture = picture.resize((W * zoom, H * zoom), Image.Resampling.NEAREST)
+    if legend is not None:
+        picture = add_legend(picture, legend, cmap=cmap, vmin=lo, vmax=hi)
     return picture
+
+
+def add_legend(
+    picture: Image.Image, title: str, *, cmap: str = "inferno", vmin: float = 0.0, vmax: float = 1.0
+) -> Image.Image:
+    """A heatmap with ``title`` above it and its colour bar, ticked, on its right.
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB, on white; the heatmap unchanged at ``(6, title height)``.
+
+    Shape
+    -----
+    A ``w x h`` picture -> about ``(w + 60 + tick labels) x (h + 26)``, at least 120 high.
+    """
+    if not isinstance(picture, Image.Image):
+        raise TypeError(f"picture must be a PIL.Image.Image, got {type(picture).__name__}")
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a str, got {type(title).__name__}")
+    lo, hi = _check_range(vmin, vmax)
+    f = _draw.font(13)
+    m, bar_w = 6, 14
+    top = m + _draw.line_height(f) + m
+    w, h = picture.size
+    bar_h = max(h, 120)
+    ticks = [hi, (lo + hi) / 2, lo]
+    labels = [f"{t:.3g}" for t in ticks]
+    bar_x = m + w + 10
+    width = max(bar_x + bar_w + 6 + max(_draw.text_width(t, f) for t in labels) + m,
+                _draw.text_width(title, f) + 2 * m)  # fmt: skip
+    sheet = Image.new("RGB", (width, top + bar_h + 2 * m), "white")
+    sheet.paste(picture.convert("RGB"), (m, top))
+    levels = np.linspace(hi, lo, bar_h)[:, None].repeat(bar_w, axis=1)  # (bar_h, bar_w)
+    sheet.paste(Image.fromarray(colorize(levels, cmap=cmap, vmin=lo, vmax=hi)), (bar_x, top))
+    draw = ImageDraw.Draw(sheet)
+    draw.rectangle([bar_x - 1, top - 1, bar_x + bar_w, top + bar_h], outline=_draw.INK)
+    _draw.text(draw, (m, m), title, f)
+    for k, label in enumerate(labels):
+        y = top + k * (bar_h - 1) / 2
+        draw.line([(bar_x + bar_w, y), (bar_x + bar_w + 3, y)], fill=_draw.INK)
+        _draw.text(draw, (bar_x + bar_w + 6, y), label, f, "lm")
+    return sheet
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,8 +111,15 @@ def test_scoremap_json_and_png(converted, canvas, tmp_path, capsys):
     assert len(record["cells"]) == 17 * 29
     assert record["cells"][30]["box"] == [2, 2, 10, 10]  # row 1, column 1
 
-    with Image.open(out_png) as picture:
-        assert picture.size == (128, 80) and picture.mode == "RGB"
+    with Image.open(out_png) as picture:  # the heatmap, its class label and colour bar
+        assert picture.width > 128 + 30 and picture.height > 80 + 15 and picture.mode == "RGB"
+        framed = np.asarray(picture.convert("RGB"))
+    bare_png = tmp_path / "bare.png"
+    assert main([*argv[:6], "--png", str(bare_png), "--zoom", "2", "--no-legend"]) == 0
+    with Image.open(bare_png) as picture:  # just the heatmap, to lay over the image
+        assert picture.size == (128, 80)
+        bare = np.asarray(picture.convert("RGB"))
+    assert any(np.array_equal(framed[y : y + 80, 6 : 6 + 128], bare) for y in range(40))
 
 
 def test_scoremap_accepts_a_trained_model_a_npy_array_and_finer_maps(canvas, tmp_path, capsys):
@@ -171,7 +178,10 @@ def test_demo_finds_every_digit_at_its_window(tmp_path, capsys):
     assert main(["scoremap", str(MODEL), str(out / "canvas.png"), "--quiet"]) == 0
     assert "map 17x37 cells" in capsys.readouterr().out
     with Image.open(out / "heatmaps.png") as picture:
-        assert picture.size == (2 * 320 + 4, 3 * 160 + 2 * 4)  # 5 panels, 2 columns
+        # 5 panels, 2 columns: each heatmap (320 x 160) with its label and colour bar
+        width, height = picture.size
+        assert (width - 4) % 2 == 0 and (height - 2 * 4) % 3 == 0
+        assert (width - 4) // 2 > 320 + 30 and (height - 2 * 4) // 3 > 160 + 15
 
 
 def test_demo_with_the_detector_puts_every_peak_on_its_digit(tmp_path, capsys):

@@ -1,19 +1,16 @@
 """The README's code examples run as written."""
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
-
-from tests.live_server import live_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 4, "expected the layer, training, dense-map and client examples"
+    assert len(blocks) == 5, "expected the layer, training, dense-map, inside and client examples"
     monkeypatch.chdir(tmp_path)  # the training example writes a model file
     layer_example, training_example, dense_example = ({}, {}, {})
     exec(compile(blocks[0], str(README), "exec"), layer_example)
@@ -38,16 +35,35 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(finer.logits[:, ::2, ::2], result.logits, rtol=0, atol=1e-4)
 
 
-def test_readme_client_example_runs_against_the_service(tmp_path, monkeypatch):
-    """The Python client example, against the real service on a free port."""
+def test_readme_inside_example_runs(monkeypatch, capsys):
+    """The visualise example: the activations and pictures it states."""
     block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)[3]
-    shutil.copy(README.parent / "models" / "digits.safetensors", tmp_path)
+    monkeypatch.chdir(README.parent)  # it reads the shipped model and docs/digit_7.png
+    example: dict = {}
+    exec(compile(block, str(README), "exec"), example)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        "input input (1, 8, 8)",
+        "0 conv 32 3x3 s1 p0 (32, 6, 6)",
+        "1 spatial_batchnorm (32, 6, 6)",
+    ]
+    assert [p.activation.key for p in example["pictures"]] == ["input", "0", "2", "10"]
+    assert len(example["relu"].tiles) == 32 and example["relu"].zoom == 8
+    assert len(example["filters"].tiles) == 32
+    assert example["stats"]["zero_fraction"].shape == (32,)
+    assert example["sheet"].height == sum(p.picture.height for p in example["pictures"]) + 3 * 8
+
+
+def test_readme_client_example_runs_against_the_service(live_service, monkeypatch):
+    """The Python client example, against the real service on a free port."""
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)[4]
     monkeypatch.chdir(README.parent)  # the example reads the shipped demo canvas
-    with live_server(tmp_path) as base:
-        assert "http://127.0.0.1:8000" in block
-        example: dict = {}
-        exec(compile(block.replace("http://127.0.0.1:8000", base), str(README), "exec"), example)
-    assert [p["label"] for p in example["top3"]] and len(example["top3"]) == 3
+    assert "http://127.0.0.1:8000" in block
+    example: dict = {}
+    exec(
+        compile(block.replace("http://127.0.0.1:8000", live_service), str(README), "exec"), example
+    )
+    assert [p["label"] for p in example["top3"]][0] == "4" and len(example["top3"]) == 3
     assert example["probabilities"].shape == (10, 41, 89)
     np.testing.assert_allclose(example["probabilities"].sum(axis=0), 1.0, atol=1e-5)
     assert example["heatmap_png"].startswith(b"\x89PNG")

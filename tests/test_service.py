@@ -376,9 +376,19 @@ def test_scoremap_png(client, fcn, canvas):
     assert r.headers["x-cnnserve-map-shape"] == "41x89"
     assert float(r.headers["x-cnnserve-time-ms"]) > 0
     picture = Image.open(io.BytesIO(r.content))
-    assert picture.format == "PNG" and picture.size == (192, 96) and picture.mode == "RGB"
+    assert picture.format == "PNG" and picture.mode == "RGB"
     pixels = np.asarray(Image.open(io.BytesIO(data)))
-    expected = score_map(fcn, pixels, stride_divisor=2).heatmap(pixels, 3, alpha=0.7, zoom=2)
+    result = score_map(fcn, pixels, stride_divisor=2)
+    expected = result.heatmap(pixels, 3, alpha=0.7, zoom=2, legend="class '3': probability")
+    np.testing.assert_array_equal(np.asarray(picture), np.asarray(expected))
+    assert picture.width > 192 + 30 and picture.height > 96 + 15  # label above, bar beside
+    # legend=false: the bare heatmap, the image's size times the zoom, to lay over the image.
+    bare = client.post(
+        r.url.path + "?" + r.url.query.decode() + "&legend=false", content=data, headers=PNG
+    )
+    picture = Image.open(io.BytesIO(bare.content))
+    assert picture.size == (192, 96)
+    expected = result.heatmap(pixels, 3, alpha=0.7, zoom=2)
     np.testing.assert_array_equal(np.asarray(picture), np.asarray(expected))
     other = client.post("/v1/models/digits/scoremap?format=png&class=4", content=data, headers=PNG)
     assert other.content != r.content
@@ -684,7 +694,7 @@ def test_openapi_documents_every_request_and_response(client):
         "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/models/{name}",
         "/v1/models/{name}/predict", "/v1/models/{name}/scoremap",
     }  # fmt: skip
-    for endpoint in ("predict", "scoremap"):
+    for endpoint in ("predict", "scoremap", "activations"):
         op = paths[f"/v1/models/{{name}}/{endpoint}"]["post"]
         assert set(op["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
         for status in ("400", "404", "413", "415", "422", "503"):
@@ -696,7 +706,7 @@ def test_openapi_documents_every_request_and_response(client):
     assert set(scoremap_ok) == {"application/json", "image/png"}
     params = {p["name"] for p in paths["/v1/models/{name}/scoremap"]["post"]["parameters"]}
     assert params == {
-        "name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom", "arrays",
+        "name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom", "legend", "arrays",
     }  # fmt: skip
     for path in ("/v1/models", "/v1/models/{name}"):  # lookups: only 404 and 503 can happen
         assert set(paths[path]["get"]["responses"]) == {"200", "404", "422", "503"} - (

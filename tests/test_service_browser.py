@@ -9,6 +9,9 @@ Selenium, uploads images with the page's file input and reads what the page rend
   and shows the heatmap PNG.
 - A larger canvas of held-out digits: the heatmap has the canvas's size.
 - A text file: the page shows the service's 400 ``invalid_image`` error.
+- Inside the network: a figure per layer, captioned with its name and shape, whose grid
+  loads only when it scrolls into view and is the service's own PNG of that layer; the
+  heatmap's colour bar carries the class label.
 
 Requirements
 ------------
@@ -20,8 +23,9 @@ installs them; it is never skipped.
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,7 @@ from PIL import Image
 
 from cnnserve.data import digits_canvas, load_dataset
 from cnnserve.model import read_model_file
-from tests.live_server import http_get, live_server
+from tests.live_server import http_get
 
 try:
     from selenium import webdriver
@@ -67,12 +71,9 @@ CHROMIUM_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real app on 127.0.0.1 in a background thread; yields its base URL."""
-    models = tmp_path_factory.mktemp("models")
-    shutil.copy(MODEL_FILE, models / MODEL_FILE.name)
-    with live_server(models) as base:
-        yield base
+def server(live_service):
+    """The real app on 127.0.0.1 (the shared ``live_service``); its base URL."""
+    return live_service
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +254,59 @@ def test_page_maps_a_canvas_of_digits(server, driver, tmp_path):
     assert "41\u00d789" in _text(driver, "scoremap-summary")  # stride 1
     assert f"\u201c{other}\u201d" in _text(driver, "heatmap-caption")
     assert _heatmap(driver)["width"] == 96
+
+
+def _layers(browser) -> list[dict]:
+    return browser.execute_script(
+        "return [...document.querySelectorAll('#layers figure')].map((f) => {"
+        " const img = f.querySelector('img');"
+        " return {layer: f.dataset.layer, state: f.dataset.state,"
+        "  caption: f.querySelector('figcaption').textContent,"
+        "  width: img.naturalWidth, height: img.naturalHeight, hidden: img.hidden}; });"
+    )
+
+
+def _service_png(base: str, path: Path, layer: str) -> Image.Image:
+    request = urllib.request.Request(
+        f"{base}/v1/models/digits/activations?format=png&layer={layer}",
+        path.read_bytes(),
+        {"Content-Type": "image/png"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return Image.open(io.BytesIO(response.read()))
+
+
+def test_page_shows_inside_the_network_layer_by_layer(server, driver, digit_png):
+    path, label = digit_png
+    _open_page(driver, server)
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert _upload(driver, path) == "done", _text(driver, "error")
+    assert driver.find_element(By.ID, "layers").get_attribute("data-state") == "ready"
+
+    # The heatmap's colour bar and its class label, beside the bare heatmap.
+    assert driver.find_element(By.ID, "heatmap-legend").is_displayed()
+    assert _text(driver, "heatmap-legend-label") == f"Class \u201c{label}\u201d: probability"
+
+    layers = _layers(driver)
+    assert [f["layer"] for f in layers] == ["input", *map(str, range(11))]
+    assert layers[0]["caption"].startswith("input (1, 8, 8)")
+    assert layers[1]["caption"].startswith("0 \u00b7 conv 32 3x3 s1 p0 (32, 6, 6) \u00b7 values")
+    assert "zeros" in layers[3]["caption"]  # the ReLU
+    assert layers[11]["caption"].startswith("10 \u00b7 scores (10)")
+    # Lazy: the last layers, far below the fold, have not been fetched yet.
+    assert layers[-1]["state"] == "waiting" and layers[-1]["width"] == 0, layers[-1]
+
+    for k, figure in enumerate(driver.find_elements(By.CSS_SELECTOR, "#layers figure")):
+        driver.execute_script("arguments[0].scrollIntoView()", figure)
+        WebDriverWait(driver, RENDER_TIMEOUT, poll_frequency=0.1).until(
+            lambda b, k=k: _layers(b)[k]["state"] in ("loaded", "error")
+        )
+    layers = _layers(driver)
+    assert all(f["state"] == "loaded" and not f["hidden"] for f in layers), layers
+    for key in ("input", "2", "10"):
+        shown = next(f for f in layers if f["layer"] == key)
+        assert (shown["width"], shown["height"]) == _service_png(server, path, key).size
+    assert _severe_console_messages(driver) == []
 
 
 def test_page_shows_the_service_error_for_a_text_file(server, driver, tmp_path):

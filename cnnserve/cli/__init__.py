@@ -1,5 +1,5 @@
 """The ``cnnserve`` command: train, evaluate, inspect, convert, import and export models; dense
-score maps.
+score maps; pictures of the activations and filters.
 
 Run ``cnnserve --help`` or ``cnnserve COMMAND --help`` for the options. Errors in what the
 user gave (a missing data file, a corrupt model, an impossible architecture) print one line,
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnnserve.cli import interchange, maps, models, serve, train
+from cnnserve.cli import inside, interchange, maps, models, serve, train
 from cnnserve.cli._common import EXIT_ERROR, EXIT_FAILED, CommandError
 
 __all__ = ["build_parser", "main"]
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         interchange.add_export,
         maps.add_scoremap,
         maps.add_predict,
+        inside.add_activations,
+        inside.add_filters,
         serve.add_serve,
         maps.add_demo,
     ):

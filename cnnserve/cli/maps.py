@@ -111,7 +111,8 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
         }
         outputs.append((args.json, json.dumps(record).encode(), ""))
     if args.png is not None:
-        picture = best.heatmap(image, class_index, alpha=args.alpha, zoom=args.zoom)
+        title = None if args.no_legend else f"class {label!r}: probability"
+        picture = best.heatmap(image, class_index, alpha=args.alpha, zoom=args.zoom, legend=title)
         note = f": class {label!r} probability over the image"
         outputs.append((args.png, png_bytes(picture), note))
     for target, data, note in outputs:
@@ -160,7 +161,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from cnnserve.convert import load_fully_convolutional
     from cnnserve.data import BUNDLED, digits_canvas
     from cnnserve.dense import score_map
-    from cnnserve.heatmap import check_picture_size, montage, png_bytes
+    from cnnserve.heatmap import add_legend, check_picture_size, montage, png_bytes
     from cnnserve.specs import BACKGROUND
 
     height, width = args.size
@@ -203,8 +204,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         panel = result.heatmap(canvas, label, alpha=0.7, zoom=zoom)
         draw = ImageDraw.Draw(panel)
         draw.rectangle([x0 * zoom, y0 * zoom, x1 * zoom - 1, y1 * zoom - 1], outline="cyan")
-        draw.text((3, 2), f"class {label}", fill="white")
-        panels.append(panel)
+        panels.append(add_legend(panel, f"class '{label}': probability (cyan: the digit)"))
         here = float(probability[y0, x0])  # the cell whose window is exactly the digit
         predicted = int(np.argmax(result.probabilities[:, y0, x0]))
         py, px = np.unravel_index(int(np.argmax(probability)), probability.shape)
@@ -270,6 +270,12 @@ def add_scoremap(commands: Any) -> None:
     )
     scoremap.add_argument(
         "--zoom", type=positive_int, default=1, help="enlarge the heatmap picture (default 1)"
+    )
+    scoremap.add_argument(
+        "--no-legend",
+        action="store_true",
+        help="the bare heatmap (the image's size times --zoom), without the class label above "
+        "it and the colour bar beside it",
     )
     scoremap.add_argument("--quiet", action="store_true", help="no progress bar")
     scoremap.set_defaults(handler=_cmd_scoremap)

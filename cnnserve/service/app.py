@@ -32,7 +32,7 @@ from cnnserve.service.deps import STATIC, Lane, Service
 from cnnserve.service.errors import install_error_handlers
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry
-from cnnserve.service.routes import health, inference, models
+from cnnserve.service.routes import activations, health, inference, models
 from cnnserve.service.settings import Settings
 
 __all__ = ["create_app", "lifespan"]
@@ -105,6 +105,6 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    for routes in (health, models, inference):
+    for routes in (health, models, inference, activations):
         app.include_router(routes.router)
     return app

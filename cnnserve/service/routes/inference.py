@@ -113,6 +113,13 @@ async def scoremap(
         int,
         Query(ge=1, le=64, description="Draw the heatmap this many times the image's size."),
     ] = 1,
+    legend: Annotated[
+        bool,
+        Query(
+            description="`png`: the class label above the heatmap and its colour bar beside "
+            "it. false: the bare heatmap, the image's size times `zoom`, to lay over the image."
+        ),
+    ] = True,
     arrays: Annotated[
         bool,
         Query(
@@ -149,7 +156,8 @@ async def scoremap(
             )
             index = chosen if chosen is not None else default_class(result)
             if format == "png":
-                picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
+                title = f"class {fcn.class_names[index]!r}: probability" if legend else None
+                picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom, legend=title)
                 return result, index, png_bytes(picture)
             # Encoded here, on the inference thread: a large map's JSON takes a while, and
             # on the event loop it would hold up every other request.

@@ -1,5 +1,6 @@
-// cnnserve web page: pick a model, upload an image, see its class scores and a class's
-// dense score map. Plain JS, no build step, and no request leaves this origin.
+// cnnserve web page: pick a model, upload an image, see its class scores, a class's dense
+// score map and what each layer of the network makes of the image. Plain JS, no build
+// step, and no request leaves this origin.
 //
 // document.body.dataset.state tells tests (and styles) where the page is:
 // "loading" -> "ready" (models listed) -> "working" (requests in flight) -> "done" | "error".
@@ -27,6 +28,10 @@ const els = {
   heatmapCaption: $("heatmap-caption"),
   peakBox: $("peak-box"),
   summary: $("scoremap-summary"),
+  legend: $("heatmap-legend"),
+  legendLabel: $("heatmap-legend-label"),
+  insideMeta: $("inside-meta"),
+  layers: $("layers"),
 };
 
 // Largest display size of the images: small images are scaled up by a whole factor.
@@ -42,6 +47,10 @@ const state = {
   run: 0, // each analysis has a number; a newer one makes older ones stale
   controller: null, // aborts the requests of a stale analysis
   urls: { preview: null, heatmap: null },
+  insideKey: null, // which (model, file) the layers on screen belong to
+  layerUrls: [], // object URLs of the layers' grids
+  observer: null, // loads each layer's grid when it scrolls into view
+  insideController: null, // aborts the layers' requests when the image or model changes
 };
 
 // ----------------------------------------------------------------------------------------
@@ -112,7 +121,10 @@ function scoremapQuery(format, options) {
     top_k: String(options.topK),
   });
   if (options.label !== null) query.set("class", options.label);
-  if (format === "png") query.set("alpha", String(options.alpha));
+  if (format === "png") {
+    query.set("alpha", String(options.alpha));
+    query.set("legend", "false"); // laid over the image; the page draws its own colour bar
+  }
   return query;
 }
 
@@ -139,6 +151,25 @@ async function scoremapPng(model, file, options, signal) {
     mapShape: response.headers.get("X-Cnnserve-Map-Shape"),
     timeMs: response.headers.get("X-Cnnserve-Time-Ms"),
   };
+}
+
+async function activationsJson(model, file, signal) {
+  const response = await api(`${modelPath(model.name, "activations")}?format=json`, {
+    method: "POST",
+    body: uploadBody(file),
+    signal,
+  });
+  return response.json();
+}
+
+async function activationsPng(model, file, layer, signal) {
+  const query = new URLSearchParams({ format: "png", layer });
+  const response = await api(`${modelPath(model.name, "activations")}?${query}`, {
+    method: "POST",
+    body: uploadBody(file),
+    signal,
+  });
+  return response.blob();
 }
 
 // ----------------------------------------------------------------------------------------
@@ -354,6 +385,7 @@ function clearResults() {
   els.summary.replaceChildren();
   els.heatmap.hidden = true;
   els.peakBox.hidden = true;
+  els.legend.hidden = true;
   els.heatmapCaption.textContent = "Heatmap";
   setUrl("heatmap", els.heatmap, null);
 }
@@ -425,6 +457,108 @@ function placePeakBox(result, width, height) {
 }
 
 // ----------------------------------------------------------------------------------------
+// Inside the network: one figure per layer, its grid fetched when it scrolls into view
+// ----------------------------------------------------------------------------------------
+
+/** A base64 little-endian float32 array of the API as a Float32Array. */
+function floats(encoded) {
+  const bytes = Uint8Array.from(atob(encoded.data), (c) => c.charCodeAt(0));
+  const view = new DataView(bytes.buffer);
+  const out = new Float32Array(bytes.length / 4);
+  for (let i = 0; i < out.length; i += 1) out[i] = view.getFloat32(4 * i, true);
+  return out;
+}
+
+function clearInside() {
+  if (state.insideController) state.insideController.abort();
+  state.insideController = null;
+  if (state.observer) state.observer.disconnect();
+  state.observer = null;
+  for (const url of state.layerUrls) URL.revokeObjectURL(url);
+  state.layerUrls = [];
+  state.insideKey = null;
+  els.layers.replaceChildren();
+  els.layers.dataset.state = "empty";
+}
+
+function layerCaption(layer) {
+  const shape = `(${layer.shape.join(", ")})`;
+  const where = layer.index === null ? "input" : `${layer.layer} \u00b7 ${layer.name}`;
+  const low = Math.min(...floats(layer.stats.min));
+  const high = Math.max(...floats(layer.stats.max));
+  const zeros = floats(layer.stats.zero_fraction);
+  const share = zeros.reduce((a, b) => a + b, 0) / zeros.length;
+  const parts = [`${where} ${shape}`, `values ${num(low)} to ${num(high)}`];
+  if (share > 0) parts.push(`${percent(share)} zeros`);
+  return parts.join(" \u00b7 ");
+}
+
+async function showLayer(figure, model, file, signal) {
+  const img = figure.querySelector("img");
+  figure.dataset.state = "loading";
+  try {
+    const blob = await activationsPng(model, file, figure.dataset.layer, signal);
+    const url = URL.createObjectURL(blob);
+    state.layerUrls.push(url);
+    await new Promise((resolve, reject) => {
+      img.onload = resolve;
+      img.onerror = () => reject(new Error("the browser cannot show the grid"));
+      img.src = url;
+    });
+    img.hidden = false;
+    figure.dataset.state = "loaded";
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    figure.dataset.state = "error";
+    figure.querySelector("figcaption").textContent += ` \u00b7 not shown: ${err.message}`;
+  }
+}
+
+/**
+ * The layers of the image, once per (model, file): their captions from the JSON answer, and
+ * an observer that fetches each layer's grid when its figure comes near the screen. These
+ * requests have their own AbortController: changing the class or the stride divisor keeps
+ * them; a new image or model aborts them.
+ */
+async function renderInside(model, file) {
+  const key = JSON.stringify([model.name, file.name, file.size, file.lastModified]);
+  if (state.insideKey === key) return;
+  clearInside();
+  const controller = new AbortController();
+  state.insideController = controller;
+  const signal = controller.signal;
+  els.layers.dataset.state = "loading";
+  const body = await activationsJson(model, file, signal);
+  const figures = body.layers.map((layer) =>
+    el("figure", { className: "layer", dataset: { layer: layer.layer, state: "waiting" } }, [
+      el("figcaption", { textContent: layerCaption(layer) }),
+      el("div", { className: "frame" }, [
+        el("img", { alt: `Activations of layer ${layer.layer} (${layer.name})`, hidden: true }),
+      ]),
+    ]),
+  );
+  els.layers.replaceChildren(...figures);
+  const resized = body.resized_to ? `, resized to ${px(body.resized_to)} as for predictions` : "";
+  els.insideMeta.textContent =
+    `${body.layers.length - 1} layers on the ${px(body.image_size)} image${resized}. ` +
+    "Each channel is a tile scaled to its own range (black to white); vectors and the " +
+    "class scores are bars. Grids load as they scroll into view.";
+  state.observer = new IntersectionObserver(
+    (entries, observer) => {
+      for (const entry of entries) {
+        if (!entry.isIntersecting) continue;
+        observer.unobserve(entry.target);
+        showLayer(entry.target, model, file, signal);
+      }
+    },
+    { rootMargin: "100px" },
+  );
+  for (const figure of figures) state.observer.observe(figure);
+  state.insideKey = key;
+  els.layers.dataset.state = "ready";
+}
+
+// ----------------------------------------------------------------------------------------
 // One analysis: predictions (when they are not on screen yet), then the score map
 // ----------------------------------------------------------------------------------------
 
@@ -463,6 +597,8 @@ async function analyze() {
       renderPredictions(prediction);
       state.predictedKey = key;
     }
+    await renderInside(model, file);
+    if (stale()) return;
 
     const options = {
       divisor: Number(els.divisor.value) || 1,
@@ -497,6 +633,8 @@ async function analyze() {
     els.heatmapCaption.textContent =
       `Heatmap of class \u201c${shown}\u201d over ${cells(summary.map_shape)}` +
       (state.classChosen ? "" : " (the top class by max)");
+    els.legendLabel.textContent = `Class \u201c${shown}\u201d: probability`;
+    els.legend.hidden = false;
 
     setStatus(`Done: ${model.name} on ${file.name || "the image"}`);
     setState("done");
@@ -530,6 +668,7 @@ function showPreview(file) {
 
 function useFile(file) {
   if (!file) return;
+  clearInside();
   state.file = file;
   state.classChosen = false;
   state.predictedKey = null;
@@ -545,6 +684,7 @@ function wire() {
   els.model.addEventListener("change", () => {
     chooseModel(els.model.value);
     clearResults();
+    clearInside();
     analyze();
   });
   els.file.addEventListener("change", () => useFile(els.file.files[0]));
