@@ -100,7 +100,9 @@ def add_serve(commands: Any) -> None:
         "given come from CNNSERVE_* environment variables, then the defaults.",
     )
     serve.add_argument(
-        "--models", metavar="DIR", help="directory of .safetensors model files (default models)"
+        "--models",
+        metavar="DIR",
+        help="directory of .safetensors (and .onnx) model files (default models)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cnnserve.convert import FullyConvNet, load_fully_convolutional
+from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
 from cnnserve.dense import score_map
 from cnnserve.images import read_image
 from cnnserve.network import ConvNet
@@ -32,6 +32,7 @@ log = logging.getLogger("cnnserve.service")
 
 # A name that is safe in a URL path segment and a Prometheus label.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_SUFFIXES = (".safetensors", ".onnx")  # .onnx: imported at start (cnnserve.onnx)
 
 
 class ModelDirectoryError(RuntimeError):
@@ -83,15 +84,24 @@ class LoadedModel:
 
 
 def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
-    """Load a trained or converted model file, convert it, and run it once.
+    """Load a trained or converted model file (or import an ONNX one), convert it, and run it
+    once.
 
     Raises
     ------
-    ModelFileError, ConversionError
-        A corrupt or mismatched file, or a conversion whose self-check fails.
+    ModelFileError, ConversionError, OnnxError, OnnxUnavailableError
+        A corrupt or mismatched file, an ONNX graph cnnserve cannot read (or no onnx package),
+        or a conversion whose self-check fails.
     """
     start = time.perf_counter()
-    fcn = load_fully_convolutional(path)  # a trained file is converted and self-checked
+    if path.suffix == ".onnx":  # imported (the onnx package loads only for such a file)
+        from cnnserve.onnx import read_onnx
+
+        imported = read_onnx(path)
+        fcn = to_fully_convolutional(imported.model)
+        fcn.training = imported.record
+    else:
+        fcn = load_fully_convolutional(path)  # a trained file is converted and self-checked
     model = ConvNet.from_config(
         fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
     )  # for its layer table and parameter count only: fresh weights, same shapes
@@ -122,7 +132,8 @@ class ModelRegistry:
     Parameters
     ----------
     directory : Path
-        Holds ``*.safetensors`` model files (trained or converted).
+        Holds ``*.safetensors`` model files (trained or converted) and ``*.onnx`` classifiers
+        (imported with :func:`cnnserve.onnx.read_onnx`).
     warmup : bool
         Run each model once after loading it.
     loader : callable, optional
@@ -159,17 +170,21 @@ class ModelRegistry:
         Raises
         ------
         ModelDirectoryError
-            The directory does not exist or holds no ``*.safetensors`` file.
+            The directory does not exist or holds no ``*.safetensors`` or ``*.onnx`` file.
         """
         if not self.directory.is_dir():
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} does not exist (set --models or "
                 "CNNSERVE_MODELS)"
             )
-        files = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        files = sorted(  # by name, a .safetensors file before an .onnx file of the same stem
+            (p for p in self.directory.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file()),
+            key=lambda p: (p.stem, MODEL_SUFFIXES.index(p.suffix)),
+        )
         if not files:
             raise ModelDirectoryError(
-                f"model directory {self.directory.resolve()} holds no *.safetensors model file"
+                f"model directory {self.directory.resolve()} holds no *.safetensors model file "
+                "(nor any *.onnx file)"
             )
         self.files = files
         return files
@@ -185,6 +200,13 @@ class ModelRegistry:
                         "'-', starting with a letter or digit; rename the file"
                     )
                     log.error("skipping %s", self.failed[name])
+                    continue
+                if name in self.models or name in self.failed:  # x.onnx beside x.safetensors
+                    self.failed[path.name] = (
+                        f"{path.name}: another model file already has the name {name!r}; "
+                        "rename one of them"
+                    )
+                    log.error("skipping %s", self.failed[path.name])
                     continue
                 try:
                     model = self.loader(path, warmup=self.warmup)

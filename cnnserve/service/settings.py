@@ -26,8 +26,8 @@ class Settings(BaseSettings):
 
     models: Path = Field(
         Path("models"),
-        description="Directory of model files (*.safetensors, trained or converted); each "
-        "file's stem is the model's name.",
+        description="Directory of model files (*.safetensors, trained or converted; *.onnx, "
+        "imported at start); each file's stem is the model's name.",
     )
     max_body_bytes: int = Field(
         20 * 2**20, ge=1, description="Largest request body, in bytes (413 above it)."
