@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "int_in_range",
     "EXIT_ERROR",
     "EXIT_FAILED",
     "CommandError",
@@ -68,6 +70,19 @@ def size(text: str) -> tuple[int, int]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"must be HxW, e.g. 96x192, got {text!r}") from exc
     return h, w
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an int from ``low`` to ``high``, inclusive."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-integer
+    return parse
 
 
 def positive_int(text: str) -> int:
