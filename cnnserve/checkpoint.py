@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnserve._files import remove_stale_temps
 from cnnserve.history import plot_history, write_history
 from cnnserve.modelfile import ModelFileError, read_model_file, save_model
 from cnnserve.optim import rule_name
@@ -27,6 +28,7 @@ __all__ = [
     "json_scalar",
     "json_scalars",
     "read_checkpoint",
+    "remove_stale_checkpoint_temps",
     "restore_checkpoint",
     "resume_conflicts",
     "write_checkpoint",
@@ -111,6 +113,30 @@ def write_checkpoint(solver: Any) -> Path:
     write_history(history, f"{os.fspath(solver.checkpoint_name)}_history.json")
     plot_history(history, f"{os.fspath(solver.checkpoint_name)}_history.png")
     return path
+
+
+def checkpoint_files(checkpoint_name: str | os.PathLike) -> list[Path]:
+    """The files a checkpoint of this name writes: the model file and its history."""
+    name = os.fspath(checkpoint_name)
+    return [Path(f"{name}{suffix}") for suffix in (".safetensors", "_history.json", "_history.png")]
+
+
+def remove_stale_checkpoint_temps(checkpoint_name: str | os.PathLike) -> list[Path]:
+    """Remove the partial files that a killed write of this checkpoint left behind.
+
+    A checkpoint is written to a hidden ``.NAME.<hex>.tmp`` file and renamed over ``NAME``;
+    a kill in between leaves the temporary file. Only those of this checkpoint's own files
+    (the model file and its history) are removed, never another run's.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    removed = []
+    for path in checkpoint_files(checkpoint_name):
+        removed += remove_stale_temps(path)
+    return removed
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
