@@ -144,6 +144,9 @@ def test_serve_passes_the_model_limits_to_every_worker(monkeypatch):
 
     for name in [k for k in os.environ if k.startswith("CNNSERVE_")]:
         monkeypatch.delenv(name)
+    for field in Settings.model_fields:  # serve sets them in os.environ: undone at the end
+        monkeypatch.setenv(f"CNNSERVE_{field.upper()}", "")
+        monkeypatch.delenv(f"CNNSERVE_{field.upper()}")
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     argv = ["serve", "--models", str(MODELS), "--max-model-pixels", "4096"]
     argv += ["--max-model-params", "99999", "--header-timeout", "3", "--body-timeout", "4.5"]

@@ -8,7 +8,8 @@ else h11) with what a server facing slow, faulty or hostile clients needs:
   h11 then writes a response's head and body separately, and the body waits for the client's
   delayed ACK: about 40 ms on every keep-alive request after the first.
 - A header timeout: a connection has ``header_timeout`` seconds, from its opening or from the
-  first byte of its next request, to send that request's headers.
+  first byte of its next request, to send that request's headers (one that sent nothing at
+  all is closed without an answer, as an idle keep-alive connection is).
 - A body timeout: a request has ``body_timeout`` seconds, from the end of its headers, to
   send its whole body. A connection that runs out of either gets a JSON 408 (when no answer
   has started yet) and is closed, so that stalled clients hold neither memory nor a place.
@@ -115,6 +116,7 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._timer: asyncio.TimerHandle | None = None
         self._phase: str | None = None  # "header" or "body" while the timer runs
         self._seen: Any = None  # the last request cycle whose headers were in
+        self._partial = False  # bytes of a request whose headers are not all in yet
 
     # -- connections --------------------------------------------------------------------------
 
@@ -142,6 +144,7 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        self._partial = True  # until _follow sees the headers complete
         self._follow(new_data=True)
 
     def on_response_complete(self) -> None:
@@ -173,9 +176,13 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self.transport is None or self.transport.is_closing():
             self._disarm()
             return
+        if self.transport.get_protocol() is not self:  # upgraded (WebSocket): not ours now
+            self._disarm()
+            return
         cycle = self.cycle
         if cycle is not None and cycle is not self._seen:  # a new request's headers are in
             self._seen = cycle
+            self._partial = False
             self._disarm()
             if cycle.more_body:
                 self._arm("body")
@@ -216,6 +223,9 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             cycle.scope[CUT_OFF] = 408  # type: ignore[literal-required]
         if answering or (phase == "body" and cycle is not None and cycle.response_complete):
             self._close_with(b"")  # answered already, or answering: just close
+            return
+        if phase == "header" and not self._partial:
+            self._close_with(b"")  # an idle connection that sent nothing: no request to answer
             return
         self._close_with(
             _raw_response(
