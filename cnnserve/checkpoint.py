@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"resume must be a str or path, got {type(path).__name__}")
-    checkpoint = read_model_file(path)
+    # A run's own checkpoint, of a model the resuming Solver holds already: the size limits
+    # that guard loading a model file to serve it do not apply.
+    checkpoint = read_model_file(path, max_pixels=sys.maxsize, max_params=sys.maxsize)
     state = checkpoint.state
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(

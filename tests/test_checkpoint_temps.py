@@ -1,7 +1,9 @@
-"""Partial files of a killed checkpoint write: a new or resumed run of that name removes them.
+"""Checkpoints: the partial files of a killed write, and the model-size limits.
 
 A checkpoint is written to ``.NAME.<12 hex>.tmp`` and renamed over ``NAME``; a kill between
-the two leaves the temporary file, which nothing else would ever remove.
+the two leaves the temporary file, which nothing else would ever remove: a new or resumed run
+of that name removes it. The limits on what a model file may declare guard serving, not a
+run resuming its own checkpoint.
 """
 
 from __future__ import annotations
@@ -87,3 +89,31 @@ def test_remove_stale_temps_matches_the_names_atomic_writes_make(tmp_path, monke
     stale = written[0]
     open(stale, "wb").close()
     assert remove_stale_temps(target) == [stale] and not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_over_the_serving_limits_still_resumes(tmp_path):
+    """The model-size limits guard serving; a run's own checkpoint resumes whatever its size."""
+    import pytest
+
+    from cnnserve.model import ModelFileError, load_model
+
+    layers = [{"type": "conv", "filters": 2, "size": 8, "stride": 8, "pad": 0}]
+    rng = np.random.default_rng(0)
+    X = rng.random((6, 1, 520, 520), dtype=np.float32)  # 270,400 pixels: over 512 x 512
+    y = np.array([0, 1, 2, 0, 1, 2])
+    big = {"X_train": X[:4], "y_train": y[:4], "X_val": X[4:], "y_val": y[4:]}
+    name = tmp_path / "big"
+    Solver(
+        ConvNet(layers, (1, 520, 520), 3), big, num_epochs=1, checkpoint_name=name, **OPTIONS
+    ).train()
+    with pytest.raises(ModelFileError, match="more than the limit"):
+        load_model(f"{name}.safetensors")
+    solver = Solver(
+        ConvNet(layers, (1, 520, 520), 3),
+        big,
+        num_epochs=2,
+        checkpoint_name=name,
+        resume=f"{name}.safetensors",
+        **OPTIONS,
+    )
+    assert solver.epoch == 1
