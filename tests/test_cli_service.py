@@ -336,6 +336,7 @@ def test_serve_hands_uvicorn_the_service_protocol(monkeypatch, capsys):
     assert seen["app"] == "cnnserve.service.app:create_app" and seen["factory"] is True
     assert (seen["port"], seen["workers"]) == (9, 3)
     assert seen["http"] == "cnnserve.service.server:ServiceHTTPProtocol"
+    assert seen["ws"] == "none"  # an Upgrade request gets the JSON of plain HTTP
     assert "serving digits, digits_detector" in capsys.readouterr().out
 
 

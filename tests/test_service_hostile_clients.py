@@ -372,6 +372,13 @@ def test_cnnserve_serve_applies_its_flags_in_its_own_process(tmp_path):
         with client.connect() as sock:
             sock.sendall(b"GET /he\x00 HTTP/1.1\r\n\r\n")
             assert_json_error(read_all(sock, 5), 400, "bad_request")
+        with client.connect() as sock:  # no WebSocket: answered as plain HTTP, in JSON
+            sock.sendall(
+                b"GET /nope HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, close\r\n"
+                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            assert_json_error(read_all(sock, 5), 404, "not_found")
         idle = [client.connect() for _ in range(4)]  # the connection limit of the flag
         time.sleep(0.2)
         with client.connect() as extra:

@@ -92,6 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             log_config=_log_config(LOGGING_CONFIG, args.log_level),
             http="cnnserve.service.server:ServiceHTTPProtocol",
+            ws="none",  # no WebSocket route: an Upgrade request is answered as plain HTTP
             timeout_graceful_shutdown=10,
         )
     return 0
