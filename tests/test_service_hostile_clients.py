@@ -390,3 +390,15 @@ def test_cnnserve_serve_applies_its_flags_in_its_own_process(tmp_path):
         server.terminate()
         server.wait(30)
         server.stderr.close()
+
+
+def test_a_stalled_body_after_an_early_answer_is_closed_too(client):
+    """A 404 goes out before the body is read; the rest of the body never comes."""
+    with client.connect() as sock:
+        start = time.monotonic()
+        sock.sendall(request_bytes("POST", "/v1/models/nope/predict", b"x" * 1000)[:-990])
+        response = read_all(sock, TIMEOUT + 5)
+        elapsed = time.monotonic() - start
+    assert_json_error(response, 404, "model_not_found")  # the one answer: no 408 after it
+    assert response.count(b"HTTP/1.1") == 1
+    assert TIMEOUT - 0.5 < elapsed < TIMEOUT + 2

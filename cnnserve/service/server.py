@@ -213,17 +213,11 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         what = "its headers" if phase == "header" else "its body"
         log.info("closing a connection that did not send %s within %g s", what, seconds)
         cycle = self.cycle
-        answering = (
-            phase == "body"
-            and cycle is not None
-            and cycle.response_started
-            and not cycle.response_complete
-        )
         if phase == "body" and cycle is not None:
             cycle.scope[CUT_OFF] = 408  # type: ignore[literal-required]
-        if answering or (phase == "body" and cycle is not None and cycle.response_complete):
-            self._close_with(b"")  # answered already, or answering: just close
-            return
+            if cycle.response_started:  # answered already (a 413, say), or answering
+                self._close_with(b"")
+                return
         if phase == "header" and not self._partial:
             self._close_with(b"")  # an idle connection that sent nothing: no request to answer
             return
