@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_FAILED",
     "CommandError",
+    "add_model_limits",
     "check_output",
     "check_target",
     "flag",
@@ -91,3 +92,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def add_model_limits(parser: argparse.ArgumentParser) -> None:
+    """``--max-model-pixels`` and ``--max-model-params``: what a model file may declare."""
+    from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
+
+    parser.add_argument(
+        "--max-model-pixels",
+        type=positive_int,
+        help=f"largest training input H*W a model file may declare (default {MAX_MODEL_PIXELS:,})",
+    )
+    parser.add_argument(
+        "--max-model-params",
+        type=positive_int,
+        help=f"most parameters a model file may declare (default {MAX_MODEL_PARAMS:,})",
+    )

@@ -23,12 +23,17 @@ from PIL import Image
 from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
 from cnnserve.dense import score_map
 from cnnserve.images import read_image
+from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS, check_model_size
 from cnnserve.network import ConvNet
 from cnnserve.predict import predict
+from cnnserve.specs import tensor_shapes
 
 __all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "load_one"]
 
 log = logging.getLogger("cnnserve.service")
+
+# The largest image of a model's warm-up map (4 x 4 windows when they fit in it).
+WARMUP_MAP_PIXELS = 2**18
 
 # A name that is safe in a URL path segment and a Prometheus label.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -83,25 +88,49 @@ class LoadedModel:
         }
 
 
-def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
+def load_one(
+    path: Path,
+    *,
+    warmup: bool = True,
+    max_pixels: int = MAX_MODEL_PIXELS,
+    max_params: int = MAX_MODEL_PARAMS,
+) -> LoadedModel:
     """Load a trained or converted model file (or import an ONNX one), convert it, and run it
     once.
+
+    Parameters
+    ----------
+    path : Path
+    warmup : bool
+        Run the model once: a classification and a map of 4 x 4 windows, whose work the
+        limit on the model's input bounds.
+    max_pixels, max_params : int
+        The largest training input (H*W) and the most parameters the file may declare,
+        checked from its header before anything is allocated.
 
     Raises
     ------
     ModelFileError, ConversionError, OnnxError, OnnxUnavailableError
-        A corrupt or mismatched file, an ONNX graph cnnserve cannot read (or no onnx package),
-        or a conversion whose self-check fails.
+        A corrupt or mismatched file, a model over the limits, an ONNX graph cnnserve cannot
+        read (or no onnx package), or a conversion whose self-check fails.
     """
     start = time.perf_counter()
     if path.suffix == ".onnx":  # imported (the onnx package loads only for such a file)
         from cnnserve.onnx import read_onnx
 
         imported = read_onnx(path)
+        config = imported.model.config
+        check_model_size(
+            path,
+            config,
+            tensor_shapes(config),
+            max_pixels=max_pixels,
+            max_params=max_params,
+        )
         fcn = to_fully_convolutional(imported.model)
         fcn.training = imported.record
-    else:
-        fcn = load_fully_convolutional(path)  # a trained file is converted and self-checked
+    else:  # a trained file is converted and self-checked
+        fcn = load_fully_convolutional(path, max_pixels=max_pixels, max_params=max_params)
     model = ConvNet.from_config(
         fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
     )  # for its layer table and parameter count only: fresh weights, same shapes
@@ -109,13 +138,19 @@ def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
         # One decode, one classification and one small map: Pillow loads its format plugins
         # at its first decode (about 7 ms), and the first call of each conv path sets up its
         # thread pools and scratch buffers; neither should be a user's first request.
+        # The map is of 4 x 4 windows, or of 2 x 2 cells for a large window, so that the
+        # warm-up's work stays within a few passes of the largest input a model may have.
         C, th, tw = fcn.input_shape
         Image.init()
         encoded = io.BytesIO()
         Image.new("RGB", (tw, th)).save(encoded, "PNG")
         pixels = read_image(encoded.getvalue(), C)
         predict(fcn, pixels)
-        score_map(fcn, np.zeros((C, 4 * th, 4 * tw), dtype=np.float32))
+        if 16 * th * tw <= WARMUP_MAP_PIXELS:
+            mh, mw = 4 * th, 4 * tw
+        else:
+            mh, mw = th + fcn.geometry.stride, tw + fcn.geometry.stride
+        score_map(fcn, np.zeros((C, mh, mw), dtype=np.float32))
     return LoadedModel(
         name=path.stem,
         file=path,
