@@ -199,6 +199,20 @@ def wait_ready(client: TestClient) -> dict:
     return ready
 
 
+def test_service_applies_the_model_size_limits_to_onnx_files(tmp_path):
+    """An imported graph over the service's limits is listed as failed, like a model file."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(DATA / "lenet.onnx", folder / "lenet.onnx")
+    shutil.copy(DATA / "fc357.onnx", folder / "small.onnx")
+    settings = Settings(models=folder, warmup=False, max_model_params=20_000)
+    with TestClient(create_app(settings)) as client:
+        ready = wait_ready(client)
+    assert ready["models"] == ["small"]
+    assert list(ready["failed"]) == ["lenet"]
+    assert "more than the limit of 20,000" in ready["failed"]["lenet"], ready["failed"]
+
+
 def test_service_serves_onnx_files_and_lists_refused_ones_as_failed(tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()

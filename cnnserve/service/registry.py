@@ -119,7 +119,7 @@ def load_one(
         from cnnserve.onnx import read_onnx
 
         imported = read_onnx(path)
-        config = imported.model.config
+        config = imported.model.config()
         check_model_size(
             path,
             config,
