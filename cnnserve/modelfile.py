@@ -127,6 +127,11 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ModelFileError(f"model file {path} {what}")
+    if path.suffix.lower() == ".onnx":
+        raise ModelFileError(
+            f"model file {path} is an ONNX file: import it first with `cnnserve import {path}` "
+            "(the service's models directory takes .onnx files as they are)"
+        )
     try:
         with safe_open(str(path), framework="numpy") as handle:
             yield handle

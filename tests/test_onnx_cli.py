@@ -179,7 +179,7 @@ def test_without_onnx_the_commands_say_which_extra_to_install(
     )
     err = capsys.readouterr().err
     assert err.startswith(
-        f"cnnserve {command}: error: ONNX import and export need the onnx package: pip install 'cnnserve[onnx]'"
+        f"cnnserve {command}: error: ONNX import and export need the onnx package: pip install onnx (from a clone: .venv/bin/pip install -e '.[onnx]')"
     )
     assert list(tmp_path.iterdir()) == []
 
@@ -244,3 +244,41 @@ def test_service_serves_onnx_files_and_lists_refused_ones_as_failed(tmp_path):
         answer = client.post("/v1/models/lenet/scoremap", content=encoded.getvalue(), headers=png)
         assert answer.status_code == 200, answer.text
         assert answer.json()["map_shape"] == [4, 6]
+
+
+def test_import_input_shape_fixes_a_graph_without_a_fixed_size(tmp_path, capsys):
+    from tests.onnx_graphs import _input_of
+
+    source = tmp_path / "dynamic.onnx"
+    source.write_bytes(_input_of(["N", 2, "H", 6]))
+    assert main(["import", str(source)]) == 2
+    assert "cnnserve import --input-shape C,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "dynamic.safetensors").exists()
+    assert main(["import", str(source), "--input-shape", "2,6,6"]) == 0
+    assert load_model(tmp_path / "dynamic.safetensors").input_shape == (2, 6, 6)
+    with pytest.raises(SystemExit):
+        main(["import", str(source), "--input-shape", "2,6"])
+    assert "must be C,H,W, three positive ints, got '2,6'" in capsys.readouterr().err
+
+
+def test_export_never_replaces_an_existing_file_by_default(tmp_path, capsys):
+    """After `cnnserve import net.onnx`, `cnnserve export net.safetensors` would write net.onnx:
+    the file the model came from is kept unless --out names it."""
+    model = tmp_path / "net.safetensors"
+    shutil.copy(DIGITS, model)
+    (tmp_path / "net.onnx").write_bytes(b"the original")
+    assert main(["export", str(model)]) == 2
+    assert "net.onnx already exists" in capsys.readouterr().err
+    assert (tmp_path / "net.onnx").read_bytes() == b"the original"
+    assert main(["export", str(model), "--out", str(tmp_path / "net.onnx")]) == 0
+    assert (tmp_path / "net.onnx").read_bytes() != b"the original"
+
+
+@pytest.mark.parametrize("command", ["predict", "info"])
+def test_model_commands_given_an_onnx_file_say_to_import_it(command, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    args = [str(DATA / "lenet.onnx"), *([str(image)] if command == "predict" else [])]
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert "is an ONNX file: import it first with `cnnserve import" in err

@@ -257,9 +257,9 @@ def test_export_errors(tmp_path):
 
 def test_without_onnx_the_functions_say_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
-    with pytest.raises(OnnxUnavailableError, match=r"pip install 'cnnserve\[onnx\]'"):
+    with pytest.raises(OnnxUnavailableError, match=r"pip install -e '\.\[onnx\]'"):
         import_onnx(DATA / "fc357.onnx")
-    with pytest.raises(OnnxUnavailableError, match=r"pip install 'cnnserve\[onnx\]'"):
+    with pytest.raises(OnnxUnavailableError, match=r"pip install -e '\.\[onnx\]'"):
         export_onnx(trained(IMPORTABLE, np.float32))
 
 

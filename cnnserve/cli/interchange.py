@@ -23,6 +23,17 @@ def _numbers(values: list[str] | None, option: str) -> list[float] | None:
         raise CommandError(f"--{option} must be numbers, got {' '.join(values)!r}") from exc
 
 
+def _chw(text: str) -> tuple[int, int, int]:
+    """An argparse type: ``C,H,W``, three positive ints."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be C,H,W, three positive ints, got {text!r}")
+    return values
+
+
 def _class_names(args: argparse.Namespace) -> list[str] | None:
     if args.classes is not None and args.classes_file is not None:
         raise CommandError("give --classes or --classes-file, not both")
@@ -30,7 +41,7 @@ def _class_names(args: argparse.Namespace) -> list[str] | None:
         return [name.strip() for name in args.classes.split(",")]
     if args.classes_file is not None:
         path = Path(args.classes_file)
-        if not path.is_file():
+        if not path.exists():
             raise CommandError(f"--classes-file {path} not found")
         try:
             text = path.read_text(encoding="utf-8")
@@ -53,7 +64,12 @@ def _cmd_import(args: argparse.Namespace) -> int:
     normalization = None if mean is None else {"mean": mean, "std": std}
     class_names = _class_names(args)
     try:
-        result = read_onnx(source, class_names=class_names, normalization=normalization)
+        result = read_onnx(
+            source,
+            class_names=class_names,
+            normalization=normalization,
+            input_shape=args.input_shape,
+        )
     except OnnxUnavailableError as exc:
         raise CommandError(str(exc)) from exc
     model = result.model
@@ -74,6 +90,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
     print(f"classes ({model.num_classes}): {', '.join(model.class_names)}")
     if model.normalization is None:
         print("input normalisation: none (give --mean and --std if the network was trained so)")
+    else:
+        mean, std = model.normalization["mean"], model.normalization["std"]
+        print(f"input normalisation: (x - mean) / std per channel, mean {mean}, std {std}")
     print(model.summary())
     for note in result.notes:
         print(f"note: {note}")
@@ -85,6 +104,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     source = Path(args.model)
     out = Path(args.out) if args.out else source.with_suffix(".onnx")
+    if args.out is None and out.exists():
+        raise CommandError(
+            f"{out} already exists (perhaps the ONNX file this model was imported from); "
+            "give --out to choose the file to write"
+        )
     if out.suffix != ".onnx":
         raise CommandError(f"--out must end in .onnx, got {out}")
     if out.is_dir():
@@ -127,12 +151,19 @@ def add_import(commands: Any) -> None:
         help="read an ONNX classifier (e.g. exported by PyTorch) into a cnnserve model file",
         description="Read an ONNX classifier into a cnnserve model file, exactly or with an "
         "error naming the node, op and attribute that cnnserve cannot reproduce. Needs the "
-        "onnx extra: pip install 'cnnserve[onnx]'.",
+        "onnx package: pip install onnx (from a clone: .venv/bin/pip install -e '.[onnx]').",
     )
     parser.add_argument("model", help="an .onnx file")
     parser.add_argument("--out", help="the model file to write (default: MODEL.safetensors)")
     parser.add_argument("--classes", help="class names separated by commas")
     parser.add_argument("--classes-file", help="a text file with one class name a line")
+    parser.add_argument(
+        "--input-shape",
+        type=_chw,
+        metavar="C,H,W",
+        help="the training input (channels, height, width), for a graph whose input has no "
+        "fixed height and width",
+    )
     parser.add_argument(
         "--mean",
         nargs="+",
@@ -150,9 +181,11 @@ def add_export(commands: Any) -> None:
         help="write a trained or converted model file as ONNX (opset 17)",
         description="Write a model file as ONNX: a trained model with its fixed input size, a "
         "converted one with dynamic height and width (the dense score map). Needs the onnx "
-        "extra: pip install 'cnnserve[onnx]'.",
+        "package: pip install onnx (from a clone: .venv/bin/pip install -e '.[onnx]').",
     )
     parser.add_argument("model", help="a trained or converted .safetensors model file")
-    parser.add_argument("--out", help="the .onnx file to write (default: MODEL.onnx)")
+    parser.add_argument(
+        "--out", help="the .onnx file to write (default: MODEL.onnx, if no such file exists)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=_cmd_export)

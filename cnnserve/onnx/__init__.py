@@ -40,8 +40,9 @@ the dense score map) with the ``onnx`` helper API, opset 17, with the class name
 normalisation and the input shape in ``metadata_props``, checked by ``onnx.checker``. The
 graph's input is preprocessed (normalised) pixels, ``(N, C, H, W)``.
 
-The ``onnx`` package is optional (``pip install 'cnnserve[onnx]'``): it is imported on the
-first call, and without it these functions raise :class:`OnnxUnavailableError`.
+The ``onnx`` package is optional (the ``onnx`` extra: ``pip install -e '.[onnx]'`` in a
+clone): it is imported on the first call, and without it these functions raise
+:class:`OnnxUnavailableError`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ META_NORMALIZATION = "normalization"
 META_INPUT_SHAPE = "input_shape"
 META_KIND = "cnnserve_kind"  # "trained" or "converted"
 
-INSTALL_HINT = "pip install 'cnnserve[onnx]'"
+INSTALL_HINT = "pip install onnx (from a clone: .venv/bin/pip install -e '.[onnx]')"
 
 
 class OnnxError(ValueError):

@@ -137,7 +137,8 @@ class _Reader:
             axis = "CHW"[dims[1:].index(None)]
             raise OnnxError(
                 f"{label}: input {self.input_name!r} has no fixed {axis} (shape {dims}); "
-                "export the network with its training input size, or give input_shape"
+                "export the network with its training input size, or give input_shape (cnnserve "
+                "import --input-shape C,H,W)"
             )
         else:
             chw = tuple(dims[1:])
