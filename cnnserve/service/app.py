@@ -28,12 +28,13 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from cnnserve import __version__
+from cnnserve.service.batching import Batcher
 from cnnserve.service.deps import STATIC, Lane, Service
 from cnnserve.service.errors import install_error_handlers
 from cnnserve.service.guards import EncodedSlashGuard
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry, load_one
-from cnnserve.service.routes import activations, health, inference, models
+from cnnserve.service.routes import activations, health, inference, models, v2
 from cnnserve.service.settings import Settings
 
 __all__ = ["create_app", "lifespan"]
@@ -58,6 +59,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry, settings, metrics = service.registry, service.settings, service.metrics
     registry.discover()  # a missing or empty directory stops the start-up here
     service.lanes = {name: Lane(name, settings, metrics) for name in ("predict", "scoremap")}
+    if settings.max_batch_size > 1:
+        service.batcher = Batcher(
+            service.lanes["predict"], settings.max_batch_size, settings.max_batch_delay_ms / 1e3
+        )
     log.info("loading %d model file(s) from %s", len(registry.files), registry.directory.resolve())
     loading = asyncio.get_running_loop().run_in_executor(
         service.lanes["predict"].executor,  # the warm-up warms an inference thread
@@ -113,6 +118,6 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.add_middleware(EncodedSlashGuard)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)  # outermost
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    for routes in (health, models, inference, activations):
+    for routes in (health, models, inference, activations, v2):
         app.include_router(routes.router)
     return app

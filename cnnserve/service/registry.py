@@ -54,6 +54,7 @@ class LoadedModel:
     architecture_summary: str  # the trained network's layer table
     parameters: int
     load_seconds: float
+    version: str = "1"
 
     def summary(self) -> dict:
         """The short description of ``GET /v1/models``."""
