@@ -135,6 +135,7 @@ def test_models_list(client, fcn):
     assert models == [
         {
             "name": "digits",
+            "version": "1",
             "input_shape": [1, 8, 8],
             "num_classes": 10,
             "classes": [str(k) for k in range(10)],

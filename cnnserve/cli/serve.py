@@ -35,6 +35,8 @@ _SERVE_SETTINGS = (
     "allow_failed",
     "max_batch_size",
     "max_batch_delay_ms",
+    "watch",
+    "watch_interval",
 )
 
 
@@ -93,11 +95,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         raise CommandError(f"bad settings: {problems}") from None
     try:
-        files = ModelRegistry(settings.models).discover()
+        registry = ModelRegistry(settings.models)
+        registry.discover()
     except ModelDirectoryError as exc:
         raise CommandError(str(exc)) from None
     check_listen(args.host, args.port)
-    names = ", ".join(p.stem for p in files)
+    names = ", ".join(sorted({source.name for source in registry.sources}))
     print(
         f"cnnserve {__version__}: serving {names} from "
         f"{settings.models.resolve()} on http://{args.host}:{args.port} ({args.workers} "
@@ -207,6 +210,17 @@ def add_serve(commands: Any) -> None:
         "--max-batch-delay-ms",
         type=float,
         help="milliseconds a lone request waits for others to batch with (default 2)",
+    )
+    serve.add_argument(
+        "--watch",
+        action="store_const",
+        const=True,
+        help="reload a model when its file changes or a new version directory appears",
+    )
+    serve.add_argument(
+        "--watch-interval",
+        type=float,
+        help="seconds between two looks at the model directory with --watch (default 2)",
     )
     serve.add_argument(
         "--allow-failed",

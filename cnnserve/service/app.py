@@ -19,6 +19,7 @@ refused with a 413 before decoding when they have more than ``max_pixels`` pixel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -37,9 +38,32 @@ from cnnserve.service.registry import ModelRegistry, load_one
 from cnnserve.service.routes import activations, health, inference, models, v2
 from cnnserve.service.settings import Settings
 
-__all__ = ["create_app", "lifespan"]
+__all__ = ["create_app", "lifespan", "watch"]
 
 log = logging.getLogger("cnnserve.service")
+
+
+async def watch(service: Service) -> None:
+    """Reload every model whose file changes (a new version, a changed or new file), every
+    ``watch_interval`` seconds, once the start-up loading is done: until cancelled."""
+    registry = service.registry
+    while True:
+        await asyncio.sleep(service.settings.watch_interval)
+        if not registry.finished:
+            continue
+        try:
+            changed = await asyncio.to_thread(registry.changed)
+        except OSError as exc:  # the directory went away, or a file while it was read
+            log.error("watching %s: %s", registry.directory, exc)
+            continue
+        for source in changed:
+            try:
+                model = await asyncio.to_thread(registry.reload, source.name, source)
+            except (RuntimeError, KeyError, OSError) as exc:
+                log.error("model %r not reloaded, the version served stays: %s", source.name, exc)
+            else:
+                service.metrics.models_loaded.inc()
+                log.info("watch: model %r now serves version %s", model.name, model.version)
 
 
 @asynccontextmanager
@@ -68,7 +92,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.lanes["predict"].executor,  # the warm-up warms an inference thread
         functools.partial(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc()),
     )
+    watcher = asyncio.ensure_future(watch(service)) if settings.watch else None
     yield
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     try:
         await asyncio.shield(loading)  # a shutdown during loading waits for it to end
     finally:

@@ -123,6 +123,17 @@ class Settings(BaseSettings):
         description="Milliseconds the first request of a batch waits for others: a request "
         "alone waits at most this long.",
     )
+    watch: bool = Field(
+        False,
+        description="Reload a model when its file changes or a new version appears (each "
+        "worker watches the directory); POST /v1/models/{name}/reload does it on demand.",
+    )
+    watch_interval: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds between two looks at the model directory with watch on.",
+    )
     allow_failed: bool = Field(
         False,
         description="Serve the models that loaded when some model file failed, and answer "

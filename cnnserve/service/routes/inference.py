@@ -62,7 +62,7 @@ async def predict(name: ModelName, request: Request, service: ServiceDep, top_k:
     service.metrics.pixels.labels(model.name, "predict").inc(
         result.image_size[0] * result.image_size[1]
     )
-    return _prediction_json(model.name, result, top_k, seconds)
+    return {**_prediction_json(model.name, result, top_k, seconds), "version": model.version}
 
 
 @router.post(
