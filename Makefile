@@ -15,7 +15,7 @@ $(PY):
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cython_ext/*.pyx cython_ext/*.pxd cython_ext/*.pxi cython_ext/*.h)
 
 $(VENV)/.installed: $(PY) $(BUILD_INPUTS)
-	$(PIP) install -e .
+	$(PIP) install -e ".[docs]"
 	touch $@
 
 $(VENV)/.installed-test: $(PY) $(BUILD_INPUTS)

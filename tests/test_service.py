@@ -1048,3 +1048,16 @@ def test_a_detectors_default_class_is_not_background(tmp_path):
         assert int(body["class"]["label"]) in {p["label"] for p in placements}
         blank = c.post(url, content=png(np.zeros((16, 16))), headers=PNG).json()
         assert blank["class"]["label"] != "background"  # even where nothing else is likely
+
+
+@pytest.mark.parametrize(
+    ("path", "asset"), [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")]
+)
+def test_api_docs_are_served_with_their_assets(client, path, asset):
+    page = client.get(path)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'src="/docs-assets/{asset}"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web fonts
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    script = client.get(f"/docs-assets/{asset}")
+    assert script.status_code == 200 and len(script.content) > 100_000

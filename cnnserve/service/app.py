@@ -35,7 +35,7 @@ from cnnserve.service.errors import install_error_handlers
 from cnnserve.service.guards import EncodedSlashGuard
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry, load_one
-from cnnserve.service.routes import activations, health, inference, models, v2
+from cnnserve.service.routes import activations, docs, health, inference, models, v2
 from cnnserve.service.settings import Settings
 
 __all__ = ["create_app", "lifespan", "watch"]
@@ -141,12 +141,16 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             'heatmap picture. Errors are JSON: `{"error": {"code", "message"}}`.'
         ),
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their assets from a CDN: these are served here
+        redoc_url=None,
     )
     app.state.service = Service(settings, registry, metrics)
     install_error_handlers(app)
     app.add_middleware(EncodedSlashGuard)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)  # outermost
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    for routes in (health, models, inference, activations, v2):
+    if docs.ASSETS is not None:
+        app.mount(docs.ASSETS_URL, StaticFiles(directory=str(docs.ASSETS)), name="docs-assets")
+    for routes in (health, docs, models, inference, activations, v2):
         app.include_router(routes.router)
     return app
