@@ -771,8 +771,11 @@ def test_bad_model_files_are_skipped_and_reported(model_dir, tmp_path, fcn):
         body = assert_error(c.get("/readyz"), 503, "not_ready", "2 model file(s) failed to load")
         assert "--allow-failed" in body["error"]["message"]
         assert "broken.safetensors" in body["error"]["message"]
+        v2 = c.get("/v2/health/ready")  # the Open Inference Protocol's readiness too
+        assert v2.status_code == 503 and v2.json() == {"error": body["error"]["message"]}
     with make_client(folder, allow_failed=True) as c:
         wait_ready(c)
+        assert c.get("/v2/health/ready").json() == {"ready": True}
         ready = c.get("/readyz").json()
         assert ready["models"] == ["digits", "digits_fcn"]
         assert set(ready["failed"]) == {"broken", "-bad name"}

@@ -181,3 +181,28 @@ def test_errors_have_the_protocols_form(server):
         with exc:
             assert exc.code == 400
             assert json.load(exc) == {"error": "inputs must be a list of one tensor named 'image'"}
+
+
+def test_a_huge_declared_shape_is_refused_not_wrapped(server):
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [2**40, 2**40, 2**40, 1],
+                    "parameters": {"binary_data_size": 64},
+                }
+            ]
+        }
+    ).encode()
+    req = urllib.request.Request(
+        server + "/v2/models/digits/infer",
+        data=head + bytes(64),
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    with info.value as exc:
+        assert exc.code == 400
+        assert f"needs {2**120} bytes" in json.load(exc)["error"]  # 2**40 cubed, exactly

@@ -86,13 +86,16 @@ def find_sources(directory: Path) -> list[Source]:
     the same stem (the second is then refused as a duplicate name)."""
     sources = []
     for entry in directory.iterdir():
-        if entry.is_file() and entry.suffix in MODEL_SUFFIXES:
-            sources.append(Source.of(entry.stem, "1", entry))
-        elif entry.is_dir():
-            versions = _versions(entry)
-            if versions:
-                version, file = versions[-1]
-                sources.append(Source.of(entry.name, str(version), file))
+        try:
+            if entry.is_file() and entry.suffix in MODEL_SUFFIXES:
+                sources.append(Source.of(entry.stem, "1", entry))
+            elif entry.is_dir():
+                versions = _versions(entry)
+                if versions:
+                    version, file = versions[-1]
+                    sources.append(Source.of(entry.name, str(version), file))
+        except FileNotFoundError:  # removed while the directory was read
+            continue
     return sorted(sources, key=lambda s: (s.name, MODEL_SUFFIXES.index(s.path.suffix)))
 
 
@@ -347,10 +350,13 @@ class ModelRegistry:
         """The sources of the directory whose file differs from the one served (a new
         version, a changed file, a new model), for a watcher. Names that failed at start are
         tried again only when their file changes."""
-        found = []
+        found, seen = [], set()
         for source in find_sources(self.directory):
-            if not _NAME.match(source.name):
-                continue
+            if not _NAME.match(source.name) or source.name in seen:
+                continue  # a second file of one name (x.onnx beside x.safetensors) is not it
+            seen.add(source.name)
+            if self._tried.get(source.name) == source:
+                continue  # tried already (served, or failed: tried again once it changes)
             served = self.models.get(source.name)
             if served is not None:
                 if (served.version, served.file, served.stamp) != (
@@ -396,8 +402,10 @@ class ModelRegistry:
                 source = found[0]
             self._tried[name] = source
             model = self._load(source)  # raises: nothing is replaced
-            self.models[name] = model
-            self.failed.pop(name, None)
+            # New dicts, swapped in one assignment each: a reader on another thread iterates
+            # the old one undisturbed.
+            self.models = {**self.models, name: model}
+            self.failed = {k: v for k, v in self.failed.items() if k != name}
             log.info(
                 "model %r version %s reloaded from %s in %.2f s",
                 name,

@@ -22,7 +22,9 @@ for binary data (``"binary_data": true`` on an output, or ``"binary_data_output"
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -226,7 +228,7 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     ):
         raise _bad(f"input 'image' must have a shape of 4 positive ints, got {shape!r}")
     dtype = _DTYPES[datatype]
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: a huge shape is refused below, not wrapped
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise _bad("an input's parameters must be an object")
@@ -260,6 +262,18 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
         if values.size and (values.min() < 0 or values.max() > 255):
             raise _bad("input 'image' (UINT8): data must be in 0-255")
     return values.astype(dtype).reshape(shape), offset
+
+
+def _parse(body: bytes, header_length: str | None) -> tuple[dict, np.ndarray]:
+    """The JSON part of an inference request and its one input tensor ``image``."""
+    inference, binary = parse_request(body, header_length)
+    inputs = inference.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise _bad("inputs must be a list of one tensor named 'image'")
+    image, used = _tensor(inputs[0], binary, 0)
+    if used != len(binary):
+        raise _bad(f"the body has {len(binary) - used} byte(s) after the last binary tensor")
+    return inference, image
 
 
 def _outputs(request: dict, available: tuple[str, ...]) -> list[tuple[str, bool]]:
@@ -332,13 +346,10 @@ async def _infer(service: Any, request: Request, model: LoadedModel) -> Response
     lane_name = "predict"
     service.lanes[lane_name].check_room()
     body = await read_body(request, settings.max_body_bytes)
-    inference, binary = parse_request(body, request.headers.get(HEADER_LENGTH.lower()))
-    inputs = inference.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
-        raise _bad("inputs must be a list of one tensor named 'image'")
-    image, used = _tensor(inputs[0], binary, 0)
-    if used != len(binary):
-        raise _bad(f"the body has {len(binary) - used} byte(s) after the last binary tensor")
+    # Parsed off the event loop: the JSON of a large tensor takes a while.
+    inference, image = await asyncio.to_thread(
+        _parse, body, request.headers.get(HEADER_LENGTH.lower())
+    )
     if image.dtype == np.uint8:
         N, H, W, channels = image.shape
     else:
