@@ -16,6 +16,9 @@ Cases (``--only TEXT`` keeps the cases whose name contains TEXT):
   weights, made by the child step) with a 32x32 RGB PNG: a model where compute, not HTTP,
   dominates. Run it with ``--serve-args "--max-batch-size 1"`` and without to see what
   dynamic batching gives.
+- ``predict-reload``: ``predict`` at 16 clients while, half-way through the timed phase,
+  ``POST /v1/models/digits/reload`` loads, warms and swaps the model in: its status and time
+  are under the table, and every request of the case still counts in ``errors``.
 - ``scoremap-json`` and ``scoremap-png``: ``POST /v1/models/digits/scoremap?format=json|png``
   (``stride_divisor=1``) with a 512x512 PNG canvas of 10 held-out digits
   (``cnnserve.data.digits_canvas``; a 253x253 map), at 1 and 4 concurrent clients.
@@ -102,6 +105,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CASES = [
     ("predict", "predict", "top_k=5", "digit", (1, 4, 16)),
     ("predict-cifar", "predict", "top_k=5", "cifar", (1, 16)),
+    ("predict-reload", "predict", "top_k=5", "digit", (16,)),
     ("scoremap-json", "scoremap", "format=json&stride_divisor=1", "canvas", (1, 4)),
     ("scoremap-png", "scoremap", "format=png&stride_divisor=1", "canvas", (1, 4)),
 ]
@@ -661,8 +665,17 @@ def run_case(server: Server, case: dict, args: argparse.Namespace) -> dict:
         for w in workers:
             w.stdin.write("go\n")
             w.stdin.flush()
+        reload: dict = {}
+        reloader = None
+        if case["name"] == "predict-reload":
+            reloader = threading.Thread(
+                target=reload_model, args=(server, case, args, reload), daemon=True
+            )
+            reloader.start()
         bound = case["seconds"] + args.timeout + 30
         results = [json.loads(read_line(w, bound)) for w in workers]
+        if reloader is not None:
+            reloader.join(args.timeout)
         cpu1, machine1 = server.cpu(), machine_times()
         for w in workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -674,7 +687,26 @@ def run_case(server: Server, case: dict, args: argparse.Namespace) -> dict:
                 w.wait()
     result = summarise(case, results, procs, cpu0, cpu1, server.memory())
     result["machine"] = machine_share(machine0, machine1)
+    if case["name"] == "predict-reload":
+        result["reload"] = reload or {"status": None, "error": "did not end in time"}
     return result
+
+
+def reload_model(server: Server, case: dict, args: argparse.Namespace, out: dict) -> None:
+    """Half-way through a case's timed phase, ``POST .../reload``: its status, time, answer."""
+    time.sleep(min(case["seconds"] / 2, 2.0))
+    model = case["path"].split("/")[3]
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=args.timeout)
+    try:
+        conn.request("POST", f"/v1/models/{model}/reload")
+        response = conn.getresponse()
+        out.update(status=response.status, body=response.read().decode(errors="replace")[:200])
+    except CONNECTION_ERRORS as exc:
+        out.update(status=None, error=str(exc))
+    finally:
+        conn.close()
+    out["seconds"] = time.monotonic() - started
 
 
 def machine_times() -> list[int] | None:
@@ -1008,7 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         log(f"raw results written to {args.json}")
     failed = any(
-        r["errors"] or r["warmup_errors"] or (r["checked"] or "").startswith("FAILED")
+        r["errors"]
+        or r["warmup_errors"]
+        or (r["checked"] or "").startswith("FAILED")
+        or r.get("reload", {"status": 200})["status"] != 200
         for r in results
     )
     return 1 if failed else 0
@@ -1054,6 +1089,12 @@ def report(args, info, server, server_version, date, memory_ready, memory_end, r
                 others = m["busy_seconds"] - r["server_cpu"] - r["client_cpu"]
                 notes.append(f"other processes {max(others, 0) / r['wall'] * 100:.0f} % of a core")
         notes.append(f"check {r['checked'] or 'not done (no 200 response)'}")
+        if "reload" in r:
+            rl = r["reload"]
+            notes.append(
+                f"reload during the case: status {rl.get('status')} in "
+                f"{rl.get('seconds', 0) * 1e3:.0f} ms, {rl.get('body') or rl.get('error')}"
+            )
         print(f"- {r['case']} x{r['clients']}: " + "; ".join(notes))
         for kind, text in r["samples"].items():
             seen = r["statuses"].get(kind, 0) + r["warmup_statuses"].get(kind, 0)
