@@ -14,6 +14,9 @@ threads of their own, so that large maps never hold up classifications; a reques
 no free slot within ``queue_timeout`` seconds gets a 503 with ``Retry-After``. Request bodies
 are read in chunks and refused with a 413 as soon as they pass ``max_body_bytes``; images are
 refused with a 413 before decoding when they have more than ``max_pixels`` pixels.
+Classifications of ``/predict`` and of the Open Inference Protocol's ``infer`` run in dynamic
+batches (:mod:`cnnserve.service.batching`) when ``max_batch_size`` is over 1; with ``watch``
+on, :func:`watch` reloads a model whose file changes.
 """
 
 from __future__ import annotations
