@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install test serve bench lint clean
+.PHONY: install test serve bench lint clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(PY):
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cython_ext/*.pyx cython_ext/*.pxd cython_ext/*.pxi cython_ext/*.h)
 
 $(VENV)/.installed: $(PY) $(BUILD_INPUTS)
-	$(PIP) install -e .
+	$(PIP) install -e ".[docs]"
 	touch $@
 
 $(VENV)/.installed-test: $(PY) $(BUILD_INPUTS)
@@ -24,7 +24,19 @@ $(VENV)/.installed-test: $(PY) $(BUILD_INPUTS)
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed-test
+# The web page's tests drive headless Chromium through Debian's chromedriver: installed here
+# (apt-get) when they are missing and make runs as root; otherwise one line says what to do.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "make test: the browser tests need Chromium: run 'sudo apt-get install chromium chromium-driver' (Debian), then make test again" >&2; \
+		exit 1; \
+	fi
+
+test: browser $(VENV)/.installed-test
 	$(PY) -m pytest
 
 # The service on the shipped model(s), http://127.0.0.1:8000 (HOST=0.0.0.0 PORT=... to change).

@@ -11,14 +11,23 @@ Cases (``--only TEXT`` keeps the cases whose name contains TEXT):
 - ``predict``: ``POST /v1/models/digits/predict?top_k=5`` with an 8x8 PNG of a held-out digit
   (``--digit``-th image of the test split of ``cnnserve.data.load_dataset("digits")``, split as
   in the shipped model's training record), at 1, 4 and 16 concurrent clients.
+- ``predict-cifar``: the same at 1 and 16 clients on ``cifar``, a CIFAR-sized classifier
+  (3x32x32 input, four 3x3 convs of 32-64 filters, 15 M multiply-adds an image; random
+  weights, made by the child step) with a 32x32 RGB PNG: a model where compute, not HTTP,
+  dominates. Run it with ``--serve-args "--max-batch-size 1"`` and without to see what
+  dynamic batching gives.
+- ``predict-reload``: ``predict`` at 16 clients while, half-way through the timed phase,
+  ``POST /v1/models/digits/reload`` loads, warms and swaps the model in: its status and time
+  are under the table, and every request of the case still counts in ``errors``.
 - ``scoremap-json`` and ``scoremap-png``: ``POST /v1/models/digits/scoremap?format=json|png``
   (``stride_divisor=1``) with a 512x512 PNG canvas of 10 held-out digits
   (``cnnserve.data.digits_canvas``; a 253x253 map), at 1 and 4 concurrent clients.
 
-Bodies are the raw PNG bytes with ``Content-Type: image/png`` (``--multipart``: a
-multipart/form-data body with the field ``file``). The PNGs are written by a child step
-(``--make-images``) that imports cnnserve, NumPy and Pillow; this process imports only the
-standard library.
+The server serves copies of ``models/*.safetensors`` and ``cifar.safetensors`` from a
+temporary directory. Bodies are the raw PNG bytes with ``Content-Type: image/png``
+(``--multipart``: a multipart/form-data body with the field ``file``). The PNGs are written
+by a child step (``--make-images``) that imports cnnserve, NumPy and Pillow; this process
+imports only the standard library.
 
 Clients: each client is a thread with one keep-alive HTTP/1.1 connection
 (``http.client.HTTPConnection``, TCP_NODELAY), sending its next request as soon as the last
@@ -95,6 +104,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # (name, endpoint, query, image, client counts)
 CASES = [
     ("predict", "predict", "top_k=5", "digit", (1, 4, 16)),
+    ("predict-cifar", "predict", "top_k=5", "cifar", (1, 16)),
+    ("predict-reload", "predict", "top_k=5", "digit", (16,)),
     ("scoremap-json", "scoremap", "format=json&stride_divisor=1", "canvas", (1, 4)),
     ("scoremap-png", "scoremap", "format=png&stride_divisor=1", "canvas", (1, 4)),
 ]
@@ -160,6 +171,32 @@ def make_images(folder: str, digit: int) -> int:
     }
     with open(os.path.join(folder, "images.json"), "w") as f:
         json.dump(info, f)
+
+    # The served models: the shipped ones, and a CIFAR-sized one whose compute dominates.
+    from cnnserve.model import ConvNet, save_model
+
+    models = os.path.join(folder, "models")
+    os.mkdir(models)
+    for path in (ROOT / "models").glob("*.safetensors"):
+        with open(path, "rb") as src, open(os.path.join(models, path.name), "wb") as dst:
+            dst.write(src.read())
+    layers = [
+        {"type": "conv", "filters": 32, "size": 3},
+        {"type": "relu"},
+        {"type": "conv", "filters": 32, "size": 3},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2, "stride": 2},
+        {"type": "conv", "filters": 64, "size": 3},
+        {"type": "relu"},
+        {"type": "conv", "filters": 64, "size": 3},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2, "stride": 2},
+        {"type": "affine", "units": 256},
+        {"type": "relu"},
+    ]
+    save_model(ConvNet(layers, (3, 32, 32), 10, seed=0), os.path.join(models, "cifar.safetensors"))
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb, mode="RGB").save(os.path.join(folder, "cifar.png"))
     return 0
 
 
@@ -267,7 +304,7 @@ def check_body(check: str, body: bytes) -> str:
             top1 = doc["predictions"][0]
         except (KeyError, IndexError, TypeError):
             return f"FAILED: no predictions in {body[:200]!r}"
-        ok = top1.get("label") == expected
+        ok = top1.get("label") == expected or not expected  # cifar: random weights
         return (
             f"{'ok' if ok else 'FAILED'}: top-1 {top1.get('label')!r} "
             f"(p={top1.get('probability')}), true label {expected!r}"
@@ -502,7 +539,7 @@ class Server:
         self.command = [
             *serve_command(),
             "--models",
-            str(ROOT / "models"),
+            os.path.join(tmp, "models"),
             "--host",
             self.host,
             "--port",
@@ -628,8 +665,17 @@ def run_case(server: Server, case: dict, args: argparse.Namespace) -> dict:
         for w in workers:
             w.stdin.write("go\n")
             w.stdin.flush()
+        reload: dict = {}
+        reloader = None
+        if case["name"] == "predict-reload":
+            reloader = threading.Thread(
+                target=reload_model, args=(server, case, args, reload), daemon=True
+            )
+            reloader.start()
         bound = case["seconds"] + args.timeout + 30
         results = [json.loads(read_line(w, bound)) for w in workers]
+        if reloader is not None:
+            reloader.join(args.timeout)
         cpu1, machine1 = server.cpu(), machine_times()
         for w in workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -641,7 +687,26 @@ def run_case(server: Server, case: dict, args: argparse.Namespace) -> dict:
                 w.wait()
     result = summarise(case, results, procs, cpu0, cpu1, server.memory())
     result["machine"] = machine_share(machine0, machine1)
+    if case["name"] == "predict-reload":
+        result["reload"] = reload or {"status": None, "error": "did not end in time"}
     return result
+
+
+def reload_model(server: Server, case: dict, args: argparse.Namespace, out: dict) -> None:
+    """Half-way through a case's timed phase, ``POST .../reload``: its status, time, answer."""
+    time.sleep(min(case["seconds"] / 2, 2.0))
+    model = case["path"].split("/")[3]
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=args.timeout)
+    try:
+        conn.request("POST", f"/v1/models/{model}/reload")
+        response = conn.getresponse()
+        out.update(status=response.status, body=response.read().decode(errors="replace")[:200])
+    except CONNECTION_ERRORS as exc:
+        out.update(status=None, error=str(exc))
+    finally:
+        conn.close()
+    out["seconds"] = time.monotonic() - started
 
 
 def machine_times() -> list[int] | None:
@@ -829,8 +894,9 @@ def build_cases(args: argparse.Namespace, images: dict[str, str], info: dict) ->
             body_file = images[image] + ".multipart"
             with open(body_file, "wb") as f:
                 f.write(data)
+        model = "cifar" if image == "cifar" else args.model
         if endpoint == "predict":
-            check = f"predict:{info['digit_label']}"
+            check = f"predict:{info['digit_label'] if image == 'digit' else ''}"
         else:
             check = "png" if "format=png" in query else "json"
         for clients in counts:
@@ -838,7 +904,7 @@ def build_cases(args: argparse.Namespace, images: dict[str, str], info: dict) ->
                 {
                     "name": name,
                     "clients": clients,
-                    "path": f"/v1/models/{args.model}/{endpoint}?{query}",
+                    "path": f"/v1/models/{model}/{endpoint}?{query}",
                     "body_file": body_file,
                     "body_bytes": len(data),
                     "content_type": content_type,
@@ -916,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         images = {
             "digit": os.path.join(tmp, "digit.png"),
             "canvas": os.path.join(tmp, "canvas.png"),
+            "cifar": os.path.join(tmp, "cifar.png"),
         }
         cases = build_cases(args, images, info)
 
@@ -973,7 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         log(f"raw results written to {args.json}")
     failed = any(
-        r["errors"] or r["warmup_errors"] or (r["checked"] or "").startswith("FAILED")
+        r["errors"]
+        or r["warmup_errors"]
+        or (r["checked"] or "").startswith("FAILED")
+        or r.get("reload", {"status": 200})["status"] != 200
         for r in results
     )
     return 1 if failed else 0
@@ -1019,6 +1089,12 @@ def report(args, info, server, server_version, date, memory_ready, memory_end, r
                 others = m["busy_seconds"] - r["server_cpu"] - r["client_cpu"]
                 notes.append(f"other processes {max(others, 0) / r['wall'] * 100:.0f} % of a core")
         notes.append(f"check {r['checked'] or 'not done (no 200 response)'}")
+        if "reload" in r:
+            rl = r["reload"]
+            notes.append(
+                f"reload during the case: status {rl.get('status')} in "
+                f"{rl.get('seconds', 0) * 1e3:.0f} ms, {rl.get('body') or rl.get('error')}"
+            )
         print(f"- {r['case']} x{r['clients']}: " + "; ".join(notes))
         for kind, text in r["samples"].items():
             seen = r["statuses"].get(kind, 0) + r["warmup_statuses"].get(kind, 0)

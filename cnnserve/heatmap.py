@@ -38,6 +38,7 @@ from cnnserve._files import atomic_write_bytes
 __all__ = [
     "CMAPS",
     "MAX_PICTURE_PIXELS",
+    "MAX_ZOOM",
     "add_legend",
     "check_picture_size",
     "colorize",
@@ -83,6 +84,8 @@ _ANCHORS: dict[str, tuple[str, ...]] = {
 CMAPS = tuple(_ANCHORS)
 #: The largest picture heatmap_image draws (width x height after the zoom): 384 MiB of RGB.
 MAX_PICTURE_PIXELS = 2**27
+#: The largest enlargement of a picture (each pixel a 64 x 64 square): 8 x 8 -> 512 x 512.
+MAX_ZOOM = 64
 
 _LUT_SIZE = 256
 # Rows of a block: about this many bytes per float32 row-block temporary.
@@ -471,7 +474,8 @@ def overlay(
 
 def check_picture_size(height: int, width: int, zoom: int = 1, *, name: str = "zoom") -> None:
     """Refuse a picture of an image enlarged ``zoom`` times with more than
-    ``MAX_PICTURE_PIXELS`` pixels: the one limit of the CLI, the service and the library.
+    ``MAX_PICTURE_PIXELS`` pixels, or a ``zoom`` over ``MAX_ZOOM``: the one set of limits of
+    the CLI, the service and the library.
 
     Raises
     ------
@@ -483,6 +487,8 @@ def check_picture_size(height: int, width: int, zoom: int = 1, *, name: str = "z
             f"{name} {zoom} would make a {width * zoom}x{height * zoom} picture, more than "
             f"{MAX_PICTURE_PIXELS:,} pixels"
         )
+    if zoom > MAX_ZOOM:
+        raise ValueError(f"{name} must be at most {MAX_ZOOM}, got {zoom}")
 
 
 def montage(panels: list[Image.Image], columns: int, gap: int = 4) -> Image.Image:

@@ -20,7 +20,7 @@ from cnnserve.convert import FullyConvNet, as_fully_convolutional
 from cnnserve.images import as_image, resize
 from cnnserve.network import ConvNet
 
-__all__ = ["Prediction", "predict", "ranked"]
+__all__ = ["Prediction", "network_input", "predict", "prediction", "ranked"]
 
 
 def ranked(probabilities: np.ndarray, k: int, class_names: Sequence[str]) -> list[dict]:
@@ -114,6 +114,31 @@ def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Pr
     ``(C, H, W)`` -> ``probabilities`` of shape ``(K,)``.
     """
     fcn = as_fully_convolutional(model)
+    x, size, resized = network_input(fcn, image)
+    scores = fcn.forward(x)[0, :, 0, 0]  # (K,)
+    return prediction(fcn, scores, size, resized)
+
+
+def network_input(
+    fcn: FullyConvNet, image: Any
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int] | None]:
+    """The network's input for one image, as :func:`predict` makes it: ``(x, size, resized)``.
+
+    Parameters
+    ----------
+    fcn : FullyConvNet
+    image : ndarray
+        As for :func:`predict`.
+
+    Returns
+    -------
+    x : ndarray, shape (1, C, Th, Tw)
+        The image resized to the training size (when it differs) and preprocessed.
+    size : tuple of int
+        ``(H, W)`` of the image as given.
+    resized : tuple of int or None
+        ``(Th, Tw)`` when the image was resized, else None.
+    """
     pixels = as_image(image, fcn.input_shape[0])  # (C, H, W) float32 in [0, 1]
     size = (pixels.shape[1], pixels.shape[2])
     target = fcn.geometry.window  # the training size (Th, Tw)
@@ -121,8 +146,18 @@ def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Pr
     if size != tuple(target):
         pixels = resize(pixels, *target)
         resized = (int(target[0]), int(target[1]))
-    scores = fcn.forward(fcn.preprocess(pixels[None]))[0, :, 0, 0].astype(np.float64)  # (K,)
-    scores -= scores.max()
+    return fcn.preprocess(pixels[None]), size, resized
+
+
+def prediction(
+    fcn: FullyConvNet,
+    scores: np.ndarray,
+    size: tuple[int, int],
+    resized: tuple[int, int] | None,
+) -> Prediction:
+    """The :class:`Prediction` of one image from the network's scores ``(K,)`` on it."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores - scores.max()
     probabilities = np.exp(scores)
     probabilities /= probabilities.sum()
     return Prediction(probabilities, fcn.class_names, size, resized)

@@ -6,7 +6,11 @@ uvicorn serves it with the service's own HTTP protocol class, as ``cnnserve serv
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -78,3 +82,43 @@ def live_server(models: Path, **settings) -> Iterator[str]:
         thread.join(timeout=30)
         sock.close()
     assert not thread.is_alive(), "the server thread did not stop"
+
+
+@contextlib.contextmanager
+def server_process(models: Path, log: Path, *flags: str) -> Iterator[str]:
+    """``cnnserve serve`` as a process on a free port of 127.0.0.1, until the block ends.
+
+    Yields the base URL once ``/readyz`` answers 200; stops the process with SIGINT.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNNSERVE_", "PROMETHEUS_"))}
+    argv = [sys.executable, "-m", "cnnserve", "serve", "--models", str(models)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*argv, "--port", str(port), "--log-level", "warning", *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                assert proc.poll() is None, f"the server exited: {log.read_text()}"
+                try:
+                    if http_get(f"{base}/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, f"not ready: {log.read_text()}"
+                time.sleep(0.1)
+            yield base
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

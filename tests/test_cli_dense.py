@@ -214,6 +214,22 @@ def test_scoremap_refuses_bad_options_before_any_work_and_writes_nothing(canvas,
     assert sorted(tmp_path.iterdir()) == []  # no JSON written before the PNG failed
 
 
+def test_scoremap_zoom_has_the_services_limit(tmp_path, capsys):
+    """An 8 x 8 image at --zoom 1000 would fit the picture limit; the zoom limit refuses it."""
+    from cnnserve.heatmap import MAX_ZOOM
+
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    base = ["scoremap", str(MODEL), str(image), "--quiet", "--png", str(tmp_path / "h.png")]
+    assert main([*base, "--zoom", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert f"--zoom must be at most {MAX_ZOOM}, got 1000" in err and err.count("\n") == 1
+    assert not (tmp_path / "h.png").exists()
+    assert main([*base, "--zoom", str(MAX_ZOOM)]) == 0
+    with Image.open(tmp_path / "h.png") as picture:
+        assert picture.width >= 8 * MAX_ZOOM
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -130,6 +130,51 @@ def test_serve_flags_are_checked_by_argparse(capsys):
     assert "must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "99999"], "argument --port: must be 0 to 65535, got 99999"),
+        (["--port", "-1"], "argument --port: must be 0 to 65535, got -1"),
+        (["--max-connections", "0"], "argument --max-connections: must be >= 1, got 0"),
+    ],
+)
+def test_serve_refuses_bad_flags_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--models", str(MODEL.parent), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--queue-timeout", "nan"], "CNNSERVE_QUEUE_TIMEOUT: Input should be a finite number"),
+        (["--header-timeout", "inf"], "CNNSERVE_HEADER_TIMEOUT: Input should be a finite number"),
+        (["--max-waiting", "-1"], "CNNSERVE_MAX_WAITING: Input should be greater than or equal"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is not an address"),
+        (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:"),  # TEST-NET: no interface
+    ],
+)
+def test_serve_refuses_bad_settings_and_addresses_before_serving(flags, message, capsys):
+    assert main(["serve", "--models", str(MODEL.parent), *flags]) == 2
+    out, err = capsys.readouterr()
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "serving" not in out  # refused before it says it serves
+
+
+def test_serve_refuses_a_port_in_use(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--models", str(MODEL.parent), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "serving" not in out
+
+
 # ---------------------------------------------------------------------------------------------
 # The service as a real process
 # ---------------------------------------------------------------------------------------------

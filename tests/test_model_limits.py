@@ -115,8 +115,14 @@ def wait_loaded(client: TestClient) -> dict:
     while not registry.finished:
         assert time.monotonic() < deadline, "loading did not finish"
         time.sleep(0.02)
-    if registry.models:
-        assert client.get("/readyz").json()["failed"] == registry.failed
+    ready = client.get("/readyz")
+    if registry.failed:  # not ready: the reasons are in the 503
+        assert ready.status_code == 503
+        assert all(
+            reason in ready.json()["error"]["message"] for reason in registry.failed.values()
+        )
+    else:
+        assert ready.json()["failed"] == {}
     return {"models": sorted(registry.models), "failed": registry.failed}
 
 

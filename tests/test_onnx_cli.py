@@ -205,7 +205,7 @@ def test_service_applies_the_model_size_limits_to_onnx_files(tmp_path):
     folder.mkdir()
     shutil.copy(DATA / "lenet.onnx", folder / "lenet.onnx")
     shutil.copy(DATA / "fc357.onnx", folder / "small.onnx")
-    settings = Settings(models=folder, warmup=False, max_model_params=20_000)
+    settings = Settings(models=folder, warmup=False, max_model_params=20_000, allow_failed=True)
     with TestClient(create_app(settings)) as client:
         ready = wait_ready(client)
     assert ready["models"] == ["small"]
@@ -223,7 +223,8 @@ def test_service_serves_onnx_files_and_lists_refused_ones_as_failed(tmp_path):
     for k, (_case, make, message) in enumerate(REFUSALS):
         (folder / f"bad{k}.onnx").write_bytes(make())
         refused[f"bad{k}"] = message
-    with TestClient(create_app(Settings(models=folder, warmup=False))) as client:
+    settings = Settings(models=folder, warmup=False, allow_failed=True)  # list the failures
+    with TestClient(create_app(settings)) as client:
         ready = wait_ready(client)
         assert ready["models"] == ["digits", "lenet"]
         assert set(ready["failed"]) == {*refused, "digits.onnx"}

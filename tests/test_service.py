@@ -26,8 +26,8 @@ from cnnserve.data import digits_canvas
 from cnnserve.dense import score_map
 from cnnserve.predict import predict
 from cnnserve.service import Settings, create_app
+from cnnserve.service import deps as deps_module
 from cnnserve.service.registry import ModelDirectoryError, ModelRegistry, load_one
-from cnnserve.service.routes import inference as inference_module
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
 
@@ -135,6 +135,7 @@ def test_models_list(client, fcn):
     assert models == [
         {
             "name": "digits",
+            "version": "1",
             "input_shape": [1, 8, 8],
             "num_classes": 10,
             "classes": [str(k) for k in range(10)],
@@ -530,8 +531,18 @@ def test_zoom_beyond_the_picture_limit_is_422(model_dir):
         assert_error(r, 422, "invalid_parameter", "zoom 8 would make a 32768x16384 picture")
 
 
+def test_zoom_limit_is_the_clis(client):
+    from cnnserve.heatmap import MAX_ZOOM
+
+    url = "/v1/models/digits/scoremap?format=png&zoom="
+    image = png(np.zeros((8, 8), np.uint8))
+    assert client.post(url + str(MAX_ZOOM), content=image, headers=PNG).status_code == 200
+    r = client.post(url + str(MAX_ZOOM + 1), content=image, headers=PNG)
+    assert_error(r, 422, "invalid_parameter", f"less than or equal to {MAX_ZOOM}")
+
+
 def test_unknown_routes_and_methods(client):
-    assert_error(client.get("/v2/anything"), 404, "not_found", "no such endpoint: GET /v2/anything")
+    assert_error(client.get("/v3/anything"), 404, "not_found", "no such endpoint: GET /v3/anything")
     assert_error(
         client.get("/v1/models/digits/predict"), 405, "method_not_allowed", "GET is not allowed"
     )
@@ -755,8 +766,16 @@ def test_bad_model_files_are_skipped_and_reported(model_dir, tmp_path, fcn):
     (folder / "notes.txt").write_text("not a model")  # not a model file: ignored
     (folder / "-bad name.safetensors").write_bytes(MODEL.read_bytes())
     save_fully_convolutional(fcn, folder / "digits_fcn.safetensors")  # converted files load too
-    with make_client(folder) as c:
+    with make_client(folder) as c:  # by default, a failed model means not ready
+        assert c.app.state.service.registry.wait(60)
+        body = assert_error(c.get("/readyz"), 503, "not_ready", "2 model file(s) failed to load")
+        assert "--allow-failed" in body["error"]["message"]
+        assert "broken.safetensors" in body["error"]["message"]
+        v2 = c.get("/v2/health/ready")  # the Open Inference Protocol's readiness too
+        assert v2.status_code == 503 and v2.json() == {"error": body["error"]["message"]}
+    with make_client(folder, allow_failed=True) as c:
         wait_ready(c)
+        assert c.get("/v2/health/ready").json() == {"ready": True}
         ready = c.get("/readyz").json()
         assert ready["models"] == ["digits", "digits_fcn"]
         assert set(ready["failed"]) == {"broken", "-bad name"}
@@ -854,7 +873,7 @@ def one_predict_held(client: TestClient, monkeypatch, image: bytes) -> Iterator[
     """A /predict whose inference waits, in a thread, for the block to end; yields the list of
     inferences started (the held one first), then checks that the held one answered 200."""
     entered, release = threading.Event(), threading.Event()
-    real = inference_module.classify
+    real = deps_module.class_scores
     calls: list = []
 
     def held(*args, **kwargs):
@@ -863,7 +882,7 @@ def one_predict_held(client: TestClient, monkeypatch, image: bytes) -> Iterator[
         assert release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference_module, "classify", held)
+    monkeypatch.setattr(deps_module, "class_scores", held)
     first: dict = {}
     url = "/v1/models/digits/predict"
     thread = threading.Thread(
@@ -1032,3 +1051,16 @@ def test_a_detectors_default_class_is_not_background(tmp_path):
         assert int(body["class"]["label"]) in {p["label"] for p in placements}
         blank = c.post(url, content=png(np.zeros((16, 16))), headers=PNG).json()
         assert blank["class"]["label"] != "background"  # even where nothing else is likely
+
+
+@pytest.mark.parametrize(
+    ("path", "asset"), [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")]
+)
+def test_api_docs_are_served_with_their_assets(client, path, asset):
+    page = client.get(path)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'src="/docs-assets/{asset}"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web fonts
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    script = client.get(f"/docs-assets/{asset}")
+    assert script.status_code == 200 and len(script.content) > 100_000

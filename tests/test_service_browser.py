@@ -335,3 +335,39 @@ def test_index_and_assets_are_served(server):
         assert status == 200 and body, asset
     status, body = http_get(f"{server}/v1/models")
     assert status == 200 and json.loads(body)["models"][0]["name"] == "digits"
+
+
+@pytest.mark.parametrize(
+    ("path", "selector"),
+    [
+        ("/docs", ".opblock-summary-path"),  # Swagger UI: one row per operation
+        ("/redoc", "[data-section-id^='operation/'] h2"),  # ReDoc: one section per operation
+    ],
+)
+def test_api_docs_render_the_endpoints_with_no_internet(server, driver, path, selector):
+    """The docs' assets come from the app itself: every URL the page loads is the server's."""
+    driver.get_log("browser")
+    driver.get(f"{server}{path}")
+
+    def rendered(b):
+        return [
+            e.text or e.get_attribute("textContent")
+            for e in b.find_elements(By.CSS_SELECTOR, selector)
+        ]
+
+    WebDriverWait(driver, RENDER_TIMEOUT, poll_frequency=0.2).until(
+        lambda b: len(rendered(b)) >= 7, message=f"{path} did not render the endpoints"
+    )
+    text = " ".join(rendered(driver)) + driver.find_element(By.TAG_NAME, "body").text
+    assert "/v1/models/{name}/predict" in text or "The top-k classes" in text, text[:500]
+    entries = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus])"
+    )
+    fetched = [url for url, status in entries if status]
+    assert fetched and all(url.startswith(server) for url in fetched), entries
+    # Nothing else was fetched: ReDoc's logo from its CDN is refused by the page's policy
+    # (ReDoc then hides it), and no script, style or font comes from elsewhere.
+    refused = [url for url, status in entries if not status]
+    assert refused in ([], ["https://cdn.redoc.ly/redoc/logo-mini.svg"]), entries
+    severe = [m for m in _severe_console_messages(driver) if "logo-mini.svg" not in m]
+    assert not severe, severe

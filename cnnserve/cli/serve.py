@@ -11,6 +11,7 @@ from typing import Any
 from cnnserve.cli._common import (
     CommandError,
     add_model_limits,
+    int_in_range,
     positive_int,
 )
 
@@ -31,7 +32,33 @@ _SERVE_SETTINGS = (
     "max_model_pixels",
     "max_model_params",
     "warmup",
+    "allow_failed",
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "watch",
+    "watch_interval",
 )
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on, before anything starts.
+
+    Binds a socket to ``(host, port)`` the way uvicorn will (``SO_REUSEADDR``) and closes it:
+    a host that does not resolve, an address of no interface here, or a port in use.
+    """
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise CommandError(f"--host {host!r} is not an address of this machine: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _log_config(base: dict, level: str) -> dict:
@@ -68,10 +95,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         raise CommandError(f"bad settings: {problems}") from None
     try:
-        files = ModelRegistry(settings.models).discover()
+        registry = ModelRegistry(settings.models)
+        registry.discover()
     except ModelDirectoryError as exc:
         raise CommandError(str(exc)) from None
-    names = ", ".join(p.stem for p in files)
+    check_listen(args.host, args.port)
+    names = ", ".join(sorted({source.name for source in registry.sources}))
     print(
         f"cnnserve {__version__}: serving {names} from "
         f"{settings.models.resolve()} on http://{args.host}:{args.port} ({args.workers} "
@@ -112,7 +141,9 @@ def add_serve(commands: Any) -> None:
         help="directory of .safetensors (and .onnx) model files (default models)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--port", type=int_in_range(0, 65535), default=8000, help="0 to 65535 (default 8000)"
+    )
     serve.add_argument(
         "--workers", type=positive_int, default=1, help="uvicorn worker processes (default 1)"
     )
@@ -169,6 +200,35 @@ def add_serve(commands: Any) -> None:
         action="store_const",
         const=False,
         help="skip running each model once before /readyz",
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        help="most classifications run as one batch; 1 turns batching off (default 32)",
+    )
+    serve.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        help="milliseconds a lone request waits for others to batch with (default 2)",
+    )
+    serve.add_argument(
+        "--watch",
+        action="store_const",
+        const=True,
+        help="reload a model when its file changes or a new version directory appears",
+    )
+    serve.add_argument(
+        "--watch-interval",
+        type=float,
+        help="seconds between two looks at the model directory with --watch (default 2)",
+    )
+    serve.add_argument(
+        "--allow-failed",
+        dest="allow_failed",
+        action="store_const",
+        const=True,
+        help="serve the models that loaded when some model file failed, and answer /readyz "
+        "200 (default: /readyz answers 503 with the reasons)",
     )
     serve.add_argument(
         "--log-level",

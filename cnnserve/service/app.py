@@ -14,11 +14,15 @@ threads of their own, so that large maps never hold up classifications; a reques
 no free slot within ``queue_timeout`` seconds gets a 503 with ``Retry-After``. Request bodies
 are read in chunks and refused with a 413 as soon as they pass ``max_body_bytes``; images are
 refused with a 413 before decoding when they have more than ``max_pixels`` pixels.
+Classifications of ``/predict`` and of the Open Inference Protocol's ``infer`` run in dynamic
+batches (:mod:`cnnserve.service.batching`) when ``max_batch_size`` is over 1; with ``watch``
+on, :func:`watch` reloads a model whose file changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
@@ -28,17 +32,41 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from cnnserve import __version__
+from cnnserve.service.batching import Batcher
 from cnnserve.service.deps import STATIC, Lane, Service
 from cnnserve.service.errors import install_error_handlers
 from cnnserve.service.guards import EncodedSlashGuard
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry, load_one
-from cnnserve.service.routes import activations, health, inference, models
+from cnnserve.service.routes import activations, docs, health, inference, models, v2
 from cnnserve.service.settings import Settings
 
-__all__ = ["create_app", "lifespan"]
+__all__ = ["create_app", "lifespan", "watch"]
 
 log = logging.getLogger("cnnserve.service")
+
+
+async def watch(service: Service) -> None:
+    """Reload every model whose file changes (a new version, a changed or new file), every
+    ``watch_interval`` seconds, once the start-up loading is done: until cancelled."""
+    registry = service.registry
+    while True:
+        await asyncio.sleep(service.settings.watch_interval)
+        if not registry.finished:
+            continue
+        try:
+            changed = await asyncio.to_thread(registry.changed)
+        except OSError as exc:  # the directory went away, or a file while it was read
+            log.error("watching %s: %s", registry.directory, exc)
+            continue
+        for source in changed:
+            try:
+                model = await asyncio.to_thread(registry.reload, source.name, source)
+            except (RuntimeError, KeyError, OSError) as exc:
+                log.error("model %r not reloaded, the version served stays: %s", source.name, exc)
+            else:
+                service.metrics.models_loaded.inc()
+                log.info("watch: model %r now serves version %s", model.name, model.version)
 
 
 @asynccontextmanager
@@ -58,12 +86,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry, settings, metrics = service.registry, service.settings, service.metrics
     registry.discover()  # a missing or empty directory stops the start-up here
     service.lanes = {name: Lane(name, settings, metrics) for name in ("predict", "scoremap")}
+    if settings.max_batch_size > 1:
+        service.batcher = Batcher(
+            service.lanes["predict"], settings.max_batch_size, settings.max_batch_delay_ms / 1e3
+        )
     log.info("loading %d model file(s) from %s", len(registry.files), registry.directory.resolve())
     loading = asyncio.get_running_loop().run_in_executor(
         service.lanes["predict"].executor,  # the warm-up warms an inference thread
         functools.partial(registry.load_all, on_loaded=lambda _: metrics.models_loaded.inc()),
     )
+    watcher = asyncio.ensure_future(watch(service)) if settings.watch else None
     yield
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     try:
         await asyncio.shield(loading)  # a shutdown during loading waits for it to end
     finally:
@@ -107,12 +144,16 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
             'heatmap picture. Errors are JSON: `{"error": {"code", "message"}}`.'
         ),
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their assets from a CDN: these are served here
+        redoc_url=None,
     )
     app.state.service = Service(settings, registry, metrics)
     install_error_handlers(app)
     app.add_middleware(EncodedSlashGuard)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)  # outermost
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    for routes in (health, models, inference, activations):
+    if docs.ASSETS is not None:
+        app.mount(docs.ASSETS_URL, StaticFiles(directory=str(docs.ASSETS)), name="docs-assets")
+    for routes in (health, docs, models, inference, activations, v2):
         app.include_router(routes.router)
     return app

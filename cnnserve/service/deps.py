@@ -26,6 +26,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 
 from cnnserve.images import ImageError, ImageTooLargeError, read_image
+from cnnserve.predict import network_input, prediction
 from cnnserve.service.errors import ServiceError
 from cnnserve.service.metrics import Metrics
 from cnnserve.service.registry import LoadedModel, ModelRegistry
@@ -43,6 +44,7 @@ __all__ = [
     "Service",
     "ServiceDep",
     "TopK",
+    "class_scores",
     "decode_image",
     "get_service",
     "image_bytes",
@@ -274,6 +276,12 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def class_scores(fcn: Any, x: np.ndarray) -> np.ndarray:
+    """The network's class scores ``(N, K)`` float32 of preprocessed inputs ``(N, C, Th, Tw)``:
+    the one call of every classification of the service (batched or not)."""
+    return fcn.forward(x)[:, :, 0, 0].astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # The service's state
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +345,7 @@ class Lane:
         finally:
             self.admitted -= 1
 
-    async def _acquire(self, request: Request) -> None:
+    async def _acquire(self, request: Request | None, abandon: Any = None) -> None:
         """A slot, waiting up to ``queue_timeout`` while watching the client's connection.
 
         Raises
@@ -353,7 +361,11 @@ class Lane:
             return
         acquiring = asyncio.ensure_future(slots.acquire())
         # The body is in: the connection's next message is its end, when the client leaves.
-        gone = asyncio.ensure_future(_disconnected(request))
+        # A batch of several requests (request None) waits for ``abandon`` instead: done
+        # when every request of the batch has left.
+        gone = asyncio.ensure_future(
+            _disconnected(request) if request is not None else asyncio.shield(abandon)
+        )
         try:
             done, _ = await asyncio.wait(
                 {acquiring, gone}, timeout=s.queue_timeout, return_when=asyncio.FIRST_COMPLETED
@@ -377,19 +389,28 @@ class Lane:
             f"all {s.max_concurrency} {self.endpoint} slots stayed busy for {s.queue_timeout:g} s"
         )
 
-    async def run(self, request: Request, model: LoadedModel, work: Any) -> Any:
+    async def run(
+        self,
+        request: Request | None,
+        model: LoadedModel,
+        work: Any,
+        images: int = 1,
+        abandon: asyncio.Future | None = None,
+    ) -> Any:
         """``work()`` on one of the lane's threads, once a slot is free: ``(result, seconds)``.
 
         Waits up to ``queue_timeout`` for a slot (then a 503), watching the connection: a
         request whose client leaves while it waits is dropped at once and never runs. The
         slot is held until the thread has finished, even if the request is cancelled
-        meanwhile, so that slots never outnumber busy threads.
+        meanwhile, so that slots never outnumber busy threads. ``request`` is None for a
+        batch of several requests' ``images`` (see :mod:`cnnserve.service.batching`), which
+        stops waiting when ``abandon`` is done.
         """
         m, slots = self.metrics, self.slots
         waiting = m.waiting.labels(self.endpoint)
         waiting.inc()
         try:
-            await self._acquire(request)
+            await self._acquire(request, abandon if abandon is not None else asyncio.Future())
         finally:
             waiting.dec()
         running = m.in_progress.labels(self.endpoint)
@@ -407,7 +428,7 @@ class Lane:
         future.add_done_callback(done)
         result, seconds = await asyncio.shield(future)
         m.inference.labels(model.name, self.endpoint).observe(seconds)
-        m.images.labels(model.name, self.endpoint).inc()
+        m.images.labels(model.name, self.endpoint).inc(images)
         return result, seconds
 
 
@@ -426,6 +447,77 @@ class Service:
         self.registry = registry
         self.metrics = metrics
         self.lanes: dict[str, Lane] = {}  # made in the lifespan, on its event loop
+        self.batcher: Any = None  # a Batcher when batching is on (max_batch_size > 1)
+
+    async def classify(self, request: Request, model: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """The class scores ``(N, K)`` float32 of preprocessed inputs ``x`` ``(N, C, Th, Tw)``.
+
+        Admitted to the ``predict`` lane; run in a batch with other requests' inputs when
+        batching is on (:mod:`cnnserve.service.batching`), else alone.
+        """
+        with self.lanes["predict"].admit():
+            return await self._scores(request, model, x)
+
+    async def predict(self, request: Request, model: LoadedModel, data: bytes) -> Any:
+        """The :class:`~cnnserve.predict.Prediction` of an encoded image, and its seconds.
+
+        Admitted to the ``predict`` lane, decoded and preprocessed off the event loop, then
+        classified (in a batch when batching is on).
+        """
+        with self.lanes["predict"].admit():
+            started = time.perf_counter()
+
+            def prepare() -> Any:
+                pixels = decode_image(data, model, self.settings.max_pixels)
+                return network_input(model.fcn, pixels)
+
+            x, size, resized = await asyncio.to_thread(prepare)
+            scores = await self._scores(request, model, x)
+            return prediction(model.fcn, scores[0], size, resized), time.perf_counter() - started
+
+    async def _scores(self, request: Request, model: LoadedModel, x: np.ndarray) -> np.ndarray:
+        if self.batcher is None:
+            scores, _ = await self.lanes["predict"].run(
+                request, model, lambda: class_scores(model.fcn, x), images=len(x)
+            )
+            return scores
+        answer = self.batcher.submit(model, x)
+        gone = asyncio.ensure_future(_disconnected(request))  # the body is in: its end
+        try:
+            done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():  # the client left, or this request was cancelled
+                answer.cancel()  # a batch that has not started leaves its inputs out
+        if answer in done:
+            return answer.result()
+        raise ClientDisconnect()
+
+    def check_ready(self) -> None:
+        """Nothing when every model file is loaded; else the 503 of ``/readyz``.
+
+        Loading, no model loaded, or a model file that failed (unless ``allow_failed``):
+        each a 503 that says why.
+        """
+        registry = self.registry
+        if not registry.finished:
+            done = len(registry.models) + len(registry.failed)
+            raise ServiceError(
+                503,
+                "not_ready",
+                f"loading models ({done} of {len(registry.files)} done)",
+                {"Retry-After": "1"},
+            )
+        failures = "; ".join(registry.failed.values())
+        if not registry.models:
+            raise ServiceError(503, "not_ready", f"no model could be loaded: {failures}")
+        if registry.failed and not self.settings.allow_failed:
+            raise ServiceError(
+                503,
+                "not_ready",
+                f"{len(registry.failed)} model file(s) failed to load (start with "
+                f"--allow-failed to serve the others): {failures}",
+            )
 
     def require_ready(self) -> None:
         """Nothing once every model file has been tried; before that, a 503."""

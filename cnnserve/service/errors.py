@@ -7,7 +7,8 @@ method); all three answer in the same JSON form (and the HTTP parser's own 400s 
 the service: it is logged in one line and counted as status 499 (or 408 / 400 when the
 server closed the connection of a body that came too slowly, or malformed). Anything else
 is a bug: it is logged with its traceback and answered with a JSON 500 that gives nothing
-away.
+away. Under ``/v2`` (the Open Inference Protocol) errors take that protocol's form,
+``{"error": "message"}``, with the same status codes.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def error_response(
     )
 
 
+def _error(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The error in the form of the request's API: the Open Inference Protocol's
+    ``{"error": "..."}`` under ``/v2``, else ``{"error": {"code", "message"}}``."""
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(status, code, message, headers)
+
+
 def _location(loc: tuple) -> str:
     """``("query", "top_k")`` -> ``"top_k"``; body and path parts keep their prefix."""
     parts = [str(p) for p in loc]
@@ -73,7 +84,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return _error(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
             value = err.get("input")
             shown = f" (got {value!r})" if value is not None and len(repr(value)) <= 60 else ""
             problems.append(f"{_location(tuple(err.get('loc', ())))}: {err.get('msg')}{shown}")
-        return error_response(422, "invalid_parameter", "; ".join(problems))
+        return _error(request, 422, "invalid_parameter", "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -92,7 +103,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        return _error(request, exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -107,4 +118,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "an unexpected error; see the server log")
+        return _error(request, 500, "internal_error", "an unexpected error; see the server log")

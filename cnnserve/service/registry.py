@@ -1,8 +1,14 @@
 """The models a service instance serves: found in one directory, loaded, converted, warmed up.
 
-A model's name is its file's stem (``models/digits.safetensors`` is ``digits``). Requests name
-models only by these names, looked up in :attr:`ModelRegistry.models`: no part of a request
-ever becomes a path.
+A model is a file of the directory, its name the file's stem (``models/digits.safetensors``
+is ``digits``, version 1), or a directory of numbered versions in Triton's layout
+(``models/digits/2/model.safetensors`` or ``model.onnx``), of which the highest is served.
+Requests name models only by these names, looked up in :attr:`ModelRegistry.models`: no part
+of a request ever becomes a path.
+
+:meth:`ModelRegistry.reload` loads and warms a model's current file next to the version being
+served, then swaps: requests that already hold the old version finish with it, and a file that
+fails to load never replaces a working version.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from cnnserve.network import ConvNet
 from cnnserve.predict import predict
 from cnnserve.specs import tensor_shapes
 
-__all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "load_one"]
+__all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "Source", "load_one"]
 
 log = logging.getLogger("cnnserve.service")
 
@@ -44,6 +50,55 @@ class ModelDirectoryError(RuntimeError):
     """The model directory is missing or holds no model file: the service cannot start."""
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a model's served version comes from: its name, version and file, and the file's
+    state when it was found (a change of size or time is a new file to a watcher)."""
+
+    name: str
+    version: str
+    path: Path
+    stamp: tuple[int, int]  # (size, mtime_ns)
+
+    @classmethod
+    def of(cls, name: str, version: str, path: Path) -> Source:
+        st = path.stat()
+        return cls(name, version, path, (st.st_size, st.st_mtime_ns))
+
+
+def _versions(folder: Path) -> list[tuple[int, Path]]:
+    """``(version, file)`` of each numbered subdirectory of ``folder`` holding a model file."""
+    found = []
+    for sub in folder.iterdir():
+        if not (sub.is_dir() and sub.name.isascii() and sub.name.isdigit()):
+            continue
+        for suffix in MODEL_SUFFIXES:
+            file = sub / f"model{suffix}"
+            if file.is_file():
+                found.append((int(sub.name), file))
+                break
+    return sorted(found)
+
+
+def find_sources(directory: Path) -> list[Source]:
+    """The model sources of a directory, by name: flat files (version 1) and the highest
+    version of each versioned subdirectory. A .safetensors file comes before an .onnx file of
+    the same stem (the second is then refused as a duplicate name)."""
+    sources = []
+    for entry in directory.iterdir():
+        try:
+            if entry.is_file() and entry.suffix in MODEL_SUFFIXES:
+                sources.append(Source.of(entry.stem, "1", entry))
+            elif entry.is_dir():
+                versions = _versions(entry)
+                if versions:
+                    version, file = versions[-1]
+                    sources.append(Source.of(entry.name, str(version), file))
+        except FileNotFoundError:  # removed while the directory was read
+            continue
+    return sorted(sources, key=lambda s: (s.name, MODEL_SUFFIXES.index(s.path.suffix)))
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A model ready to serve: its converted network and what the API says about it."""
@@ -54,12 +109,15 @@ class LoadedModel:
     architecture_summary: str  # the trained network's layer table
     parameters: int
     load_seconds: float
+    version: str = "1"
+    stamp: tuple[int, int] | None = None  # the file's (size, mtime_ns) when it was loaded
 
     def summary(self) -> dict:
         """The short description of ``GET /v1/models``."""
         fcn = self.fcn
         return {
             "name": self.name,
+            "version": self.version,
             "input_shape": list(fcn.input_shape),
             "num_classes": fcn.num_classes,
             "classes": list(fcn.class_names),
@@ -188,7 +246,10 @@ class ModelRegistry:
         self.models: dict[str, LoadedModel] = {}
         self.failed: dict[str, str] = {}  # name -> why it could not be loaded
         self.files: list[Path] = []
+        self.sources: list[Source] = []
         self._done = threading.Event()
+        self._reloading = threading.Lock()  # one reload at a time
+        self._tried: dict[str, Source] = {}  # the last source a reload tried, by name
 
     @property
     def ready(self) -> bool:
@@ -202,33 +263,53 @@ class ModelRegistry:
     def discover(self) -> list[Path]:
         """The model files of the directory, checked before anything is loaded.
 
+        Returns
+        -------
+        list of Path
+            The file of each model (the highest version of a versioned one), by name.
+
         Raises
         ------
         ModelDirectoryError
-            The directory does not exist or holds no ``*.safetensors`` or ``*.onnx`` file.
+            The directory does not exist or holds no model file (``*.safetensors``, ``*.onnx``
+            or ``NAME/VERSION/model.safetensors``).
         """
         if not self.directory.is_dir():
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} does not exist (set --models or "
                 "CNNSERVE_MODELS)"
             )
-        files = sorted(  # by name, a .safetensors file before an .onnx file of the same stem
-            (p for p in self.directory.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file()),
-            key=lambda p: (p.stem, MODEL_SUFFIXES.index(p.suffix)),
-        )
-        if not files:
+        sources = find_sources(self.directory)
+        if not sources:
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} holds no *.safetensors model file "
-                "(nor any *.onnx file)"
+                "(nor any *.onnx file, nor NAME/1/model.safetensors)"
             )
-        self.files = files
-        return files
+        self.sources = sources
+        self.files = [source.path for source in sources]
+        return self.files
+
+    def _load(self, source: Source) -> LoadedModel:
+        """Load one source (any failure raises, its message naming the file, not where it is)."""
+        path = source.path
+        shown = (
+            path.name
+            if source.path.parent == self.directory
+            else (f"{source.name}/{source.version}/{path.name}")
+        )
+        try:
+            model = self.loader(path, warmup=self.warmup)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            reason = str(exc).replace(str(path), shown)
+            raise RuntimeError(reason if shown in reason else f"{shown}: {reason}") from exc
+        return replace(model, name=source.name, version=source.version, stamp=source.stamp)
 
     def load_all(self, on_loaded: Callable[[LoadedModel], Any] | None = None) -> None:
-        """Load every discovered file; one that fails is logged and listed in :attr:`failed`."""
+        """Load every discovered model; one that fails is logged and listed in :attr:`failed`."""
         try:
-            for path in self.files:
-                name = path.stem
+            for source in self.sources:
+                name, path = source.name, source.path
+                self._tried.setdefault(name, source)
                 if not _NAME.match(name):
                     self.failed[name] = (
                         f"{path.name}: a model name must be 1-64 letters, digits, '.', '_' or "
@@ -244,17 +325,16 @@ class ModelRegistry:
                     log.error("skipping %s", self.failed[path.name])
                     continue
                 try:
-                    model = self.loader(path, warmup=self.warmup)
-                except Exception as exc:  # noqa: BLE001 - any failure skips this model only
-                    # /readyz shows this: the file's name, not where the directory is
-                    reason = str(exc).replace(str(path), path.name)
-                    self.failed[name] = reason if path.name in reason else f"{path.name}: {reason}"
-                    log.error("cannot load model %r: %s", name, exc)
+                    model = self._load(source)
+                except RuntimeError as exc:
+                    self.failed[name] = str(exc)
+                    log.error("cannot load model %r: %s", name, exc.__cause__ or exc)
                     continue
                 self.models[name] = model
                 log.info(
-                    "model %r loaded from %s in %.2f s: %r",
+                    "model %r loaded (version %s) from %s in %.2f s: %r",
                     name,
+                    model.version,
                     path,
                     model.load_seconds,
                     model.fcn,
@@ -265,6 +345,75 @@ class ModelRegistry:
             self._done.set()
         if not self.models:
             log.error("no model could be loaded from %s; /readyz stays 503", self.directory)
+
+    def changed(self) -> list[Source]:
+        """The sources of the directory whose file differs from the one served (a new
+        version, a changed file, a new model), for a watcher. Names that failed at start are
+        tried again only when their file changes."""
+        found, seen = [], set()
+        for source in find_sources(self.directory):
+            if not _NAME.match(source.name) or source.name in seen:
+                continue  # a second file of one name (x.onnx beside x.safetensors) is not it
+            seen.add(source.name)
+            if self._tried.get(source.name) == source:
+                continue  # tried already (served, or failed: tried again once it changes)
+            served = self.models.get(source.name)
+            if served is not None:
+                if (served.version, served.file, served.stamp) != (
+                    source.version,
+                    source.path,
+                    source.stamp,
+                ):
+                    found.append(source)
+            elif self._tried.get(source.name) != source:
+                found.append(source)
+        return found
+
+    def reload(self, name: str, source: Source | None = None) -> LoadedModel:
+        """Load a model's current file next to the version served, then swap.
+
+        Runs on a worker thread; the swap is one dict assignment, so a request that already
+        looked up the old version finishes with it and the next gets the new one.
+
+        Parameters
+        ----------
+        name : str
+            A model's name.
+        source : Source, optional
+            What to load; by default the model's current file in the directory.
+
+        Returns
+        -------
+        LoadedModel
+            The version now served.
+
+        Raises
+        ------
+        KeyError
+            No model of that name in the directory.
+        RuntimeError
+            The file failed to load: the version served (if any) stays.
+        """
+        with self._reloading:
+            if source is None:
+                found = [s for s in find_sources(self.directory) if s.name == name]
+                if not found or not _NAME.match(name):
+                    raise KeyError(name)
+                source = found[0]
+            self._tried[name] = source
+            model = self._load(source)  # raises: nothing is replaced
+            # New dicts, swapped in one assignment each: a reader on another thread iterates
+            # the old one undisturbed.
+            self.models = {**self.models, name: model}
+            self.failed = {k: v for k, v in self.failed.items() if k != name}
+            log.info(
+                "model %r version %s reloaded from %s in %.2f s",
+                name,
+                model.version,
+                source.path,
+                model.load_seconds,
+            )
+            return model
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading has finished (for scripts and tests); returns :attr:`ready`."""

@@ -20,6 +20,7 @@ __all__ = [
     "PredictResponse",
     "Ranked",
     "Ready",
+    "Reloaded",
     "ScoreMapResponse",
 ]
 
@@ -62,6 +63,7 @@ class Geometry(BaseModel):
 
 class ModelSummary(BaseModel):
     name: str
+    version: str = Field(description="The version served (flat files are version 1).")
     input_shape: list[int] = Field(description="[C, H, W] of a training input.")
     num_classes: int
     classes: list[str]
@@ -89,6 +91,13 @@ class ModelDetail(ModelSummary):
     load_seconds: float
 
 
+class Reloaded(BaseModel):
+    name: str
+    version: str = Field(description="The version now served.")
+    previous: str | None = Field(description="The version served before, or null.")
+    load_seconds: float
+
+
 class ModelList(BaseModel):
     models: list[ModelSummary]
 
@@ -101,6 +110,7 @@ class Ranked(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    version: str = Field(description="The model version that answered.")
     predictions: list[Ranked] = Field(description="The top-k classes, most likely first.")
     image_size: list[int] = Field(description="[H, W] of the image as sent.")
     resized_to: list[int] | None = Field(

@@ -54,17 +54,20 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(
         10.0,
         ge=0,
+        allow_inf_nan=False,
         description="Seconds a request waits for an inference slot before a 503.",
     )
     header_timeout: float = Field(
         10.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds a connection has to send a request's headers, from its opening "
         "or from the first byte of its next request; then a 408 and the connection is closed.",
     )
     body_timeout: float = Field(
         30.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds a request has to send its whole body, from the end of its "
         "headers; then a 408 and the connection is closed (a 20 MiB body in 30 s needs "
         "0.7 MB/s).",
@@ -106,3 +109,33 @@ class Settings(BaseSettings):
         description="Working memory of one score map's batch of tiles, in bytes.",
     )
     warmup: bool = Field(True, description="Run each model once on startup, before /readyz.")
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Most classification inputs run as one batch (/predict and V2 infer at "
+        "the training size); 1 turns dynamic batching off.",
+    )
+    max_batch_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Milliseconds the first request of a batch waits for others: a request "
+        "alone waits at most this long.",
+    )
+    watch: bool = Field(
+        False,
+        description="Reload a model when its file changes or a new version appears (each "
+        "worker watches the directory); POST /v1/models/{name}/reload does it on demand.",
+    )
+    watch_interval: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds between two looks at the model directory with watch on.",
+    )
+    allow_failed: bool = Field(
+        False,
+        description="Serve the models that loaded when some model file failed, and answer "
+        "/readyz 200 (listing the failures). Default: /readyz answers 503 with the reasons.",
+    )

@@ -1,7 +1,8 @@
 """Routes that tell how the service is: the web page, liveness, readiness and metrics.
 
 ``/healthz`` answers as soon as the process runs; ``/readyz`` once every model file has been
-loaded, converted and warmed up (503 before, and when no model could be loaded). ``/``,
+loaded, converted and warmed up (503 before, and when a model file failed to load, with the
+reasons, unless ``allow_failed`` is set; 503 always when no model could be loaded). ``/``,
 ``/healthz`` and ``/readyz`` answer HEAD as well as GET. ``/metrics`` is Prometheus' text.
 """
 
@@ -11,7 +12,6 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
 from cnnserve.service.deps import STATIC, ServiceDep
-from cnnserve.service.errors import ServiceError
 from cnnserve.service.metrics import CONTENT_TYPE_LATEST
 from cnnserve.service.schemas import ErrorResponse, Health, Ready
 
@@ -38,19 +38,13 @@ async def healthz() -> dict:
     responses={503: {"model": ErrorResponse, "description": "Not ready."}},
 )
 async def readyz(service: ServiceDep) -> dict:
-    """Every model is loaded, converted and warmed up (at least one is served)."""
+    """Every model is loaded, converted and warmed up.
+
+    503 while loading, when no model loaded, and when any model file failed (with the
+    reasons), unless the service runs with `allow_failed`: then 200 lists the failures.
+    """
+    service.check_ready()
     registry = service.registry
-    if not registry.finished:
-        done = len(registry.models) + len(registry.failed)
-        raise ServiceError(
-            503,
-            "not_ready",
-            f"loading models ({done} of {len(registry.files)} done)",
-            {"Retry-After": "1"},
-        )
-    if not registry.models:
-        failures = "; ".join(registry.failed.values())
-        raise ServiceError(503, "not_ready", f"no model could be loaded: {failures}")
     return {"status": "ready", "models": sorted(registry.models), "failed": registry.failed}
 
 

@@ -19,8 +19,7 @@ from fastapi.responses import Response
 
 from cnnserve.dense import class_index, default_class, encode_array
 from cnnserve.dense import score_map as dense_score_map
-from cnnserve.heatmap import check_picture_size, png_bytes
-from cnnserve.predict import predict as classify
+from cnnserve.heatmap import MAX_ZOOM, check_picture_size, png_bytes
 from cnnserve.service.deps import (
     ERROR_RESPONSES,
     IMAGE_BODY,
@@ -57,17 +56,13 @@ async def predict(name: ModelName, request: Request, service: ServiceDep, top_k:
     lane = service.lanes["predict"]
     lane.check_room()  # a full lane refuses before reading the body
     data = await image_bytes(request, settings.max_body_bytes)
-    with lane.admit():  # a place only once the body is in: stalled uploads hold none
-
-        def work() -> Any:
-            pixels = decode_image(data, model, settings.max_pixels)
-            return classify(model.fcn, pixels)
-
-        result, seconds = await lane.run(request, model, work)
+    # Admitted (a place only once the body is in: stalled uploads hold none), then run in a
+    # batch with others when batching is on.
+    result, seconds = await service.predict(request, model, data)
     service.metrics.pixels.labels(model.name, "predict").inc(
         result.image_size[0] * result.image_size[1]
     )
-    return _prediction_json(model.name, result, top_k, seconds)
+    return {**_prediction_json(model.name, result, top_k, seconds), "version": model.version}
 
 
 @router.post(
@@ -113,7 +108,7 @@ async def scoremap(
     ] = 0.5,
     zoom: Annotated[
         int,
-        Query(ge=1, le=64, description="Draw the heatmap this many times the image's size."),
+        Query(ge=1, le=MAX_ZOOM, description="Draw the heatmap this many times the image's size."),
     ] = 1,
     legend: Annotated[
         bool,

@@ -1,0 +1,208 @@
+"""The Open Inference Protocol (KServe V2) with Triton's own client, against a real server.
+
+``tritonclient.http`` speaks to ``cnnserve serve`` as it would to Triton: server and model
+metadata, readiness, and inference with JSON and with binary tensors. The answers must be the
+ones ``/v1/models/{name}/predict`` gives for the same pixels, and the library's score maps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from cnnserve.convert import load_fully_convolutional
+from cnnserve.data import digits_canvas
+from cnnserve.dense import score_map
+from tests.live_server import server_process
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy(MODEL, folder / "digits.safetensors")
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with server_process(folder, log, "--max-batch-delay-ms", "2") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = triton.InferenceServerClient(server.removeprefix("http://"), network_timeout=30)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def fcn():
+    return load_fully_convolutional(MODEL)
+
+
+def digits(n: int) -> np.ndarray:
+    """n held-out digits as uint8 (n, 8, 8, 1)."""
+    out = []
+    for seed in range(n):
+        canvas, _ = digits_canvas((8, 8), 1, seed=seed, margin=0)
+        out.append(np.round(canvas[0] * 255).astype(np.uint8))
+    return np.stack(out)[..., None]
+
+
+def predict_probabilities(server: str, pixels: np.ndarray) -> np.ndarray:
+    """/v1/models/digits/predict's probabilities (all 10) of one (8, 8) uint8 image."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    req = urllib.request.Request(
+        f"{server}/v1/models/digits/predict?top_k=10",
+        data=buf.getvalue(),
+        headers={"Content-Type": "image/png"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        answer = json.load(r)
+    p = np.zeros(10)
+    for ranked in answer["predictions"]:
+        p[ranked["index"]] = ranked["probability"]
+    return p
+
+
+def test_metadata_and_health(client, fcn):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
+    assert not client.is_model_ready("nope")
+    server = client.get_server_metadata()
+    assert server["name"] == "cnnserve" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata("digits")
+    assert meta["name"] == "digits" and meta["versions"] == ["1"]
+    assert {(t["name"], t["datatype"]) for t in meta["inputs"]} == {
+        ("image", "UINT8"),
+        ("image", "FP32"),
+    }
+    assert {t["name"] for t in meta["outputs"]} == {
+        "scores",
+        "probabilities",
+        "score_map",
+        "probability_map",
+    }
+    assert "(N, H, W, 1)" in meta["parameters"]["image_layout"]["UINT8"]
+    assert "already preprocessed" in meta["parameters"]["image_layout"]["FP32"]
+    assert client.get_model_metadata("digits", "1") == meta
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_uint8_inference_equals_predict(client, server, binary):
+    images = digits(4)
+    tensor = triton.InferInput("image", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    outputs = [
+        triton.InferRequestedOutput(name, binary_data=binary)
+        for name in ("scores", "probabilities")
+    ]
+    result = client.infer("digits", [tensor], outputs=outputs)
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (4, 10) and probabilities.dtype == np.float32
+    assert result.as_numpy("scores").shape == (4, 10)
+    assert result.get_response()["model_version"] == "1"
+    for image, p in zip(images, probabilities, strict=True):
+        np.testing.assert_allclose(p, predict_probabilities(server, image[..., 0]), atol=1e-6)
+
+
+def test_fp32_preprocessed_inference_with_default_binary_outputs(client, fcn):
+    images = digits(3)
+    x = fcn.preprocess(images.transpose(0, 3, 1, 2).astype(np.float32) / 255)  # (3, 1, 8, 8)
+    tensor = triton.InferInput("image", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x.astype(np.float32))
+    result = client.infer("digits", [tensor], model_version="1")  # outputs: all, binary
+    expected = fcn.forward(x)[:, :, 0, 0]
+    np.testing.assert_allclose(result.as_numpy("scores"), expected, rtol=1e-5, atol=1e-5)
+    assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
+
+
+def test_larger_uint8_input_gives_the_score_map(client, fcn):
+    canvas, _ = digits_canvas((20, 28), 2, seed=3, margin=0)
+    image = np.round(canvas[0] * 255).astype(np.uint8)
+    tensor = triton.InferInput("image", [1, 20, 28, 1], "UINT8")
+    tensor.set_data_from_numpy(image[None, :, :, None])
+    result = client.infer("digits", [tensor])
+    expected = score_map(fcn, image[None])
+    maps = result.as_numpy("score_map")
+    assert maps.shape == (1, 10, *expected.shape)
+    np.testing.assert_allclose(maps[0], expected.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        result.as_numpy("probability_map")[0], expected.probabilities, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "datatype", "shape", "message"),
+    [
+        ("pixels", "UINT8", [1, 8, 8, 1], "unknown input 'pixels'"),
+        ("image", "INT32", [1, 8, 8, 1], "expected UINT8 or FP32"),
+        ("image", "UINT8", [1, 8, 8, 3], "has 3 channel(s); model 'digits' takes 1"),
+        ("image", "UINT8", [1, 4, 8, 1], "smaller than the model's 8x8 window"),
+        ("image", "FP32", [1, 1, 16, 16], "an FP32 input must be the training size 8x8"),
+    ],
+)
+def test_bad_requests_are_protocol_errors(client, name, datatype, shape, message):
+    tensor = triton.InferInput(name, shape, datatype)
+    dtype = np.float32 if datatype == "FP32" else np.int32 if datatype == "INT32" else np.uint8
+    tensor.set_data_from_numpy(np.zeros(shape, dtype))
+    with pytest.raises(InferenceServerException, match=re.escape(message)) as info:
+        client.infer("digits", [tensor])
+    assert info.value.status() == "400"
+
+
+def test_errors_have_the_protocols_form(server):
+    for path, status in [("/v2/models/nope", 404), ("/v2/models/digits/versions/7", 404)]:
+        try:
+            urllib.request.urlopen(server + path, timeout=10)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                assert exc.code == status
+                body = json.load(exc)
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+    req = urllib.request.Request(
+        server + "/v2/models/digits/infer",
+        data=b'{"inputs": []}0123',
+        headers={"Inference-Header-Content-Length": "14"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=10)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            assert exc.code == 400
+            assert json.load(exc) == {"error": "inputs must be a list of one tensor named 'image'"}
+
+
+def test_a_huge_declared_shape_is_refused_not_wrapped(server):
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [2**40, 2**40, 2**40, 1],
+                    "parameters": {"binary_data_size": 64},
+                }
+            ]
+        }
+    ).encode()
+    req = urllib.request.Request(
+        server + "/v2/models/digits/infer",
+        data=head + bytes(64),
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    with info.value as exc:
+        assert exc.code == 400
+        assert f"needs {2**120} bytes" in json.load(exc)["error"]  # 2**40 cubed, exactly
