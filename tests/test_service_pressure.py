@@ -121,6 +121,10 @@ def test_the_refusal_comes_only_when_every_connection_has_a_request_in(tmp_path)
             response = read_all(extra, 5)
         error = assert_json_error(response, 503, "too_many_connections")
         assert "3 open connections" in error["message"]
+        with client.connect() as extra:  # one that sends a whole upload at once
+            extra.sendall(request_bytes("POST", url, b"\0" * 1_000_000))
+            response = read_all(extra, 5)  # the answer, not a connection reset
+        assert_json_error(response, 503, "too_many_connections")
         for sock in busy:
             sock.close()
 

@@ -19,6 +19,10 @@ else h11) with what a server facing slow, faulty or hostile clients needs:
   stalled longest; only when no connection qualifies (each has its request in, or has just
   opened) does the new one get a JSON 503 and close. So clients that open connections and
   stall hold no place a prompt client needs.
+- A connection the server closes with an answer (a 408, a 503, a 400) is half-closed: the
+  answer goes out, then the server reads on for up to ``LINGER`` seconds, discarding what
+  the client still sends, so that an upload in progress reads the answer rather than a
+  connection reset.
 - JSON for the HTTP parser's own 400s (a garbage request line, a bad or duplicate
   Content-Length, a bad chunk size, a NUL in the path), which uvicorn writes as plain text.
 
@@ -51,6 +55,10 @@ CUT_OFF = "cnnserve.cut_off"
 # Seconds a new connection that has sent nothing yet is safe from eviction (at most a quarter
 # of the header timeout): time for a prompt client's request to arrive.
 NEW_CONNECTION_GRACE = 1.0
+# Seconds a connection closed with an answer keeps reading (and discarding) what its client
+# still sends, so that the answer is read before the connection is reset: closing a socket
+# with unread data sends a reset, which can destroy an answer the client has not read yet.
+LINGER = 1.0
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> bool:
@@ -129,6 +137,7 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         # request), and when its body last moved: what eviction at the limit goes by.
         self._waiting_since: float | None = None
         self._body_moved = 0.0
+        self._lingering = False  # answered and half-closed: reading only to discard
 
     # -- connections --------------------------------------------------------------------------
 
@@ -137,7 +146,8 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().connection_made(transport)
         self._waiting_since = self.loop.time()
         limit = self.limits.max_connections
-        if len(self.connections) > limit and not self._evict_one():  # this one is counted
+        open_ = sum(not getattr(c, "_lingering", False) for c in self.connections)
+        if open_ > limit and not self._evict_one():  # this one is counted
             log.warning("refusing a connection: %d open already, the limit", limit)
             self._close_with(
                 _raw_response(
@@ -166,7 +176,7 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         for other in self.connections:
             if other is self or not isinstance(other, ServiceHTTPProtocol):
                 continue
-            if other.transport is None or other.transport.is_closing():
+            if other._lingering or other.transport is None or other.transport.is_closing():
                 continue
             if other._waiting_since is not None:
                 fresh = other.cycle is None and not other._partial
@@ -210,6 +220,8 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         )
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # answered and closing: what the client still sends is discarded
         if self._phase == "body":
             self._body_moved = self.loop.time()
         super().data_received(data)
@@ -307,4 +319,14 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._disarm()
         if response:
             self.transport.write(response)
+            if self.transport.can_write_eof():  # the answer, then the end of what we send;
+                self.transport.write_eof()  # reading on a little, so that it is not reset
+                self._lingering = True
+                self.transport.resume_reading()
+                cycle = self.cycle
+                if cycle is not None and not cycle.response_complete:
+                    cycle.disconnected = True  # the app stops waiting for the body now
+                    cycle.message_event.set()
+                self.loop.call_later(LINGER, self.transport.close)
+                return
         self.transport.close()
