@@ -159,7 +159,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise TypeError(f"resume must be a str or path, got {type(path).__name__}")
     # A run's own checkpoint, of a model the resuming Solver holds already: the size limits
     # that guard loading a model file to serve it do not apply.
-    checkpoint = read_model_file(path, max_pixels=sys.maxsize, max_params=sys.maxsize)
+    checkpoint = read_model_file(
+        path, max_pixels=sys.maxsize, max_params=sys.maxsize, max_layers=sys.maxsize
+    )
     state = checkpoint.state
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(

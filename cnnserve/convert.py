@@ -640,8 +640,8 @@ def load_fully_convolutional(path: str | os.PathLike, **limits: int) -> FullyCon
         trained model file (:func:`~cnnserve.modelfile.save_model`), which is converted and
         self-checked on loading.
     **limits : int
-        ``max_pixels``, ``max_params``: what the file may declare, checked from its header
-        before anything is read (:func:`~cnnserve.modelfile.check_model_size`).
+        ``max_pixels``, ``max_params``, ``max_layers``: what the file may declare, checked
+        from its header before anything is read (:func:`~cnnserve.modelfile.check_model_size`).
 
     Raises
     ------

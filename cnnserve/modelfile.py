@@ -43,6 +43,7 @@ __all__ = [
     "FCN_FORMAT_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAX_MODEL_LAYERS",
     "MAX_MODEL_PARAMS",
     "MAX_MODEL_PIXELS",
     "ConvertedFile",
@@ -72,6 +73,10 @@ MAX_MODEL_PIXELS = 512 * 512
 #: Most numbers in a model file's architecture tensors read by default: 16.8 M (64 MiB in
 #: float32), 300 times the shipped models' 53 k.
 MAX_MODEL_PARAMS = 2**24
+#: Most layers in a model file's architecture read by default: 256, 25 times the shipped
+#: models' 10. A layer costs no parameter (a relu) but its own activation in the conversion's
+#: self-check and the warm-up, and its own time on every request.
+MAX_MODEL_LAYERS = 256
 
 
 class ModelFileError(ValueError):
@@ -245,6 +250,7 @@ def check_model_size(
     *,
     max_pixels: int = MAX_MODEL_PIXELS,
     max_params: int = MAX_MODEL_PARAMS,
+    max_layers: int = MAX_MODEL_LAYERS,
 ) -> None:
     """A model file's declared input and tensors are within the limits.
 
@@ -264,12 +270,20 @@ def check_model_size(
         Largest ``H * W`` of the training input.
     max_params : int
         Most numbers in those tensors together (weights and normalisation statistics).
+    max_layers : int
+        Most layers in the architecture (a relu costs no parameter but its own work).
 
     Raises
     ------
     ModelFileError
         Naming the file, what it declares and the limit.
     """
+    layers = len(config.get("layers", ()))
+    if layers > max_layers:
+        raise ModelFileError(
+            f"{path} declares {layers:,} layers, more than the limit of {max_layers:,} "
+            "(max_layers; --max-model-layers of cnnserve info and serve)"
+        )
     C, H, W = (int(v) for v in config["input_shape"])
     if H * W > max_pixels:
         raise ModelFileError(
@@ -354,13 +368,14 @@ def read_model_file(
     *,
     max_pixels: int = MAX_MODEL_PIXELS,
     max_params: int = MAX_MODEL_PARAMS,
+    max_layers: int = MAX_MODEL_LAYERS,
 ) -> ModelFile:
     """Read a model file written by :func:`save_model`, checking it against its architecture.
 
     Parameters
     ----------
     path : str or PathLike
-    max_pixels, max_params : int
+    max_pixels, max_params, max_layers : int
         Limits of :func:`check_model_size`, checked from the file's header before any
         tensor is read.
 
@@ -384,7 +399,9 @@ def read_model_file(
         training = dict(meta.get("training") or {})
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
-    check_model_size(path, config, expected, max_pixels=max_pixels, max_params=max_params)
+    check_model_size(
+        path, config, expected, max_pixels=max_pixels, max_params=max_params, max_layers=max_layers
+    )
     _, tensors = read_safetensors(path)
 
     # Every tensor is checked before the network is built, so that the network's own arrays
@@ -414,13 +431,16 @@ def load_model(
     *,
     max_pixels: int = MAX_MODEL_PIXELS,
     max_params: int = MAX_MODEL_PARAMS,
+    max_layers: int = MAX_MODEL_LAYERS,
 ) -> ConvNet:
     """Load the network stored in a model file (see :func:`read_model_file` for the errors).
 
-    ``max_pixels`` and ``max_params`` bound the input and the parameters it may declare
-    (:func:`check_model_size`).
+    ``max_pixels``, ``max_params`` and ``max_layers`` bound the input, the parameters and
+    the layers it may declare (:func:`check_model_size`).
     """
-    return read_model_file(path, max_pixels=max_pixels, max_params=max_params).model
+    return read_model_file(
+        path, max_pixels=max_pixels, max_params=max_params, max_layers=max_layers
+    ).model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +500,7 @@ def read_converted_file(
     *,
     max_pixels: int = MAX_MODEL_PIXELS,
     max_params: int = MAX_MODEL_PARAMS,
+    max_layers: int = MAX_MODEL_LAYERS,
 ) -> ConvertedFile:
     """Read a converted model file, checking its tensors against its architecture.
 
@@ -489,7 +510,7 @@ def read_converted_file(
     shapes_of : callable
         ``shapes_of(config)``: the name and shape of every tensor the converted network of
         this architecture holds (it checks the architecture and allocates nothing).
-    max_pixels, max_params : int
+    max_pixels, max_params, max_layers : int
         Limits of :func:`check_model_size`, checked before any tensor is read.
 
     Raises
@@ -513,7 +534,9 @@ def read_converted_file(
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
     _check_record(path, check)
-    check_model_size(path, config, shapes, max_pixels=max_pixels, max_params=max_params)
+    check_model_size(
+        path, config, shapes, max_pixels=max_pixels, max_params=max_params, max_layers=max_layers
+    )
     _, tensors = read_safetensors(path)
     check_tensors(path, tensors, shapes, dtype)
     return ConvertedFile(

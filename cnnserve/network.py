@@ -360,7 +360,8 @@ class ConvNet:
         order = run_order(self.info)
         for info in order:
             out, cache = self._forward(info, out, train)
-            caches.append(cache)
+            if train:  # test mode keeps no activation: memory of one layer, not of all
+                caches.append(cache)
         if not train:
             return out
         data_loss, dout = L.softmax_loss(out, y)

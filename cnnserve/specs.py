@@ -43,6 +43,7 @@ import numpy as np
 
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
+from cnnserve._checks import short as _short
 from cnnserve._checks import window_positions
 
 __all__ = [
@@ -377,6 +378,19 @@ def check_input_shape(input_shape: Any) -> tuple[int, int, int]:
     return C, H, W
 
 
+def _names_preview(names: Sequence[Any], most: int = 12) -> str:
+    """A list of names for a message: each abbreviated, at most ``most`` of them."""
+    shown = ", ".join(_short(repr(name)) for name in names[:most])
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return f"[{shown}{more}]"
+
+
+def _classes_list(class_names: Sequence[str], most: int = 32) -> str:
+    """``"a, b, c"``: the classes for a message, each abbreviated, at most ``most``."""
+    shown = ", ".join(_short(name) for name in class_names[:most])
+    return shown if len(class_names) <= most else f"{shown}, ... ({len(class_names)} in all)"
+
+
 def check_class_names(class_names: Any, num_classes: int) -> tuple[str, ...]:
     """``num_classes`` distinct non-empty names; None gives ``"0", "1", ...``."""
     if class_names is None:
@@ -386,10 +400,11 @@ def check_class_names(class_names: Any, num_classes: int) -> tuple[str, ...]:
     names = tuple(class_names)
     if len(names) != num_classes or not all(isinstance(n, str) and n for n in names):
         raise ValueError(
-            f"class_names must be {num_classes} non-empty strings (one per class), got {names!r}"
+            f"class_names must be {num_classes} non-empty strings (one per class), got "
+            f"{_names_preview(names)}"
         )
     if len(set(names)) != len(names):
-        raise ValueError(f"class_names must be distinct, got {names!r}")
+        raise ValueError(f"class_names must be distinct, got {_names_preview(names)}")
     return names
 
 
@@ -410,8 +425,8 @@ def class_index(value: int | str, class_names: Sequence[str]) -> int:
         index = int(value)
     if not 0 <= index < len(class_names):
         raise ValueError(
-            f"class {value!r} is neither a class name nor an index in [0, {len(class_names)}); "
-            f"classes: {', '.join(class_names)}"
+            f"class {_short(repr(value))} is neither a class name nor an index in "
+            f"[0, {len(class_names)}); classes: {_classes_list(class_names)}"
         )
     return index
 

@@ -274,27 +274,6 @@ def test_a_client_that_left_while_its_request_waited_does_not_run(server, client
     assert metric(after, "cnnserve_http_requests_total", route=route, status="499") == 5
 
 
-def test_connections_over_the_limit_get_a_json_503(tmp_path):
-    shutil.copy(MODEL, tmp_path / "digits.safetensors")
-    with live_server(tmp_path, max_connections=3, header_timeout=30) as base:
-        client = Client(base)
-        idle = [client.connect() for _ in range(3)]
-        time.sleep(0.2)
-        with client.connect() as extra:
-            response = read_all(extra, 5)
-        error = assert_json_error(response, 503, "too_many_connections")
-        assert "3 open connections" in error["message"]
-        assert parse(response)[1]["retry-after"] == "1"
-        idle.pop().close()
-        time.sleep(0.2)
-        with client.connect() as sock:  # a place came free
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            assert read_all(sock, 5).startswith(b"HTTP/1.1 200")
-        for sock in idle:
-            sock.close()
-        client.close()
-
-
 @pytest.mark.parametrize(
     "method, path",
     [

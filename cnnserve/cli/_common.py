@@ -95,8 +95,8 @@ def positive_int(text: str) -> int:
 
 
 def add_model_limits(parser: argparse.ArgumentParser) -> None:
-    """``--max-model-pixels`` and ``--max-model-params``: what a model file may declare."""
-    from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
+    """``--max-model-pixels/-params/-layers``: what a model file may declare."""
+    from cnnserve.modelfile import MAX_MODEL_LAYERS, MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
 
     parser.add_argument(
         "--max-model-pixels",
@@ -107,4 +107,9 @@ def add_model_limits(parser: argparse.ArgumentParser) -> None:
         "--max-model-params",
         type=positive_int,
         help=f"most parameters a model file may declare (default {MAX_MODEL_PARAMS:,})",
+    )
+    parser.add_argument(
+        "--max-model-layers",
+        type=positive_int,
+        help=f"most layers a model file may declare (default {MAX_MODEL_LAYERS:,})",
     )

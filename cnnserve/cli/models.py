@@ -21,8 +21,12 @@ __all__ = ["add_convert", "add_info"]
 
 
 def _limits(args: argparse.Namespace) -> dict[str, int]:
-    """The model-size limits of ``--max-model-pixels`` / ``--max-model-params``, if given."""
-    limits = {"max_pixels": args.max_model_pixels, "max_params": args.max_model_params}
+    """The model-size limits of ``--max-model-pixels/-params/-layers``, if given."""
+    limits = {
+        "max_pixels": args.max_model_pixels,
+        "max_params": args.max_model_params,
+        "max_layers": args.max_model_layers,
+    }
     return {key: value for key, value in limits.items() if value is not None}
 
 

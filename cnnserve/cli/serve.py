@@ -29,8 +29,10 @@ _SERVE_SETTINGS = (
     "header_timeout",
     "body_timeout",
     "max_connections",
+    "max_body_memory",
     "max_model_pixels",
     "max_model_params",
+    "max_model_layers",
     "warmup",
     "allow_failed",
     "max_batch_size",
@@ -191,7 +193,15 @@ def add_serve(commands: Any) -> None:
     serve.add_argument(
         "--max-connections",
         type=positive_int,
-        help="open connections per worker; one more gets a 503 (default 256)",
+        help="open connections per worker; at the limit a new one evicts the connection "
+        "that waited longest for its headers or stalled longest in its body, else gets a 503 "
+        "(default 256)",
+    )
+    serve.add_argument(
+        "--max-body-memory",
+        type=positive_int,
+        help="bytes of request bodies a worker holds at once while reading them; past it "
+        "a 503 (default 512 MiB)",
     )
     add_model_limits(serve)
     serve.add_argument(

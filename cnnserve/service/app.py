@@ -129,7 +129,10 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         settings.models,
         warmup=settings.warmup,
         loader=functools.partial(
-            load_one, max_pixels=settings.max_model_pixels, max_params=settings.max_model_params
+            load_one,
+            max_pixels=settings.max_model_pixels,
+            max_params=settings.max_model_params,
+            max_layers=settings.max_model_layers,
         ),
     )
     metrics = Metrics()

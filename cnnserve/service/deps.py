@@ -39,6 +39,7 @@ __all__ = [
     "IMAGE_TYPES",
     "LOOKUP_ERRORS",
     "STATIC",
+    "BodyBudget",
     "Lane",
     "ModelName",
     "Service",
@@ -149,13 +150,52 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ServiceError(400, "bad_request", f"Content-Length {declared!r} is not a number")
         if int(declared) > limit:
             raise _too_large(limit)
+    service = getattr(getattr(request.app, "state", None), "service", None)
+    held = service.bodies if isinstance(service, Service) else BodyBudget(None)
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            held.take(len(chunk))
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        held.give_back(sum(len(chunk) for chunk in chunks))
+
+
+class BodyBudget:
+    """The bytes of request bodies a worker holds while it reads them, and their cap.
+
+    Each connection's body is bounded by ``max_body_bytes``; this bounds them together, so
+    that ``max_connections`` slow uploads cannot hold ``max_connections * max_body_bytes``.
+
+    Parameters
+    ----------
+    limit : int or None
+        The most bytes held at once (None: no cap).
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0  # touched on the event loop only
+
+    def take(self, size: int) -> None:
+        """Count ``size`` more bytes held; a 503 if that passes the cap (nothing counted)."""
+        if self.limit is not None and self.held + size > self.limit:
+            raise ServiceError(
+                503,
+                "busy",
+                f"this server holds {self.limit:,} bytes of request bodies being read "
+                "(max_body_memory); retry later",
+                {"Retry-After": "1"},
+            )
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        """The bytes of a body no longer being read (its request has it, or it failed)."""
+        self.held -= size
 
 
 def _media_type(value: str | None) -> str:
@@ -400,7 +440,9 @@ class Lane:
         """``work()`` on one of the lane's threads, once a slot is free: ``(result, seconds)``.
 
         Waits up to ``queue_timeout`` for a slot (then a 503), watching the connection: a
-        request whose client leaves while it waits is dropped at once and never runs. The
+        request whose client leaves while it waits is dropped at once and never runs; one
+        whose client leaves while it runs is finished but not answered (ClientDisconnect,
+        counted as 499). The
         slot is held until the thread has finished, even if the request is cancelled
         meanwhile, so that slots never outnumber busy threads. ``request`` is None for a
         batch of several requests' ``images`` (see :mod:`cnnserve.service.batching`), which
@@ -426,9 +468,21 @@ class Lane:
 
         future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
         future.add_done_callback(done)
-        result, seconds = await asyncio.shield(future)
+        # Watched while it runs too: a client that left meanwhile gets no answer, and its
+        # request is counted as 499, not as the 200 nobody received.
+        # (A batch has no one connection: each of its requests watches its own, in Service.)
+        gone = asyncio.ensure_future(
+            _disconnected(request) if request is not None else asyncio.Future()
+        )
+        try:
+            result, seconds = await asyncio.shield(future)
+        finally:
+            left = gone.done() and not gone.cancelled() and gone.exception() is None
+            gone.cancel()
         m.inference.labels(model.name, self.endpoint).observe(seconds)
         m.images.labels(model.name, self.endpoint).inc(images)
+        if left:
+            raise ClientDisconnect()
         return result, seconds
 
 
@@ -448,6 +502,7 @@ class Service:
         self.metrics = metrics
         self.lanes: dict[str, Lane] = {}  # made in the lifespan, on its event loop
         self.batcher: Any = None  # a Batcher when batching is on (max_batch_size > 1)
+        self.bodies = BodyBudget(settings.max_body_memory)
 
     async def classify(self, request: Request, model: LoadedModel, x: np.ndarray) -> np.ndarray:
         """The class scores ``(N, K)`` float32 of preprocessed inputs ``x`` ``(N, C, Th, Tw)``.

@@ -29,7 +29,12 @@ from PIL import Image
 from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
 from cnnserve.dense import score_map
 from cnnserve.images import read_image
-from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS, check_model_size
+from cnnserve.modelfile import (
+    MAX_MODEL_LAYERS,
+    MAX_MODEL_PARAMS,
+    MAX_MODEL_PIXELS,
+    check_model_size,
+)
 from cnnserve.network import ConvNet
 from cnnserve.predict import predict
 from cnnserve.specs import tensor_shapes
@@ -146,12 +151,25 @@ class LoadedModel:
         }
 
 
+#: Longest message /readyz lists for a model that failed (and the log writes): a file's
+#: metadata can carry megabytes, which no message should echo whole.
+MAX_REASON_CHARS = 1000
+
+
+def bounded(message: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``message``, cut to ``limit`` characters with a note of its full length."""
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 40]}... ({len(message):,} characters in all)"
+
+
 def load_one(
     path: Path,
     *,
     warmup: bool = True,
     max_pixels: int = MAX_MODEL_PIXELS,
     max_params: int = MAX_MODEL_PARAMS,
+    max_layers: int = MAX_MODEL_LAYERS,
 ) -> LoadedModel:
     """Load a trained or converted model file (or import an ONNX one), convert it, and run it
     once.
@@ -162,8 +180,8 @@ def load_one(
     warmup : bool
         Run the model once: a classification and a map of 4 x 4 windows, whose work the
         limit on the model's input bounds.
-    max_pixels, max_params : int
-        The largest training input (H*W) and the most parameters the file may declare,
+    max_pixels, max_params, max_layers : int
+        The largest training input (H*W), the most parameters and layers the file may declare,
         checked from its header before anything is allocated.
 
     Raises
@@ -184,11 +202,14 @@ def load_one(
             tensor_shapes(config),
             max_pixels=max_pixels,
             max_params=max_params,
+            max_layers=max_layers,
         )
         fcn = to_fully_convolutional(imported.model)
         fcn.training = imported.record
     else:  # a trained file is converted and self-checked
-        fcn = load_fully_convolutional(path, max_pixels=max_pixels, max_params=max_params)
+        fcn = load_fully_convolutional(
+            path, max_pixels=max_pixels, max_params=max_params, max_layers=max_layers
+        )
     model = ConvNet.from_config(
         fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
     )  # for its layer table and parameter count only: fresh weights, same shapes
@@ -301,7 +322,8 @@ class ModelRegistry:
             model = self.loader(path, warmup=self.warmup)
         except Exception as exc:  # noqa: BLE001 - reported by the caller
             reason = str(exc).replace(str(path), shown)
-            raise RuntimeError(reason if shown in reason else f"{shown}: {reason}") from exc
+            reason = reason if shown in reason else f"{shown}: {reason}"
+            raise RuntimeError(bounded(reason)) from exc  # /readyz lists it
         return replace(model, name=source.name, version=source.version, stamp=source.stamp)
 
     def load_all(self, on_loaded: Callable[[LoadedModel], Any] | None = None) -> None:
@@ -328,7 +350,7 @@ class ModelRegistry:
                     model = self._load(source)
                 except RuntimeError as exc:
                     self.failed[name] = str(exc)
-                    log.error("cannot load model %r: %s", name, exc.__cause__ or exc)
+                    log.error("cannot load model %r: %s", name, bounded(str(exc.__cause__ or exc)))
                     continue
                 self.models[name] = model
                 log.info(

@@ -13,8 +13,16 @@ else h11) with what a server facing slow, faulty or hostile clients needs:
 - A body timeout: a request has ``body_timeout`` seconds, from the end of its headers, to
   send its whole body. A connection that runs out of either gets a JSON 408 (when no answer
   has started yet) and is closed, so that stalled clients hold neither memory nor a place.
-- At most ``max_connections`` open connections per worker: one more gets a JSON 503 and is
-  closed at once.
+- At most ``max_connections`` open connections per worker. At the limit a new connection
+  evicts the one that has waited longest for a request's headers (idle after an answer,
+  part of its headers sent, or nothing sent for a second), else the one whose body has
+  stalled longest; only when no connection qualifies (each has its request in, or has just
+  opened) does the new one get a JSON 503 and close. So clients that open connections and
+  stall hold no place a prompt client needs.
+- A connection the server closes with an answer (a 408, a 503, a 400) is half-closed: the
+  answer goes out, then the server reads on for up to ``LINGER`` seconds, discarding what
+  the client still sends, so that an upload in progress reads the answer rather than a
+  connection reset.
 - JSON for the HTTP parser's own 400s (a garbage request line, a bad or duplicate
   Content-Length, a bad chunk size, a NUL in the path), which uvicorn writes as plain text.
 
@@ -43,6 +51,14 @@ log = logging.getLogger("cnnserve.service")
 # client, and with which status (408 for a timeout, 400 for a malformed body): the app counts
 # that status rather than 499.
 CUT_OFF = "cnnserve.cut_off"
+
+# Seconds a new connection that has sent nothing yet is safe from eviction (at most a quarter
+# of the header timeout): time for a prompt client's request to arrive.
+NEW_CONNECTION_GRACE = 1.0
+# Seconds a connection closed with an answer keeps reading (and discarding) what its client
+# still sends, so that the answer is read before the connection is reset: closing a socket
+# with unread data sends a reset, which can destroy an answer the client has not read yet.
+LINGER = 1.0
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> bool:
@@ -117,14 +133,21 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._phase: str | None = None  # "header" or "body" while the timer runs
         self._seen: Any = None  # the last request cycle whose headers were in
         self._partial = False  # bytes of a request whose headers are not all in yet
+        # Since when the connection waits for a request's headers (None while it has a
+        # request), and when its body last moved: what eviction at the limit goes by.
+        self._waiting_since: float | None = None
+        self._body_moved = 0.0
+        self._lingering = False  # answered and half-closed: reading only to discard
 
     # -- connections --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         set_nodelay(transport)
         super().connection_made(transport)
+        self._waiting_since = self.loop.time()
         limit = self.limits.max_connections
-        if len(self.connections) > limit:  # this one is counted already
+        open_ = sum(not getattr(c, "_lingering", False) for c in self.connections)
+        if open_ > limit and not self._evict_one():  # this one is counted
             log.warning("refusing a connection: %d open already, the limit", limit)
             self._close_with(
                 _raw_response(
@@ -142,7 +165,65 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._disarm()
         super().connection_lost(exc)
 
+    def _evict_one(self) -> bool:
+        """Close the connection that waited longest for headers, else stalled longest in its
+        body, to make room for a new one; False if every other connection has a request in.
+        """
+        now = self.loop.time()
+        grace = min(NEW_CONNECTION_GRACE, self.limits.header_timeout / 4)
+        best: tuple[int, float] | None = None
+        victim: ServiceHTTPProtocol | None = None
+        for other in self.connections:
+            if other is self or not isinstance(other, ServiceHTTPProtocol):
+                continue
+            if other._lingering or other.transport is None or other.transport.is_closing():
+                continue
+            if other._waiting_since is not None:
+                fresh = other.cycle is None and not other._partial
+                if fresh and now - other._waiting_since < grace:
+                    continue  # its request may be on its way: a prompt client is not evicted
+                key = (0, other._waiting_since)
+            elif other._phase == "body":
+                key = (1, other._body_moved)
+            else:
+                continue
+            if best is None or key < best:
+                best, victim = key, other
+        if victim is None:
+            return False
+        victim._evicted()
+        return True
+
+    def _evicted(self) -> None:
+        """Closed to make room at the connection limit (see :meth:`_evict_one`)."""
+        what = "its headers" if self._waiting_since is not None else "its body"
+        log.info("evicting a connection that waited longest for %s: at the connection limit", what)
+        cycle = self.cycle
+        if self._waiting_since is None and cycle is not None:  # a stalled body
+            cycle.scope[CUT_OFF] = 503  # type: ignore[literal-required]
+            if cycle.response_started:
+                self._close_with(b"")
+                return
+        elif not self._partial:  # idle: no request to answer
+            self._close_with(b"")
+            return
+        self._close_with(
+            _raw_response(
+                503,
+                "Service Unavailable",
+                "too_many_connections",
+                f"the connection was closed to make room: this server holds "
+                f"{self.limits.max_connections} open connections, and this one waited longest "
+                f"for {what}; retry",
+                "retry-after: 1\r\n",
+            )
+        )
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # answered and closing: what the client still sends is discarded
+        if self._phase == "body":
+            self._body_moved = self.loop.time()
         super().data_received(data)
         self._partial = True  # until _follow sees the headers complete
         self._follow(new_data=True)
@@ -183,12 +264,16 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if cycle is not None and cycle is not self._seen:  # a new request's headers are in
             self._seen = cycle
             self._partial = False
+            self._waiting_since = None
             self._disarm()
             if cycle.more_body:
                 self._arm("body")
+                self._body_moved = self.loop.time()
         elif self._phase == "body" and cycle is not None and not cycle.more_body:
             self._disarm()  # the body is in
         idle = cycle is None or (cycle.response_complete and not cycle.more_body)
+        if idle and self._waiting_since is None:
+            self._waiting_since = self.loop.time()  # answered: waiting for the next request
         if idle and new_data and self._phase is None:
             self._arm("header")  # the first bytes of the next request, its headers to come
 
@@ -234,4 +319,14 @@ class ServiceHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._disarm()
         if response:
             self.transport.write(response)
+            if self.transport.can_write_eof():  # the answer, then the end of what we send;
+                self.transport.write_eof()  # reading on a little, so that it is not reset
+                self._lingering = True
+                self.transport.resume_reading()
+                cycle = self.cycle
+                if cycle is not None and not cycle.response_complete:
+                    cycle.disconnected = True  # the app stops waiting for the body now
+                    cycle.message_event.set()
+                self.loop.call_later(LINGER, self.transport.close)
+                return
         self.transport.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
+from cnnserve.modelfile import MAX_MODEL_LAYERS, MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
 
 __all__ = ["Settings"]
 
@@ -79,6 +79,13 @@ class Settings(BaseSettings):
         "Bodies being read take no inference slot, so this and max_body_bytes bound the "
         "memory they hold.",
     )
+    max_body_memory: int = Field(
+        512 * 2**20,
+        ge=1,
+        description="Bytes of request bodies a worker holds at once while reading them: a "
+        "chunk that would pass it gets a 503 busy. With max_connections and admission, this "
+        "bounds the memory that uploads hold.",
+    )
     max_model_pixels: int = Field(
         MAX_MODEL_PIXELS,
         ge=1,
@@ -90,6 +97,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Most parameters of a model file: a larger one is refused from its "
         "header, before any tensor is read.",
+    )
+    max_model_layers: int = Field(
+        MAX_MODEL_LAYERS,
+        ge=1,
+        description="Most layers of a model file: a deeper one is refused from its header "
+        "(each layer costs its own activation in the conversion's self-check and warm-up).",
     )
     max_map_cells: int = Field(
         2**22,
