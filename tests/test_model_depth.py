@@ -92,12 +92,13 @@ def wait_loaded(client: TestClient) -> dict:
 def test_the_service_skips_a_model_over_its_layer_limit(deep, tmp_path):
     shutil.copy(deep, tmp_path / "deep.safetensors")
     shutil.copy(MODELS / "digits.safetensors", tmp_path / "digits.safetensors")
-    with TestClient(create_app(Settings(models=tmp_path))) as c:
+    with TestClient(create_app(Settings(models=tmp_path, allow_failed=True))) as c:
         failed = wait_loaded(c)
         assert c.get("/readyz").json()["failed"] == failed
     assert "more than the limit of 256" in failed["deep"] and "digits" not in failed
     os.remove(tmp_path / "deep.safetensors")
-    with TestClient(create_app(Settings(models=tmp_path, max_model_layers=3))) as c:
+    settings = Settings(models=tmp_path, max_model_layers=3, allow_failed=True)
+    with TestClient(create_app(settings)) as c:
         failed = wait_loaded(c)
     assert "more than the limit of 3" in failed["digits"]
 
@@ -124,7 +125,7 @@ def test_megabytes_of_class_names_give_a_short_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "class_names must be distinct" in err and len(err) < 1000, len(err)
     shutil.copy(MODELS / "digits.safetensors", tmp_path / "digits.safetensors")
-    with TestClient(create_app(Settings(models=tmp_path))) as c:
+    with TestClient(create_app(Settings(models=tmp_path, allow_failed=True))) as c:
         wait_loaded(c)
         failed = c.get("/readyz").json()["failed"]
     assert "class_names must be distinct" in failed["long"] and len(failed["long"]) < 1000
