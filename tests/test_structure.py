@@ -33,6 +33,7 @@ INFERENCE_PATH = (
     "cnnserve.geometry",
     "cnnserve.convert",
     "cnnserve.dense",
+    "cnnserve.large",
     "cnnserve.predict",
     "cnnserve.heatmap",
     "cnnserve.layers",
@@ -66,6 +67,7 @@ RANKS = {
     "cnnserve.predict": 7,
     "cnnserve.visualise": 7,  # activations and filters: network and convert, drawn
     "cnnserve.dense": 8,
+    "cnnserve.large": 8.5,  # out-of-core maps: sources, zarr sinks, Dask (on dense)
     "cnnserve.service": 9,
     "cnnserve.cli": 10,
     "cnnserve.__main__": 11,
