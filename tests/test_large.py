@@ -1,7 +1,9 @@
 """Gigapixel maps: lazy sources, zarr maps equal to the in-memory map, resume, refusals."""
 
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -416,3 +418,23 @@ def test_unreachable_scheduler_is_a_clear_error_within_the_timeout():
     assert time.perf_counter() - started < 10
     with pytest.raises(ValueError, match="scheduler must be an address like tcp://HOST:PORT"):
         connect("localhost")
+
+
+def test_a_worker_that_dies_mid_run_leaves_the_run_to_the_others(detector, tmp_path):
+    from distributed import Client
+
+    path = write_source("tiled_bigtiff", IMAGE, tmp_path)
+    killed = []
+    with large_run.local_cluster(2) as cluster, Client(cluster, set_as_default=False) as client:
+        victim = sorted(client.run(os.getpid).values())[0]
+
+        def kill_one_worker(done, total):
+            if not killed:  # after the first block: the other blocks are queued or running
+                killed.append(done)
+                os.kill(victim, signal.SIGKILL)
+
+        result = score_map_to_zarr(DETECTOR, path, tmp_path / "w.zarr", tile_cells=4,
+                                   client=client, progress=kill_one_worker)  # fmt: skip
+    assert killed and killed[0] < result.tiles
+    assert result.computed == result.tiles == 176
+    assert_maps_equal(stored(tmp_path / "w.zarr"), score_map(detector, IMAGE).probabilities)

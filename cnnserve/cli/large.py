@@ -28,6 +28,7 @@ _ZARR_ONLY = {
     "tile_cells": None,
     "overwrite": False,
     "scheduler": None,
+    "scheduler_timeout": 10.0,
     "local_cluster": None,
     "png_max_side": 2048,
 }
@@ -74,6 +75,13 @@ def add_large_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--scheduler", metavar="tcp://HOST:PORT", help="run the tiles on this Dask scheduler"
+    )
+    group.add_argument(
+        "--scheduler-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="give up on a --scheduler that does not answer within S seconds (default 10)",
     )
     group.add_argument(
         "--local-cluster",
@@ -190,7 +198,7 @@ def _client(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.scheduler is not None:
         try:
-            return connect(args.scheduler), None
+            return connect(args.scheduler, timeout=args.scheduler_timeout), None
         except ConnectionError as exc:
             raise CommandError(str(exc)) from None
     started = time.perf_counter()

@@ -208,9 +208,10 @@ def run_block(
     import zarr
 
     fcn = _worker_model(model_path)
-    source = _cached(("source", spec, fcn.input_shape[0]), lambda: spec.open(fcn.input_shape[0]))
-    array = _cached(("store", store_path, output), lambda: zarr.open_array(
-        f"{store_path}/{output}", mode="r+"))  # fmt: skip
+    stat = os.stat(spec.path)  # a file rewritten since is opened anew
+    key = ("source", spec, fcn.input_shape[0], stat.st_mtime_ns, stat.st_size)
+    source = _cached(key, lambda: spec.open(fcn.input_shape[0]))
+    array = zarr.open_array(f"{store_path}/{output}", mode="r+")  # this run's store, as it is
     out = {}
     for ti, tj in tiles:
         cells = _cells(ti, tj, tile, map_shape)
@@ -373,7 +374,7 @@ def score_map_to_zarr(
             "class_names": list(fcn.class_names),
             "geometry": g.to_dict(),
             "image_size": [H, W],
-            "source": src.description,
+            "source": src.description if src.spec is None else f"{src.spec.path} {level}",
             "output": output,
             "dtype": dtype,
             "tile_cells": t,
