@@ -111,3 +111,21 @@ def test_readme_gigapixel_example_runs(tmp_path, monkeypatch, expected):
     np.testing.assert_allclose(example["result"].open()[:], expected, atol=2e-6)
     second = zarr.open_group(str(tmp_path / "map2.zarr"), mode="r")["probabilities"][:]
     np.testing.assert_allclose(second, expected, atol=2e-6)
+
+
+def test_tile_memory_sizes_and_the_progress_bar(tiff, tmp_path, capsys):
+    from cnnserve.cli.large import memory_size
+
+    assert memory_size("256M") == 256 * 2**20 and memory_size("1g") == 2**30
+    assert memory_size("4096") == 4096 and memory_size("64MiB") == 64 * 2**20
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scoremap", str(MODEL), str(tiff), "--out", "x.zarr", "--tile-memory", "lots"])
+    assert exit_info.value.code == 2
+    assert "--tile-memory: must be a size like 256M or 1G, got 'lots'" in capsys.readouterr().err
+    out = tmp_path / "p.zarr"
+    argv = ["scoremap", str(MODEL), str(tiff), "--out", str(out), "--tile-memory", "1M"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "score map: 100%" in captured.err and "Mpx/s" in captured.err  # the tqdm bar
+    tiles = int(re.search(r"in (\d+) tiles", captured.out).group(1))
+    assert tiles > 1  # 1 MiB does not hold the whole 34 x 47 map in one tile
