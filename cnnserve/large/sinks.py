@@ -98,10 +98,15 @@ class MapStore:
             diff = _differences(existing, self.identity)
             if diff and not overwrite:
                 names = ", ".join(diff)
+                hint = (
+                    " (the tile size follows --tile-memory unless --tile-cells is given)"
+                    if "tile_cells" in diff
+                    else ""
+                )
                 raise MapStoreError(
                     f"{self.path} holds another map (its {names} differ from this run's): "
                     "refusing to mix two maps; give another store, or overwrite it "
-                    "(--overwrite, overwrite=True)"
+                    f"(--overwrite, overwrite=True){hint}"
                 )
             if diff:
                 shutil.rmtree(self.path)
