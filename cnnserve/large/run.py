@@ -503,7 +503,7 @@ def _progress(
             state["pixels"] += cells * cell_pixels
             bar.update(n)
             rate = state["pixels"] / max(1e-9, time.perf_counter() - started)
-            bar.set_postfix_str(f"{rate / 1e6:.2f} Mpx/s", refresh=False)
+            bar.set_postfix_str(f"{rate / 1e6:.2f} Mpx/s")  # and redraw
         if close:
             bar.close()
 
