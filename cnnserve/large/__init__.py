@@ -7,7 +7,7 @@
 Needs the ``large`` extra (``tifffile``, ``zarr``) and, for a cluster, the ``dask`` extra.
 """
 
-from cnnserve.large.run import LargeMap, connect, score_map_to_zarr
+from cnnserve.large.run import LargeMap, connect, local_cluster, score_map_to_zarr
 from cnnserve.large.sinks import MapStoreError
 from cnnserve.large.sources import SourceError, open_source
 
@@ -16,6 +16,7 @@ __all__ = [
     "MapStoreError",
     "SourceError",
     "connect",
+    "local_cluster",
     "open_source",
     "score_map_to_zarr",
 ]

@@ -259,6 +259,8 @@ def local_cluster(workers: int) -> Any:
     """A ``dask.distributed.LocalCluster`` of ``workers`` processes, one task at a time each.
 
     Each process's kernels get an equal share of this machine's cores (``OMP_NUM_THREADS``).
+    Its dashboard listens on a free port of 127.0.0.1 (not 8787: two clusters at once, or
+    another Dask user, would collide there).
     """
     from distributed import LocalCluster
 
@@ -269,7 +271,7 @@ def local_cluster(workers: int) -> Any:
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",
         env={"OMP_NUM_THREADS": threads},
     )
 
