@@ -396,8 +396,12 @@ def test_local_cluster_of_two_processes_gives_the_same_map(detector, tmp_path):
 
     path = write_source("tiled_bigtiff", IMAGE, tmp_path)
     expected = score_map(detector, IMAGE).probabilities
+    before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     with large_run.local_cluster(2) as cluster, Client(cluster, set_as_default=False) as client:
         assert len(client.scheduler_info()["workers"]) == 2
+        threads = client.run(lambda: __import__("os").environ["OMP_NUM_THREADS"])
+        assert set(threads.values()) == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
+        assert {k: os.environ.get(k) for k in before} == before  # ours is left alone
         with pytest.raises(TypeError, match="model must be a model file path with client"):
             score_map_to_zarr(detector, path, tmp_path / "x.zarr", client=client)
         with pytest.raises(TypeError, match="source must be a file path with client"):

@@ -260,20 +260,29 @@ def local_cluster(workers: int) -> Any:
 
     Each process's kernels get an equal share of this machine's cores (``OMP_NUM_THREADS``).
     Its dashboard listens on a free port of 127.0.0.1 (not 8787: two clusters at once, or
-    another Dask user, would collide there).
+    another Dask user, would collide there). The thread settings go to the workers only:
+    Dask's default ``pre-spawn-environ`` would also set ``OMP_NUM_THREADS=1`` and others in
+    this process's own environment, for the processes it starts later.
     """
+    import dask
     from distributed import LocalCluster
 
     workers = check_int(workers, "workers", 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = str(max(1, (cores or 1) // workers))
-    return LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address="127.0.0.1:0",
-        env={"OMP_NUM_THREADS": threads},
-    )
+    env = {
+        "OMP_NUM_THREADS": str(max(1, (cores or 1) // workers)),
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MALLOC_TRIM_THRESHOLD_": "65536",
+    }
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            env=env,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
