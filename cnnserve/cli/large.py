@@ -54,8 +54,18 @@ def add_large_options(parser: argparse.ArgumentParser) -> None:
         "(tiled or strip TIFF, BigTIFF, pyramids, zarr, .npy): memory is set by --tile-memory, "
         "not by the image; a rerun with the same arguments resumes an interrupted run",
     )
-    group.add_argument("--output", choices=("probabilities", "logits"), default="probabilities")
-    group.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    group.add_argument(
+        "--output",
+        choices=("probabilities", "logits"),
+        default="probabilities",
+        help="the array the store holds (default probabilities: per-cell softmax)",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="its type (default float32; float16 halves the store)",
+    )
     group.add_argument("--level", type=int, default=0, help="TIFF pyramid level (default 0)")
     group.add_argument(
         "--tile-memory",
