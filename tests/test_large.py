@@ -442,3 +442,13 @@ def test_a_worker_that_dies_mid_run_leaves_the_run_to_the_others(detector, tmp_p
     assert killed and killed[0] < result.tiles
     assert result.computed == result.tiles == 176
     assert_maps_equal(stored(tmp_path / "w.zarr"), score_map(detector, IMAGE).probabilities)
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "lzw", "zlib"])
+def test_compressed_tiles_as_whole_slide_scans_store_them(detector, tmp_path, compression):
+    path = tmp_path / f"{compression}.tif"
+    tifffile.imwrite(path, IMAGE, tile=(32, 32), compression=compression)
+    decoded = tifffile.imread(path)  # JPEG is lossy: the map is that of the decoded pixels
+    assert (compression == "jpeg") != np.array_equal(decoded, IMAGE)
+    score_map_to_zarr(DETECTOR, path, tmp_path / "c.zarr", tile_cells=9)
+    assert_maps_equal(stored(tmp_path / "c.zarr"), score_map(detector, decoded).probabilities)
