@@ -4,10 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "remove_stale_temps", "temp_name"]
+
+_TOKEN_BYTES = 6  # the random part of a temporary file's name: 12 hex digits
+
+
+def temp_name(path: Path) -> Path:
+    """A new temporary file's name for ``path``: ``.NAME.<12 hex digits>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that writes of ``path`` left behind (a kill mid-write).
+
+    Only names :func:`atomic_write_bytes` makes for this very ``path`` are touched
+    (``.NAME.<12 hex digits>.tmp`` in its directory); a file that cannot be removed is left.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.tmp")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -25,7 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         The path written.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cnnserve._files import remove_stale_temps
 from cnnserve.history import plot_history, write_history
 from cnnserve.modelfile import ModelFileError, read_model_file, save_model
 from cnnserve.optim import rule_name
@@ -27,6 +29,7 @@ __all__ = [
     "json_scalar",
     "json_scalars",
     "read_checkpoint",
+    "remove_stale_checkpoint_temps",
     "restore_checkpoint",
     "resume_conflicts",
     "write_checkpoint",
@@ -113,6 +116,30 @@ def write_checkpoint(solver: Any) -> Path:
     return path
 
 
+def checkpoint_files(checkpoint_name: str | os.PathLike) -> list[Path]:
+    """The files a checkpoint of this name writes: the model file and its history."""
+    name = os.fspath(checkpoint_name)
+    return [Path(f"{name}{suffix}") for suffix in (".safetensors", "_history.json", "_history.png")]
+
+
+def remove_stale_checkpoint_temps(checkpoint_name: str | os.PathLike) -> list[Path]:
+    """Remove the partial files that a killed write of this checkpoint left behind.
+
+    A checkpoint is written to a hidden ``.NAME.<hex>.tmp`` file and renamed over ``NAME``;
+    a kill in between leaves the temporary file. Only those of this checkpoint's own files
+    (the model file and its history) are removed, never another run's.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    removed = []
+    for path in checkpoint_files(checkpoint_name):
+        removed += remove_stale_temps(path)
+    return removed
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """A solver checkpoint (a model file with the solver's state), checked before use.
 
@@ -130,7 +157,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"resume must be a str or path, got {type(path).__name__}")
-    checkpoint = read_model_file(path)
+    # A run's own checkpoint, of a model the resuming Solver holds already: the size limits
+    # that guard loading a model file to serve it do not apply.
+    checkpoint = read_model_file(path, max_pixels=sys.maxsize, max_params=sys.maxsize)
     state = checkpoint.state
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(

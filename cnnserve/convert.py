@@ -630,7 +630,7 @@ def save_fully_convolutional(fcn: FullyConvNet, path: str | os.PathLike) -> Path
     )
 
 
-def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
+def load_fully_convolutional(path: str | os.PathLike, **limits: int) -> FullyConvNet:
     """A converted network from a file: a converted one, or a trained model converted now.
 
     Parameters
@@ -639,6 +639,9 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
         A file written by :func:`save_fully_convolutional` (``cnnserve convert``), or a
         trained model file (:func:`~cnnserve.modelfile.save_model`), which is converted and
         self-checked on loading.
+    **limits : int
+        ``max_pixels``, ``max_params``: what the file may declare, checked from its header
+        before anything is read (:func:`~cnnserve.modelfile.check_model_size`).
 
     Raises
     ------
@@ -649,11 +652,11 @@ def load_fully_convolutional(path: str | os.PathLike) -> FullyConvNet:
     """
     path = Path(path)
     if read_metadata(path).get("format") == FORMAT_NAME:  # the header only
-        file = read_model_file(path)
+        file = read_model_file(path, **limits)
         fcn = to_fully_convolutional(file.model)
         fcn.training = dict(file.training)
         return fcn
-    stored = read_converted_file(path, lambda config: convert_plan(config)[1])
+    stored = read_converted_file(path, lambda config: convert_plan(config)[1], **limits)
     try:
         fcn = FullyConvNet(
             stored.config,

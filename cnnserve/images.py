@@ -83,7 +83,7 @@ def read_image(
     ImageTooLargeError
         The image has more than ``max_pixels`` pixels (an :class:`ImageError` too).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     max_pixels = check_int(max_pixels, "max_pixels", 1)
     if channels not in (1, 3):
@@ -93,26 +93,13 @@ def read_image(
     undecodable = f"{'the data' if data else where} cannot be decoded as an image"
     stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     try:
-        with warnings.catch_warnings():  # our own limit below applies, not Pillow's warning
+        with warnings.catch_warnings():
+            # Our own limit below applies, not Pillow's bomb warning; and a damaged file's
+            # warnings (truncated tags, corrupt EXIF) say nothing its error does not.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             img = Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF"))
-        with img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{where} has {height}x{width} (HxW) = {width * height:,} pixels, more "
-                    f"than the limit of {max_pixels:,}"
-                )
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # a photo's orientation tag, if any
-            if img.mode.startswith("I") or img.mode == "F":  # 16-bit, 32-bit or float gray
-                gray = np.asarray(img, dtype=np.float64)
-                gray = gray / 65535.0 if img.mode != "F" else gray
-                if not np.isfinite(gray).all():
-                    raise ImageError(f"{undecodable}: it holds NaN or infinite pixel values")
-                plane = np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
-                return plane if channels == 1 else np.repeat(plane, 3, axis=0)
-            pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+            return _decode(img, channels, max_pixels, where, undecodable)
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -123,6 +110,35 @@ def read_image(
         raise ImageError(f"{undecodable}: it is not a PNG, JPEG, BMP, GIF or TIFF file") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{undecodable}: {exc}") from exc
+    except MemoryError as exc:
+        raise ImageError(f"{undecodable}: it needs more memory than there is") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file trips decoders in many ways
+        # A TIFF tag of an unexpected type or value makes Pillow raise TypeError,
+        # OverflowError, KeyError...: still a file that cannot be decoded, never a crash.
+        raise ImageError(f"{undecodable}: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(img: Any, channels: int, max_pixels: int, where: str, undecodable: str) -> np.ndarray:
+    """The pixels of an opened Pillow image (:func:`read_image` turns its errors)."""
+    from PIL import ImageOps
+
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"{where} has {height}x{width} (HxW) = {width * height:,} pixels, more "
+                f"than the limit of {max_pixels:,}"
+            )
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # a photo's orientation tag, if any
+        if img.mode.startswith("I") or img.mode == "F":  # 16-bit, 32-bit or float gray
+            gray = np.asarray(img, dtype=np.float64)
+            gray = gray / 65535.0 if img.mode != "F" else gray
+            if not np.isfinite(gray).all():
+                raise ImageError(f"{undecodable}: it holds NaN or infinite pixel values")
+            plane = np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
+            return plane if channels == 1 else np.repeat(plane, 3, axis=0)
+        pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)  # (C, H, W)
     return pixels.astype(np.float32) / np.float32(255)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -42,10 +43,13 @@ __all__ = [
     "FCN_FORMAT_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAX_MODEL_PARAMS",
+    "MAX_MODEL_PIXELS",
     "ConvertedFile",
     "ModelFile",
     "ModelFileError",
     "check_format",
+    "check_model_size",
     "check_tensors",
     "load_model",
     "read_converted_file",
@@ -61,6 +65,13 @@ FORMAT_NAME = "cnnserve.model"  # a trained network
 FCN_FORMAT_NAME = "cnnserve.fcn"  # a converted network (cnnserve.convert)
 FORMAT_VERSION = 1
 STATE_PREFIX = "state/"
+
+#: Largest training input (H*W) of a model file read by default: 512x512, 4096 times the
+#: shipped digits models' 8x8. Every map and warm-up of a model scales with it.
+MAX_MODEL_PIXELS = 512 * 512
+#: Most numbers in a model file's architecture tensors read by default: 16.8 M (64 MiB in
+#: float32), 300 times the shipped models' 53 k.
+MAX_MODEL_PARAMS = 2**24
 
 
 class ModelFileError(ValueError):
@@ -116,6 +127,11 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ModelFileError(f"model file {path} {what}")
+    if path.suffix.lower() == ".onnx":
+        raise ModelFileError(
+            f"model file {path} is an ONNX file: import it first with `cnnserve import {path}` "
+            "(the service's models directory takes .onnx files as they are)"
+        )
     try:
         with safe_open(str(path), framework="numpy") as handle:
             yield handle
@@ -222,6 +238,52 @@ def check_format(path: str | os.PathLike, metadata: Mapping[str, str], format_na
         )
 
 
+def check_model_size(
+    path: str | os.PathLike,
+    config: Mapping,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    max_pixels: int = MAX_MODEL_PIXELS,
+    max_params: int = MAX_MODEL_PARAMS,
+) -> None:
+    """A model file's declared input and tensors are within the limits.
+
+    Checked from the header (the architecture and the shapes it implies) before any tensor
+    is read or any network built: a file of a few hundred bytes can declare an 8000 x 8000
+    input, whose self-check and warm-up would take minutes and gigabytes.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        For the message.
+    config : dict
+        The architecture (``input_shape`` is ``(C, H, W)``, checked already).
+    shapes : dict of tuple
+        Every tensor the architecture holds (:func:`~cnnserve.specs.tensor_shapes`).
+    max_pixels : int
+        Largest ``H * W`` of the training input.
+    max_params : int
+        Most numbers in those tensors together (weights and normalisation statistics).
+
+    Raises
+    ------
+    ModelFileError
+        Naming the file, what it declares and the limit.
+    """
+    C, H, W = (int(v) for v in config["input_shape"])
+    if H * W > max_pixels:
+        raise ModelFileError(
+            f"{path} declares a {C}x{H}x{W} input: {H * W:,} pixels, more than the limit of "
+            f"{max_pixels:,} (max_pixels; --max-model-pixels of cnnserve info and serve)"
+        )
+    params = sum(math.prod(shape) for shape in shapes.values())
+    if params > max_params:
+        raise ModelFileError(
+            f"{path} declares {params:,} parameters, more than the limit of {max_params:,} "
+            "(max_params; --max-model-params of cnnserve info and serve)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Trained models
 # ---------------------------------------------------------------------------------------------
@@ -287,18 +349,31 @@ def save_model(
     return write_model_file(path, FORMAT_NAME, tensors, meta, state)
 
 
-def read_model_file(path: str | os.PathLike) -> ModelFile:
+def read_model_file(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_MODEL_PIXELS,
+    max_params: int = MAX_MODEL_PARAMS,
+) -> ModelFile:
     """Read a model file written by :func:`save_model`, checking it against its architecture.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    max_pixels, max_params : int
+        Limits of :func:`check_model_size`, checked from the file's header before any
+        tensor is read.
 
     Raises
     ------
     ModelFileError
         The file is missing, is not a safetensors file (truncated or corrupt), is not a
-        cnnserve model, or holds a tensor that is missing, unexpected, of the wrong shape or
-        dtype, or not finite. The message names the file and the tensor.
+        cnnserve model, declares an input or parameters over the limits, or holds a tensor
+        that is missing, unexpected, of the wrong shape or dtype, or not finite. The message
+        names the file and the tensor.
     """
     path = Path(path)
-    metadata, tensors = read_safetensors(path)
+    metadata = read_metadata(path)  # the header only
     check_format(path, metadata, FORMAT_NAME)
     try:
         meta = json.loads(metadata["cnnserve"])
@@ -309,6 +384,8 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
         training = dict(meta.get("training") or {})
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
+    check_model_size(path, config, expected, max_pixels=max_pixels, max_params=max_params)
+    _, tensors = read_safetensors(path)
 
     # Every tensor is checked before the network is built, so that the network's own arrays
     # are never larger than what the file holds.
@@ -332,9 +409,18 @@ def read_model_file(path: str | os.PathLike) -> ModelFile:
     return ModelFile(model, training, extras, state)
 
 
-def load_model(path: str | os.PathLike) -> ConvNet:
-    """Load the network stored in a model file (see :func:`read_model_file` for the errors)."""
-    return read_model_file(path).model
+def load_model(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = MAX_MODEL_PIXELS,
+    max_params: int = MAX_MODEL_PARAMS,
+) -> ConvNet:
+    """Load the network stored in a model file (see :func:`read_model_file` for the errors).
+
+    ``max_pixels`` and ``max_params`` bound the input and the parameters it may declare
+    (:func:`check_model_size`).
+    """
+    return read_model_file(path, max_pixels=max_pixels, max_params=max_params).model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +475,11 @@ def write_converted_file(
 
 
 def read_converted_file(
-    path: str | os.PathLike, shapes_of: Callable[[Mapping], Mapping[str, tuple[int, ...]]]
+    path: str | os.PathLike,
+    shapes_of: Callable[[Mapping], Mapping[str, tuple[int, ...]]],
+    *,
+    max_pixels: int = MAX_MODEL_PIXELS,
+    max_params: int = MAX_MODEL_PARAMS,
 ) -> ConvertedFile:
     """Read a converted model file, checking its tensors against its architecture.
 
@@ -399,6 +489,8 @@ def read_converted_file(
     shapes_of : callable
         ``shapes_of(config)``: the name and shape of every tensor the converted network of
         this architecture holds (it checks the architecture and allocates nothing).
+    max_pixels, max_params : int
+        Limits of :func:`check_model_size`, checked before any tensor is read.
 
     Raises
     ------
@@ -408,7 +500,7 @@ def read_converted_file(
         finite.
     """
     path = Path(path)
-    metadata, tensors = read_safetensors(path)
+    metadata = read_metadata(path)  # the header only
     check_format(path, metadata, FCN_FORMAT_NAME)
     try:
         meta = json.loads(metadata["cnnserve"])
@@ -421,6 +513,8 @@ def read_converted_file(
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{path} has invalid metadata: {exc}") from exc
     _check_record(path, check)
+    check_model_size(path, config, shapes, max_pixels=max_pixels, max_params=max_params)
+    _, tensors = read_safetensors(path)
     check_tensors(path, tensors, shapes, dtype)
     return ConvertedFile(
         config=config,

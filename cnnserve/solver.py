@@ -39,6 +39,7 @@ from cnnserve._checks import check_number as _check_number
 from cnnserve.checkpoint import (
     json_scalars,
     read_checkpoint,
+    remove_stale_checkpoint_temps,
     restore_checkpoint,
     resume_conflicts,
     write_checkpoint,
@@ -256,6 +257,8 @@ class Solver:
         self._reset()
         if checkpoint is not None:
             self._restore(checkpoint, resume)
+        if self.checkpoint_name is not None:  # a new run or a resumed one: its own leftovers
+            remove_stale_checkpoint_temps(self.checkpoint_name)
 
     # -- checks -------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from cnnserve.network import ConvNet, layer_forward
 from cnnserve.specs import describe_spec, shape_text
 
 __all__ = [
+    "TILE_RANGE",
     "Activation",
     "LayerPicture",
     "activation_grid",
@@ -55,6 +56,9 @@ __all__ = [
     "select_layers",
     "trained_network",
 ]
+
+#: The smallest and largest tile a grid accepts, in pixels of its long side.
+TILE_RANGE = (4, 512)
 
 _BACKGROUND = (255, 255, 255)
 _GAP_COLOUR = (200, 200, 200)
@@ -508,7 +512,7 @@ def activation_grid(
     ``columns = ceil(sqrt(C))`` columns (fewer when they would pass ``max_width``), 2 pixels
     apart.
     """
-    tile = check_int(tile, "tile", 4, 512)
+    tile = check_int(tile, "tile", *TILE_RANGE)
     max_width = check_int(max_width, "max_width", 64, 8192)
     out = []
     for a in select_layers(found, layers):
@@ -593,7 +597,7 @@ def filter_grid(
     layer) in about ``sqrt(F)`` columns, or ``F`` rows of ``C`` tiles.
     """
     net = trained_network(model)
-    tile = check_int(tile, "tile", 4, 512)
+    tile = check_int(tile, "tile", *TILE_RANGE)
     max_width = check_int(max_width, "max_width", 64, 8192)
     convs = _conv_layers(net)
     if not convs:

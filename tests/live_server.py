@@ -1,4 +1,7 @@
-"""The real service app on 127.0.0.1 in a background thread, for tests that need a URL."""
+"""The real service app on 127.0.0.1 in a background thread, for tests that need a URL.
+
+uvicorn serves it with the service's own HTTP protocol class, as ``cnnserve serve`` does.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from cnnserve.service import Settings, create_app
+from cnnserve.service.server import ServiceHTTPProtocol
 
 START_TIMEOUT = 60  # s, for the server to answer /readyz
 
@@ -29,14 +33,25 @@ def http_get(url: str) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def live_server(models: Path) -> Iterator[str]:
-    """Serve the model files of ``models`` until the block ends; yields the base URL."""
-    app = create_app(Settings(models=models))
+def live_server(models: Path, **settings) -> Iterator[str]:
+    """Serve the model files of ``models`` until the block ends; yields the base URL.
+
+    ``settings`` are further :class:`~cnnserve.service.Settings` fields.
+    """
+    app = create_app(Settings(models=models, **settings))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="none")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws="none",
+        http=ServiceHTTPProtocol,
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

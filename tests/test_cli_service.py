@@ -325,7 +325,7 @@ def test_real_server_with_two_workers_reports_the_metrics_of_both(tmp_path):
     assert log.count("model 'digits' loaded") == 2
 
 
-def test_serve_hands_uvicorn_the_nodelay_protocol(monkeypatch, capsys):
+def test_serve_hands_uvicorn_the_service_protocol(monkeypatch, capsys):
     import uvicorn
 
     seen: dict = {}
@@ -335,16 +335,17 @@ def test_serve_hands_uvicorn_the_nodelay_protocol(monkeypatch, capsys):
     assert main(["serve", "--models", str(MODEL.parent), "--port", "9", "--workers", "3"]) == 0
     assert seen["app"] == "cnnserve.service.app:create_app" and seen["factory"] is True
     assert (seen["port"], seen["workers"]) == (9, 3)
-    assert seen["http"] == "cnnserve.service.server:NoDelayHTTPProtocol"
+    assert seen["http"] == "cnnserve.service.server:ServiceHTTPProtocol"
+    assert seen["ws"] == "none"  # an Upgrade request gets the JSON of plain HTTP
     assert "serving digits, digits_detector" in capsys.readouterr().out
 
 
 def test_nodelay_protocol_sets_tcp_nodelay_on_tcp_connections_only():
     from uvicorn.importer import import_from_string
 
-    from cnnserve.service.server import NoDelayHTTPProtocol, set_nodelay
+    from cnnserve.service.server import ServiceHTTPProtocol, set_nodelay
 
-    assert import_from_string("cnnserve.service.server:NoDelayHTTPProtocol") is NoDelayHTTPProtocol
+    assert import_from_string("cnnserve.service.server:ServiceHTTPProtocol") is ServiceHTTPProtocol
 
     class Transport:
         def __init__(self, sock):

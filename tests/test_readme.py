@@ -50,6 +50,7 @@ def test_readme_inside_example_runs(monkeypatch, capsys):
     assert [p.activation.key for p in example["pictures"]] == ["input", "0", "2", "10"]
     assert len(example["relu"].tiles) == 32 and example["relu"].zoom == 8
     assert len(example["filters"].tiles) == 32
+    assert example["conv0"].size == example["pictures"][1].picture.size
     assert example["stats"]["zero_fraction"].shape == (32,)
     assert example["sheet"].height == sum(p.picture.height for p in example["pictures"]) + 3 * 8
 

@@ -65,6 +65,7 @@ RANKS = {
     "cnnserve.checkpoint": 6,
     "cnnserve.solver": 7,
     "cnnserve.predict": 7,
+    "cnnserve.onnx": 7,  # ONNX import and export (the onnx package imported lazily)
     "cnnserve.visualise": 7,  # activations and filters: network and convert, drawn
     "cnnserve.dense": 8,
     "cnnserve.large": 8.5,  # out-of-core maps: sources, zarr sinks, Dask (on dense)

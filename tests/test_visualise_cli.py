@@ -97,3 +97,24 @@ def test_errors_are_one_line_and_write_nothing(digit_png, tmp_path, capsys, monk
         "more than 50,000 pixels; ask for fewer layers or a smaller tile" in capsys.readouterr().err
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["activations", "filters"])
+@pytest.mark.parametrize("tile", ["0", "1", "3", "513", "100000"])
+def test_tile_out_of_range_is_one_argparse_error(digit_png, tmp_path, capsys, command, tile):
+    """Every tile outside 4..512 gets the same message, from argparse, before any work."""
+    out = tmp_path / "x.png"
+    args = [str(MODEL), str(digit_png)] if command == "activations" else [str(MODEL)]
+    with pytest.raises(SystemExit) as exc:
+        main([command, *args, "--out", str(out), "--tile", tile])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --tile: must be 4 to 512, got {int(tile)}" in err
+    assert not out.exists()
+
+
+def test_the_cli_tile_range_is_the_library_s():
+    from cnnserve.cli import inside
+    from cnnserve.visualise import TILE_RANGE
+
+    assert inside.TILE_RANGE == TILE_RANGE

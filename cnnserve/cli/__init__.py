@@ -1,5 +1,5 @@
-"""The ``cnnserve`` command: train, evaluate, inspect and convert models; dense score maps;
-pictures of the activations and filters.
+"""The ``cnnserve`` command: train, evaluate, inspect, convert, import and export models; dense
+score maps; pictures of the activations and filters.
 
 Run ``cnnserve --help`` or ``cnnserve COMMAND --help`` for the options. Errors in what the
 user gave (a missing data file, a corrupt model, an impossible architecture) print one line,
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnnserve.cli import inside, maps, models, serve, train
+from cnnserve.cli import inside, interchange, maps, models, serve, train
 from cnnserve.cli._common import EXIT_ERROR, EXIT_FAILED, CommandError
 
 __all__ = ["build_parser", "main"]
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_evaluate,
         models.add_info,
         models.add_convert,
+        interchange.add_import,
+        interchange.add_export,
         maps.add_scoremap,
         maps.add_predict,
         inside.add_activations,

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "int_in_range",
     "EXIT_ERROR",
     "EXIT_FAILED",
     "CommandError",
+    "add_model_limits",
     "check_output",
     "check_target",
     "flag",
@@ -70,9 +73,38 @@ def size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an int from ``low`` to ``high``, inclusive."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-integer
+    return parse
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an int >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def add_model_limits(parser: argparse.ArgumentParser) -> None:
+    """``--max-model-pixels`` and ``--max-model-params``: what a model file may declare."""
+    from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
+
+    parser.add_argument(
+        "--max-model-pixels",
+        type=positive_int,
+        help=f"largest training input H*W a model file may declare (default {MAX_MODEL_PIXELS:,})",
+    )
+    parser.add_argument(
+        "--max-model-params",
+        type=positive_int,
+        help=f"most parameters a model file may declare (default {MAX_MODEL_PARAMS:,})",
+    )

@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from cnnserve._files import atomic_write_bytes
-from cnnserve.cli._common import check_target, positive_int
+from cnnserve.cli._common import check_target, int_in_range, positive_int
 
 __all__ = ["add_activations", "add_filters"]
+
+# cnnserve.visualise.TILE_RANGE, repeated so that the CLI starts without importing the
+# drawing code (tests/test_visualise_cli.py checks that the two agree).
+TILE_RANGE = (4, 512)
+tile_size = int_in_range(*TILE_RANGE)
 
 
 def _cmd_activations(args: argparse.Namespace) -> int:
@@ -82,7 +87,10 @@ def add_activations(commands: Any) -> None:
         "commas, e.g. input,0,3 (default: all)",
     )
     parser.add_argument(
-        "--tile", type=positive_int, default=48, help="a tile's long side in pixels (default 48)"
+        "--tile",
+        type=tile_size,
+        default=48,
+        help=f"a tile's long side in pixels, {TILE_RANGE[0]} to {TILE_RANGE[1]} (default 48)",
     )
     parser.set_defaults(handler=_cmd_activations)
 
@@ -104,6 +112,9 @@ def add_filters(commands: Any) -> None:
         help="the conv layer, by the number of its weights W<k> (default 1: the first)",
     )
     parser.add_argument(
-        "--tile", type=positive_int, default=32, help="a tile's long side in pixels (default 32)"
+        "--tile",
+        type=tile_size,
+        default=32,
+        help=f"a tile's long side in pixels, {TILE_RANGE[0]} to {TILE_RANGE[1]} (default 32)",
     )
     parser.set_defaults(handler=_cmd_filters)

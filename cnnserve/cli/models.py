@@ -12,6 +12,7 @@ import numpy as np
 
 from cnnserve.cli._common import (
     CommandError,
+    add_model_limits,
     check_output,
     positive_int,
 )
@@ -19,12 +20,18 @@ from cnnserve.cli._common import (
 __all__ = ["add_convert", "add_info"]
 
 
+def _limits(args: argparse.Namespace) -> dict[str, int]:
+    """The model-size limits of ``--max-model-pixels`` / ``--max-model-params``, if given."""
+    limits = {"max_pixels": args.max_model_pixels, "max_params": args.max_model_params}
+    return {key: value for key, value in limits.items() if value is not None}
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from cnnserve.modelfile import FCN_FORMAT_NAME, read_metadata, read_model_file
 
     if read_metadata(args.model).get("format") == FCN_FORMAT_NAME:
         return _info_converted(args)
-    file = read_model_file(args.model)
+    file = read_model_file(args.model, **_limits(args))
     model = file.model
     if args.json:
         info = {
@@ -60,7 +67,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _info_converted(args: argparse.Namespace) -> int:
     from cnnserve.convert import load_fully_convolutional
 
-    fcn = load_fully_convolutional(args.model)
+    fcn = load_fully_convolutional(args.model, **_limits(args))
     if args.json:
         info = {"model": str(args.model), "converted": True, **fcn.to_dict()}
         info["architecture"] = fcn.config
@@ -119,6 +126,7 @@ def add_info(commands: Any) -> None:
     )
     info.add_argument("model", help="a .safetensors model file")
     info.add_argument("--json", action="store_true", help="print the information as JSON")
+    add_model_limits(info)
     info.set_defaults(handler=_cmd_info)
 
 

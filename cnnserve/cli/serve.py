@@ -10,6 +10,7 @@ from typing import Any
 
 from cnnserve.cli._common import (
     CommandError,
+    add_model_limits,
     positive_int,
 )
 
@@ -24,6 +25,11 @@ _SERVE_SETTINGS = (
     "queue_timeout",
     "max_map_cells",
     "max_json_cells",
+    "header_timeout",
+    "body_timeout",
+    "max_connections",
+    "max_model_pixels",
+    "max_model_params",
     "warmup",
 )
 
@@ -85,7 +91,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             log_level=args.log_level,
             log_config=_log_config(LOGGING_CONFIG, args.log_level),
-            http="cnnserve.service.server:NoDelayHTTPProtocol",
+            http="cnnserve.service.server:ServiceHTTPProtocol",
+            ws="none",  # no WebSocket route: an Upgrade request is answered as plain HTTP
             timeout_graceful_shutdown=10,
         )
     return 0
@@ -100,7 +107,9 @@ def add_serve(commands: Any) -> None:
         "given come from CNNSERVE_* environment variables, then the defaults.",
     )
     serve.add_argument(
-        "--models", metavar="DIR", help="directory of .safetensors model files (default models)"
+        "--models",
+        metavar="DIR",
+        help="directory of .safetensors (and .onnx) model files (default models)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -138,6 +147,22 @@ def add_serve(commands: Any) -> None:
         type=float,
         help="seconds a request waits for an inference slot before a 503 (default 10)",
     )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        help="seconds a connection has to send a request's headers, then a 408 (default 10)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        help="seconds a request has to send its whole body, then a 408 (default 30)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=positive_int,
+        help="open connections per worker; one more gets a 503 (default 256)",
+    )
+    add_model_limits(serve)
     serve.add_argument(
         "--no-warmup",
         dest="warmup",

@@ -30,8 +30,9 @@ from fastapi.staticfiles import StaticFiles
 from cnnserve import __version__
 from cnnserve.service.deps import STATIC, Lane, Service
 from cnnserve.service.errors import install_error_handlers
+from cnnserve.service.guards import EncodedSlashGuard
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
-from cnnserve.service.registry import ModelRegistry
+from cnnserve.service.registry import ModelRegistry, load_one
 from cnnserve.service.routes import activations, health, inference, models
 from cnnserve.service.settings import Settings
 
@@ -87,7 +88,13 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     fastapi.FastAPI
     """
     settings = settings or Settings()
-    registry = registry or ModelRegistry(settings.models, warmup=settings.warmup)
+    registry = registry or ModelRegistry(
+        settings.models,
+        warmup=settings.warmup,
+        loader=functools.partial(
+            load_one, max_pixels=settings.max_model_pixels, max_params=settings.max_model_params
+        ),
+    )
     metrics = Metrics()
 
     app = FastAPI(
@@ -103,7 +110,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     )
     app.state.service = Service(settings, registry, metrics)
     install_error_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
+    app.add_middleware(EncodedSlashGuard)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)  # outermost
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     for routes in (health, models, inference, activations):
         app.include_router(routes.router)

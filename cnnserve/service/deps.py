@@ -266,6 +266,14 @@ def decode_image(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray
         raise ServiceError(400, "invalid_image", str(exc)) from None
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client of a request whose body has been read leaves."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 # ---------------------------------------------------------------------------------------------
 # The service's state
 # ---------------------------------------------------------------------------------------------
@@ -302,13 +310,11 @@ class Lane:
         self.metrics.rejected.labels(self.endpoint).inc()
         return ServiceError(503, "busy", f"{why}; retry later", {"Retry-After": "1"})
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Count a request from its arrival to its answer.
+    def check_room(self) -> None:
+        """Refuse at once (503), before its body is read, a request that could not be admitted.
 
-        At most ``max_concurrency`` run and ``max_waiting`` wait (their bodies read, or being
-        read); a request beyond them is refused at once, before its body is read, so that the
-        memory held by waiting bodies stays bounded.
+        Takes nothing: a request is admitted (:meth:`admit`) only once its body is in, so
+        that clients that stall mid-upload never hold a place.
         """
         s = self.settings
         if self.admitted >= s.max_concurrency + s.max_waiting:
@@ -316,40 +322,76 @@ class Lane:
                 f"{s.max_concurrency} {self.endpoint} inferences are running and "
                 f"{s.max_waiting} waiting"
             )
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a request whose body is in, from then to its answer.
+
+        At most ``max_concurrency`` run and ``max_waiting`` wait; a request beyond them is
+        refused at once (503), so that the memory held by waiting bodies stays bounded.
+        """
+        self.check_room()
         self.admitted += 1
         try:
             yield
         finally:
             self.admitted -= 1
 
+    async def _acquire(self, request: Request) -> None:
+        """A slot, waiting up to ``queue_timeout`` while watching the client's connection.
+
+        Raises
+        ------
+        ClientDisconnect
+            The client left while the request waited: it never runs (counted as 499).
+        ServiceError
+            503: no slot came free in time.
+        """
+        s, slots = self.settings, self.slots
+        if not slots.locked():
+            await slots.acquire()
+            return
+        acquiring = asyncio.ensure_future(slots.acquire())
+        # The body is in: the connection's next message is its end, when the client leaves.
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {acquiring, gone}, timeout=s.queue_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # the request itself was cancelled
+            gone.cancel()
+            if not acquiring.cancel() and not acquiring.cancelled():  # it holds a slot
+                slots.release()
+            raise
+        gone.cancel()
+        if acquiring in done:
+            if gone in done:  # both at once: the client left all the same
+                slots.release()
+                raise ClientDisconnect()
+            return
+        # A pending acquire that is cancelled never holds a slot (asyncio.Semaphore).
+        acquiring.cancel()
+        if gone in done:
+            raise ClientDisconnect()
+        raise self._busy(
+            f"all {s.max_concurrency} {self.endpoint} slots stayed busy for {s.queue_timeout:g} s"
+        )
+
     async def run(self, request: Request, model: LoadedModel, work: Any) -> Any:
         """``work()`` on one of the lane's threads, once a slot is free: ``(result, seconds)``.
 
-        Waits up to ``queue_timeout`` for a slot (then a 503). A request whose client has
-        gone while it waited is dropped. The slot is held until the thread has finished, even
-        if the request is cancelled meanwhile, so that slots never outnumber busy threads.
+        Waits up to ``queue_timeout`` for a slot (then a 503), watching the connection: a
+        request whose client leaves while it waits is dropped at once and never runs. The
+        slot is held until the thread has finished, even if the request is cancelled
+        meanwhile, so that slots never outnumber busy threads.
         """
-        s, m, slots = self.settings, self.metrics, self.slots
+        m, slots = self.metrics, self.slots
         waiting = m.waiting.labels(self.endpoint)
         waiting.inc()
         try:
-            if slots.locked():
-                await asyncio.wait_for(slots.acquire(), s.queue_timeout)
-            else:
-                await slots.acquire()
-        except TimeoutError:
-            raise self._busy(
-                f"all {s.max_concurrency} {self.endpoint} slots stayed busy for "
-                f"{s.queue_timeout:g} s"
-            ) from None
+            await self._acquire(request)
         finally:
             waiting.dec()
-        try:
-            if await request.is_disconnected():
-                raise ClientDisconnect()
-        except BaseException:
-            slots.release()
-            raise
         running = m.in_progress.labels(self.endpoint)
         running.inc()
 

@@ -2,10 +2,12 @@
 
 Every failure a request can cause is a :class:`ServiceError` raised by the routes, a FastAPI
 validation error (422), or a Starlette HTTP error (404 for an unknown path, 405 for a wrong
-method); all three answer in the same JSON form. A client that leaves before its answer is
-not an error of the service: it is logged in one line and counted as status 499. Anything
-else is a bug: it is logged with its traceback and answered with a JSON 500 that gives
-nothing away.
+method); all three answer in the same JSON form (and the HTTP parser's own 400s too, see
+:mod:`cnnserve.service.server`). A client that leaves before its answer is not an error of
+the service: it is logged in one line and counted as status 499 (or 408 / 400 when the
+server closed the connection of a body that came too slowly, or malformed). Anything else
+is a bug: it is logged with its traceback and answered with a JSON 500 that gives nothing
+away.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from cnnserve.service.server import CUT_OFF
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "ServiceError", "error_response", "install_error_handlers"]
 
@@ -92,7 +96,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        # Nobody is left to answer: counted as 499 (nginx's "client closed request").
+        # Nobody is left to answer: counted as 499 (nginx's "client closed request"), or as
+        # the status the server answered with when it closed the connection itself (a body
+        # that did not come in time, or a malformed one).
+        if request.scope.get(CUT_OFF):
+            return Response(status_code=request.scope[CUT_OFF])
         log.info("client left during %s %s", request.method, request.url.path)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 

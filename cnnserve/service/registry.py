@@ -20,18 +20,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cnnserve.convert import FullyConvNet, load_fully_convolutional
+from cnnserve.convert import FullyConvNet, load_fully_convolutional, to_fully_convolutional
 from cnnserve.dense import score_map
 from cnnserve.images import read_image
+from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS, check_model_size
 from cnnserve.network import ConvNet
 from cnnserve.predict import predict
+from cnnserve.specs import tensor_shapes
 
 __all__ = ["LoadedModel", "ModelDirectoryError", "ModelRegistry", "load_one"]
 
 log = logging.getLogger("cnnserve.service")
 
+# The largest image of a model's warm-up map (4 x 4 windows when they fit in it).
+WARMUP_MAP_PIXELS = 2**18
+
 # A name that is safe in a URL path segment and a Prometheus label.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_SUFFIXES = (".safetensors", ".onnx")  # .onnx: imported at start (cnnserve.onnx)
 
 
 class ModelDirectoryError(RuntimeError):
@@ -82,16 +88,49 @@ class LoadedModel:
         }
 
 
-def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
-    """Load a trained or converted model file, convert it, and run it once.
+def load_one(
+    path: Path,
+    *,
+    warmup: bool = True,
+    max_pixels: int = MAX_MODEL_PIXELS,
+    max_params: int = MAX_MODEL_PARAMS,
+) -> LoadedModel:
+    """Load a trained or converted model file (or import an ONNX one), convert it, and run it
+    once.
+
+    Parameters
+    ----------
+    path : Path
+    warmup : bool
+        Run the model once: a classification and a map of 4 x 4 windows, whose work the
+        limit on the model's input bounds.
+    max_pixels, max_params : int
+        The largest training input (H*W) and the most parameters the file may declare,
+        checked from its header before anything is allocated.
 
     Raises
     ------
-    ModelFileError, ConversionError
-        A corrupt or mismatched file, or a conversion whose self-check fails.
+    ModelFileError, ConversionError, OnnxError, OnnxUnavailableError
+        A corrupt or mismatched file, a model over the limits, an ONNX graph cnnserve cannot
+        read (or no onnx package), or a conversion whose self-check fails.
     """
     start = time.perf_counter()
-    fcn = load_fully_convolutional(path)  # a trained file is converted and self-checked
+    if path.suffix == ".onnx":  # imported (the onnx package loads only for such a file)
+        from cnnserve.onnx import read_onnx
+
+        imported = read_onnx(path)
+        config = imported.model.config()
+        check_model_size(
+            path,
+            config,
+            tensor_shapes(config),
+            max_pixels=max_pixels,
+            max_params=max_params,
+        )
+        fcn = to_fully_convolutional(imported.model)
+        fcn.training = imported.record
+    else:  # a trained file is converted and self-checked
+        fcn = load_fully_convolutional(path, max_pixels=max_pixels, max_params=max_params)
     model = ConvNet.from_config(
         fcn.config, class_names=fcn.class_names, normalization=fcn.normalization
     )  # for its layer table and parameter count only: fresh weights, same shapes
@@ -99,13 +138,19 @@ def load_one(path: Path, *, warmup: bool = True) -> LoadedModel:
         # One decode, one classification and one small map: Pillow loads its format plugins
         # at its first decode (about 7 ms), and the first call of each conv path sets up its
         # thread pools and scratch buffers; neither should be a user's first request.
+        # The map is of 4 x 4 windows, or of 2 x 2 cells for a large window, so that the
+        # warm-up's work stays within a few passes of the largest input a model may have.
         C, th, tw = fcn.input_shape
         Image.init()
         encoded = io.BytesIO()
         Image.new("RGB", (tw, th)).save(encoded, "PNG")
         pixels = read_image(encoded.getvalue(), C)
         predict(fcn, pixels)
-        score_map(fcn, np.zeros((C, 4 * th, 4 * tw), dtype=np.float32))
+        if 16 * th * tw <= WARMUP_MAP_PIXELS:
+            mh, mw = 4 * th, 4 * tw
+        else:
+            mh, mw = th + fcn.geometry.stride, tw + fcn.geometry.stride
+        score_map(fcn, np.zeros((C, mh, mw), dtype=np.float32))
     return LoadedModel(
         name=path.stem,
         file=path,
@@ -122,7 +167,8 @@ class ModelRegistry:
     Parameters
     ----------
     directory : Path
-        Holds ``*.safetensors`` model files (trained or converted).
+        Holds ``*.safetensors`` model files (trained or converted) and ``*.onnx`` classifiers
+        (imported with :func:`cnnserve.onnx.read_onnx`).
     warmup : bool
         Run each model once after loading it.
     loader : callable, optional
@@ -159,17 +205,21 @@ class ModelRegistry:
         Raises
         ------
         ModelDirectoryError
-            The directory does not exist or holds no ``*.safetensors`` file.
+            The directory does not exist or holds no ``*.safetensors`` or ``*.onnx`` file.
         """
         if not self.directory.is_dir():
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} does not exist (set --models or "
                 "CNNSERVE_MODELS)"
             )
-        files = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        files = sorted(  # by name, a .safetensors file before an .onnx file of the same stem
+            (p for p in self.directory.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file()),
+            key=lambda p: (p.stem, MODEL_SUFFIXES.index(p.suffix)),
+        )
         if not files:
             raise ModelDirectoryError(
-                f"model directory {self.directory.resolve()} holds no *.safetensors model file"
+                f"model directory {self.directory.resolve()} holds no *.safetensors model file "
+                "(nor any *.onnx file)"
             )
         self.files = files
         return files
@@ -185,6 +235,13 @@ class ModelRegistry:
                         "'-', starting with a letter or digit; rename the file"
                     )
                     log.error("skipping %s", self.failed[name])
+                    continue
+                if name in self.models or name in self.failed:  # x.onnx beside x.safetensors
+                    self.failed[path.name] = (
+                        f"{path.name}: another model file already has the name {name!r}; "
+                        "rename one of them"
+                    )
+                    log.error("skipping %s", self.failed[path.name])
                     continue
                 try:
                     model = self.loader(path, warmup=self.warmup)

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cnnserve.modelfile import MAX_MODEL_PARAMS, MAX_MODEL_PIXELS
+
 __all__ = ["Settings"]
 
 
@@ -26,8 +28,8 @@ class Settings(BaseSettings):
 
     models: Path = Field(
         Path("models"),
-        description="Directory of model files (*.safetensors, trained or converted); each "
-        "file's stem is the model's name.",
+        description="Directory of model files (*.safetensors, trained or converted; *.onnx, "
+        "imported at start); each file's stem is the model's name.",
     )
     max_body_bytes: int = Field(
         20 * 2**20, ge=1, description="Largest request body, in bytes (413 above it)."
@@ -46,13 +48,45 @@ class Settings(BaseSettings):
     max_waiting: int = Field(
         16,
         ge=0,
-        description="Requests waiting for a slot per endpoint (their bodies read or being "
-        "read); one more gets a 503 at once.",
+        description="Requests waiting for a slot per endpoint, their bodies read; one more "
+        "gets a 503 at once.",
     )
     queue_timeout: float = Field(
         10.0,
         ge=0,
         description="Seconds a request waits for an inference slot before a 503.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers, from its opening "
+        "or from the first byte of its next request; then a 408 and the connection is closed.",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request has to send its whole body, from the end of its "
+        "headers; then a 408 and the connection is closed (a 20 MiB body in 30 s needs "
+        "0.7 MB/s).",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="Open connections per worker; one more gets a 503 and is closed at once. "
+        "Bodies being read take no inference slot, so this and max_body_bytes bound the "
+        "memory they hold.",
+    )
+    max_model_pixels: int = Field(
+        MAX_MODEL_PIXELS,
+        ge=1,
+        description="Largest input (H*W, training size) of a model file: a larger one is "
+        "refused from its header, before anything is allocated.",
+    )
+    max_model_params: int = Field(
+        MAX_MODEL_PARAMS,
+        ge=1,
+        description="Most parameters of a model file: a larger one is refused from its "
+        "header, before any tensor is read.",
     )
     max_map_cells: int = Field(
         2**22,

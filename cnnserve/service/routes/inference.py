@@ -1,7 +1,8 @@
 """Routes that run a network on an image: ``/predict`` (class scores) and ``/scoremap``.
 
-Each request is admitted to its endpoint's :class:`~cnnserve.service.deps.Lane` before its
-body is read, then decoded and run on one of the lane's threads: ``/predict`` classifies the
+Each request is admitted to its endpoint's :class:`~cnnserve.service.deps.Lane` once its
+body has been read (a full lane refuses it before), then decoded and run on one of the
+lane's threads: ``/predict`` classifies the
 image as a whole (resized to the training size), ``/scoremap`` returns a dense map of class
 scores over every training-size window, as JSON (arrays in base64) or as a heatmap PNG.
 """
@@ -54,8 +55,9 @@ async def predict(name: ModelName, request: Request, service: ServiceDep, top_k:
     settings = service.settings
     model = service.model(name)
     lane = service.lanes["predict"]
-    with lane.admit():
-        data = await image_bytes(request, settings.max_body_bytes)
+    lane.check_room()  # a full lane refuses before reading the body
+    data = await image_bytes(request, settings.max_body_bytes)
+    with lane.admit():  # a place only once the body is in: stalled uploads hold none
 
         def work() -> Any:
             pixels = decode_image(data, model, settings.max_pixels)
@@ -144,8 +146,9 @@ async def scoremap(
     except ValueError as exc:
         raise ServiceError(422, "invalid_parameter", str(exc)) from None
     lane = service.lanes["scoremap"]
+    lane.check_room()
+    data = await image_bytes(request, settings.max_body_bytes)
     with lane.admit():
-        data = await image_bytes(request, settings.max_body_bytes)
 
         def work() -> Any:
             started = time.perf_counter()

@@ -540,7 +540,7 @@ async function renderInside(model, file) {
   els.layers.replaceChildren(...figures);
   const resized = body.resized_to ? `, resized to ${px(body.resized_to)} as for predictions` : "";
   els.insideMeta.textContent =
-    `${body.layers.length - 1} layers on the ${px(body.image_size)} image${resized}. ` +
+    `The input and its ${body.layers.length - 1} layers, on the ${px(body.image_size)} image${resized}. ` +
     "Each channel is a tile scaled to its own range (black to white); vectors and the " +
     "class scores are bars. Grids load as they scroll into view.";
   state.observer = new IntersectionObserver(
