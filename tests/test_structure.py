@@ -33,6 +33,7 @@ INFERENCE_PATH = (
     "cnnserve.geometry",
     "cnnserve.convert",
     "cnnserve.dense",
+    "cnnserve.large",
     "cnnserve.predict",
     "cnnserve.heatmap",
     "cnnserve.layers",
@@ -67,6 +68,7 @@ RANKS = {
     "cnnserve.onnx": 7,  # ONNX import and export (the onnx package imported lazily)
     "cnnserve.visualise": 7,  # activations and filters: network and convert, drawn
     "cnnserve.dense": 8,
+    "cnnserve.large": 8.5,  # out-of-core maps: sources, zarr sinks, Dask (on dense)
     "cnnserve.service": 9,
     "cnnserve.cli": 10,
     "cnnserve.__main__": 11,

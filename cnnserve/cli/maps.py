@@ -20,6 +20,7 @@ from cnnserve.cli._common import (
     positive_int,
     size,
 )
+from cnnserve.cli.large import add_large_options, run_large
 
 __all__ = ["add_demo", "add_predict", "add_scoremap"]
 
@@ -52,6 +53,9 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
     from cnnserve.heatmap import check_picture_size, png_bytes
     from cnnserve.images import as_image, read_image_file
 
+    status = run_large(args)  # --out MAP.zarr: the out-of-core map
+    if status is not None:
+        return status
     # Everything that can be refused is checked before the map is computed, and the files
     # are written only once both are ready: an error leaves no partial output.
     for option in ("json", "png"):
@@ -239,7 +243,11 @@ def add_scoremap(commands: Any) -> None:
         "scores: one cell per training-size window at the network's stride.",
     )
     scoremap.add_argument("model", help="a trained or converted .safetensors model file")
-    scoremap.add_argument("image", help="an image file (PNG, JPEG, ...) or a .npy array")
+    scoremap.add_argument(
+        "image",
+        help="an image file (PNG, JPEG, ...) or a .npy array; with --out MAP.zarr also a "
+        "tiled TIFF, BigTIFF or zarr array of any size",
+    )
     scoremap.add_argument(
         "--class",
         dest="class_",
@@ -278,6 +286,7 @@ def add_scoremap(commands: Any) -> None:
         "it and the colour bar beside it",
     )
     scoremap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_large_options(scoremap)
     scoremap.set_defaults(handler=_cmd_scoremap)
 
 
