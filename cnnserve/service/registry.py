@@ -1,6 +1,7 @@
 """The models a service instance serves: found in one directory, loaded, converted, warmed up.
 
-A model's name is its file's stem (``models/digits.safetensors`` is ``digits``). Requests name
+A model's name is its file's stem (``models/digits.safetensors`` is ``digits``); training
+checkpoints (files whose stem holds ``_checkpoint``) are never served. Requests name
 models only by these names, looked up in :attr:`ModelRegistry.models`: no part of a request
 ever becomes a path.
 """
@@ -159,17 +160,24 @@ class ModelRegistry:
         Raises
         ------
         ModelDirectoryError
-            The directory does not exist or holds no ``*.safetensors`` file.
+            The directory does not exist or holds no ``*.safetensors`` file other than
+            training checkpoints (``*_checkpoint*``), which are never served.
         """
         if not self.directory.is_dir():
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} does not exist (set --models or "
                 "CNNSERVE_MODELS)"
             )
-        files = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        found = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        files = [p for p in found if "_checkpoint" not in p.stem]
+        for path in found:
+            if path not in files:
+                log.info("not serving %s: a training checkpoint", path.name)
         if not files:
+            skipped = " (only training checkpoints, which are never served)" if found else ""
             raise ModelDirectoryError(
-                f"model directory {self.directory.resolve()} holds no *.safetensors model file"
+                f"model directory {self.directory.resolve()} holds no *.safetensors model "
+                f"file{skipped}"
             )
         self.files = files
         return files
