@@ -57,5 +57,7 @@ def test_kernels_run_in_both_dtypes():
 
     for dtype in (np.float32, np.float64):
         x = np.ones((1, 1, 3, 3), dtype=dtype)
-        out, _ = layers.conv_forward(x, np.ones((1, 1, 3, 3), dtype), np.zeros(1, dtype), {})
+        out, _ = layers.conv_forward(
+            x, np.ones((1, 1, 3, 3), dtype), np.zeros(1, dtype), {"pad": 0}
+        )
         assert out.dtype == dtype and out.item() == 9

@@ -206,7 +206,7 @@ def test_output_problems_are_found_before_training(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     new_dir = tmp_path / "new" / "deeper"
     assert main(["train", *SMALL, "--lr", "-1", "--out", str(new_dir / "m.safetensors")]) == 2
-    assert "learning_rate" in capsys.readouterr().err
+    assert "--lr must be in [0, inf), got -1" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # nothing is left behind for a run that never ran
 
 
@@ -292,7 +292,7 @@ def test_architecture_from_a_json_file(tmp_path):
                 "--out",
                 "{tmp}/m.safetensors",
             ],
-            "learning_rate",
+            "--lr must be in [0, inf), got -1",
         ),
         (["evaluate", "{tmp}/missing.safetensors"], "does not exist"),
         (["evaluate", "{tmp}/bad.json"], "not a readable safetensors file"),
@@ -369,3 +369,39 @@ def test_a_reader_that_leaves_early_is_not_an_error():
         os.close(write_end)
     assert done.returncode == 0
     assert done.stderr == b""
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-1"], "--lr must be in [0, inf), got -1"),
+        (["--lr", "inf"], "--lr must be in [0, inf), got inf"),
+        (["--lr-decay", "1.5"], "--lr-decay must be in (0, 1], got 1.5"),
+        (["--lr-decay", "0"], "--lr-decay must be in (0, 1], got 0"),
+        (["--reg", "nan"], "--reg must be in [0, inf), got nan"),
+        (["--weight-scale", "0"], "--weight-scale must be in (0, inf), got 0"),
+        (
+            ["--arch", "resnet"],
+            "--arch 'resnet' is neither a preset (digits, three_layer, lenet) nor a JSON file",
+        ),
+        (["--epochs", "x"], "argument --epochs: expected a positive integer, got 'x'"),
+    ],
+)
+def test_train_checks_every_flag_before_loading_data(tmp_path, monkeypatch, capsys, flags, message):
+    import cnnserve.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the flags were checked")
+
+    monkeypatch.setattr(cnnserve.data, "load_dataset", no_data)
+    out = tmp_path / "m.safetensors"
+    try:  # argparse's own errors exit with 2, the command's return 2
+        status = main(["train", "--data", "digits", *flags, "--out", str(out), "--quiet"])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # not even the data summary
+    assert captured.err.strip().splitlines()[-1] == f"cnnserve train: error: {message}"
+    assert "Traceback" not in captured.err and "positive_int" not in captured.err
+    assert list(tmp_path.iterdir()) == []

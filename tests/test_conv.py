@@ -122,11 +122,15 @@ def test_known_values():
     assert out[0, 0, 3, 3] == x[0, 0, 2, 2] + 0.5  # only w[0, 0] meets the image
 
 
-def test_default_param_is_stride_1_pad_0():
+def test_default_stride_is_1_and_pad_is_required():
     x, w, b, _ = _random_problem((1, 2, 5, 5, 2, 3, 3, 1, 0), np.float64)
-    out_default, _ = layers.conv_forward(x, w, b, {})
+    out_default, _ = layers.conv_forward(x, w, b, {"pad": 0})
     out_explicit, _ = layers.conv_forward(x, w, b, {"stride": 1, "pad": 0})
     np.testing.assert_array_equal(out_default, out_explicit)
+    # as in the source notes' API, a forgotten pad is an error, never a silent 0
+    for param in ({}, {"stride": 1}):
+        with pytest.raises(ValueError, match=r"^conv_param is missing the required key 'pad'$"):
+            layers.conv_forward(x, w, b, param)
 
 
 @pytest.mark.parametrize(

@@ -189,11 +189,11 @@ def test_pack_filters_is_a_snapshot(small_packing):
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     b = np.zeros(5, np.float32)
-    want, _ = layers.conv_forward(x, w, b, {})
+    want, _ = layers.conv_forward(x, w, b, {"pad": 0})
     filters = layers.pack_filters(w)
     w[:] = 0
-    got, _ = layers.conv_forward(x, filters, b, {})
-    np.testing.assert_array_equal(layers.conv_forward(x, filters.w, b, {})[0], want)
+    got, _ = layers.conv_forward(x, filters, b, {"pad": 0})
+    np.testing.assert_array_equal(layers.conv_forward(x, filters.w, b, {"pad": 0})[0], want)
     assert_close_to_scale(got, want)
     for array in (filters.w, filters._w, filters._packed):
         if array is not None:
@@ -218,13 +218,13 @@ def test_packed_filters_copy_and_pickle(small_packing, duplicate):
     x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
     b = rng.standard_normal(40).astype(np.float32)
     filters = layers.pack_filters(rng.standard_normal((40, 4, 3, 3)).astype(np.float32))
-    want, _ = layers.conv_forward(x, filters, b, {})
+    want, _ = layers.conv_forward(x, filters, b, {"pad": 0})
     for _ in range(8):  # an unaligned copy would fail about every other time
         other = duplicate(filters)
         assert other.packed == filters.packed
         if other.packed:
             assert other._packed.ctypes.data % 64 == 0
-        np.testing.assert_array_equal(layers.conv_forward(x, other, b, {})[0], want)
+        np.testing.assert_array_equal(layers.conv_forward(x, other, b, {"pad": 0})[0], want)
     assert len(pickle.dumps(filters)) < filters.w.nbytes + 1000
 
 
@@ -252,9 +252,11 @@ def test_pack_filters_and_conv_forward_check_their_arguments(small_packing):
     filters = layers.pack_filters(rng.standard_normal((4, 3, 2, 2)).astype(np.float32))
     x64 = rng.standard_normal((1, 3, 5, 5))
     with pytest.raises(TypeError, match="dtype"):
-        layers.conv_forward(x64, filters, np.zeros(4, np.float32), {})
+        layers.conv_forward(x64, filters, np.zeros(4, np.float32), {"pad": 0})
     with pytest.raises(ValueError, match="input channels"):
-        layers.conv_forward(x64[:, :2].astype(np.float32), filters, np.zeros(4, np.float32), {})
+        layers.conv_forward(
+            x64[:, :2].astype(np.float32), filters, np.zeros(4, np.float32), {"pad": 0}
+        )
 
 
 def test_bench_row_4096_filters_packed():

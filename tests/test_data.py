@@ -275,7 +275,10 @@ def test_bad_arguments(kwargs, exc, message):
 
 
 def test_bad_source_type_and_digits_format_on_a_path(tmp_path):
-    with pytest.raises(TypeError, match="source must be 'digits', 'digits-windows' or a path"):
+    with pytest.raises(
+        TypeError,
+        match=r"source must be one of \('digits', 'digits-windows', 'faces', 'mnist-5k'\) or a path, got int",
+    ):
         load_dataset(123)
     with pytest.raises(ValueError, match="format='digits' needs source='digits'"):
         load_dataset(tmp_path, format="digits")

