@@ -307,8 +307,11 @@ class ModelRegistry:
             )
         sources = find_sources(self.directory)
         if not sources:
-            checkpoints = any("_checkpoint" in p.stem for p in self.directory.glob("*.safetensors"))
-            skipped = " other than training checkpoints, which are never served" if checkpoints else ""
+            found = self.directory.glob("*.safetensors")
+            checkpoints = any("_checkpoint" in p.stem for p in found)
+            skipped = (
+                " other than training checkpoints, which are never served" if checkpoints else ""
+            )
             raise ModelDirectoryError(
                 f"model directory {self.directory.resolve()} holds no *.safetensors model file "
                 f"(nor any *.onnx file, nor NAME/1/model.safetensors){skipped}"
