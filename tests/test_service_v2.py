@@ -206,3 +206,17 @@ def test_a_huge_declared_shape_is_refused_not_wrapped(server):
     with info.value as exc:
         assert exc.code == 400
         assert f"needs {2**120} bytes" in json.load(exc)["error"]  # 2**40 cubed, exactly
+
+
+def test_a_map_too_large_for_json_is_refused_unless_sent_as_binary(client):
+    """Over max_json_cells (2**18) cells a map goes as binary data only, as /scoremap's JSON."""
+    image = np.zeros((1, 1100, 1100, 1), np.uint8)  # a 547 x 547 map: 299,209 cells
+    tensor = triton.InferInput("image", list(image.shape), "UINT8")
+    tensor.set_data_from_numpy(image, binary_data=True)
+    as_json = [triton.InferRequestedOutput("probability_map", binary_data=False)]
+    with pytest.raises(InferenceServerException, match="as binary data") as info:
+        client.infer("digits", [tensor], outputs=as_json)
+    assert "547x547 cells" in str(info.value)
+    as_binary = [triton.InferRequestedOutput("probability_map", binary_data=True)]
+    result = client.infer("digits", [tensor], outputs=as_binary)
+    assert result.as_numpy("probability_map").shape == (1, 10, 547, 547)

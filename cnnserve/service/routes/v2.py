@@ -383,6 +383,13 @@ async def _infer(service: Any, request: Request, model: LoadedModel) -> Response
                 f"{N} map(s) of {rows}x{cols} cells: more than the limit of "
                 f"{settings.max_map_cells:,} cells"
             )
+        as_json = [name for name, binary in outputs if not binary]
+        if as_json and N * rows * cols > settings.max_json_cells:
+            raise _bad(
+                f"{N} map(s) of {rows}x{cols} cells: more than the {settings.max_json_cells:,} "
+                f"cells whose values a JSON answer carries ({', '.join(as_json)}); ask for them "
+                'as binary data ("binary_data_output": true), or send a smaller image'
+            )
         lane_name = "scoremap"
         lane = service.lanes[lane_name]
         pixels = np.ascontiguousarray(image.transpose(0, 3, 1, 2))
@@ -396,7 +403,8 @@ async def _infer(service: Any, request: Request, model: LoadedModel) -> Response
             maps, _ = await lane.run(request, model, work)  # (N, K, H', W')
         maps = maps.astype(np.float32)
         results = {"score_map": maps, "probability_map": _softmax(maps, 1)}
-    return _answer(model, inference.get("id"), outputs, results)
+    # encoded off the event loop: a map's JSON can take a while, and /healthz must not wait
+    return await asyncio.to_thread(_answer, model, inference.get("id"), outputs, results)
 
 
 def _answer(model: LoadedModel, request_id: Any, outputs: list, results: dict) -> Response:
