@@ -58,6 +58,14 @@ def test_digit(seed: int) -> tuple[np.ndarray, int]:
 test_digit.__test__ = False  # a helper, not a test
 
 
+def probabilities(answer: dict) -> np.ndarray:
+    """A /predict answer's probabilities as a (10,) array (classes not in its top k: 0)."""
+    p = np.zeros(10)
+    for ranked in answer["predictions"]:
+        p[ranked["index"]] = ranked["probability"]
+    return p
+
+
 def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while client.get("/readyz").status_code != 200:

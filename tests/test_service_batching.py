@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from cnnserve.convert import load_fully_convolutional
 from cnnserve.predict import predict
 from cnnserve.service import Settings, create_app
-from tests.test_service import PNG, png, test_digit, wait_ready
+from tests.test_service import PNG, png, probabilities, test_digit, wait_ready
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
 
@@ -25,13 +25,6 @@ def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     shutil.copy(MODEL, folder / "digits.safetensors")
     return folder
-
-
-def probabilities(answer: dict) -> np.ndarray:
-    p = np.zeros(10)
-    for ranked in answer["predictions"]:
-        p[ranked["index"]] = ranked["probability"]
-    return p
 
 
 def test_batched_answers_equal_unbatched(model_dir):

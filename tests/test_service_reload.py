@@ -19,7 +19,7 @@ from cnnserve.modelfile import load_model, save_model
 from cnnserve.predict import predict
 from cnnserve.service import Settings, create_app
 from tests.live_server import live_server
-from tests.test_service import PNG, png, test_digit, wait_ready
+from tests.test_service import PNG, png, probabilities, test_digit, wait_ready
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
 
@@ -40,13 +40,6 @@ def versioned(folder: Path, version: int, source: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(source, target)
     return target
-
-
-def probabilities(answer: dict) -> np.ndarray:
-    p = np.zeros(10)
-    for ranked in answer["predictions"]:
-        p[ranked["index"]] = ranked["probability"]
-    return p
 
 
 def test_versioned_directories_serve_their_highest_version(tmp_path, other_model):

@@ -24,6 +24,7 @@ from cnnserve.convert import load_fully_convolutional
 from cnnserve.data import digits_canvas
 from cnnserve.dense import score_map
 from tests.live_server import server_process
+from tests.test_service import probabilities
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
 
@@ -68,11 +69,7 @@ def predict_probabilities(server: str, pixels: np.ndarray) -> np.ndarray:
         headers={"Content-Type": "image/png"},
     )
     with urllib.request.urlopen(req, timeout=30) as r:
-        answer = json.load(r)
-    p = np.zeros(10)
-    for ranked in answer["predictions"]:
-        p[ranked["index"]] = ranked["probability"]
-    return p
+        return probabilities(json.load(r))
 
 
 def test_metadata_and_health(client, fcn):
