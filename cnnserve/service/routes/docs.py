@@ -43,7 +43,8 @@ _SELF_ONLY = {
 
 _MISSING = (
     "<!doctype html><title>cnnserve API docs</title><p>The offline API docs need the "
-    "<code>docs</code> extra: <code>pip install 'cnnserve[docs]'</code>. The schema is at "
+    "<code>docs</code> extra: <code>pip install fastapi-offline</code> (from a clone: "
+    "<code>.venv/bin/pip install -e '.[docs]'</code>). The schema is at "
     '<a href="/openapi.json">/openapi.json</a>.</p>'
 )
 
