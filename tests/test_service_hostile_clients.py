@@ -100,8 +100,14 @@ class Client:
         return response.status, response.read(), time.perf_counter() - start
 
     def metrics(self) -> str:
-        self.conn.request("GET", "/metrics")
-        return self.conn.getresponse().read().decode()
+        # A connection of its own each time: the kept-alive one may have been closed by the
+        # server's keep-alive timeout while a test waited (seen on a loaded machine).
+        conn = http.client.HTTPConnection(*self.address, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
 
     def connect(self) -> socket.socket:
         return socket.create_connection(self.address, timeout=10)
