@@ -117,7 +117,8 @@ class Solver:
         Seeds the solver's generator (epoch permutations, accuracy subsets); default 0.
     augment : Augment, str, dict or None
         Augmentation of every training batch (:mod:`cnnserve.data.augment`): an ``Augment``,
-        a spec such as ``"shift=2,flip=0.5"``, or None (default: none). The draws come from a
+        a spec such as ``"shift=2,flip=0.5"``, ``"default"`` (the default of the data set
+        ``record["dataset"]`` names), or None (default: none). The draws come from a
         generator seeded by ``(seed, epoch)``; the pixels are augmented in [0, 1] with the
         model's ``normalization`` when it has one.
     patience : int, optional
@@ -219,7 +220,8 @@ class Solver:
             options["num_val_samples"], "num_val_samples"
         )
         self.seed = _check_int(options["seed"], "seed", 0)
-        self.augment = resolve_augment(options["augment"])
+        named = options["record"].get("dataset") if isinstance(options["record"], Mapping) else None
+        self.augment = resolve_augment(options["augment"], named)
         self.patience = check_patience(options["patience"])
         self.print_every = _check_int(options["print_every"], "print_every", 1)
         for name in ("verbose", "progress"):

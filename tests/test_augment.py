@@ -172,5 +172,7 @@ def test_bad_arguments():
         Augment(flip="0.5")
     with pytest.raises(ValueError, match="unknown parameter"):
         resolve_augment({"rotate": 10})
+    with pytest.raises(ValueError, match=r"no data set is named: pass default_augment\(name\)"):
+        resolve_augment("default")
     with pytest.raises(TypeError, match="augment must be an Augment"):
         resolve_augment(3)

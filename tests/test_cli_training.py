@@ -230,3 +230,10 @@ def test_evaluate_prints_the_per_class_table(tmp_path, capsys):
     matrix = np.array(result["confusion_matrix"])
     for k, row in enumerate(result["per_class"]):
         assert row["recall"] == pytest.approx(matrix[k, k] / matrix[k].sum())
+
+
+def test_the_data_summary_names_every_class(capsys):
+    argv = ["train", "--data", "digits-windows", "--limit", "100", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--out", "w.safetensors"]) == 0
+    out = capsys.readouterr().out
+    assert "classes (11): 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, background" in out

@@ -329,6 +329,11 @@ def resolve_augment(value: Any, source: str | None = None) -> Augment:
         return value
     if isinstance(value, str):
         if value.strip().lower() == "default":
+            if source is None:
+                raise ValueError(
+                    "augment='default' is a data set's own augmentation, but no data set is "
+                    "named: pass default_augment(name), e.g. default_augment('faces')"
+                )
             return default_augment(source)
         return Augment.parse(value)
     if isinstance(value, Mapping):
