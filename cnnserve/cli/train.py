@@ -489,17 +489,23 @@ def add_train(commands: Any) -> None:
         "--arch", help="a preset (digits, three_layer, lenet) or a JSON file (default digits)"
     )
     train.add_argument("--epochs", type=positive_int, help="epochs in all (default 10)")
-    train.add_argument("--batch-size", type=positive_int, help="default 50")
+    train.add_argument(
+        "--batch-size", type=positive_int, help="images per training step (default 50)"
+    )
     train.add_argument(
         "--update-rule",
         choices=["sgd", "sgd_momentum", "rmsprop", "adam"],
-        help="default adam",
+        help="the optimizer's update rule (default adam)",
     )
     train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     train.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch (default 1)")
     train.add_argument("--reg", type=float, help="L2 strength: 0.5*reg*sum(W**2) (default 0)")
     train.add_argument("--weight-scale", type=float, help="initial weight std (default: He)")
-    train.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
+    train.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        help="floating type of the weights and the data (default float32)",
+    )
     train.add_argument(
         "--train-samples",
         type=positive_int,
