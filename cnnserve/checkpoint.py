@@ -28,6 +28,7 @@ __all__ = [
     "TRAJECTORY",
     "json_scalar",
     "json_scalars",
+    "merge_resumed_options",
     "read_checkpoint",
     "remove_stale_checkpoint_temps",
     "restore_checkpoint",
@@ -48,6 +49,7 @@ TRAJECTORY = (
     "num_train_samples",
     "num_val_samples",
     "seed",
+    "augment",
 )
 
 
@@ -181,7 +183,7 @@ def resume_conflicts(given: Mapping, saved: Mapping) -> list[tuple[str, Any, Any
 
     A resumed run continues bit for bit only with the options that shape its trajectory
     (update rule, its config, learning-rate decay, batch size, the accuracy subsamples, the
-    seed). ``given`` holds Solver options (any subset); ``saved`` the checkpoint's
+    seed, the augmentation). ``given`` holds Solver options (any subset); ``saved`` the checkpoint's
     ``state["options"]``. An update rule compares by its registered name.
     """
     conflicts = []
@@ -191,9 +193,41 @@ def resume_conflicts(given: Mapping, saved: Mapping) -> list[tuple[str, Any, Any
         mine = rule_name(value) if key == "update_rule" else value
         if key == "optim_config" and value is None:
             mine = {}
-        if mine != saved.get(key):
-            conflicts.append((key, mine, saved.get(key)))
+        theirs = saved.get(key)
+        if key == "augment":  # specs; a checkpoint from before augmentation has none
+            mine, theirs = mine or "none", theirs or "none"
+        if mine != theirs:
+            conflicts.append((key, mine, theirs))
     return conflicts
+
+
+def merge_resumed_options(given: Mapping, saved: Mapping, path: Any, names: list[str]) -> dict:
+    """The options of a resumed Solver: the checkpoint's ``saved`` options (of ``names``),
+    overridden by the ``given`` ones where that is allowed.
+
+    Raises
+    ------
+    ValueError
+        A given option that shapes the run differs from the saved one (all are named), or the
+        run used a custom update rule that is not given again.
+    """
+    merged = {k: saved[k] for k in names if k in saved}
+    clashes = resume_conflicts(given, saved)
+    conflicts = [f"{key}={mine!r} (checkpoint: {theirs!r})" for key, mine, theirs in clashes]
+    merged.update((k, v) for k, v in given.items() if k not in {c[0] for c in clashes})
+    if conflicts:
+        raise ValueError(
+            f"cannot resume {os.fspath(path)!r} with different training options: "
+            f"{'; '.join(conflicts)}. These shape the run; to change them, start a new "
+            "Solver from load_model(path)"
+        )
+    rule = merged.get("update_rule", "sgd")
+    if isinstance(rule, str) and rule.startswith("callable:"):
+        raise ValueError(
+            f"the checkpoint {os.fspath(path)!r} was trained with the custom update rule "
+            f"{rule[len('callable:') :]}: pass it again as update_rule="
+        )
+    return merged
 
 
 def restore_checkpoint(solver: Any, checkpoint: Any, path: Any) -> None:

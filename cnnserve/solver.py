@@ -38,15 +38,23 @@ from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
 from cnnserve.checkpoint import (
     json_scalars,
+    merge_resumed_options,
     read_checkpoint,
     remove_stale_checkpoint_temps,
     restore_checkpoint,
-    resume_conflicts,
     write_checkpoint,
 )
+from cnnserve.data.augment import resolve_augment
 from cnnserve.history import HISTORY_FORMAT, plot_history, write_history
 from cnnserve.network import ConvNet
 from cnnserve.optim import UPDATE_RULES, get_update_rule, rule_name
+from cnnserve.progress import EpochProgress
+from cnnserve.stopping import (
+    TrainingDiverged,
+    check_patience,
+    early_stop_message,
+    stopped_early,
+)
 
 __all__ = ["Solver", "TrainingDiverged"]
 
@@ -61,47 +69,14 @@ _DEFAULTS: dict[str, Any] = {
     "num_train_samples": 1000,
     "num_val_samples": None,
     "seed": 0,
+    "augment": None,
+    "patience": None,
     "checkpoint_name": None,
     "print_every": 10,
     "verbose": True,
     "progress": True,
     "record": None,
 }
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss (or an updated parameter) became NaN or infinite.
-
-    Attributes
-    ----------
-    epoch : int
-        The epoch it happened in, counted from 1.
-    iteration : int
-        The iteration within that epoch, counted from 1.
-    total_iteration : int
-        The iteration counted over the whole run, from 1.
-    loss : float
-        The non-finite loss (or the finite loss whose update was not finite).
-    last_finite_loss : float or None
-        The loss of the last iteration whose update was applied.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        epoch: int,
-        iteration: int,
-        total_iteration: int,
-        loss: float,
-        last_finite_loss: float | None,
-    ) -> None:
-        super().__init__(message)
-        self.epoch = epoch
-        self.iteration = iteration
-        self.total_iteration = total_iteration
-        self.loss = loss
-        self.last_finite_loss = last_finite_loss
 
 
 class Solver:
@@ -140,6 +115,16 @@ class Solver:
         Likewise for validation (default None: all).
     seed : int
         Seeds the solver's generator (epoch permutations, accuracy subsets); default 0.
+    augment : Augment, str, dict or None
+        Augmentation of every training batch (:mod:`cnnserve.data.augment`): an ``Augment``,
+        a spec such as ``"shift=2,flip=0.5"``, ``"default"`` (the default of the data set
+        ``record["dataset"]`` names), or None (default: none). The draws come from a
+        generator seeded by ``(seed, epoch)``; the pixels are augmented in [0, 1] with the
+        model's ``normalization`` when it has one.
+    patience : int, optional
+        Early stopping (:mod:`cnnserve.stopping`): stop once this many epochs in a row have
+        not improved the validation accuracy (ties: the validation loss); the model keeps the
+        best epoch's weights either way. None (default): run every epoch.
     checkpoint_name : str or PathLike, optional
         After every epoch, write ``{checkpoint_name}.safetensors`` (model plus solver state),
         ``{checkpoint_name}_history.json`` and ``{checkpoint_name}_history.png``, each
@@ -149,7 +134,8 @@ class Solver:
     verbose : bool
         Print the loss and the per-epoch accuracies to stdout (default True).
     progress : bool
-        Show a tqdm progress bar per epoch on stderr (default True).
+        Show the progress of every epoch on stderr (default True): a tqdm bar on a terminal,
+        otherwise (no carriage-return debris) one line per epoch, unless ``verbose`` prints it.
     record : dict, optional
         JSON-serialisable fields added to the training record of every checkpoint (the data
         set and how it was split, say), so that a checkpoint says what it was trained on.
@@ -159,9 +145,9 @@ class Solver:
         parameters and the solver's generator, and continue with :meth:`train`. Options not
         given are taken from the checkpoint; trajectory options (``update_rule``,
         ``optim_config``, ``lr_decay``, ``batch_size``, ``num_train_samples``,
-        ``num_val_samples``, ``seed``) that are given must equal the saved ones.
-        ``num_epochs``, ``print_every``, ``verbose``, ``progress`` and ``checkpoint_name``
-        may change.
+        ``num_val_samples``, ``seed``, ``augment``) that are given must equal the saved ones.
+        ``num_epochs``, ``patience``, ``print_every``, ``verbose``, ``progress`` and
+        ``checkpoint_name`` may change.
 
     Raises
     ------
@@ -210,7 +196,10 @@ class Solver:
                 raise TypeError(
                     f"resume needs a cnnserve.model.ConvNet, got {type(model).__name__}"
                 )
-            kwargs = self._merge_resumed_options(kwargs, checkpoint.state["options"], resume)
+            if "augment" in kwargs:  # compared by its spec
+                kwargs["augment"] = resolve_augment(kwargs["augment"]).spec()
+            saved = checkpoint.state["options"]
+            kwargs = merge_resumed_options(kwargs, saved, resume, list(_DEFAULTS))
         options = {**_DEFAULTS, **kwargs}
 
         self.update_rule_name = rule_name(options["update_rule"])
@@ -231,6 +220,9 @@ class Solver:
             options["num_val_samples"], "num_val_samples"
         )
         self.seed = _check_int(options["seed"], "seed", 0)
+        named = options["record"].get("dataset") if isinstance(options["record"], Mapping) else None
+        self.augment = resolve_augment(options["augment"], named)
+        self.patience = check_patience(options["patience"])
         self.print_every = _check_int(options["print_every"], "print_every", 1)
         for name in ("verbose", "progress"):
             if not isinstance(options[name], bool):
@@ -252,6 +244,7 @@ class Solver:
 
         self.X_train, self.y_train, self.X_val, self.y_val = self._check_data(data)
         self.num_train = self.X_train.shape[0]
+        self.augment.check_shape(self.X_train.shape)
         self.iterations_per_epoch = math.ceil(self.num_train / self.batch_size)
         self._validate_optim_config()
         self._reset()
@@ -389,6 +382,9 @@ class Solver:
         """
         X_batch = self.X_train[batch]
         y_batch = self.y_train[batch]
+        if self.augment:
+            stats = getattr(self.model, "normalization", None) or {}
+            X_batch = self.augment.apply(X_batch, self._augment_rng, **stats)
         # The train-mode forward pass also moves the batchnorm running statistics and the
         # dropout generator: keep what they were, to put back if this step diverges.
         bn_params = getattr(self.model, "bn_params", [])
@@ -510,24 +506,20 @@ class Solver:
             iteration before (all finite); the last checkpoint, if any, is intact.
         """
         for epoch in range(self.epoch, self.num_epochs):
+            if self.stopped_early:
+                break
             started = time.perf_counter()
             order = self.rng.permutation(self.num_train)
-            bar = tqdm(
-                total=self.iterations_per_epoch,
-                desc=f"epoch {epoch + 1}/{self.num_epochs}",
-                unit="it",
-                file=sys.stderr,
-                disable=not self.progress,
-                leave=True,
-                dynamic_ncols=True,
+            self._augment_rng = np.random.default_rng([self.seed, epoch, 1])
+            shown = {k: v for k, v in self._epoch_results().items() if k != "loss"}
+            bar = EpochProgress(
+                epoch + 1,
+                self.num_epochs,
+                self.iterations_per_epoch,
+                enabled=self.progress,
+                plain_line=not self.verbose,
             )
             try:
-                postfix = {}
-                if self.train_acc_history:
-                    postfix = {
-                        "train_acc": f"{self.train_acc_history[-1]:.3f}",
-                        "val_acc": f"{self.val_acc_history[-1]:.3f}",
-                    }
                 for it in range(self.iterations_per_epoch):
                     batch = order[it * self.batch_size : (it + 1) * self.batch_size]
                     loss = self._step(batch, epoch, it)
@@ -536,21 +528,41 @@ class Solver:
                             f"(Iteration {self.iteration} / "
                             f"{self.num_epochs * self.iterations_per_epoch}) loss: {loss:.6f}"
                         )
-                    if self.progress:
-                        bar.set_postfix(loss=f"{loss:.4f}", **postfix, refresh=False)
-                        bar.update(1)
+                    bar.update(loss, **shown)
                 self._end_epoch(started)
-                if self.progress:
-                    bar.set_postfix(
-                        loss=f"{self.loss_history[-1]:.4f}",
-                        train_acc=f"{self.train_acc_history[-1]:.3f}",
-                        val_acc=f"{self.val_acc_history[-1]:.3f}",
-                    )
+                bar.finish(self.epoch_seconds[-1], **self._epoch_results())
             finally:
                 bar.close()
+            if self.stopped_early:
+                message = early_stop_message(
+                    self.epoch, self.num_epochs, self.best_epoch, self.best_val_acc, self.patience
+                )
+                self._out(message)
+                if self.progress and not self.verbose:
+                    print(message, file=sys.stderr, flush=True)
         self.restore_best()
         # The steps' buffers are no longer needed: give the memory back.
         release_buffer_cache()
+
+    def _epoch_results(self) -> dict[str, str]:
+        """The last epoch's loss and accuracies, formatted for the progress display."""
+        if not self.train_acc_history:
+            return {}
+        return {
+            "loss": f"{self.loss_history[-1]:.4f}",
+            "train_acc": f"{self.train_acc_history[-1]:.3f}",
+            "val_acc": f"{self.val_acc_history[-1]:.3f}",
+        }
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``patience`` epochs in a row have not improved (see :mod:`cnnserve.stopping`)."""
+        return stopped_early(self.epoch, self.best_epoch, self.patience)
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`train` has nothing left to do: every epoch run, or stopped early."""
+        return self.epoch >= self.num_epochs or self.stopped_early
 
     def _end_epoch(self, started: float) -> None:
         self.epoch += 1
@@ -621,6 +633,8 @@ class Solver:
             "num_train_samples": self.num_train_samples,
             "num_val_samples": self.num_val_samples,
             "seed": self.seed,
+            "augment": self.augment.spec(),
+            "patience": self.patience,
             "checkpoint_name": None if self.checkpoint_name is None else str(self.checkpoint_name),
             "print_every": self.print_every,
             "verbose": self.verbose,
@@ -643,6 +657,7 @@ class Solver:
             "iterations_completed": self.iteration,
             "best_val_acc": self.best_val_acc,
             "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
             "options": self.options(),
             "timings": {
                 "epoch_seconds": list(self.epoch_seconds),
@@ -669,27 +684,6 @@ class Solver:
 
     def _save_checkpoint(self) -> None:
         write_checkpoint(self)
-
-    @staticmethod
-    def _merge_resumed_options(given: dict, saved: Mapping, path: Any) -> dict:
-        """Saved options, overridden by the given ones where that is allowed."""
-        merged = {k: saved[k] for k in _DEFAULTS if k in saved}
-        clashes = resume_conflicts(given, saved)
-        conflicts = [f"{key}={mine!r} (checkpoint: {theirs!r})" for key, mine, theirs in clashes]
-        merged.update((k, v) for k, v in given.items() if k not in {c[0] for c in clashes})
-        if conflicts:
-            raise ValueError(
-                f"cannot resume {os.fspath(path)!r} with different training options: "
-                f"{'; '.join(conflicts)}. These shape the run; to change them, start a new "
-                "Solver from load_model(path)"
-            )
-        rule = merged.get("update_rule", "sgd")
-        if isinstance(rule, str) and rule.startswith("callable:"):
-            raise ValueError(
-                f"the checkpoint {os.fspath(path)!r} was trained with the custom update rule "
-                f"{rule[len('callable:') :]}: pass it again as update_rule="
-            )
-        return merged
 
     def _restore(self, checkpoint: Any, path: Any) -> None:
         restore_checkpoint(self, checkpoint, path)

@@ -16,9 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "digits.safetensors"
 
 
+@pytest.fixture(autouse=True)
+def in_a_fresh_directory(tmp_path, monkeypatch):
+    """Every test runs in its own directory: the default run directory, runs/NAME/, is there."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small model trained for two epochs on part of the digits."""
+    """A small model trained for two epochs on part of the digits; its run in run/."""
     out = tmp_path_factory.mktemp("cli") / "small.safetensors"
     status = main(
         [
@@ -31,6 +37,8 @@ def trained(tmp_path_factory):
             "2",
             "--out",
             str(out),
+            "--run-dir",
+            str(out.parent / "run"),
             "--quiet",
             "--seed",
             "1",
@@ -42,9 +50,10 @@ def trained(tmp_path_factory):
 
 def test_train_writes_model_history_and_checkpoint(trained):
     folder = trained.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["run", "small.safetensors"]
+    folder = folder / "run"  # the checkpoint and the histories, never beside the model
     names = sorted(p.name for p in folder.iterdir())
     assert names == [
-        "small.safetensors",
         "small_checkpoint.safetensors",
         "small_checkpoint_history.json",
         "small_checkpoint_history.png",
@@ -97,7 +106,7 @@ SMALL = ["--data", "digits", "--limit", "300", "--seed", "1", "--quiet"]
 def test_resume_continues_the_run_bit_for_bit(trained, tmp_path):
     # The fixture ran 2 epochs of a planned 2; resuming with --epochs 3 adds one more, and
     # must end exactly where a straight 3-epoch run ends.
-    checkpoint = trained.parent / "small_checkpoint.safetensors"
+    checkpoint = trained.parent / "run" / "small_checkpoint.safetensors"
     resumed, straight = tmp_path / "resumed.safetensors", tmp_path / "straight.safetensors"
     assert (
         main(
@@ -110,6 +119,8 @@ def test_resume_continues_the_run_bit_for_bit(trained, tmp_path):
                 "--quiet",
                 "--out",
                 str(resumed),
+                "--run-dir",
+                str(tmp_path),
             ]
         )
         == 0
@@ -124,7 +135,7 @@ def test_resume_continues_the_run_bit_for_bit(trained, tmp_path):
 
 
 def test_resume_refuses_options_that_would_change_the_run(trained, tmp_path, capsys):
-    checkpoint = trained.parent / "small_checkpoint.safetensors"
+    checkpoint = trained.parent / "run" / "small_checkpoint.safetensors"
     argv = [
         "train",
         "--resume",

@@ -173,6 +173,7 @@ def test_limit_fractions_and_wrong_arguments(windows):
 def test_train_and_evaluate_on_digits_windows(tmp_path, capsys):
     out = tmp_path / "det.safetensors"
     argv = ["train", "--data", "digits-windows", "--limit", "300", "--epochs", "1"]
+    argv += ["--run-dir", str(tmp_path / "run")]
     assert main([*argv, "--batch-size", "100", "--out", str(out), "--quiet"]) == 0
     file = read_model_file(out)
     record = file.training

@@ -676,11 +676,11 @@ def test_verbose_and_progress_output(capsys):
     captured = capsys.readouterr()
     assert "(Iteration 2 / 8) loss: " in captured.out
     assert "(Epoch 2 / 2) train acc: " in captured.out and "val_acc: " in captured.out
-    assert "epoch 1/2" in captured.err and "epoch 2/2" in captured.err  # tqdm on stderr
-    assert "val_acc=" in captured.err
+    # stderr is no terminal here: no bar, and the epoch line is verbose's (one per epoch)
+    assert captured.err == ""
     Solver(Softmax(4, 3), split(X, y, 10), num_epochs=1, verbose=False).train()
     captured = capsys.readouterr()
-    assert captured.out == "" and "epoch 1/1" in captured.err
+    assert captured.out == "" and captured.err.startswith("epoch 1/1: loss ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ RANKS = {
     "cnnserve.history": 3,
     "cnnserve.evaluate": 3,
     "cnnserve.heatmap": 3,
+    "cnnserve.progress": 3,  # the per-epoch progress display (tqdm on a terminal)
+    "cnnserve.stopping": 3,  # early stopping and divergence
     "cnnserve.network": 4,
     "cnnserve.modelfile": 5,
     "cnnserve.model": 6,  # re-exports of specs, network and modelfile

@@ -54,6 +54,8 @@ _FLAG_RANGES = {
     "lr_decay": (0.0, 1.0, "(]"),
     "reg": (0.0, math.inf, "[)"),
     "weight_scale": (0.0, math.inf, "()"),
+    "val_fraction": (0.0, 1.0, "[)"),
+    "test_fraction": (0.0, 1.0, "[)"),
 }
 
 
@@ -79,6 +81,17 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise CommandError(
             f"--arch {args.arch!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
         )
+    args.augment = _augment_spec(args.augment, args.data)
+
+
+def _augment_spec(value: str | None, source: str | None) -> str:
+    """The ``--augment`` value as a canonical spec (``default``: the data set's own)."""
+    from cnnserve.data.augment import resolve_augment
+
+    try:
+        return resolve_augment("default" if value is None else value, source).spec()
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"--augment {value}: {exc}") from None
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> None:
@@ -214,6 +227,17 @@ def _resume_options(args: argparse.Namespace) -> tuple[Any, dict]:
         )
     if args.epochs is None:
         args.epochs = saved["num_epochs"]  # finish the run as planned
+    if args.patience is None:
+        args.patience = saved.get("patience")
+    if args.out is None:
+        if not record.get("out"):
+            raise CommandError(
+                f"--resume {args.resume}: the checkpoint does not record the model file its run "
+                "writes; give --out"
+            )
+        args.out = record["out"]
+    if args.run_dir is None and args.checkpoint is None:
+        args.checkpoint = str(Path(args.resume).with_suffix(""))  # go on writing it
     given = {}
     for name, option in _SOLVER_FLAGS.items():
         value = getattr(args, name)
@@ -240,6 +264,11 @@ def _resume_options(args: argparse.Namespace) -> tuple[Any, dict]:
         args.data_format = args.data_format or record.get("data_format")
     elif not same_source(args.data, record.get("dataset")):
         conflicts.append(f"--data {args.data} (the run has {record.get('dataset')})")
+    was = saved.get("augment") or "none"
+    if args.augment is None:
+        args.augment = was
+    elif _augment_spec(args.augment, record.get("dataset")) != was:
+        conflicts.append(f"--augment {args.augment} (the run has {was})")
     if conflicts:
         raise CommandError(
             f"--resume {args.resume}: a resumed run keeps the options it started with; "
@@ -254,22 +283,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cnnserve.network import ConvNet
     from cnnserve.solver import Solver
 
-    out = Path(args.out)
-    check_output(out)
-    checkpoint = Path(args.checkpoint or f"{out.with_suffix('')}_checkpoint")
-    if checkpoint.suffix == ".safetensors":
-        checkpoint = checkpoint.with_suffix("")  # the Solver adds it
     resumed = _resume_options(args) if args.resume else None
     if args.data is None:
         raise CommandError("--data is required (or --resume a checkpoint that names its data)")
+    if args.out is None:
+        raise CommandError("--out is required: the model file to write (.safetensors)")
+    out = Path(args.out)
+    check_output(out)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:  # a resumed run goes on in its checkpoint's directory
+        run_dir = Path(args.resume).parent if args.resume else Path("runs") / out.stem
+    checkpoint = Path(args.checkpoint or run_dir / f"{out.stem}_checkpoint")
+    if checkpoint.suffix == ".safetensors":
+        checkpoint = checkpoint.with_suffix("")  # the Solver adds it
     for name, default in {**TRAIN_DEFAULTS, **_SPLIT_DEFAULTS}.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     _check_flags(args)
+    if resumed is not None and _finished(resumed[0].state, args):
+        return 0
     dtype = np.dtype(args.dtype)
     started = time.perf_counter()
     data = _load_data(args, dtype)
     print(data.summary(), flush=True)
+    _check_augment_fits(args.augment, data.input_shape)
     if resumed is not None:
         model = resumed[0].model
         if model.input_shape != data.input_shape or model.num_classes != data.num_classes:
@@ -310,8 +348,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "update_rule": args.update_rule,
         "learning_rate": args.lr,
         "lr_decay": args.lr_decay,
+        "augment": args.augment,
+        "patience": args.patience,
+        "out": str(out),
+        "run_dir": str(checkpoint.parent),
     }
-    created = make_directory(checkpoint.parent) + make_directory(out.parent)
+    created = make_directory(checkpoint.parent)
+    created += make_directory(run_dir) + make_directory(out.parent)
     try:
         solver = Solver(
             model,
@@ -324,9 +367,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             num_train_samples=args.train_samples,
             checkpoint_name=str(checkpoint),
             print_every=10**9,
-            verbose=not args.quiet,
+            verbose=False,  # the progress display shows each epoch once
             progress=not args.quiet,
             seed=args.seed,
+            augment=args.augment,
+            patience=args.patience,
             record=record,
             resume=args.resume,
         )
@@ -345,20 +390,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         best_val_acc=solver.best_val_acc,
         best_epoch=solver.best_epoch,
+        epochs_run=solver.epoch,
+        stopped_early=solver.stopped_early,
         **accuracy,
         train_seconds=round(time.perf_counter() - started, 1),
     )
     save_model(model, out, training={k: v for k, v in record.items() if v is not None})
-    history = out.with_name(out.stem + "_history.json")
+    history = run_dir / f"{out.stem}_history.json"
     solver.save_history(history)
     solver.plot_history(history.with_suffix(".png"))
     shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in accuracy.items()}
+    if solver.stopped_early:
+        print(
+            f"stopped early after epoch {solver.epoch} of {args.epochs} (patience "
+            f"{args.patience}): kept the weights of epoch {solver.best_epoch}"
+        )
     print(
         f"train accuracy {shown['train_acc']}, val {shown['val_acc']}, "
         f"test {shown['test_acc']} ({record['train_seconds']} s)"
     )
-    print(f"wrote {out}, {history} and {history.with_suffix('.png')}")
+    print(f"wrote {out}; history {history} and {history.with_suffix('.png')}")
     return 0
+
+
+def _check_augment_fits(spec: str, input_shape: tuple[int, int, int]) -> None:
+    """``--augment`` fits the data's images (a shift below half their size)."""
+    from cnnserve.data.augment import Augment
+
+    try:
+        Augment.parse(spec).check_shape(input_shape)
+    except ValueError as exc:
+        raise CommandError(f"--augment {spec}: {exc}") from None
+
+
+def _finished(state: dict, args: argparse.Namespace) -> bool:
+    """Whether the resumed run has nothing left to do; if so, says so (nothing is written)."""
+    from cnnserve.stopping import stopped_early
+
+    done, best = state.get("epoch", 0), state.get("best_epoch")
+    if stopped_early(done, best, args.patience):
+        reason = (
+            f"it stopped early after epoch {done} (patience {args.patience}, best epoch "
+            f"{best}); give a larger --patience to train on"
+        )
+    elif done >= args.epochs:
+        reason = f"{done} of {args.epochs} epochs are done; give --epochs above {done} to train on"
+    else:
+        return False
+    print(
+        f"cnnserve train: --resume {args.resume}: the run is finished: {reason}. "
+        "Nothing was written.",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -391,8 +475,13 @@ def add_train(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train a network and save it as a model file",
-        description="Train a network on a data set and save it to a .safetensors model file, "
-        "with a checkpoint after every epoch and the history as JSON and PNG beside it.",
+        usage="%(prog)s --data DATA --out OUT.safetensors [options]\n"
+        "       %(prog)s --resume CHECKPOINT [--epochs N] [--out OUT.safetensors] [options]",
+        description="Train a network on a data set and save it to a .safetensors model file. "
+        "A checkpoint after every epoch and the history (JSON and PNG) go to the run "
+        "directory (--run-dir, default runs/NAME/ with NAME the stem of --out), never beside "
+        "the model. --data and --out are required for a new run; a resumed run takes both "
+        "from its checkpoint.",
     )
     _add_data_options(train, training=True)
     train.add_argument("--limit", type=positive_int, help="use at most this many training images")
@@ -400,34 +489,75 @@ def add_train(commands: Any) -> None:
         "--arch", help="a preset (digits, three_layer, lenet) or a JSON file (default digits)"
     )
     train.add_argument("--epochs", type=positive_int, help="epochs in all (default 10)")
-    train.add_argument("--batch-size", type=positive_int, help="default 50")
+    train.add_argument(
+        "--batch-size", type=positive_int, help="images per training step (default 50)"
+    )
     train.add_argument(
         "--update-rule",
         choices=["sgd", "sgd_momentum", "rmsprop", "adam"],
-        help="default adam",
+        help="the optimizer's update rule (default adam)",
     )
     train.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     train.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch (default 1)")
     train.add_argument("--reg", type=float, help="L2 strength: 0.5*reg*sum(W**2) (default 0)")
     train.add_argument("--weight-scale", type=float, help="initial weight std (default: He)")
-    train.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
+    train.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        help="floating type of the weights and the data (default float32)",
+    )
     train.add_argument(
         "--train-samples",
         type=positive_int,
         help="training images used for the per-epoch training accuracy (default 1000)",
     )
-    train.add_argument("--out", required=True, help="the model file to write (.safetensors)")
+    # -- augmentation and early stopping --
+    train.add_argument(
+        "--augment",
+        metavar="default|none|SPEC",
+        help="augmentation of every training batch: 'default' (the data set's own: mnist-5k "
+        "shift=2,scale=0.1; faces shift=2,flip=0.5,brightness=0.2,contrast=0.2,scale=0.1,"
+        "pad=edge; others none), 'none', or a spec of NAME=VALUE items "
+        "from shift (pixels), flip (probability), brightness, contrast, scale (each a "
+        "factor range 1 +- VALUE) and pad (zero|edge), e.g. shift=2,flip=0.5,brightness=0.1 "
+        "(default: default); seeded by --seed",
+    )
+    train.add_argument(
+        "--patience",
+        type=positive_int,
+        metavar="N",
+        help="stop early once N epochs in a row have not improved the validation accuracy "
+        "(ties: the lower validation loss), keeping the best epoch's weights (default: run "
+        "every epoch)",
+    )
+    # -- where the files go --
+    train.add_argument(
+        "--out",
+        metavar="OUT.safetensors",
+        help="the model file to write; required for a new run (a resumed run: the file its "
+        "checkpoint records)",
+    )
+    train.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="the directory of the run's checkpoint and history (default runs/NAME/, NAME the "
+        "stem of --out; with --resume, the checkpoint's directory)",
+    )
     train.add_argument(
         "--checkpoint",
-        help="checkpoint name, written as NAME.safetensors after every epoch "
-        "(default: OUT without suffix + '_checkpoint')",
+        metavar="NAME",
+        help="checkpoint name, written as NAME.safetensors after every epoch (default: "
+        "RUN_DIR/NAME_checkpoint; with --resume, the checkpoint resumed)",
     )
     train.add_argument(
         "--resume",
-        help="continue the run a checkpoint file holds (its options apply; give --epochs for "
-        "the new total)",
+        metavar="CHECKPOINT",
+        help="continue the run a checkpoint file holds (its data and options apply; give "
+        "--epochs for a new total); a finished run says so and writes nothing",
     )
-    train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.add_argument(
+        "--quiet", action="store_true", help="no progress display (a bar or a line per epoch)"
+    )
     train.set_defaults(handler=_cmd_train)
 
 
@@ -435,12 +565,17 @@ def add_evaluate(commands: Any) -> None:
     """The ``evaluate`` command."""
     evaluate = commands.add_parser(
         "evaluate",
-        help="accuracy and confusion matrix of a model on a data split",
+        help="accuracy, confusion matrix and per-class precision/recall/F1 of a model",
         description="Evaluate a model file on a split of a data set (by default the held-out "
         "test split of the data it was trained on, split as in training).",
     )
     evaluate.add_argument("model", help="a .safetensors model file")
     _add_data_options(evaluate, training=False)
-    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
+    evaluate.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        default="test",
+        help="the split to evaluate on (default test)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.set_defaults(handler=_cmd_evaluate)

@@ -147,16 +147,15 @@ class Dataset:
         }
 
     def summary(self) -> str:
-        """Two lines: name, format, input shape, split sizes, dtype; then the classes."""
+        """Two lines: name, format, input shape, split sizes, dtype; then every class (none
+        is left out: the interesting one, ``background`` say, is often the last)."""
         C, H, W = self.input_shape
-        names = ", ".join(self.class_names[:10])
-        if self.num_classes > 10:
-            names += f", ... ({self.num_classes - 10} more)"
+        names = ", ".join(self.class_names)
         return (
             f"{self.name} ({self.format}): {C}x{H}x{W} images, {self.num_classes} classes, "
             f"train {len(self.y_train)} / val {len(self.y_val)} / test {len(self.y_test)}, "
             f"{self.X_train.dtype}\n"
-            f"classes: {names}"
+            f"classes ({self.num_classes}): {names}"
         )
 
 
