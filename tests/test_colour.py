@@ -1,0 +1,244 @@
+"""Colour end to end: decoding keeps an image's channels, a model of other channels converts
+(ITU-R 601 luma / repetition) and says so, pictures are drawn over the colour original."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnserve.convert import to_fully_convolutional
+from cnnserve.dense import score_map
+from cnnserve.heatmap import heatmap_image
+from cnnserve.images import (
+    GREY_TO_RGB,
+    LUMA,
+    RGB_TO_GREY,
+    image_pixels,
+    luma,
+    model_pixels,
+    read_image,
+    to_channels,
+)
+from cnnserve.network import ConvNet
+from cnnserve.predict import predict
+
+LAYERS = [
+    {"type": "conv", "filters": 4, "size": 3, "stride": 1, "pad": 0},
+    {"type": "relu"},
+    {"type": "affine", "units": 3},
+]
+
+
+def small_net(channels: int, dtype=np.float32) -> ConvNet:
+    """A padding-free 3-class net on 6x6 windows with some normalisation per channel."""
+    return ConvNet(
+        LAYERS,
+        (channels, 6, 6),
+        3,
+        dtype=dtype,
+        seed=3,
+        class_names=["a", "b", "c"],
+        normalization={"mean": [0.4] * channels, "std": [0.2] * channels},
+    )
+
+
+def encode(array: np.ndarray, mode: str | None = None, fmt: str = "PNG", **kw) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def luma_reference(rgb: np.ndarray) -> np.ndarray:
+    """0.299 R + 0.587 G + 0.114 B per pixel, in float64, of (3, H, W)."""
+    r, g, b = rgb.astype(np.float64)
+    return (0.299 * r + 0.587 * g + 0.114 * b)[None]
+
+
+RNG = np.random.default_rng(7)
+RGB8 = RNG.integers(0, 256, (9, 11, 3), dtype=np.uint8)  # (H, W, 3)
+GREY8 = RNG.integers(0, 256, (9, 11), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_image_keeps_the_images_own_channels():
+    rgb = read_image(encode(RGB8))
+    assert rgb.shape == (3, 9, 11) and rgb.dtype == np.float32
+    np.testing.assert_array_equal(rgb, RGB8.transpose(2, 0, 1) / np.float32(255))
+    grey = read_image(encode(GREY8))
+    assert grey.shape == (1, 9, 11)
+    np.testing.assert_array_equal(grey[0], GREY8 / np.float32(255))
+    # A photo of greys saved as RGB is still RGB: a file's mode decides, not its content.
+    assert read_image(encode(np.repeat(GREY8[:, :, None], 3, axis=2))).shape == (3, 9, 11)
+    cmyk = Image.fromarray(RGB8).convert("CMYK")
+    buffer = io.BytesIO()
+    cmyk.save(buffer, format="JPEG", quality=95)
+    assert read_image(buffer.getvalue()).shape == (3, 9, 11)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_luma_is_itu_r_601(dtype):
+    rgb = RNG.random((3, 5, 4)).astype(dtype)
+    out = luma(rgb)
+    assert out.shape == (1, 5, 4) and out.dtype == dtype
+    tol = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(out, luma_reference(rgb), rtol=0, atol=tol)
+    batch = RNG.integers(0, 256, (2, 3, 4, 5), dtype=np.uint8)  # (N, 3, H, W)
+    out8 = luma(batch)
+    assert out8.shape == (2, 1, 4, 5) and out8.dtype == np.float32
+    np.testing.assert_allclose(out8[1], luma_reference(batch[1]), atol=1e-4)
+    assert LUMA == (0.299, 0.587, 0.114)
+    np.testing.assert_allclose(luma(np.ones((3, 1, 1))), 1.0, atol=1e-15)  # weights sum to 1
+
+
+def test_to_channels_and_what_it_says():
+    rgb = RGB8.transpose(2, 0, 1) / np.float32(255)  # (3, H, W)
+    grey, said = to_channels(rgb, 1)
+    assert said == RGB_TO_GREY == "RGB to grey (ITU-R 601 luma)"
+    assert grey.shape == (1, 9, 11) and grey.dtype == np.float32
+    np.testing.assert_allclose(grey, luma_reference(rgb), atol=1e-6)
+    three, said = to_channels(grey, 3)
+    assert said == GREY_TO_RGB and three.shape == (3, 9, 11)
+    for c in range(3):
+        np.testing.assert_array_equal(three[c], grey[0])
+    same, said = to_channels(rgb, 3)
+    assert same is rgb and said is None
+    with pytest.raises(ValueError, match="cannot convert an image of 2 channels to 1"):
+        to_channels(np.zeros((2, 3, 3), np.float32), 1)
+
+
+def test_read_image_with_channels_converts_as_to_channels_does():
+    data = encode(RGB8)
+    native = read_image(data)
+    np.testing.assert_array_equal(read_image(data, 1), to_channels(native, 1)[0])
+    np.testing.assert_array_equal(
+        read_image(encode(GREY8), 3), to_channels(read_image(encode(GREY8)), 3)[0]
+    )
+    with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
+        read_image(data, 2)
+
+
+def test_transparency_is_flattened_over_white():
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., :3] = [200, 10, 0]
+    rgba[..., 3] = [[255, 0, 128], [51, 255, 0]]
+    out = read_image(encode(rgba, "RGBA"))
+    assert out.shape == (3, 2, 3)
+    a = rgba[..., 3:].astype(np.int64)
+    expected = (rgba[..., :3] * a + 255 * (255 - a) + 127) // 255  # over white
+    np.testing.assert_array_equal(out, expected.transpose(2, 0, 1).astype(np.float32) / 255)
+    assert out[:, 0, 1].tolist() == [1.0, 1.0, 1.0]  # fully transparent: white
+    la = np.stack([np.full((2, 2), 40, np.uint8), np.array([[255, 0], [0, 255]], np.uint8)], -1)
+    grey = read_image(encode(la, "LA"))
+    assert grey.shape == (1, 2, 2)
+    np.testing.assert_array_equal(grey[0] * 255, [[40, 255], [255, 40]])
+
+
+def test_palette_images_grey_or_colour():
+    grey_palette = Image.fromarray(GREY8).convert("P")  # a palette of greys: one channel
+    buffer = io.BytesIO()
+    grey_palette.save(buffer, format="GIF")
+    out = read_image(buffer.getvalue())
+    assert out.shape == (1, 9, 11)
+    np.testing.assert_array_equal(out[0], GREY8 / np.float32(255))
+    colour = Image.fromarray(RGB8).quantize(16)  # mode P, colours
+    buffer = io.BytesIO()
+    colour.save(buffer, format="PNG")
+    out = read_image(buffer.getvalue())
+    assert out.shape == (3, 9, 11)
+    np.testing.assert_array_equal(out, read_image(encode(np.asarray(colour.convert("RGB")))))
+    # A palette with a transparent entry: transparent pixels are white.
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    buffer = io.BytesIO()
+    pal.save(buffer, format="PNG", transparency=1)
+    out = read_image(buffer.getvalue())
+    np.testing.assert_array_equal(out[:, 0, 0], [1, 0, 0])
+    np.testing.assert_array_equal(out[:, 0, 1], [1, 1, 1])
+
+
+def test_16_bit_grey_stays_one_channel_at_full_depth():
+    deep = np.array([[0, 1000, 65535]], dtype=np.uint16)
+    out = read_image(encode(deep))
+    assert out.shape == (1, 1, 3)
+    np.testing.assert_allclose(out[0], deep / 65535.0, rtol=1e-6)
+    three, said = model_pixels(out, 3)
+    assert said == GREY_TO_RGB and three.shape == (3, 1, 3)
+
+
+def test_model_pixels_accepts_one_or_three_channels():
+    pixels, said = model_pixels(RGB8.transpose(2, 0, 1), 1)  # uint8 (3, H, W)
+    assert said == RGB_TO_GREY and pixels.dtype == np.float32
+    np.testing.assert_allclose(pixels, luma_reference(RGB8.transpose(2, 0, 1) / 255), atol=1e-6)
+    pixels, said = model_pixels(GREY8, 3)  # (H, W) for an RGB model
+    assert said == GREY_TO_RGB and pixels.shape == (3, 9, 11)
+    pixels, said = model_pixels(GREY8[None] / 255.0, 1)
+    assert said is None and pixels.shape == (1, 9, 11)
+    assert image_pixels(RGB8.transpose(2, 0, 1)).shape == (3, 9, 11)
+    with pytest.raises(
+        ValueError, match=r"\(H, W\), \(1, H, W\) or \(3, H, W\) for this model, got \(4, 9, 11\)"
+    ):
+        model_pixels(np.zeros((4, 9, 11), np.uint8), 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model_pixels(np.full((3, 2, 2), 2.0), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict and score maps
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_predict_converts_and_says_so(dtype):
+    grey_net, rgb_net = small_net(1, dtype), small_net(3, dtype)
+    photo = RNG.integers(0, 256, (3, 6, 6), dtype=np.uint8)
+    result = predict(grey_net, photo)
+    assert result.converted == RGB_TO_GREY
+    expected = predict(grey_net, luma(photo / np.float32(255)))
+    assert expected.converted is None
+    np.testing.assert_allclose(result.probabilities, expected.probabilities, rtol=1e-6)
+    assert result.to_dict()["converted"] == RGB_TO_GREY
+    # A colour photo through a grey model differs from its red channel alone: luma is used.
+    red = predict(grey_net, photo[:1])
+    assert not np.allclose(red.probabilities, result.probabilities)
+    grey = photo[0]
+    result = predict(rgb_net, grey)
+    assert result.converted == GREY_TO_RGB
+    np.testing.assert_allclose(
+        result.probabilities, predict(rgb_net, np.stack([grey] * 3)).probabilities, rtol=1e-6
+    )
+    assert predict(rgb_net, photo).to_dict()["converted"] is None
+
+
+def test_score_map_converts_and_says_so_at_every_scale():
+    fcn = to_fully_convolutional(small_net(1))
+    photo = RNG.integers(0, 256, (3, 14, 17), dtype=np.uint8)
+    result = score_map(fcn, photo)
+    assert result.converted == RGB_TO_GREY
+    assert result.to_dict(scores=False)["converted"] == RGB_TO_GREY
+    reference = score_map(fcn, luma(photo / np.float32(255)))
+    assert reference.converted is None
+    np.testing.assert_allclose(result.probabilities, reference.probabilities, rtol=1e-5)
+    multi = score_map(fcn, photo, scales=[1, 0.5])
+    assert multi.converted == RGB_TO_GREY
+    assert {m.converted for m in multi.maps} == {RGB_TO_GREY}
+    assert multi.to_dict(scores=False)["converted"] == RGB_TO_GREY
+    rgb_map = score_map(to_fully_convolutional(small_net(3)), photo[0])
+    assert rgb_map.converted == GREY_TO_RGB
+
+
+def test_heatmap_of_a_grey_model_is_drawn_over_the_colour_photo():
+    fcn = to_fully_convolutional(small_net(1))
+    photo = RNG.integers(0, 256, (3, 12, 16), dtype=np.uint8)
+    result = score_map(fcn, photo)
+    bare = result.heatmap(photo, 0, alpha=0.0)  # the photo itself, as the picture's base
+    np.testing.assert_array_equal(np.asarray(bare), photo.transpose(1, 2, 0))
+    half = np.asarray(result.heatmap(photo, 0, alpha=0.5)).astype(np.int64)
+    grey = np.asarray(result.heatmap(luma(photo / 255.0), 0, alpha=0.5)).astype(np.int64)
+    assert np.abs(half - grey).max() > 20  # the colours of the photo show through
+    same = heatmap_image(photo, result.probabilities[0], stride=1, window=(6, 6), alpha=0.5)
+    assert same.size == (16, 12)
