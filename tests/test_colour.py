@@ -1,13 +1,22 @@
 """Colour end to end: decoding keeps an image's channels, a model of other channels converts
 (ITU-R 601 luma / repetition) and says so, pictures are drawn over the colour original."""
 
+import importlib.util
 import io
+import json
+import re
+import shutil
+import struct
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
-from cnnserve.convert import to_fully_convolutional
+from cnnserve.cli import main
+from cnnserve.convert import load_fully_convolutional, to_fully_convolutional
 from cnnserve.dense import score_map
 from cnnserve.heatmap import heatmap_image
 from cnnserve.images import (
@@ -20,8 +29,10 @@ from cnnserve.images import (
     read_image,
     to_channels,
 )
+from cnnserve.modelfile import read_model_file, save_model
 from cnnserve.network import ConvNet
 from cnnserve.predict import predict
+from cnnserve.service import Settings, create_app
 
 LAYERS = [
     {"type": "conv", "filters": 4, "size": 3, "stride": 1, "pad": 0},
@@ -242,3 +253,232 @@ def test_heatmap_of_a_grey_model_is_drawn_over_the_colour_photo():
     assert np.abs(half - grey).max() > 20  # the colours of the photo show through
     same = heatmap_image(photo, result.probabilities[0], stride=1, window=(6, 6), alpha=0.5)
     assert same.size == (16, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service: answers say what was converted, pictures are over the photo as sent
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "digits.safetensors"
+PNG = {"Content-Type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A service of the shipped grey digits model and a small RGB model ``rgb``."""
+    folder = tmp_path_factory.mktemp("colour-models")
+    shutil.copy(SHIPPED, folder / "digits.safetensors")
+    save_model(small_net(3), folder / "rgb.safetensors")
+    with TestClient(create_app(Settings(models=folder))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the models did not load in time"
+            time.sleep(0.02)
+        yield client
+
+
+def ranked_probabilities(answer: dict, k: int) -> np.ndarray:
+    p = np.zeros(k)
+    for r in answer["predictions"]:
+        p[r["index"]] = r["probability"]
+    return p
+
+
+def test_service_predict_says_what_it_converted(service):
+    photo = RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)  # (H, W, 3)
+    r = service.post("/v1/models/digits/predict?top_k=10", content=encode(photo), headers=PNG)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["converted"] == "RGB to grey (ITU-R 601 luma)"
+    fcn = load_fully_convolutional(SHIPPED)
+    expected = predict(fcn, luma(photo.transpose(2, 0, 1) / np.float32(255)))
+    np.testing.assert_allclose(ranked_probabilities(body, 10), expected.probabilities, atol=1e-6)
+    grey = service.post("/v1/models/digits/predict", content=encode(photo[..., 0]), headers=PNG)
+    assert grey.json()["converted"] is None
+    r = service.post("/v1/models/rgb/predict", content=encode(photo[..., 0]), headers=PNG)
+    assert r.json()["converted"] == "grey to RGB (repeated)"
+    expected = predict(small_net(3), np.stack([photo[..., 0]] * 3))
+    np.testing.assert_allclose(ranked_probabilities(r.json(), 3), expected.probabilities, atol=1e-6)
+    assert (
+        service.post("/v1/models/rgb/predict", content=encode(photo), headers=PNG).json()[
+            "converted"
+        ]
+        is None
+    )
+
+
+def test_service_scoremap_converts_and_draws_over_the_colour_photo(service):
+    photo = RNG.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    data = encode(photo)
+    r = service.post("/v1/models/digits/scoremap?arrays=false", content=data, headers=PNG)
+    assert r.status_code == 200, r.text
+    assert r.json()["converted"] == "RGB to grey (ITU-R 601 luma)"
+    url = "/v1/models/digits/scoremap?format=png&legend=false&class=3"
+    r = service.post(url + "&alpha=0", content=data, headers=PNG)
+    assert r.headers["x-cnnserve-converted"] == "RGB to grey (ITU-R 601 luma)"
+    picture = np.asarray(Image.open(io.BytesIO(r.content)))
+    np.testing.assert_array_equal(picture, photo)  # alpha 0: the photo itself, in colour
+    r = service.post(url + "&alpha=0.6", content=data, headers=PNG)
+    fcn = load_fully_convolutional(SHIPPED)
+    pixels = photo.transpose(2, 0, 1)
+    expected = score_map(fcn, pixels).heatmap(pixels, 3, alpha=0.6)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), expected)
+    grey = service.post(url, content=encode(photo[..., 1]), headers=PNG)
+    assert "x-cnnserve-converted" not in grey.headers
+    r = service.post(
+        "/v1/models/rgb/scoremap?arrays=false", content=encode(photo[..., 1]), headers=PNG
+    )
+    assert r.json()["converted"] == "grey to RGB (repeated)"
+
+
+def test_service_schemas_document_converted(service):
+    schemas = service.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("PredictResponse", "ScoreMapResponse"):
+        converted = schemas[name]["properties"]["converted"]
+        assert "converted" in schemas[name]["required"]
+        assert {"type": "null"} in converted["anyOf"] and "ITU-R 601" in converted["description"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: colour folders train colour models; flags and folders checked
+# ---------------------------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "colour_folder.py"
+
+
+def make_colour_folder(out: Path, per_class: int = 60) -> None:
+    """examples/colour_folder.py: classes red and green of equal luma, mixed sizes."""
+    spec = importlib.util.spec_from_file_location("colour_folder", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(out), "--per-class", str(per_class)])
+
+
+@pytest.fixture(scope="module")
+def colour_runs(tmp_path_factory):
+    """A colour folder and the models `cnnserve train` makes of it: in colour and grey."""
+    root = tmp_path_factory.mktemp("colour")
+    make_colour_folder(root / "data")
+    train = ["train", "--data", str(root / "data" / "train"), "--image-size", "16,16"]
+    train += ["--epochs", "5", "--quiet", "--seed", "0"]
+    assert main([*train, "--out", str(root / "rgb.safetensors")]) == 0
+    assert main([*train, "--channels", "1", "--out", str(root / "grey.safetensors")]) == 0
+    return root
+
+
+def test_rgb_folders_train_colour_models_that_tell_what_grey_ones_cannot(colour_runs, capsys):
+    # The folder's classes differ by colour only (their grey copies are alike): the colour
+    # model learns them, the grey one stays near chance.
+    rgb = read_model_file(colour_runs / "rgb.safetensors")
+    grey = read_model_file(colour_runs / "grey.safetensors")
+    assert rgb.model.input_shape == (3, 16, 16) and grey.model.input_shape == (1, 16, 16)
+    assert rgb.training["image_size"] == [16, 16] and "channels" not in rgb.training
+    assert grey.training["channels"] == 1
+    assert rgb.training["test_acc"] >= 0.95 and rgb.training["val_acc"] >= 0.95
+    assert grey.training["test_acc"] <= 0.75
+    # evaluate takes the image size and channels the model was trained with.
+    capsys.readouterr()
+    assert main(["evaluate", str(colour_runs / "grey.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == grey.training["test_acc"]
+
+
+def test_cli_predict_and_scoremap_of_a_colour_photo(colour_runs, capsys, tmp_path):
+    data = colour_runs / "data"
+    capsys.readouterr()
+    assert main(["predict", str(colour_runs / "rgb.safetensors"), str(data / "red.png")]) == 0
+    out = capsys.readouterr().out
+    assert "converted" not in out and out.splitlines()[1].split()[:2] == ["1.", "red"]
+    grey_model = str(colour_runs / "grey.safetensors")
+    assert main(["predict", grey_model, str(data / "red.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["converted"] == RGB_TO_GREY
+    assert main(["predict", grey_model, str(data / "red.png")]) == 0
+    assert ", converted RGB to grey (ITU-R 601 luma) for the model;" in capsys.readouterr().out
+    heat = tmp_path / "heat.png"
+    command = ["scoremap", grey_model, str(data / "photo.png"), "--quiet", "--png", str(heat)]
+    assert main([*command, "--alpha", "0", "--no-legend", "--json", str(tmp_path / "m.json")]) == 0
+    assert "3 channel(s), converted RGB to grey" in capsys.readouterr().out
+    photo = np.asarray(Image.open(data / "photo.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(heat)), photo)  # over the colour photo
+    assert json.loads((tmp_path / "m.json").read_text())["converted"] == RGB_TO_GREY
+    rgb_model = str(colour_runs / "rgb.safetensors")
+    assert main(["scoremap", rgb_model, str(data / "photo.png"), "--quiet", "--class", "red"]) == 0
+    out = capsys.readouterr().out
+    assert "converted" not in out
+    peak = re.search(r"class 'red': highest probability ([0-9.]+) at .* = \(([0-9.]+),", out)
+    assert float(peak.group(1)) > 0.9 and float(peak.group(2)) < 16  # red is on the left
+
+
+@pytest.mark.parametrize("value", ["0,4", "16", "a,b", "16,16,3", "-1,5", "16,"])
+def test_bad_image_size_is_an_error_naming_the_flag(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "digits", f"--image-size={value}", "--out", "x.safetensors"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --image-size: must be two positive integers H,W" in err
+    assert repr(value) in err
+
+
+def test_bad_channels_and_image_size_for_a_named_set(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "digits", "--channels", "2", "--out", "x.safetensors"])
+    assert "argument --channels: invalid choice: 2 (choose from 1, 3)" in capsys.readouterr().err
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--data", "digits", "--image-size", "8,8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size applies to image folders only, not to --data digits" in err
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(_idx_folder(tmp_path)),
+                "--image-size",
+                "8,8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        "--image-size applies to image folders only, not to format 'idx'" in capsys.readouterr().err
+    )
+
+
+def _idx_folder(root: Path) -> Path:
+    """An IDX directory of 4 tiny images a part (the header and nothing else checked)."""
+    folder = root / "idx"
+    folder.mkdir()
+    for part, n in (("train", 20), ("t10k", 4)):
+        images = struct.pack(">HBBIII", 0, 0x08, 3, n, 4, 4) + bytes(16 * n)
+        labels = struct.pack(">HBBI", 0, 0x08, 1, n) + bytes(i % 2 for i in range(n))
+        (folder / f"{part}-images-idx3-ubyte").write_bytes(images)
+        (folder / f"{part}-labels-idx1-ubyte").write_bytes(labels)
+    return folder
+
+
+def test_bad_folders_are_errors_naming_the_folder_or_file(tmp_path, capsys):
+    root = tmp_path / "folder"
+    make_colour_folder(root, per_class=6)
+    train = root / "train"
+    command = ["train", "--data", str(train), "--image-size", "16,16", "--out"]
+    out = str(tmp_path / "m.safetensors")
+    shutil.rmtree(train / "green")
+    assert main([*command, out]) == 2
+    assert "an image folder needs at least 2 class sub-folders, found 1 (red)" in (
+        capsys.readouterr().err
+    )
+    (train / "green").mkdir()
+    assert main([*command, out]) == 2
+    assert f"{(train / 'green').resolve()}: empty class folder" in capsys.readouterr().err
+    (train / "green" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    assert main([*command, out]) == 2
+    err = capsys.readouterr().err
+    assert f"{(train / 'green' / 'broken.png').resolve()}: cannot read image" in err
+    (train / "green" / "broken.png").unlink()
+    shutil.copy(train / "red" / "000.png", train / "green" / "000.png")
+    assert main(["train", "--data", str(train), "--out", out]) == 2  # mixed sizes
+    err = capsys.readouterr().err
+    assert "(HxW)" in err and "(cnnserve train --image-size H,W) to resize every image" in err
+    assert not (tmp_path / "m.safetensors").exists()
