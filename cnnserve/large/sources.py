@@ -11,7 +11,8 @@ The pixel rules are those of :mod:`cnnserve.images`:
   16-bit by 65535, floats clipped to [0, 1] (as :func:`~cnnserve.images.read_image` does);
   1 to 4 samples (gray, gray + alpha, RGB, RGBA; alpha is dropped); RGB to one channel by
   ITU-R 601 luma (``0.299 R + 0.587 G + 0.114 B`` of the [0, 1] pixels), gray to three
-  channels repeated (:func:`~cnnserve.images.to_channels`). Series 0; ``level`` picks a level of a pyramid (0: full resolution).
+  channels repeated (:func:`~cnnserve.images.to_channels`). Series 0; ``level`` picks a
+  level of a pyramid (0: full resolution).
 - **zarr arrays and ``.npy`` files** (memory-mapped): ``(H, W)`` or ``(C, H, W)`` with C the
   model's channels, uint8, uint16 or floats in [0, 1] (as :func:`~cnnserve.images.as_image`).
 - **Other image files** (PNG, JPEG, ...): decoded whole by
