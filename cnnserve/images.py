@@ -7,8 +7,14 @@ images into a network's input here, by one set of rules:
   Pillow; an image with more pixels than the limit is refused before it is decoded
   (decompression bombs), and every failure is an :class:`ImageError`. :func:`read_image_file`
   also reads ``.npy`` arrays of pixels, their header checked before anything is allocated.
+  An image keeps its own channels (grey 1, colour 3; transparency flattened over white).
 - **Pixels** (:func:`as_image`): ``(C, H, W)`` float32 in [0, 1], from uint8 (divided by
   255) or floats in [0, 1].
+- **Channels** (:func:`to_channels`, :func:`model_pixels`): an image of other channels than
+  the model's is converted, colour to grey by ITU-R 601 luma (:func:`luma`,
+  ``0.299 R + 0.587 G + 0.114 B``), grey to RGB by repetition, and the conversion is named
+  (:data:`RGB_TO_GREY`, :data:`GREY_TO_RGB`) for the answer's ``converted``. Pictures are
+  drawn over the image as it came, not over the converted copy.
 - **Resizing** (:func:`resize`): bilinear, channel by channel.
 - **Normalisation** (:func:`normalize`, :func:`preprocess`): ``(x - mean[c]) / std[c]`` per
   channel with the statistics of the training split, which the model file keeps.
