@@ -29,7 +29,7 @@ import base64
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ import numpy as np
 from cnnserve._checks import check_int, check_number
 from cnnserve.convert import FullyConvNet, as_fully_convolutional
 from cnnserve.geometry import Geometry
-from cnnserve.images import MAX_PIXELS, as_image, resize
+from cnnserve.images import MAX_PIXELS, model_pixels, resize
 from cnnserve.network import ConvNet
 from cnnserve.predict import ranked
 from cnnserve.specs import BACKGROUND, class_index, out_shape
@@ -180,6 +180,8 @@ class ScoreMap(_Aggregates):
     resized_size : tuple of int
         ``(H, W)`` of the image the network saw.
     stride_divisor : int
+    converted : str or None
+        How the image's channels were converted (:func:`cnnserve.images.to_channels`).
 
     Shape
     -----
@@ -195,6 +197,7 @@ class ScoreMap(_Aggregates):
     scale: float = 1.0
     resized_size: tuple[int, int] = field(default=(0, 0))
     stride_divisor: int = 1
+    converted: str | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -299,6 +302,7 @@ class ScoreMap(_Aggregates):
             "classes": list(self.class_names),
             "geometry": self.geometry_dict(),
             "aggregate": self.aggregate_dict(top_k),
+            "converted": self.converted,
         }
         if cells:
             idx, prob = self.cell_top_k(top_k)
@@ -331,7 +335,7 @@ class ScoreMap(_Aggregates):
         Parameters
         ----------
         image : ndarray
-            The original image, as given to :func:`score_map`.
+            The original image as given to :func:`score_map` (colour stays colour).
         class_index : int
             The class to show.
         **options
@@ -369,6 +373,7 @@ class MultiScaleMap(_Aggregates):
 
     maps: tuple[ScoreMap, ...]
     class_names: tuple[str, ...]
+    converted: str | None = None
 
     @property
     def max(self) -> np.ndarray:
@@ -383,6 +388,7 @@ class MultiScaleMap(_Aggregates):
         return {
             "classes": list(self.class_names),
             "aggregate": self.aggregate_dict(top_k),
+            "converted": self.converted,
             "scales": [m.to_dict(top_k=top_k, cells=cells, scores=scores) for m in self.maps],
         }
 
@@ -580,9 +586,10 @@ def score_map(
         once with :func:`~cnnserve.convert.to_fully_convolutional` for repeated use), or a
         model file of either kind.
     image : ndarray
-        ``(H, W)`` for a one-channel model or ``(C, H, W)``; uint8 pixels or floats in
-        [0, 1]; ``H >= Th`` and ``W >= Tw`` (the training size). It is preprocessed with the
-        normalisation stored in the model.
+        ``(H, W)`` or ``(C, H, W)`` with C 1 or 3 (converted to the model's channels when
+        they differ: ``converted`` says so); uint8 pixels or floats in [0, 1]; ``H >= Th``
+        and ``W >= Tw`` (the training size). It is preprocessed with the normalisation
+        stored in the model.
     stride_divisor : int
         d >= 1 dividing the total stride S: a map at stride S / d by shift-and-stitch (d * d
         passes).
@@ -614,7 +621,7 @@ def score_map(
     ``x in [s*j, s*j + Tw)``, ``y in [s*i, s*i + Th)``.
     """
     fcn = as_fully_convolutional(model)
-    pixels = as_image(image, fcn.input_shape[0])
+    pixels, converted = model_pixels(image, fcn.input_shape[0])
     H, W = pixels.shape[1], pixels.shape[2]
     budget = check_int(tile_memory, "tile_memory", 1)
     fcn.geometry.finer(stride_divisor)  # checks the divisor
@@ -641,13 +648,14 @@ def score_map(
         maps = []
         for s, (hs, ws) in sizes:
             resized = pixels if (hs, ws) == (H, W) else resize(pixels, hs, ws)
-            maps.append(_one_scale(fcn, resized, (H, W), s, stride_divisor, budget, callback))
+            one = _one_scale(fcn, resized, (H, W), s, stride_divisor, budget, callback)
+            maps.append(replace(one, converted=converted))
     finally:
         if bar is not None:
             bar.close()
     if scales is None:
         return maps[0]
-    return MultiScaleMap(tuple(maps), fcn.class_names)
+    return MultiScaleMap(tuple(maps), fcn.class_names, converted)
 
 
 def _check_scales(scales: Any) -> list[float]:

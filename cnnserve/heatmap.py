@@ -480,11 +480,11 @@ def check_picture_size(height: int, width: int, zoom: int = 1, *, name: str = "z
     Raises
     ------
     ValueError
-        The message names the option (``name``) and the picture's size, W x H.
+        The message names the option (``name``) and the picture's size, H x W.
     """
     if height * width * zoom * zoom > MAX_PICTURE_PIXELS:
         raise ValueError(
-            f"{name} {zoom} would make a {width * zoom}x{height * zoom} picture, more than "
+            f"{name} {zoom} would make a {height * zoom}x{width * zoom} (HxW) picture, more than "
             f"{MAX_PICTURE_PIXELS:,} pixels"
         )
     if zoom > MAX_ZOOM:

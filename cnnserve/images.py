@@ -7,8 +7,14 @@ images into a network's input here, by one set of rules:
   Pillow; an image with more pixels than the limit is refused before it is decoded
   (decompression bombs), and every failure is an :class:`ImageError`. :func:`read_image_file`
   also reads ``.npy`` arrays of pixels, their header checked before anything is allocated.
+  An image keeps its own channels (grey 1, colour 3; transparency flattened over white).
 - **Pixels** (:func:`as_image`): ``(C, H, W)`` float32 in [0, 1], from uint8 (divided by
   255) or floats in [0, 1].
+- **Channels** (:func:`to_channels`, :func:`model_pixels`): an image of other channels than
+  the model's is converted, colour to grey by ITU-R 601 luma (:func:`luma`,
+  ``0.299 R + 0.587 G + 0.114 B``), grey to RGB by repetition, and the conversion is named
+  (:data:`RGB_TO_GREY`, :data:`GREY_TO_RGB`) for the answer's ``converted``. Pictures are
+  drawn over the image as it came, not over the converted copy.
 - **Resizing** (:func:`resize`): bilinear, channel by channel.
 - **Normalisation** (:func:`normalize`, :func:`preprocess`): ``(x - mean[c]) / std[c]`` per
   channel with the statistics of the training split, which the model file keeps.
@@ -28,10 +34,17 @@ import numpy as np
 from cnnserve._checks import FLOAT_DTYPES, check_dtype, check_int
 
 __all__ = [
+    "GREY_TO_RGB",
+    "LUMA",
     "MAX_PIXELS",
+    "RGB_TO_GREY",
     "ImageError",
     "ImageTooLargeError",
     "as_image",
+    "flatten_8bit",
+    "image_pixels",
+    "luma",
+    "model_pixels",
     "normalize",
     "normalize_raw",
     "preprocess",
@@ -39,6 +52,7 @@ __all__ = [
     "read_image_file",
     "read_npy",
     "resize",
+    "to_channels",
 ]
 
 #: Images decoded, or resized for a scale, above this many pixels are refused.
@@ -63,16 +77,26 @@ class ImageTooLargeError(ImageError):
 
 
 def read_image(
-    source: str | os.PathLike | bytes, channels: int, *, max_pixels: int = MAX_PIXELS
+    source: str | os.PathLike | bytes,
+    channels: int | None = None,
+    *,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Decode a PNG, JPEG, BMP, GIF or TIFF image into float32 pixels in [0, 1], ``(C, H, W)``.
+
+    The image keeps its own channels unless ``channels`` asks for others: a grey image
+    (modes ``1``, ``L``, ``LA``, 16-bit and float grey, or a palette of greys) has one, any
+    other three (RGB; CMYK, YCbCr, LAB and HSV are converted to RGB). Transparency is
+    flattened over white, as a viewer shows the image on a white page. 16-bit grey is
+    divided by 65535.
 
     Parameters
     ----------
     source : str, PathLike or bytes
         A file or the encoded bytes.
-    channels : int
-        1 (converted to grayscale, ``L``) or 3 (``RGB``). Transparency is dropped.
+    channels : {None, 1, 3}, optional
+        None: the image's own channels. 1 or 3: converted as :func:`to_channels` does (a
+        colour image to grey by ITU-R 601 luma, grey to RGB by repetition).
     max_pixels : int
         Larger images are refused before they are decoded (decompression bombs).
 
@@ -86,8 +110,8 @@ def read_image(
     from PIL import Image, UnidentifiedImageError
 
     max_pixels = check_int(max_pixels, "max_pixels", 1)
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None (the image's own), got {channels}")
     data = isinstance(source, bytes | bytearray)
     where = "the image" if data else f"image {source}"
     undecodable = f"{'the data' if data else where} cannot be decoded as an image"
@@ -99,7 +123,7 @@ def read_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
             img = Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF"))
-            return _decode(img, channels, max_pixels, where, undecodable)
+            pixels = _decode(img, max_pixels, where, undecodable)
     except ImageError:
         raise
     except FileNotFoundError as exc:
@@ -116,10 +140,11 @@ def read_image(
         # A TIFF tag of an unexpected type or value makes Pillow raise TypeError,
         # OverflowError, KeyError...: still a file that cannot be decoded, never a crash.
         raise ImageError(f"{undecodable}: {type(exc).__name__}: {exc}") from exc
+    return pixels if channels is None else to_channels(pixels, channels)[0]
 
 
-def _decode(img: Any, channels: int, max_pixels: int, where: str, undecodable: str) -> np.ndarray:
-    """The pixels of an opened Pillow image (:func:`read_image` turns its errors)."""
+def _decode(img: Any, max_pixels: int, where: str, undecodable: str) -> np.ndarray:
+    """The pixels of an opened Pillow image, its own channels (:func:`read_image`)."""
     from PIL import ImageOps
 
     with img:
@@ -136,11 +161,52 @@ def _decode(img: Any, channels: int, max_pixels: int, where: str, undecodable: s
             gray = gray / 65535.0 if img.mode != "F" else gray
             if not np.isfinite(gray).all():
                 raise ImageError(f"{undecodable}: it holds NaN or infinite pixel values")
-            plane = np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
-            return plane if channels == 1 else np.repeat(plane, 3, axis=0)
-        pixels = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)  # (C, H, W)
+            return np.clip(gray, 0.0, 1.0).astype(np.float32)[None]
+        pixels = flatten_8bit(img)  # (H, W) or (H, W, 3) uint8
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (C, H, W)
     return pixels.astype(np.float32) / np.float32(255)
+
+
+def flatten_8bit(img: Any) -> np.ndarray:
+    """A Pillow image as 8-bit pixels of its own channels, transparency over white.
+
+    Grey modes (``1``, ``L``, ``LA``) and palette images whose colours are all greys give
+    ``(H, W)``; every other mode ``(H, W, 3)`` RGB. Alpha is composited over white:
+    ``(c * a + 255 * (255 - a) + 127) // 255``, with ``c`` and ``a`` in 0..255.
+
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        8-bit (modes other than ``I*`` and ``F``).
+
+    Returns
+    -------
+    ndarray of uint8, shape ``(H, W)`` or ``(H, W, 3)``.
+    """
+    palette = img.mode in ("P", "PA")
+    if palette:
+        transparent = img.mode == "PA" or "transparency" in img.info
+        img = img.convert("RGBA" if transparent else "RGB")
+    elif img.mode in ("La", "RGBa"):  # premultiplied alpha
+        img = img.convert(img.mode.upper())
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if img.mode in ("LA", "RGBA"):
+        both = np.asarray(img, dtype=np.uint16)  # (H, W, 2 or 4)
+        a = both[..., -1:]
+        flat = ((both[..., :-1] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        pixels = flat[..., 0] if img.mode == "LA" else flat
+    else:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if palette and _all_grey(pixels):  # a GIF or PNG of greys: one channel, as it looks
+        return np.ascontiguousarray(pixels[..., 0])
+    return pixels
+
+
+def _all_grey(pixels: np.ndarray) -> bool:
+    """Whether every pixel of ``(H, W, 3)`` has R == G == B."""
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return bool(np.array_equal(r, g) and np.array_equal(g, b))
 
 
 def read_npy(path: str | os.PathLike, max_values: int) -> np.ndarray:
@@ -174,18 +240,24 @@ def read_npy(path: str | os.PathLike, max_values: int) -> np.ndarray:
         raise ImageError(f"cannot read image array {path}: {exc}") from exc
 
 
-def read_image_file(path: str | os.PathLike, channels: int) -> np.ndarray:
+def read_image_file(path: str | os.PathLike, channels: int | None = None) -> np.ndarray:
     """An image file (PNG, JPEG, BMP, GIF, TIFF) or a ``.npy`` array of pixels.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    channels : {None, 1, 3}, optional
+        For an image file, as for :func:`read_image` (None: the image's own channels).
 
     Returns
     -------
     ndarray
         An image file: ``(C, H, W)`` float32 in [0, 1] (:func:`read_image`). A ``.npy``
-        file: the array as stored (at most ``channels * MAX_PIXELS`` numbers), for
-        :func:`as_image` to check.
+        file: the array as stored (at most ``3 * MAX_PIXELS`` numbers), for
+        :func:`as_image` or :func:`model_pixels` to check.
     """
     if os.fspath(path).endswith(".npy"):
-        return read_npy(path, channels * MAX_PIXELS)
+        return read_npy(path, (channels or 3) * MAX_PIXELS)
     return read_image(path, channels)
 
 
@@ -234,6 +306,120 @@ def as_image(image: Any, channels: int) -> np.ndarray:
             "(divide 8-bit pixels by 255, or pass a uint8 array)"
         )
     return out
+
+
+#: ITU-R BT.601 luma weights of R, G and B: grey = 0.299 R + 0.587 G + 0.114 B.
+LUMA = (0.299, 0.587, 0.114)
+#: What ``converted`` says of a colour image given to a one-channel model.
+RGB_TO_GREY = "RGB to grey (ITU-R 601 luma)"
+#: What ``converted`` says of a grey image given to a three-channel model.
+GREY_TO_RGB = "grey to RGB (repeated)"
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Grey from RGB by the ITU-R 601 rule, ``0.299 R + 0.587 G + 0.114 B``.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (..., 3, H, W)
+        float32 or float64 pixels (any scale), or uint8.
+
+    Returns
+    -------
+    ndarray, shape (..., 1, H, W)
+        float32 for float32 or uint8 input (uint8 stays on the 0..255 scale), float64 for
+        float64.
+    """
+    dtype = np.float64 if rgb.dtype == np.float64 else np.float32
+    r, g, b = (rgb[..., c : c + 1, :, :].astype(dtype, copy=False) for c in range(3))
+    out = r * dtype(LUMA[0])
+    out += g * dtype(LUMA[1])
+    out += b * dtype(LUMA[2])
+    return out
+
+
+def to_channels(pixels: np.ndarray, channels: int) -> tuple[np.ndarray, str | None]:
+    """Pixels with a model's channels, and what was converted.
+
+    A colour image for a one-channel model becomes grey by :func:`luma`; a grey image for a
+    three-channel model is repeated in R, G and B.
+
+    Parameters
+    ----------
+    pixels : ndarray, shape (C, H, W)
+        C 1 or 3; float pixels in [0, 1].
+    channels : {1, 3}
+        The model's input channels.
+
+    Returns
+    -------
+    pixels : ndarray, shape (channels, H, W)
+        ``pixels`` itself when it has them already, else a new array of its dtype.
+    converted : str or None
+        None, :data:`RGB_TO_GREY` or :data:`GREY_TO_RGB`.
+    """
+    C = pixels.shape[0]
+    if C == channels:
+        return pixels, None
+    if C == 3 and channels == 1:
+        return luma(pixels).astype(pixels.dtype, copy=False), RGB_TO_GREY
+    if C == 1 and channels == 3:
+        return np.repeat(pixels, 3, axis=0), GREY_TO_RGB
+    raise ValueError(f"cannot convert an image of {C} channels to {channels} (1 or 3 only)")
+
+
+def image_pixels(image: Any) -> np.ndarray:
+    """An image as float32 pixels in [0, 1] with its own channels, ``(C, H, W)``.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` (one channel) or ``(C, H, W)``: uint8 pixels or floats in [0, 1].
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`as_image`.
+    """
+    own = image.shape[0] if isinstance(image, np.ndarray) and image.ndim == 3 else 1
+    return as_image(image, own)
+
+
+def model_pixels(image: Any, channels: int) -> tuple[np.ndarray, str | None]:
+    """An image as a model's input pixels, converted to its channels when they differ.
+
+    Like :func:`as_image`, but a grey image for a three-channel model or a colour image
+    for a one-channel model is converted (:func:`to_channels`) instead of refused.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(H, W)`` or ``(C, H, W)``: uint8 pixels or floats in [0, 1]. ``C`` is the model's,
+        or 1 or 3 for a model of 3 or 1 channels.
+    channels : int
+        The model's input channels.
+
+    Returns
+    -------
+    pixels : ndarray of float32, shape (channels, H, W)
+    converted : str or None
+        None, :data:`RGB_TO_GREY` or :data:`GREY_TO_RGB`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`as_image`.
+    """
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        own = image.shape[0] if image.ndim == 3 else 1
+        if own != channels and {own, channels} == {1, 3}:
+            return to_channels(as_image(image, own), channels)
+        if own != channels and channels in (1, 3):
+            raise ValueError(
+                "image must have shape (H, W), (1, H, W) or (3, H, W) for this model, got "
+                f"{image.shape}"
+            )
+    return as_image(image, channels), None
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

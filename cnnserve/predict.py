@@ -4,6 +4,10 @@ An image of the training size goes through the network as it is. An image of any
 is first resized to the training size (bilinear, with Pillow's antialiasing when it shrinks),
 so that the whole image is classified as one input: for where in a large image a class is,
 use a score map (:func:`cnnserve.dense.score_map`).
+
+An image whose channels are not the model's is converted first (colour to grey by ITU-R 601
+luma, grey to RGB by repetition: :func:`cnnserve.images.to_channels`), and the result's
+``converted`` says so.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from cnnserve._checks import check_int
 from cnnserve.convert import FullyConvNet, as_fully_convolutional
-from cnnserve.images import as_image, resize
+from cnnserve.images import model_pixels, resize
 from cnnserve.network import ConvNet
 
 __all__ = ["Prediction", "network_input", "predict", "prediction", "ranked"]
@@ -56,12 +60,16 @@ class Prediction:
         ``(H, W)`` of the image as given.
     resized_to : tuple of int or None
         ``(Th, Tw)`` when the image was resized to the training size, else None.
+    converted : str or None
+        How the image's channels were converted for the model (e.g. ``"RGB to grey (ITU-R
+        601 luma)"``), or None when they were the model's.
     """
 
     probabilities: np.ndarray
     class_names: tuple[str, ...]
     image_size: tuple[int, int]
     resized_to: tuple[int, int] | None
+    converted: str | None = None
 
     def top_k(self, k: int = 5) -> list[dict]:
         """The k most likely classes, ``[{"label", "index", "probability"}]``.
@@ -77,13 +85,14 @@ class Prediction:
         Returns
         -------
         dict
-            ``predictions`` (:meth:`top_k`), ``image_size`` ``[H, W]`` and ``resized_to``
-            ``[Th, Tw]`` or None.
+            ``predictions`` (:meth:`top_k`), ``image_size`` ``[H, W]``, ``resized_to``
+            ``[Th, Tw]`` or None, and ``converted`` (a text or None).
         """
         return {
             "predictions": self.top_k(top_k),
             "image_size": list(self.image_size),
             "resized_to": list(self.resized_to) if self.resized_to else None,
+            "converted": self.converted,
         }
 
 
@@ -97,8 +106,9 @@ def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Pr
         The converted network's scores on a training-size input are the original network's
         (its self-check); it runs with batchnorm folded into the convs.
     image : ndarray
-        ``(H, W)`` for a one-channel model or ``(C, H, W)``; uint8 pixels or floats in
-        [0, 1]; any size >= 1x1 (resized to the training size when it differs).
+        ``(H, W)`` or ``(C, H, W)`` with C 1 (grey) or 3 (RGB), converted to the model's
+        channels when they differ; uint8 pixels or floats in [0, 1]; any size >= 1x1
+        (resized to the training size when it differs).
 
     Returns
     -------
@@ -114,15 +124,15 @@ def predict(model: FullyConvNet | ConvNet | str | os.PathLike, image: Any) -> Pr
     ``(C, H, W)`` -> ``probabilities`` of shape ``(K,)``.
     """
     fcn = as_fully_convolutional(model)
-    x, size, resized = network_input(fcn, image)
+    x, size, resized, converted = network_input(fcn, image)
     scores = fcn.forward(x)[0, :, 0, 0]  # (K,)
-    return prediction(fcn, scores, size, resized)
+    return prediction(fcn, scores, size, resized, converted)
 
 
 def network_input(
     fcn: FullyConvNet, image: Any
-) -> tuple[np.ndarray, tuple[int, int], tuple[int, int] | None]:
-    """The network's input for one image, as :func:`predict` makes it: ``(x, size, resized)``.
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int] | None, str | None]:
+    """The network's input for one image, as :func:`predict` makes it.
 
     Parameters
     ----------
@@ -138,15 +148,17 @@ def network_input(
         ``(H, W)`` of the image as given.
     resized : tuple of int or None
         ``(Th, Tw)`` when the image was resized, else None.
+    converted : str or None
+        How the image's channels were converted (:func:`cnnserve.images.to_channels`).
     """
-    pixels = as_image(image, fcn.input_shape[0])  # (C, H, W) float32 in [0, 1]
+    pixels, converted = model_pixels(image, fcn.input_shape[0])  # (C, H, W) float32, [0, 1]
     size = (pixels.shape[1], pixels.shape[2])
     target = fcn.geometry.window  # the training size (Th, Tw)
     resized = None
     if size != tuple(target):
         pixels = resize(pixels, *target)
         resized = (int(target[0]), int(target[1]))
-    return fcn.preprocess(pixels[None]), size, resized
+    return fcn.preprocess(pixels[None]), size, resized, converted
 
 
 def prediction(
@@ -154,10 +166,11 @@ def prediction(
     scores: np.ndarray,
     size: tuple[int, int],
     resized: tuple[int, int] | None,
+    converted: str | None = None,
 ) -> Prediction:
     """The :class:`Prediction` of one image from the network's scores ``(K,)`` on it."""
     scores = np.asarray(scores, dtype=np.float64)
     scores = scores - scores.max()
     probabilities = np.exp(scores)
     probabilities /= probabilities.sum()
-    return Prediction(probabilities, fcn.class_names, size, resized)
+    return Prediction(probabilities, fcn.class_names, size, resized, converted)

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from cnnserve import _draw, heatmap
 from cnnserve._checks import check_int
 from cnnserve.convert import FullyConvNet
-from cnnserve.images import as_image, resize
+from cnnserve.images import model_pixels, resize
 from cnnserve.network import ConvNet, layer_forward
 from cnnserve.specs import describe_spec, shape_text
 
@@ -182,9 +182,9 @@ def activations(model: ConvNet | FullyConvNet, image: Any) -> list[Activation]:
         :func:`trained_network`). Runs in test mode: batchnorm uses its running statistics,
         dropout is the identity.
     image : ndarray
-        ``(H, W)`` for a one-channel model or ``(C, H, W)``; uint8 pixels or floats in [0, 1].
-        An image of another size than the training size is resized to it (bilinear), as
-        ``/predict`` does.
+        ``(H, W)`` or ``(C, H, W)``, C 1 or 3 (converted to the model's channels); uint8
+        pixels or floats in [0, 1]. An image of another size than the training size is
+        resized to it (bilinear), as ``/predict`` does.
 
     Returns
     -------
@@ -201,7 +201,7 @@ def activations(model: ConvNet | FullyConvNet, image: Any) -> list[Activation]:
     Layer ``k``'s activation has ``model.info[k].out_shape``.
     """
     net = trained_network(model)
-    pixels = as_image(image, net.input_shape[0])  # (C, H, W) float32 in [0, 1]
+    pixels, _ = model_pixels(image, net.input_shape[0])  # (C, H, W) float32 in [0, 1]
     if pixels.shape != net.input_shape:
         pixels = resize(pixels, net.input_shape[1], net.input_shape[2])
     out = net.preprocess(pixels[None])  # (1, C, H, W)

@@ -210,7 +210,7 @@ def test_scoremap_refuses_bad_options_before_any_work_and_writes_nothing(canvas,
     assert main([*base, "--png", str(tmp_path)]) == 2
     assert "is a directory; give a file name" in capsys.readouterr().err
     assert main([*base, "--png", str(out_png), "--zoom", "100000"]) == 2
-    assert "--zoom 100000 would make a 6400000x4000000 picture" in (capsys.readouterr().err)
+    assert "--zoom 100000 would make a 4000000x6400000 (HxW) picture" in (capsys.readouterr().err)
     assert sorted(tmp_path.iterdir()) == []  # no JSON written before the PNG failed
 
 
@@ -264,7 +264,7 @@ def test_demo_refuses_before_writing_anything(tmp_path, capsys):
     assert main(["demo", str(MODEL), "--out", str(out), "--size", "4096x4096"]) == 2
     assert "is over 4,194,304 pixels" in capsys.readouterr().err
     assert main(["demo", str(MODEL), "--out", str(out), "--zoom", "5000"]) == 2
-    assert "--zoom 5000 would make a 480000x240000 picture" in capsys.readouterr().err
+    assert "--zoom 5000 would make a 240000x480000 (HxW) picture" in capsys.readouterr().err
     # A digits model without a test split: its "held-out" digits would be training digits.
     no_test = tmp_path / "no_test.safetensors"
     net = ConvNet(preset_layers("digits", (1, 8, 8)), (1, 8, 8), 10)

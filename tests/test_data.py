@@ -761,12 +761,73 @@ def test_folder_image_size_resizes_to_h_w(tmp_path):
     save_image(root / "b" / "0.png", np.full((5, 9), 255))
     save_image(root / "b" / "1.png", np.full((6, 5, 3), 255))
     with pytest.raises(
-        DataError, match=re.escape(os.path.join("a", "1.png")) + r": image size \(4, 4\)"
+        DataError, match=re.escape(os.path.join("a", "1.png")) + r": the image is 4x4 \(HxW\), "
     ) as info:
         load_dataset(root, val_fraction=0.25, test_fraction=0.25)
-    assert "image_size=(H, W)" in str(info.value)
+    assert "0.png is 10x12; pass image_size=(H, W) (cnnserve train --image-size H,W)" in str(
+        info.value
+    )
     ds = load_dataset(root, val_fraction=0.25, test_fraction=0.25, image_size=(6, 5))
     assert ds.input_shape == (3, 6, 5)
+
+
+def test_folder_channels_converts_colour_to_luma_and_grey_to_rgb(tmp_path):
+    root = tmp_path / "c"
+    expected = make_folder(root, classes=("x", "y"), hw=(3, 4))
+    ds = load_dataset(root, dtype=np.float64, channels=1)
+    assert ds.input_shape == (1, 3, 4) and ds.mean.shape == (1,)
+    images = pixels(ds, np.concatenate([ds.X_train, ds.X_val, ds.X_test]))
+    lumas = set()
+    for chw in expected:
+        rgb = np.frombuffer(chw, np.uint8).reshape(3, 3, 4).astype(np.float64)
+        grey = np.rint(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]).astype(np.uint8)
+        lumas.add(grey[None].tobytes())
+    assert {img.tobytes() for img in images} == lumas
+    grey_root = tmp_path / "g"
+    expected = make_folder(grey_root, classes=("x", "y"), hw=(3, 4), rgb=False)
+    ds = load_dataset(grey_root, dtype=np.float64, channels=3)
+    assert ds.input_shape == (3, 3, 4)
+    images = pixels(ds, np.concatenate([ds.X_train, ds.X_val, ds.X_test]))
+    assert {img.tobytes() for img in images} == {
+        np.repeat(np.frombuffer(g, np.uint8).reshape(1, 3, 4), 3, axis=0).tobytes()
+        for g in expected
+    }
+    assert load_dataset(grey_root, channels=1).input_shape == (1, 3, 4)  # its own
+
+
+def test_channels_apply_to_every_source(digits, tmp_path):
+    three = load_dataset("digits", channels=3, dtype=np.float64)
+    assert three.input_shape == (3, 8, 8)
+    np.testing.assert_array_equal(three.y_train, digits.y_train)
+    np.testing.assert_allclose(three.X_train[:, 1], digits.X_train[:, 0], atol=1e-6)
+    np.testing.assert_array_equal(three.X_test[:, 0], three.X_test[:, 2])
+    grey = load_dataset(make_cifar(tmp_path / "cifar"), channels=1)
+    assert grey.input_shape == (1, 32, 32) and grey.X_test.shape[1] == 1
+    for bad in (2, 0, True, "3"):
+        with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
+            load_dataset("digits", channels=bad)
+
+
+def test_folder_16_bit_transparent_and_palette_images(tmp_path):
+    root = tmp_path / "modes"
+    deep = np.array([[0, 257, 65535], [1000, 30000, 65000]], np.uint16)
+    for i in range(3):
+        (root / "deep").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(deep).save(root / "deep" / f"{i}.png")
+        rgba = np.zeros((2, 3, 4), np.uint8)
+        rgba[..., 3] = [[0, 255, 0], [255, 0, 255]]  # transparent: white
+        save_image(root / "see-through" / f"{i}.png", rgba)
+    ds = load_dataset(root, dtype=np.float64, val_fraction=1 / 6, test_fraction=1 / 6)
+    assert ds.input_shape == (3, 2, 3)  # an RGBA image: colour
+    images = pixels(ds, np.concatenate([ds.X_train, ds.X_val, ds.X_test]))
+    labels = np.concatenate([ds.y_train, ds.y_val, ds.y_test])
+    scaled = np.rint(deep / 257).astype(np.uint8)
+    for img, label in zip(images, labels, strict=True):
+        if label == 0:
+            np.testing.assert_array_equal(img, np.stack([scaled] * 3))
+        else:
+            white = np.array([[255, 0, 255], [0, 255, 0]], np.uint8)
+            np.testing.assert_array_equal(img, np.stack([white] * 3))
 
 
 def test_folder_split_determinism(tmp_path):
@@ -812,11 +873,6 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="stray.png: an image outside a class folder"):
         load_dataset(root)
     (root / "stray.png").unlink()
-    # 16-bit image
-    Image.fromarray(np.zeros((6, 7), np.uint16)).save(root / "b" / "deep.png")
-    with pytest.raises(DataError, match="deep.png: unsupported image mode 'I;16'"):
-        load_dataset(root)
-    (root / "b" / "deep.png").unlink()
     # empty class folder (hidden files do not count)
     (root / "c").mkdir()
     (root / "c" / ".keep").write_text("")

@@ -657,8 +657,8 @@ def test_score_map_image_errors(stride4):
     _, fcn = stride4
     with pytest.raises(ValueError, match="smaller than the network's 12x12 window"):
         score_map(fcn, pixels((1, 11, 40)))
-    with pytest.raises(ValueError, match=r"\(H, W\) or \(1, H, W\)"):
-        score_map(fcn, pixels((3, 20, 20)))
+    with pytest.raises(ValueError, match=r"\(H, W\), \(1, H, W\) or \(3, H, W\)"):
+        score_map(fcn, pixels((2, 20, 20)))
     with pytest.raises(TypeError, match="numpy.ndarray"):
         score_map(fcn, [[0.0] * 20] * 20)
 

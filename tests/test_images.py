@@ -90,17 +90,19 @@ def test_read_image_rgb_and_rgba(tmp_path):
     out = read_image(png_bytes(rgb), 3)
     assert out.shape == (3, 5, 7)
     np.testing.assert_array_equal(out, rgb.transpose(2, 0, 1) / np.float32(255))
-    gray = read_image(png_bytes(rgb), 1)  # Pillow's ITU-R 601-2 luma
-    expected = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / np.float32(255)
-    np.testing.assert_array_equal(gray[0], expected)
-    r, g, b = (rgb[..., c].astype(np.int64) for c in range(3))
-    luma = (299 * r + 587 * g + 114 * b) / 1000 / 255
-    np.testing.assert_allclose(gray[0], luma, atol=1.01 / 255)
-    rgba = np.concatenate([rgb, np.full((5, 7, 1), 7, dtype=np.uint8)], axis=2)
+    gray = read_image(png_bytes(rgb), 1)  # ITU-R 601 luma, unrounded
+    r, g, b = (rgb[..., c].astype(np.float64) / 255 for c in range(3))
+    np.testing.assert_allclose(gray[0], 0.299 * r + 0.587 * g + 0.114 * b, rtol=0, atol=1e-6)
+    pillow = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 255
+    np.testing.assert_allclose(gray[0], pillow, atol=0.5 / 255 + 1e-6)  # Pillow rounds
+    rgba = np.concatenate([rgb, np.full((5, 7, 1), 255, dtype=np.uint8)], axis=2)
     path = tmp_path / "rgba.png"
     Image.fromarray(rgba, mode="RGBA").save(path)
-    np.testing.assert_array_equal(read_image(path, 3), out)  # alpha dropped
+    np.testing.assert_array_equal(read_image(path, 3), out)  # opaque: the colours as they are
     assert read_image(path, 1).shape == (1, 5, 7)
+    rgba[..., 3] = 0
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    np.testing.assert_array_equal(read_image(path, 3), 1.0)  # transparent: over white
     jpeg = io.BytesIO()
     Image.fromarray(rgb).save(jpeg, format="JPEG", quality=95)
     assert read_image(jpeg.getvalue(), 3).shape == (3, 5, 7)
@@ -135,7 +137,9 @@ def test_read_image_errors(tmp_path):
         read_image(missing, 1)
     with pytest.raises(ImageError):
         read_image(b"", 3)
-    with pytest.raises(ValueError, match="channels must be 1 or 3, got 2"):
+    with pytest.raises(
+        ValueError, match=r"channels must be 1, 3 or None \(the image's own\), got 2"
+    ):
         read_image(png_bytes(np.zeros((4, 4), np.uint8)), 2)
     assert issubclass(ImageError, ValueError)
 

@@ -536,7 +536,7 @@ def test_zoom_beyond_the_picture_limit_is_422(model_dir):
         wait_ready(c)
         big = png(np.zeros((2048, 4096), np.uint8))
         r = c.post("/v1/models/digits/scoremap?format=png&zoom=8", content=big, headers=PNG)
-        assert_error(r, 422, "invalid_parameter", "zoom 8 would make a 32768x16384 picture")
+        assert_error(r, 422, "invalid_parameter", "zoom 8 would make a 16384x32768 (HxW) picture")
 
 
 def test_zoom_limit_is_the_clis(client):

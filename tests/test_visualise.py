@@ -110,8 +110,11 @@ def test_images_are_converted_and_resized_as_predict_does(model, digit):
     as_uint8 = np.rint(digit * 255).astype(np.uint8)
     assert activations(model, big)[0].shape == (1, 8, 8)
     np.testing.assert_allclose(activations(model, as_uint8)[0].values[0], as_uint8 / 255, atol=1e-7)
-    with pytest.raises(ValueError, match=r"image must have shape \(3, H, W\) for this model"):
-        activations(rgb_net(), digit)
+    grey = np.random.default_rng(2).random((10, 10), dtype=np.float32)
+    grey_to_rgb = activations(rgb_net(), grey)[0].values  # repeated, as predict converts
+    np.testing.assert_array_equal(grey_to_rgb, np.repeat(grey[None], 3, axis=0))
+    with pytest.raises(ValueError, match=r"\(H, W\), \(1, H, W\) or \(3, H, W\) for this model"):
+        activations(rgb_net(), np.zeros((2, 8, 8), np.float32))
     with pytest.raises(TypeError, match="model must be a ConvNet or a FullyConvNet"):
         activations("model.safetensors", digit)
 

@@ -46,12 +46,17 @@ def _scales(text: str | None) -> list[float] | None:
         raise CommandError(f"--scales must be numbers separated by commas, got {text!r}") from exc
 
 
+def _converted(converted: str | None) -> str:
+    """``", converted RGB to grey (...)"`` for an image the model took in other channels."""
+    return f", converted {converted} for the model" if converted else ""
+
+
 def _cmd_scoremap(args: argparse.Namespace) -> int:
     from cnnserve._checks import check_number
     from cnnserve.convert import load_fully_convolutional
     from cnnserve.dense import MultiScaleMap, default_class, score_map
     from cnnserve.heatmap import check_picture_size, png_bytes
-    from cnnserve.images import as_image, read_image_file
+    from cnnserve.images import image_pixels, read_image_file
 
     status = run_large(args)  # --out MAP.zarr: the out-of-core map
     if status is not None:
@@ -64,7 +69,7 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
     check_number(args.alpha, "--alpha", 0, 1, "[]")
     fcn = load_fully_convolutional(args.model)
     class_index = _class_index(args.class_, fcn.class_names)
-    image = as_image(read_image_file(args.image, fcn.input_shape[0]), fcn.input_shape[0])
+    image = image_pixels(read_image_file(args.image))  # its own channels: pictures in colour
     if args.png:
         check_picture_size(image.shape[1], image.shape[2], args.zoom, name="--zoom")
     started = time.perf_counter()
@@ -82,7 +87,7 @@ def _cmd_scoremap(args: argparse.Namespace) -> int:
     label = fcn.class_names[class_index]
 
     print(f"image {args.image}: {image.shape[1]}x{image.shape[2]} pixels, {image.shape[0]} "
-          f"channel(s); {seconds:.3f} s")  # fmt: skip
+          f"channel(s){_converted(result.converted)}; {seconds:.3f} s")  # fmt: skip
     print(fcn.geometry.describe())
     for m in maps:
         g = m.geometry_dict()
@@ -131,7 +136,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cnnserve.predict import predict
 
     fcn = load_fully_convolutional(args.model)
-    image = read_image_file(args.image, fcn.input_shape[0])
+    image = read_image_file(args.image)  # its own channels: predict converts them
     started = time.perf_counter()
     result = predict(fcn, image)
     seconds = time.perf_counter() - started
@@ -149,7 +154,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     resized = (
         f", resized to {result.resized_to[0]}x{result.resized_to[1]}" if result.resized_to else ""
     )
-    print(f"image {args.image}: {h}x{w} pixels{resized}; {seconds * 1e3:.1f} ms")
+    converted = _converted(result.converted)
+    print(f"image {args.image}: {h}x{w} pixels{resized}{converted}; {seconds * 1e3:.1f} ms")
     width = max(len(r["label"]) for r in ranked)
     for rank, r in enumerate(ranked, 1):
         print(f"{rank:>2}. {r['label']:<{width}}  {r['probability']:.4f}  (class {r['index']})")
@@ -229,7 +235,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     placed = sum(abs(px - x) <= 1 and abs(py - y) <= 1 for _, _, (x, y), _, _, (px, py) in rows)
     print(f"{correct}/{len(rows)} digits classified correctly at their own window; "
           f"{placed}/{len(rows)} digits' classes peak within 1 px of the digit")  # fmt: skip
-    print(f"wrote {out / 'canvas.png'} ({width}x{height}, an input for scoremap) and "
+    print(f"wrote {out / 'canvas.png'} ({height}x{width}, an input for scoremap) and "
           f"{out / 'heatmaps.png'} (zoom {zoom})")  # fmt: skip
     return 0
 

@@ -64,6 +64,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
     Raises :class:`CommandError` naming the flag; the Solver and the network check again.
     """
+    from cnnserve.data import NAMED
     from cnnserve.specs import PRESETS
 
     for name, (low, high, ends) in _FLAG_RANGES.items():
@@ -77,6 +78,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise CommandError(
                 f"{flag(name)} must be in {ends[0]}{low:g}, {high:g}{ends[1]}, got {value:g}"
             )
+    if args.image_size is not None and str(args.data).lower() in NAMED:
+        raise CommandError(f"--image-size applies to image folders only, not to --data {args.data}")
     if not args.resume and args.arch not in PRESETS and not Path(args.arch).is_file():
         raise CommandError(
             f"--arch {args.arch!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
@@ -92,6 +95,20 @@ def _augment_spec(value: str | None, source: str | None) -> str:
         return resolve_augment("default" if value is None else value, source).spec()
     except (TypeError, ValueError) as exc:
         raise CommandError(f"--augment {value}: {exc}") from None
+
+
+def image_size(text: str) -> list[int]:
+    """``--image-size H,W`` (or ``HxW``): two positive ints, as a list (a record's form)."""
+    parts = text.replace("x", ",").replace("X", ",").split(",")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be two positive integers H,W (height, width), e.g. 32,32; got {text!r}"
+        )
+    return values
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> None:
@@ -139,6 +156,21 @@ def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> Non
         help="fraction held out for testing, from digits and image folders (IDX and CIFAR-10 "
         "come with a test part)" + default.format(0.2),
     )
+    group.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="H,W",
+        help="resize every image of an image folder to H x W pixels (bilinear), for folders "
+        "of mixed sizes" + ("" if training else "; default: as in training"),
+    )
+    group.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        help="1: grey (colour images by ITU-R 601 luma), 3: RGB (grey images repeated); "
+        "default: the data's own (an image folder: 3 if any image is in colour)"
+        + ("" if training else ", or as in training"),
+    )
 
 
 _SPLIT_DEFAULTS = {"seed": 0, "val_fraction": 0.1, "test_fraction": 0.2}
@@ -171,7 +203,15 @@ def _load_data(args: argparse.Namespace, dtype: Any, defaults: dict | None = Non
     limit = getattr(args, "limit", None)
     if limit is not None:
         options["limit"] = limit
-    return load_dataset(source, dtype=dtype, **options)
+    for key in ("image_size", "channels"):
+        value = getattr(args, key)
+        options[key] = value if value is not None else defaults.get(key)
+    try:
+        return load_dataset(source, dtype=dtype, **options)
+    except ValueError as exc:  # DataError is a ValueError too: it names the file
+        if str(exc).startswith("image_size applies"):
+            raise CommandError(f"--{str(exc).replace('_', '-', 1)}") from None
+        raise
 
 
 # Training options: their defaults, and the name of each in a checkpoint's solver options.
@@ -199,7 +239,17 @@ _SOLVER_FLAGS = {
 }
 
 
-_RECORD_FLAGS = ("arch", "reg", "weight_scale", "dtype", "limit", "val_fraction", "test_fraction")
+_RECORD_FLAGS = (
+    "arch",
+    "reg",
+    "weight_scale",
+    "dtype",
+    "limit",
+    "val_fraction",
+    "test_fraction",
+    "image_size",
+    "channels",
+)
 
 
 def _flag_value(name: str, options: dict) -> Any:
@@ -337,6 +387,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction,
         "limit": args.limit,
+        "image_size": args.image_size,
+        "channels": args.channels,
         "num_train": int(len(data.y_train)),
         "num_val": int(len(data.y_val)),
         "num_test": int(len(data.y_test)),

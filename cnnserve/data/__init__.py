@@ -45,7 +45,8 @@ ready for the :class:`~cnnserve.solver.Solver` (``Dataset.solver_data()``):
 ``"folder"``
     ``root/<class name>/<image>.png|.jpg|.jpeg``, read with Pillow. Class names are the sorted
     sub-folder names. Images are grayscale (one channel) when every image is grayscale,
-    otherwise RGB (gray images are replicated to three channels; alpha is dropped). All images
+    otherwise RGB (gray images are repeated in three channels), unless ``channels=`` says
+    which; transparency is flattened over white and 16-bit grey scaled to 8 bits. All images
     must share one size unless ``image_size=(H, W)`` is given, which resizes each image
     (bilinear). Hidden files and folders (names starting with ``.``) are ignored, and so are
     non-image files beside the class folders (``README``, ``LICENSE``); any other file inside

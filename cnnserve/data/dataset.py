@@ -32,7 +32,7 @@ from cnnserve.data.faces import load_faces
 from cnnserve.data.folder import load_folder
 from cnnserve.data.idx import IDX_NAME, load_idx
 from cnnserve.data.mnist5k import load_mnist5k
-from cnnserve.images import normalize_raw
+from cnnserve.images import luma, normalize_raw
 
 __all__ = ["BUNDLED", "FORMATS", "NAMED", "PACKAGED", "Dataset", "load_dataset", "same_source"]
 
@@ -225,6 +225,7 @@ def load_dataset(
     dtype=np.float32,
     limit: int | None = None,
     image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
 ) -> Dataset:
     """Load a data set, split it, and normalise it with its training statistics.
 
@@ -258,6 +259,11 @@ def load_dataset(
         training digits).
     image_size : (int, int), optional
         ``(H, W)`` to resize every image of an image folder to. Folders only.
+    channels : {None, 1, 3}, optional
+        The channels of the images: None keeps the source's (a folder: 1 when every image
+        is grey, else 3). 1 turns colour into grey by ITU-R 601 luma
+        (``0.299 R + 0.587 G + 0.114 B``, rounded to the source's integer levels), 3 repeats
+        grey in R, G and B. Any source.
 
     Returns
     -------
@@ -289,6 +295,8 @@ def load_dataset(
     if limit is not None:
         limit = check_int(limit, "limit", 1)
     image_size = check_image_size(image_size)
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"channels must be 1, 3 or None (the source's own), got {channels!r}")
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"source must be one of {NAMED} or a path, got {type(source).__name__}")
 
@@ -327,18 +335,20 @@ def load_dataset(
     else:
         try:
             if fmt == "folder":
-                class_names, X, y = load_folder(root, image_size)
+                class_names, X, y = load_folder(root, image_size, channels)
             elif fmt == "idx":
                 class_names, X, y, X_te, y_te = load_idx(root)
             else:
                 class_names, X, y, X_te, y_te = load_cifar(root)
         except OSError as exc:  # a listing or stat that failed (permissions, a vanished file)
             raise DataError(f"{exc.filename or root}: cannot read ({exc})") from exc
+    X = _with_channels(X, channels)
     if fmt in ("digits", "faces", "mnist-5k", "folder"):
         tr, va, te = split(y, val_fraction, test_fraction, seed, name)
         X_te, y_te = X[te], y[te]
     elif fmt != "digits-windows":
         tr, va, _ = split(y, val_fraction, 0.0, seed, name)
+    X_te = _with_channels(X_te, channels)
     if limit is not None and limit < len(tr):
         tr = tr[:limit]
     tr = np.random.default_rng([seed, 1]).permutation(tr)
@@ -362,6 +372,21 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+
+
+def _with_channels(X: np.ndarray, channels: int | None) -> np.ndarray:
+    """Integer pixels ``(N, C, H, W)`` with ``channels`` channels: grey repeated, or the
+    ITU-R 601 luma of RGB rounded to the same integer levels; a few MiB at a time."""
+    if channels is None or X.shape[1] == channels:
+        return X
+    if channels == 3:
+        return np.repeat(X, 3, axis=1)
+    out = np.empty((X.shape[0], 1, *X.shape[2:]), dtype=X.dtype)
+    step = max(1, (4 << 20) // max(1, X[0].size))
+    for start in range(0, len(X), step):
+        grey = luma(X[start : start + step])  # (n, 1, H, W) float32
+        out[start : start + step] = np.rint(grey)
+    return out
 
 
 def same_source(given: str | os.PathLike | None, recorded: str | None) -> bool:

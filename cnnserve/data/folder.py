@@ -1,11 +1,16 @@
 """Image folders: the ``"folder"`` format of :mod:`cnnserve.data`.
 
 ``root/<class name>/<image>.png|.jpg|.jpeg``, read with Pillow. Class names are the sorted
-sub-folder names. Images are grayscale (one channel) when every image is grayscale, otherwise
-RGB (gray images are replicated to three channels; alpha is dropped). All images must share
-one size unless ``image_size=(H, W)`` is given, which resizes each image (bilinear). Hidden
-files and folders are ignored, and so are non-image files beside the class folders; any other
-file inside a class folder, and any unreadable image, is an error naming the file.
+sub-folder names. With ``channels=None`` the images are grayscale (one channel) when every
+image is grayscale, otherwise RGB (gray images are repeated in three channels); with
+``channels=1`` colour images become grey by ITU-R 601 luma (``0.299 R + 0.587 G + 0.114 B``,
+rounded to 8 bits), with ``channels=3`` grey images are repeated. Transparency is flattened
+over white, 16-bit grey is scaled to 8 bits, and a palette of greys is grey
+(:func:`cnnserve.images.flatten_8bit`). All images must share one size unless
+``image_size=(H, W)`` is given, which resizes each image (bilinear, antialiased when it
+shrinks). Hidden files and folders are ignored, and so are non-image files beside the class
+folders; any other file inside a class folder, and any unreadable image, is an error naming
+the file.
 """
 
 from __future__ import annotations
@@ -15,13 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from cnnserve.data._common import DataError, visible
+from cnnserve.images import flatten_8bit, luma
 
 __all__ = ["IMAGE_SUFFIXES", "load_folder"]
 
 #: The image files a class folder may hold.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_GRAY_MODES = ("1", "L", "LA", "La")
-_COLOR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -35,24 +39,59 @@ def _read_image(path: Path, image_size: tuple[int, int] | None) -> np.ndarray:
     try:
         with Image.open(path, formats=("PNG", "JPEG")) as img:
             img.load()
-            mode = img.mode
-            if mode in _GRAY_MODES:
-                img = img.convert("L")
-            elif mode in _COLOR_MODES:
-                img = img.convert("RGB")
+            if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit (or 32-bit) grey
+                deep = np.asarray(img, dtype=np.float64)
+                pixels = np.rint(np.clip(deep, 0, 65535) / 257).astype(np.uint8)
+            elif img.mode == "F":
+                raise DataError(f"{path}: unsupported image mode 'F' (8- or 16-bit pixels)")
             else:
-                raise DataError(f"{path}: unsupported image mode {mode!r} (8-bit gray or colour)")
-            if image_size is not None and img.size != (image_size[1], image_size[0]):
-                img = img.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+                pixels = flatten_8bit(img)
+        if image_size is not None and pixels.shape[:2] != image_size:
+            resized = Image.fromarray(pixels).resize(
+                (image_size[1], image_size[0]), Image.Resampling.BILINEAR
+            )
+            pixels = np.asarray(resized, dtype=np.uint8)
+        return pixels
     except DataError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
-def load_folder(root: Path, image_size: tuple[int, int] | None):
-    """``(class_names, X, y)`` of an image folder: X uint8 (N, 1 or 3, H, W)."""
+def _stack(images: list[np.ndarray], channels: int) -> np.ndarray:
+    """(N, channels, H, W) uint8 of (H, W) grey and (H, W, 3) colour images."""
+    H, W = images[0].shape[:2]
+    X = np.empty((len(images), channels, H, W), dtype=np.uint8)
+    for i, img in enumerate(images):
+        if img.ndim == 2:
+            X[i] = img  # grey: one channel, or repeated in three
+        elif channels == 3:
+            X[i] = img.transpose(2, 0, 1)  # (3, H, W)
+        else:  # colour to grey by ITU-R 601 luma, rounded to 8 bits
+            grey = luma(img.transpose(2, 0, 1))  # (1, H, W) float32 on 0..255
+            X[i] = np.clip(np.rint(grey), 0, 255)
+    return X
+
+
+def load_folder(
+    root: Path, image_size: tuple[int, int] | None, channels: int | None = None
+) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """``(class_names, X, y)`` of an image folder.
+
+    Parameters
+    ----------
+    root : Path
+    image_size : (int, int) or None
+        ``(H, W)`` to resize every image to; None: all images must share one size.
+    channels : {None, 1, 3}
+        None: 1 when every image is grey, else 3. 1 or 3: converted (see the module).
+
+    Returns
+    -------
+    class_names : tuple of str
+    X : ndarray of uint8, shape (N, C, H, W)
+    y : ndarray of int64, shape (N,)
+    """
     classes = _class_dirs(root)
     for entry in sorted(root.iterdir()):
         if visible(entry) and entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
@@ -79,17 +118,13 @@ def load_folder(root: Path, image_size: tuple[int, int] | None):
             if first is None:
                 first = (path, img.shape[:2])
             elif img.shape[:2] != first[1]:
+                (h, w), (fh, fw) = img.shape[:2], first[1]
                 raise DataError(
-                    f"{path}: image size {img.shape[:2]} (H, W) differs from {first[1]} of "
-                    f"{first[0]}; pass image_size=(H, W) to resize every image"
+                    f"{path}: the image is {h}x{w} (HxW), {first[0]} is {fh}x{fw}; pass "
+                    "image_size=(H, W) (cnnserve train --image-size H,W) to resize every image"
                 )
             images.append(img)
             labels.append(k)
-    if all(img.ndim == 2 for img in images):
-        X = np.stack(images)[:, None]  # (N, 1, H, W)
-    else:
-        H, W = first[1]
-        X = np.empty((len(images), 3, H, W), dtype=np.uint8)
-        for i, img in enumerate(images):
-            X[i] = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)  # (3, H, W)
-    return tuple(c.name for c in classes), X, np.array(labels, dtype=np.int64)
+    if channels is None:
+        channels = 1 if all(img.ndim == 2 for img in images) else 3
+    return tuple(c.name for c in classes), _stack(images, channels), np.array(labels, np.int64)

@@ -9,9 +9,10 @@ The pixel rules are those of :mod:`cnnserve.images`:
 
 - **TIFF** (``tifffile``, through its zarr view ``aszarr``): 8-bit pixels divided by 255,
   16-bit by 65535, floats clipped to [0, 1] (as :func:`~cnnserve.images.read_image` does);
-  1 to 4 samples (gray, gray + alpha, RGB, RGBA; alpha is dropped); RGB to one channel as
-  Pillow's ``L`` (8-bit) or its weights (0.299, 0.587, 0.114) in float; gray to three
-  channels repeated. Series 0; ``level`` picks a level of a pyramid (0: full resolution).
+  1 to 4 samples (gray, gray + alpha, RGB, RGBA; alpha is dropped); RGB to one channel by
+  ITU-R 601 luma (``0.299 R + 0.587 G + 0.114 B`` of the [0, 1] pixels), gray to three
+  channels repeated (:func:`~cnnserve.images.to_channels`). Series 0; ``level`` picks a
+  level of a pyramid (0: full resolution).
 - **zarr arrays and ``.npy`` files** (memory-mapped): ``(H, W)`` or ``(C, H, W)`` with C the
   model's channels, uint8, uint16 or floats in [0, 1] (as :func:`~cnnserve.images.as_image`).
 - **Other image files** (PNG, JPEG, ...): decoded whole by
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cnnserve._checks import check_int
-from cnnserve.images import ImageError, as_image, read_image
+from cnnserve.images import ImageError, as_image, read_image, to_channels
 
 __all__ = ["Source", "SourceError", "SourceSpec", "open_source"]
 
@@ -36,7 +37,6 @@ _TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
 _ZARR_SUFFIXES = (".zarr", ".zr3")
 # Layouts of a TIFF series that are one image: gray, samples last (contiguous), samples first.
 _TIFF_AXES = {"YX": "gray", "YXS": "last", "SYX": "first", "CYX": "first"}
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as Pillow's "L"
 
 
 class SourceError(ImageError):
@@ -141,11 +141,6 @@ def _model_pixels(raw: np.ndarray, channels: int, clip: bool, where: str) -> np.
     """``(S, h, w)`` stored samples -> ``(channels, h, w)`` float32 in [0, 1]."""
     if raw.shape[0] in (2, 4):
         raw = raw[:-1]  # alpha
-    if raw.dtype == np.uint8 and raw.shape[0] == 3 and channels == 1:
-        from PIL import Image
-
-        gray = Image.fromarray(np.ascontiguousarray(raw.transpose(1, 2, 0)), "RGB").convert("L")
-        raw = np.asarray(gray)[None]
     if raw.dtype == np.uint8:
         x = raw.astype(np.float32) / np.float32(255)
     elif raw.dtype == np.uint16:
@@ -158,11 +153,7 @@ def _model_pixels(raw: np.ndarray, channels: int, clip: bool, where: str) -> np.
             np.clip(x, 0.0, 1.0, out=x)
         else:
             x = as_image(x, x.shape[0])  # checks [0, 1]
-    if x.shape[0] == 3 and channels == 1:
-        x = np.tensordot(np.asarray(_GRAY, np.float32), x, axes=1)[None].astype(np.float32)
-    elif x.shape[0] == 1 and channels == 3:
-        x = np.repeat(x, 3, axis=0)
-    return x
+    return to_channels(x, channels)[0]  # the rule of read_image: ITU-R 601 luma, repetition
 
 
 def _check_dtype(dtype: np.dtype, where: str) -> None:

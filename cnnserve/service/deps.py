@@ -274,14 +274,19 @@ async def image_bytes(request: Request, limit: int) -> bytes:
 
 
 def decode_image(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray:
-    """The pixels of an uploaded image, with the model's channels, or a 400 / 413.
+    """The pixels of an uploaded image, with its own channels, or a 400 / 413.
+
+    A colour photo stays RGB (``C`` 3) and a grey image grey (``C`` 1) whatever the model's
+    channels: :func:`~cnnserve.predict.predict` and :func:`~cnnserve.dense.score_map`
+    convert them for the network and say so (``converted``), and pictures are drawn over
+    the image as it came. Transparency is flattened over white.
 
     Parameters
     ----------
     data : bytes
         An encoded image (PNG, JPEG, BMP, GIF, TIFF).
     model : LoadedModel
-        The model the image is for: it sets the number of channels.
+        The model the image is for. Its channels do not change the decoding (above).
     max_pixels : int
         The largest image accepted, in pixels (checked before decoding).
 
@@ -298,10 +303,10 @@ def decode_image(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray
 
     Shape
     -----
-    ``(C, H, W)``: ``C`` the model's input channels, ``(H, W)`` the image's own size.
+    ``(C, H, W)``: ``C`` 1 or 3, the image's own; ``(H, W)`` its own size.
     """
     try:
-        return read_image(data, model.fcn.input_shape[0], max_pixels=max_pixels)
+        return read_image(data, max_pixels=max_pixels)
     except ImageTooLargeError as exc:
         raise ServiceError(413, "image_too_large", str(exc)) from None
     except ImageError as exc:
@@ -526,9 +531,10 @@ class Service:
                 pixels = decode_image(data, model, self.settings.max_pixels)
                 return network_input(model.fcn, pixels)
 
-            x, size, resized = await asyncio.to_thread(prepare)
+            x, size, resized, converted = await asyncio.to_thread(prepare)
             scores = await self._scores(request, model, x)
-            return prediction(model.fcn, scores[0], size, resized), time.perf_counter() - started
+            result = prediction(model.fcn, scores[0], size, resized, converted)
+            return result, time.perf_counter() - started
 
     async def _scores(self, request: Request, model: LoadedModel, x: np.ndarray) -> np.ndarray:
         if self.batcher is None:

@@ -116,6 +116,10 @@ class PredictResponse(BaseModel):
     resized_to: list[int] | None = Field(
         description="[Th, Tw] when the image was resized to the training size, else null."
     )
+    converted: str | None = Field(
+        description="How the image's channels were converted for the model (e.g. `RGB to "
+        "grey (ITU-R 601 luma)`, `grey to RGB (repeated)`), or null when they were its own.",
+    )
     time_ms: float = Field(description="Decoding and inference time, in milliseconds.")
 
 
@@ -171,6 +175,10 @@ class ScoreMapResponse(BaseModel):
     classes: list[str]
     geometry: MapGeometry
     aggregate: Aggregate
+    converted: str | None = Field(
+        description="How the image's channels were converted for the model (e.g. `RGB to "
+        "grey (ITU-R 601 luma)`, `grey to RGB (repeated)`), or null when they were its own.",
+    )
     class_: ClassPeak = Field(
         alias="class", description="The chosen class (`class=`, else the top class by max)."
     )

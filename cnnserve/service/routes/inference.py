@@ -48,8 +48,10 @@ async def predict(name: ModelName, request: Request, service: ServiceDep, top_k:
     """The top-k classes of an image.
 
     The image is classified as a whole: one of another size than the training size is
-    resized to it (bilinear, antialiased when it shrinks) first. For where in a large
-    image each class is, use `/scoremap`.
+    resized to it (bilinear, antialiased when it shrinks) first. An image whose channels
+    are not the model's is converted (colour to grey by ITU-R 601 luma, grey to RGB by
+    repetition) and `converted` says so. For where in a large image each class is, use
+    `/scoremap`.
     """
     settings = service.settings
     model = service.model(name)
@@ -129,8 +131,10 @@ async def scoremap(
     """A dense map of class scores: one cell per training-size window of the image.
 
     The image must be at least the model's window (its training size). Each cell's box is
-    in the image's own pixels. JSON arrays come as base64 of little-endian float32 (int32
-    for indices and boxes) with their shape.
+    in the image's own pixels. An image whose channels are not the model's is converted
+    for the network (`converted`; the PNG's `X-Cnnserve-Converted` header) and the
+    heatmap is drawn over the image as sent, a colour photo in colour. JSON arrays come as
+    base64 of little-endian float32 (int32 for indices and boxes) with their shape.
     """
     settings = service.settings
     model = service.model(name)
@@ -169,16 +173,15 @@ async def scoremap(
     if format == "json":
         return Response(body, media_type="application/json")
     label = fcn.class_names[index]
-    return Response(
-        body,
-        media_type="image/png",
-        headers={
-            "X-Cnnserve-Class": urllib.parse.quote(label, safe=""),
-            "X-Cnnserve-Class-Index": str(index),
-            "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
-            "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
-        },
-    )
+    headers = {
+        "X-Cnnserve-Class": urllib.parse.quote(label, safe=""),
+        "X-Cnnserve-Class-Index": str(index),
+        "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
+        "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
+    }
+    if result.converted is not None:  # the picture is over the image as sent, in colour
+        headers["X-Cnnserve-Converted"] = result.converted
+    return Response(body, media_type="image/png", headers=headers)
 
 
 def _prediction_json(model: str, result: Any, top_k: int, seconds: float) -> dict:
