@@ -36,6 +36,7 @@ import numpy as np
 
 from cnnserve._checks import check_int, check_number
 from cnnserve.convert import FullyConvNet, as_fully_convolutional
+from cnnserve.detect import Detection, detections
 from cnnserve.geometry import Geometry
 from cnnserve.images import MAX_PIXELS, as_image, resize
 from cnnserve.network import ConvNet
@@ -148,6 +149,14 @@ class _Aggregates:
         if by not in ("mean", "max"):
             raise ValueError(f"by must be 'mean' or 'max', got {by!r}")
         return ranked(self.mean if by == "mean" else self.max, k, self.class_names)
+
+    def detections(
+        self, class_: int | str | None = None, threshold: float = 0.5, nms_iou: float = 0.3
+    ) -> list[Detection]:
+        """Peaks of a class's probability (default: :func:`default_class`) as boxes in the
+        image, over every scale, best first: see :mod:`cnnserve.detect`."""
+        k = default_class(self) if class_ is None else class_index(class_, self.class_names)
+        return detections(getattr(self, "maps", (self,)), k, threshold, nms_iou)
 
     def aggregate_dict(self, k: int = 5) -> dict:
         """JSON-ready aggregates: per-class max and mean, and the top-k by each."""

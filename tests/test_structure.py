@@ -36,6 +36,8 @@ INFERENCE_PATH = (
     "cnnserve.large",
     "cnnserve.predict",
     "cnnserve.heatmap",
+    "cnnserve.detect",
+    "cnnserve.boxes",
     "cnnserve.layers",
     "cnnserve.service",
 )
@@ -57,6 +59,7 @@ RANKS = {
     "cnnserve.history": 3,
     "cnnserve.evaluate": 3,
     "cnnserve.heatmap": 3,
+    "cnnserve.boxes": 3,  # detection boxes drawn on pictures (Pillow)
     "cnnserve.network": 4,
     "cnnserve.modelfile": 5,
     "cnnserve.model": 6,  # re-exports of specs, network and modelfile
@@ -67,6 +70,7 @@ RANKS = {
     "cnnserve.predict": 7,
     "cnnserve.onnx": 7,  # ONNX import and export (the onnx package imported lazily)
     "cnnserve.visualise": 7,  # activations and filters: network and convert, drawn
+    "cnnserve.detect": 7.5,  # peaks of maps as boxes, non-maximum suppression (dense's)
     "cnnserve.dense": 8,
     "cnnserve.large": 8.5,  # out-of-core maps: sources, zarr sinks, Dask (on dense)
     "cnnserve.service": 9,

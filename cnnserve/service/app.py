@@ -28,17 +28,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from cnnserve import __version__
 from cnnserve.service.batching import Batcher
-from cnnserve.service.deps import STATIC, Lane, Service
+from cnnserve.service.deps import STATIC, Lane, Service, reject_unknown_query
 from cnnserve.service.errors import install_error_handlers
 from cnnserve.service.guards import EncodedSlashGuard
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry, load_one
-from cnnserve.service.routes import activations, docs, health, inference, models, v2
+from cnnserve.service.routes import activations, detect, docs, health, inference, models, v2
+from cnnserve.service.schemas import ErrorResponse
 from cnnserve.service.settings import Settings
 
 __all__ = ["create_app", "lifespan", "watch"]
@@ -149,6 +150,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         lifespan=lifespan,
         docs_url=None,  # FastAPI's pages load their assets from a CDN: these are served here
         redoc_url=None,
+        dependencies=[Depends(reject_unknown_query)],  # 422 for any undeclared query parameter
+        responses={422: {"model": ErrorResponse, "description": "A bad query parameter."}},
     )
     app.state.service = Service(settings, registry, metrics)
     install_error_handlers(app)
@@ -157,6 +160,6 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     if docs.ASSETS is not None:
         app.mount(docs.ASSETS_URL, StaticFiles(directory=str(docs.ASSETS)), name="docs-assets")
-    for routes in (health, docs, models, inference, activations, v2):
+    for routes in (health, docs, models, inference, detect, activations, v2):
         app.include_router(routes.router)
     return app
