@@ -27,7 +27,11 @@ import numpy as np
 
 from cnnserve._checks import check_int, check_number
 
-__all__ = ["Detection", "detections", "iou", "nms", "peaks"]
+__all__ = ["MAX_CANDIDATES", "Detection", "detections", "iou", "nms", "peaks"]
+
+# The most peaks that go into the non-maximum suppression, the best first: it costs about
+# n * kept IoUs, and a threshold of 0 on a large map has a peak every few cells.
+MAX_CANDIDATES = 10_000
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,9 @@ def detections(
     Parameters
     ----------
     maps : sequence of ScoreMap
-        Each with ``probabilities`` ``(K, H', W')``, ``class_names``, ``scale`` and
-        ``box(i, j)`` in the original image (:class:`cnnserve.dense.ScoreMap`).
+        Each with ``probabilities`` ``(K, H', W')``, ``class_names``, ``scale``, ``geometry``
+        and ``factors`` (:class:`cnnserve.dense.ScoreMap`): a peak's box is its
+        ``ScoreMap.box``.
     class_index : int
         The class, in ``[0, K)``.
     threshold : float in [0, 1]
@@ -187,7 +192,9 @@ def detections(
     Returns
     -------
     list of Detection
-        Best score first; empty when no cell reaches the threshold.
+        Best score first; empty when no cell reaches the threshold. At most the best
+        :data:`MAX_CANDIDATES` peaks go into the suppression (a lower score never suppresses
+        a higher one, so the result is the first detections of the suppression of them all).
     """
     if not maps:
         raise ValueError("maps must hold at least one score map, got none")
@@ -195,16 +202,22 @@ def detections(
     k = check_int(class_index, "class_index", 0, len(names) - 1)
     threshold = check_number(threshold, "threshold", 0, 1, "[]")
     check_number(nms_iou, "nms_iou", 0, 1, "[]")
-    found: list[tuple[float, tuple[float, ...], float]] = []  # (score, box, scale)
+    scores, boxes, scales = [], [], []
     for m in maps:
         plane = m.probabilities[k]
-        for i, j in peaks(plane, threshold).tolist():
-            box = tuple(float(c) for c in m.box(i, j))
-            found.append((float(plane[i, j]), box, float(m.scale)))
-    if not found:
-        return []
-    keep = nms([f[1] for f in found], [f[0] for f in found], nms_iou)
+        i, j = peaks(plane, threshold).T
+        s, (th, tw) = m.geometry.stride, m.geometry.window
+        fy, fx = m.factors
+        corners = np.stack([s * j, s * i, s * j + tw, s * i + th], axis=1)  # (n, 4) int64
+        boxes.append(corners / np.array([fx, fy, fx, fy]))  # in the original image
+        scores.append(plane[i, j].astype(np.float64))
+        scales.append(np.full(len(i), float(m.scale)))
+    score, box, scale = np.concatenate(scores), np.concatenate(boxes), np.concatenate(scales)
+    if len(score) > MAX_CANDIDATES:
+        best = np.sort(np.argsort(-score, kind="stable")[:MAX_CANDIDATES])  # input order kept
+        score, box, scale = score[best], box[best], scale[best]
+    keep = nms(box, score, nms_iou).tolist()
     return [
-        Detection(names[k], k, found[n][0], found[n][1], found[n][2])  # type: ignore[arg-type]
-        for n in keep.tolist()
+        Detection(names[k], k, float(score[n]), tuple(box[n].tolist()), float(scale[n]))
+        for n in keep
     ]

@@ -290,3 +290,18 @@ def test_the_shipped_detector_finds_the_demo_canvas_digits():
     assert x0 <= 40 + 4 <= x1 and y0 <= 24 + 4 <= y1
     # Default class: never "background"
     assert result.detections()[0].class_name != "background"
+
+
+def test_at_most_max_candidates_peaks_are_suppressed(monkeypatch):
+    import cnnserve.detect as detect
+
+    rng = np.random.default_rng(5)
+    maps = [make_map(two_class(rng.random((12, 15))), scale, (30, 30)) for scale in (1.0, 0.8)]
+    multi = MultiScaleMap(tuple(maps), maps[0].class_names)
+    full = multi.detections("thing", 0.0, 0.1)
+    monkeypatch.setattr(detect, "MAX_CANDIDATES", 7)
+    capped = multi.detections("thing", 0.0, 0.1)
+    # the best 7 peaks' suppression: the first detections of the full one
+    assert 0 < len(capped) < len(full) and capped == full[: len(capped)]
+    seventh = sorted((d.score for d in full), reverse=True)[6] if len(full) > 6 else 0
+    assert all(d.score >= seventh for d in capped)

@@ -145,7 +145,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         description=(
             "POST an image for its top-k classes (`/predict`), or a large image for a map of "
             "class scores over every training-size window (`/scoremap`), as numbers or as a "
-            'heatmap picture. Errors are JSON: `{"error": {"code", "message"}}`.'
+            "heatmap picture, or for the boxes where a class is (`/detect`). Errors are JSON: "
+            '`{"error": {"code", "message"}}`.'
         ),
         lifespan=lifespan,
         docs_url=None,  # FastAPI's pages load their assets from a CDN: these are served here
