@@ -25,7 +25,6 @@ total stride S, each with the box of the image it scores, plus image-level aggre
 
 from __future__ import annotations
 
-import base64
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,8 @@ import numpy as np
 
 from cnnserve._checks import check_int, check_number
 from cnnserve.convert import FullyConvNet, as_fully_convolutional
+from cnnserve.detect import Detection, detections
+from cnnserve.encoding import encode_array
 from cnnserve.geometry import Geometry
 from cnnserve.images import MAX_PIXELS, model_pixels, resize
 from cnnserve.network import ConvNet
@@ -100,30 +101,6 @@ def softmax_cells(logits: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_array(array: np.ndarray, dtype: str = "float32") -> dict:
-    """An array in compact JSON form: little-endian bytes in base64, with shape and dtype.
-
-    Parameters
-    ----------
-    array : ndarray, any shape
-    dtype : {"float32", "int32"}
-        The stored type (values are cast to it).
-
-    Returns
-    -------
-    dict
-        ``{"dtype", "shape", "order": "C", "data"}``; ``data`` decodes to
-        ``prod(shape)`` values in row-major order.
-    """
-    data = np.ascontiguousarray(array, dtype={"float32": "<f4", "int32": "<i4"}[dtype])
-    return {
-        "dtype": dtype,
-        "shape": list(array.shape),
-        "order": "C",
-        "data": base64.b64encode(data.tobytes()).decode("ascii"),
-    }
-
-
 class _Aggregates:
     """Image-level aggregates of per-cell probabilities: ``max`` and ``mean``, with top-k."""
 
@@ -148,6 +125,14 @@ class _Aggregates:
         if by not in ("mean", "max"):
             raise ValueError(f"by must be 'mean' or 'max', got {by!r}")
         return ranked(self.mean if by == "mean" else self.max, k, self.class_names)
+
+    def detections(
+        self, class_: int | str | None = None, threshold: float = 0.5, nms_iou: float = 0.3
+    ) -> list[Detection]:
+        """Peaks of a class's probability (default: :func:`default_class`) as boxes in the
+        image, over every scale, best first: see :mod:`cnnserve.detect`."""
+        k = default_class(self) if class_ is None else class_index(class_, self.class_names)
+        return detections(getattr(self, "maps", (self,)), k, threshold, nms_iou)
 
     def aggregate_dict(self, k: int = 5) -> dict:
         """JSON-ready aggregates: per-class max and mean, and the top-k by each."""

@@ -3,7 +3,7 @@
 Every input path (training data, ``cnnserve predict`` and ``scoremap``, the service) turns
 images into a network's input here, by one set of rules:
 
-- **Decoding** (:func:`read_image`): PNG, JPEG, BMP, GIF or TIFF from a file or bytes, with
+- **Decoding** (:func:`read_image`): PNG, JPEG, BMP, GIF, TIFF or WebP from a file or bytes, with
   Pillow; an image with more pixels than the limit is refused before it is decoded
   (decompression bombs), and every failure is an :class:`ImageError`. :func:`read_image_file`
   also reads ``.npy`` arrays of pixels, their header checked before anything is allocated.
@@ -82,7 +82,7 @@ def read_image(
     *,
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
-    """Decode a PNG, JPEG, BMP, GIF or TIFF image into float32 pixels in [0, 1], ``(C, H, W)``.
+    """Decode a PNG, JPEG, BMP, GIF, TIFF or WebP image: float32 pixels in [0, 1], ``(C, H, W)``.
 
     The image keeps its own channels unless ``channels`` asks for others: a grey image
     (modes ``1``, ``L``, ``LA``, 16-bit and float grey, or a palette of greys) has one, any
@@ -122,7 +122,7 @@ def read_image(
             # warnings (truncated tags, corrupt EXIF) say nothing its error does not.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)
-            img = Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF"))
+            img = Image.open(stream, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"))
             pixels = _decode(img, max_pixels, where, undecodable)
     except ImageError:
         raise
@@ -131,7 +131,9 @@ def read_image(
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
         raise ImageTooLargeError(f"{where} is too large to decode: {exc}") from exc
     except UnidentifiedImageError as exc:  # its message shows a stream object: not for people
-        raise ImageError(f"{undecodable}: it is not a PNG, JPEG, BMP, GIF or TIFF file") from exc
+        raise ImageError(
+            f"{undecodable}: it is not a PNG, JPEG, BMP, GIF, TIFF or WebP file"
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{undecodable}: {exc}") from exc
     except MemoryError as exc:
@@ -241,7 +243,7 @@ def read_npy(path: str | os.PathLike, max_values: int) -> np.ndarray:
 
 
 def read_image_file(path: str | os.PathLike, channels: int | None = None) -> np.ndarray:
-    """An image file (PNG, JPEG, BMP, GIF, TIFF) or a ``.npy`` array of pixels.
+    """An image file (PNG, JPEG, BMP, GIF, TIFF, WebP) or a ``.npy`` array of pixels.
 
     Parameters
     ----------

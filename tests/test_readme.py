@@ -10,7 +10,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 5, "expected the layer, training, dense-map, inside and client examples"
+    assert len(blocks) == 6, (
+        "expected the layer, training, dense-map, inside, client and detections examples"
+    )
     monkeypatch.chdir(tmp_path)  # the training example writes a model file
     layer_example, training_example, dense_example = ({}, {}, {})
     exec(compile(blocks[0], str(README), "exec"), layer_example)
@@ -68,3 +70,17 @@ def test_readme_client_example_runs_against_the_service(live_service, monkeypatc
     assert example["probabilities"].shape == (10, 41, 89)
     np.testing.assert_allclose(example["probabilities"].sum(axis=0), 1.0, atol=1e-5)
     assert example["heatmap_png"].startswith(b"\x89PNG")
+
+
+def test_readme_detections_example_runs(monkeypatch, capsys):
+    """The detections example: the boxes it prints are the ones it states."""
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)[5]
+    assert "detections(" in block
+    monkeypatch.chdir(README.parent)  # it reads the shipped detector and demo canvas
+    example: dict = {}
+    exec(compile(block, str(README), "exec"), example)
+    printed = capsys.readouterr().out.splitlines()
+    stated = [line.split("# ", 1)[1] for line in block.splitlines() if "# " in line]
+    assert printed[0] == stated[1]  # 3 0.999 (40.0, 24.0, 48.0, 32.0)
+    assert printed[1] == stated[-1].lstrip("# ")
+    assert len(example["found"]) == 6

@@ -439,7 +439,7 @@ def multipart(body_parts: list[tuple[str, str, bytes, str | None]]) -> tuple[byt
         ),
         (truncated_png(), "image/png", 400, "invalid_image", "cannot be decoded"),
         (b"", "image/png", 400, "invalid_image", "empty"),
-        (b"\x89PNG", "image/webp", 415, "unsupported_media_type", "image/webp"),
+        (b"\x89PNG", "image/avif", 415, "unsupported_media_type", "image/avif"),
         (b"abc", "text/plain", 415, "unsupported_media_type", "text/plain is not accepted"),
         (b"abc", "application/octet-stream", 415, "unsupported_media_type", "multipart/form-data"),
         (b"abc", "", 415, "unsupported_media_type", "missing"),
@@ -467,9 +467,9 @@ def test_bad_multipart_forms(client, endpoint):
     assert_error(
         client.post(url, content=body, headers={"content-type": media}), 400, "missing_file"
     )
-    body, media = multipart([("file", "d.webp", image, "image/webp")])
+    body, media = multipart([("file", "d.avif", image, "image/avif")])
     r = client.post(url, content=body, headers={"content-type": media})
-    assert_error(r, 415, "unsupported_media_type", "the uploaded file is image/webp")
+    assert_error(r, 415, "unsupported_media_type", "the uploaded file is image/avif")
     body, media = multipart(
         [("file", "a.png", image, "image/png"), ("file", "b.png", image, "image/png")]
     )
@@ -713,7 +713,7 @@ def test_openapi_documents_every_request_and_response(client):
         "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/models/{name}",
         "/v1/models/{name}/predict", "/v1/models/{name}/scoremap",
     }  # fmt: skip
-    for endpoint in ("predict", "scoremap", "activations"):
+    for endpoint in ("predict", "scoremap", "detect", "activations"):
         op = paths[f"/v1/models/{{name}}/{endpoint}"]["post"]
         assert set(op["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
         for status in ("400", "404", "413", "415", "422", "503"):
@@ -726,11 +726,19 @@ def test_openapi_documents_every_request_and_response(client):
     params = {p["name"] for p in paths["/v1/models/{name}/scoremap"]["post"]["parameters"]}
     assert params == {
         "name", "stride_divisor", "top_k", "format", "class", "alpha", "zoom", "legend", "arrays",
+        "scales", "detections", "threshold", "nms_iou",
     }  # fmt: skip
-    for path in ("/v1/models", "/v1/models/{name}"):  # lookups: only 404 and 503 can happen
-        assert set(paths[path]["get"]["responses"]) == {"200", "404", "422", "503"} - (
-            {"422"} if path == "/v1/models" else set()
-        )
+    detect = paths["/v1/models/{name}/detect"]["post"]
+    assert {p["name"] for p in detect["parameters"]} == {
+        "name", "class", "scales", "threshold", "nms_iou", "stride_divisor",
+    }  # fmt: skip
+    detect_ok = detect["responses"]["200"]["content"]["application/json"]["schema"]
+    assert detect_ok["$ref"].endswith("/DetectResponse")
+    for path in ("/v1/models", "/v1/models/{name}"):  # lookups: 404, 503, and 422 for an
+        # unknown query parameter (as on every route)
+        assert set(paths[path]["get"]["responses"]) == {"200", "404", "422", "503"}
+        error = paths[path]["get"]["responses"]["422"]["content"]["application/json"]["schema"]
+        assert error["$ref"].endswith("/ErrorResponse")
     schemas = spec["components"]["schemas"]
     assert "class" in schemas["ScoreMapResponse"]["properties"]
     assert client.get("/docs").status_code == 200

@@ -36,6 +36,8 @@ INFERENCE_PATH = (
     "cnnserve.large",
     "cnnserve.predict",
     "cnnserve.heatmap",
+    "cnnserve.detect",
+    "cnnserve.boxes",
     "cnnserve.layers",
     "cnnserve.service",
 )
@@ -48,6 +50,7 @@ RANKS = {
     "cnnserve._checks": 1,
     "cnnserve._files": 1,
     "cnnserve._buffers": 1,
+    "cnnserve.encoding": 1,  # arrays as base64 JSON (dense maps, the service)
     "cnnserve.layers": 2,
     "cnnserve.reference": 2,
     "cnnserve.specs": 3,
@@ -59,6 +62,7 @@ RANKS = {
     "cnnserve.heatmap": 3,
     "cnnserve.progress": 3,  # the per-epoch progress display (tqdm on a terminal)
     "cnnserve.stopping": 3,  # early stopping and divergence
+    "cnnserve.boxes": 3,  # detection boxes drawn on pictures (Pillow)
     "cnnserve.network": 4,
     "cnnserve.modelfile": 5,
     "cnnserve.model": 6,  # re-exports of specs, network and modelfile
@@ -69,6 +73,7 @@ RANKS = {
     "cnnserve.predict": 7,
     "cnnserve.onnx": 7,  # ONNX import and export (the onnx package imported lazily)
     "cnnserve.visualise": 7,  # activations and filters: network and convert, drawn
+    "cnnserve.detect": 7.5,  # peaks of maps as boxes, non-maximum suppression (dense's)
     "cnnserve.dense": 8,
     "cnnserve.large": 8.5,  # out-of-core maps: sources, zarr sinks, Dask (on dense)
     "cnnserve.service": 9,

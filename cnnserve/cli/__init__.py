@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnnserve.cli import inside, interchange, maps, models, serve, train
+from cnnserve.cli import detect, inside, interchange, maps, models, serve, train
 from cnnserve.cli._common import EXIT_ERROR, EXIT_FAILED, CommandError
 
 __all__ = ["build_parser", "main"]
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         interchange.add_export,
         maps.add_scoremap,
         maps.add_predict,
+        detect.add_detect,
         inside.add_activations,
         inside.add_filters,
         serve.add_serve,

@@ -305,7 +305,9 @@ def add_predict(commands: Any) -> None:
         "training size is resized to it first (bilinear).",
     )
     predict.add_argument("model", help="a trained or converted .safetensors model file")
-    predict.add_argument("image", help="an image file (PNG, JPEG, BMP, GIF, TIFF) or a .npy array")
+    predict.add_argument(
+        "image", help="an image file (PNG, JPEG, BMP, GIF, TIFF, WebP) or a .npy array"
+    )
     predict.add_argument("--top-k", type=positive_int, default=5, help="default 5")
     predict.add_argument("--json", action="store_true", help="print the result as JSON")
     predict.set_defaults(handler=_cmd_predict)

@@ -28,17 +28,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from cnnserve import __version__
 from cnnserve.service.batching import Batcher
-from cnnserve.service.deps import STATIC, Lane, Service
+from cnnserve.service.deps import STATIC, Lane, Service, reject_unknown_query
 from cnnserve.service.errors import install_error_handlers
 from cnnserve.service.guards import EncodedSlashGuard
 from cnnserve.service.metrics import Metrics, MetricsMiddleware
 from cnnserve.service.registry import ModelRegistry, load_one
-from cnnserve.service.routes import activations, docs, health, inference, models, v2
+from cnnserve.service.routes import activations, detect, docs, health, inference, models, v2
+from cnnserve.service.schemas import ErrorResponse
 from cnnserve.service.settings import Settings
 
 __all__ = ["create_app", "lifespan", "watch"]
@@ -144,11 +145,14 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         description=(
             "POST an image for its top-k classes (`/predict`), or a large image for a map of "
             "class scores over every training-size window (`/scoremap`), as numbers or as a "
-            'heatmap picture. Errors are JSON: `{"error": {"code", "message"}}`.'
+            "heatmap picture, or for the boxes where a class is (`/detect`). Errors are JSON: "
+            '`{"error": {"code", "message"}}`.'
         ),
         lifespan=lifespan,
         docs_url=None,  # FastAPI's pages load their assets from a CDN: these are served here
         redoc_url=None,
+        dependencies=[Depends(reject_unknown_query)],  # 422 for any undeclared query parameter
+        responses={422: {"model": ErrorResponse, "description": "A bad query parameter."}},
     )
     app.state.service = Service(settings, registry, metrics)
     install_error_handlers(app)
@@ -157,6 +161,6 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     if docs.ASSETS is not None:
         app.mount(docs.ASSETS_URL, StaticFiles(directory=str(docs.ASSETS)), name="docs-assets")
-    for routes in (health, docs, models, inference, activations, v2):
+    for routes in (health, docs, models, inference, detect, activations, v2):
         app.include_router(routes.router)
     return app

@@ -50,9 +50,11 @@ __all__ = [
     "get_service",
     "image_bytes",
     "read_body",
+    "reject_unknown_query",
 ]
 
-# Media types of raw image bodies the decoder reads (read_image: PNG, JPEG, BMP, GIF, TIFF).
+# Media types of raw image bodies the decoder reads (read_image: PNG, JPEG, BMP, GIF, TIFF,
+# WebP).
 IMAGE_TYPES = (
     "image/png",
     "image/jpeg",
@@ -63,6 +65,7 @@ IMAGE_TYPES = (
     "image/x-ms-bmp",
     "image/gif",
     "image/tiff",
+    "image/webp",
 )
 
 # The static web page's directory: mounted at /static, its index.html served at /.
@@ -94,7 +97,7 @@ IMAGE_BODY = {
         "required": True,
         "description": "The image: a multipart form with a `file` field (`curl -F "
         "file=@digit.png`), or the raw bytes with an image media type (`curl --data-binary "
-        "@digit.png -H 'Content-Type: image/png'`). PNG, JPEG, BMP, GIF or TIFF.",
+        "@digit.png -H 'Content-Type: image/png'`). PNG, JPEG, BMP, GIF, TIFF or WebP.",
         "content": {
             "multipart/form-data": {
                 "schema": {
@@ -207,7 +210,7 @@ def _check_image_type(media: str, where: str) -> None:
         raise ServiceError(
             415,
             "unsupported_media_type",
-            f"{where} is {media}; supported images: PNG, JPEG, BMP, GIF, TIFF",
+            f"{where} is {media}; supported images: PNG, JPEG, BMP, GIF, TIFF, WebP",
         )
 
 
@@ -284,7 +287,7 @@ def decode_image(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray
     Parameters
     ----------
     data : bytes
-        An encoded image (PNG, JPEG, BMP, GIF, TIFF).
+        An encoded image (PNG, JPEG, BMP, GIF, TIFF, WebP).
     model : LoadedModel
         The model the image is for. Its channels do not change the decoding (above).
     max_pixels : int
@@ -613,3 +616,34 @@ async def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route (or dependency) declares, by the name clients send."""
+    names = {f.alias for f in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A 422 naming every query parameter the matched route does not declare.
+
+    Installed once for the whole app (``FastAPI(dependencies=...)``), so that a misspelt
+    parameter (``?treshold=0.9``) is never silently ignored with a 200 on any route.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    allowed = _query_names(dependant)
+    unknown = sorted({key for key in request.query_params} - allowed)
+    if unknown:
+        shown = ", ".join(repr(key[:40]) for key in unknown[:10])
+        accepted = ", ".join(sorted(allowed)) or "none"
+        raise ServiceError(
+            422,
+            "unknown_parameter",
+            f"unknown query parameter{'s' if len(unknown) > 1 else ''} {shown} for "
+            f"{getattr(route, 'path', request.url.path)}; accepted: {accepted}",
+        )

@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 __all__ = [
     "Aggregate",
     "ClassPeak",
+    "DetectResponse",
+    "DetectionItem",
     "EncodedArray",
     "ErrorResponse",
     "Geometry",
@@ -169,12 +171,52 @@ class CellTopK(BaseModel):
     probabilities: EncodedArray = Field(description="(k, H', W') float32.")
 
 
+class DetectionItem(BaseModel):
+    """One detection: a peak of the class's probability and its window in the image."""
+
+    class_: str = Field(alias="class", description="The class's label.")
+    class_index: int
+    score: float = Field(description="The class's probability at the peak cell.")
+    box: list[float] = Field(
+        description="[x0, y0, x1, y1] in the image's own pixels (x1, y1 exclusive)."
+    )
+    scale: float = Field(description="The scale of the map the peak is on.")
+
+    model_config = {"populate_by_name": True, "serialize_by_alias": True}
+
+
+class ImageSize(BaseModel):
+    height: int
+    width: int
+
+
+class ChosenClass(BaseModel):
+    label: str
+    index: int
+
+
+class DetectResponse(BaseModel):
+    model: str
+    version: str = Field(description="The model version that answered.")
+    image: ImageSize
+    class_: ChosenClass = Field(
+        alias="class", description="The class detected (`class=`, else the top class by max)."
+    )
+    scales: list[float] = Field(description="The scales mapped.")
+    threshold: float
+    nms_iou: float
+    detections: list[DetectionItem] = Field(description="Best score first; may be empty.")
+    time_ms: float = Field(description="Decoding, maps and detection time, in milliseconds.")
+
+    model_config = {"populate_by_name": True, "serialize_by_alias": True}
+
+
 class ScoreMapResponse(BaseModel):
     model: str
     map_shape: list[int] = Field(description="[H', W'].")
     classes: list[str]
     geometry: MapGeometry
-    aggregate: Aggregate
+    aggregate: Aggregate = Field(description="Over every scale's cells.")
     converted: str | None = Field(
         description="How the image's channels were converted for the model (e.g. `RGB to "
         "grey (ITU-R 601 luma)`, `grey to RGB (repeated)`), or null when they were its own.",
@@ -191,6 +233,16 @@ class ScoreMapResponse(BaseModel):
     logits: EncodedArray | None = Field(None, description="(K, H', W') float32 class scores.")
     probabilities: EncodedArray | None = Field(
         None, description="(K, H', W') float32 per-cell softmax."
+    )
+    scale: float = Field(
+        description="The scale whose map the map fields describe: where the class is most "
+        "likely (the only one without `scales`)."
+    )
+    scales: list[float] = Field(description="The scales mapped (`scales=`, default [1]).")
+    threshold: float | None = Field(None, description="With detections=true.")
+    nms_iou: float | None = Field(None, description="With detections=true.")
+    detections: list[DetectionItem] | None = Field(
+        None, description="With detections=true: as `/detect` gives them, over every scale."
     )
     time_ms: float = Field(description="Decoding and inference time, in milliseconds.")
 

@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from cnnserve.dense import class_index, default_class, encode_array
-from cnnserve.dense import score_map as dense_score_map
-from cnnserve.heatmap import MAX_ZOOM, check_picture_size, png_bytes
+from cnnserve.boxes import draw_boxes
+from cnnserve.dense import default_class, encode_array
+from cnnserve.heatmap import MAX_ZOOM, add_legend, check_picture_size, png_bytes
 from cnnserve.service.deps import (
     ERROR_RESPONSES,
     IMAGE_BODY,
@@ -30,6 +30,18 @@ from cnnserve.service.deps import (
     image_bytes,
 )
 from cnnserve.service.errors import ServiceError
+from cnnserve.service.routes.detect import (
+    ClassParam,
+    NmsIou,
+    Scales,
+    StrideDivisor,
+    Threshold,
+    check_maps,
+    choose_class,
+    maps_of,
+    parse_scales,
+    shown_map,
+)
 from cnnserve.service.schemas import PredictResponse, ScoreMapResponse
 from cnnserve.service.settings import Settings
 
@@ -84,27 +96,12 @@ async def scoremap(
     name: ModelName,
     request: Request,
     service: ServiceDep,
-    stride_divisor: Annotated[
-        int,
-        Query(
-            ge=1,
-            description="d dividing the model's stride S: cells every S/d pixels "
-            "(shift-and-stitch, d*d passes).",
-        ),
-    ] = 1,
+    stride_divisor: StrideDivisor = 1,
     top_k: TopK = 5,
     format: Annotated[
         Literal["json", "png"], Query(description="`json`: the numbers; `png`: a heatmap.")
     ] = "json",
-    class_: Annotated[
-        str | None,
-        Query(
-            alias="class",
-            description="A class name or index: the class whose peak is reported (json) "
-            "or drawn (png). Default: the top class by max over the cells (the most likely "
-            "class anywhere in the image), skipping a class named background.",
-        ),
-    ] = None,
+    class_: ClassParam = None,
     alpha: Annotated[
         float, Query(ge=0, le=1, description="Heatmap opacity over the image (png).")
     ] = 0.5,
@@ -127,6 +124,16 @@ async def scoremap(
             "only, for maps with more cells than `max_json_cells`."
         ),
     ] = True,
+    scales: Scales = "1",
+    detections: Annotated[
+        bool,
+        Query(
+            description="Also the class's detections (boxes of its probability's peaks over "
+            "all scales, as `/detect` gives them): in the JSON, and drawn with labels on the PNG."
+        ),
+    ] = False,
+    threshold: Threshold = 0.5,
+    nms_iou: NmsIou = 0.3,
 ) -> Any:
     """A dense map of class scores: one cell per training-size window of the image.
 
@@ -134,16 +141,19 @@ async def scoremap(
     in the image's own pixels. An image whose channels are not the model's is converted
     for the network (`converted`; the PNG's `X-Cnnserve-Converted` header) and the
     heatmap is drawn over the image as sent, a colour photo in colour. JSON arrays come as
-    base64 of little-endian float32 (int32 for indices and boxes) with their shape.
+    base64 of little-endian float32 (int32 for indices and boxes) with their shape. With
+    several `scales`, the map shown (the JSON's map fields, the PNG) is the scale where the
+    class is most likely (`scale`, header `X-Cnnserve-Scale`); the aggregates cover every scale.
     """
     settings = service.settings
     model = service.model(name)
     fcn = model.fcn
+    factors = parse_scales(scales)
     try:
         fcn.geometry.finer(stride_divisor)
-        chosen = None if class_ is None else class_index(class_, fcn.class_names)
     except ValueError as exc:
         raise ServiceError(422, "invalid_parameter", str(exc)) from None
+    chosen = choose_class(fcn, class_)
     lane = service.lanes["scoremap"]
     lane.check_room()
     data = await image_bytes(request, settings.max_body_bytes)
@@ -152,22 +162,35 @@ async def scoremap(
         def work() -> Any:
             started = time.perf_counter()
             pixels = decode_image(data, model, settings.max_pixels)
-            _check_map(fcn, pixels.shape[1:], stride_divisor, format, zoom, arrays, settings)
-            result = dense_score_map(
-                fcn, pixels, stride_divisor=stride_divisor, tile_memory=settings.tile_memory
-            )
-            index = chosen if chosen is not None else default_class(result)
+            shapes = check_maps(fcn, pixels.shape[1:], factors, stride_divisor, settings)
             if format == "png":
-                title = f"class {fcn.class_names[index]!r}: probability" if legend else None
-                picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom, legend=title)
-                return result, index, png_bytes(picture)
+                _check_picture(pixels.shape[1:], zoom)
+            elif arrays:
+                _check_json_cells(shapes, settings)
+            multi = maps_of(fcn, pixels, factors, stride_divisor, settings)
+            index = chosen if chosen is not None else default_class(multi)
+            result = shown_map(multi, index)
+            found = multi.detections(index, threshold, nms_iou) if detections else None
+            if format == "png":
+                picture = result.heatmap(pixels, index, alpha=alpha, zoom=zoom)
+                if found is not None:
+                    picture = draw_boxes(picture, found, zoom=zoom)
+                if legend:
+                    at = "" if factors == [1.0] else f" (map at scale {result.scale:g})"
+                    title = f"class {fcn.class_names[index]!r}: probability{at}"
+                    picture = add_legend(picture, title)
+                return result, index, found, png_bytes(picture)
             # Encoded here, on the inference thread: a large map's JSON takes a while, and
             # on the event loop it would hold up every other request.
             body = {"model": model.name, **_map_json(result, index, top_k, arrays)}
+            body.update(aggregate=multi.aggregate_dict(top_k), scale=result.scale, scales=factors)
+            if found is not None:
+                body.update(threshold=threshold, nms_iou=nms_iou)
+                body["detections"] = [d.to_dict() for d in found]
             body["time_ms"] = round((time.perf_counter() - started) * 1e3, 3)
-            return result, index, json.dumps(body, separators=(",", ":")).encode()
+            return result, index, found, json.dumps(body, separators=(",", ":")).encode()
 
-        (result, index, body), seconds = await lane.run(request, model, work)
+        (result, index, found, body), seconds = await lane.run(request, model, work)
     H, W = result.image_size
     service.metrics.pixels.labels(model.name, "scoremap").inc(H * W)
     if format == "json":
@@ -177,6 +200,8 @@ async def scoremap(
         "X-Cnnserve-Class": urllib.parse.quote(label, safe=""),
         "X-Cnnserve-Class-Index": str(index),
         "X-Cnnserve-Map-Shape": f"{result.shape[0]}x{result.shape[1]}",
+        "X-Cnnserve-Scale": f"{result.scale:g}",
+        **({} if found is None else {"X-Cnnserve-Detections": str(len(found))}),
         "X-Cnnserve-Time-Ms": f"{seconds * 1e3:.3f}",
     }
     if result.converted is not None:  # the picture is over the image as sent, in colour
@@ -189,35 +214,19 @@ def _prediction_json(model: str, result: Any, top_k: int, seconds: float) -> dic
     return {"model": model, **result.to_dict(top_k), "time_ms": round(seconds * 1e3, 3)}
 
 
-def _check_map(
-    fcn: Any,
-    size: tuple[int, int],
-    divisor: int,
-    format: str,
-    zoom: int,
-    arrays: bool,
-    settings: Settings,
-) -> None:
-    """Refuse, before any work, a map the service would not return (422)."""
-    H, W = size
-    th, tw = fcn.geometry.window
-    if H < th or W < tw:
-        raise ServiceError(
-            422,
-            "image_too_small",
-            f"the image is {H}x{W} pixels, smaller than the model's {th}x{tw} window",
-        )
-    rows, cols = fcn.geometry.finer(divisor).map_size(H, W)
+def _check_picture(size: tuple[int, int], zoom: int) -> None:
+    """Refuse, before any work, a picture the service would not draw (422)."""
+    try:
+        check_picture_size(size[0], size[1], zoom)
+    except ValueError as exc:
+        raise ServiceError(422, "invalid_parameter", str(exc)) from None
+
+
+def _check_json_cells(shapes: list[tuple[int, int]], settings: Settings) -> None:
+    """Refuse (422) JSON arrays of a map of more than ``max_json_cells`` cells."""
+    rows, cols = max(shapes, key=lambda shape: shape[0] * shape[1])
     cells = rows * cols
-    if cells > settings.max_map_cells:
-        raise ServiceError(
-            422,
-            "map_too_large",
-            f"a {H}x{W} image at stride_divisor {divisor} makes a {rows}x{cols} map: {cells:,} "
-            f"cells, more than the limit of {settings.max_map_cells:,}; send a smaller image or "
-            "a smaller stride_divisor",
-        )
-    if format == "json" and arrays and cells > settings.max_json_cells:
+    if cells > settings.max_json_cells:
         raise ServiceError(
             422,
             "map_too_large",
@@ -225,11 +234,6 @@ def _check_map(
             "whose arrays a JSON answer carries; ask for format=png, or arrays=false for the "
             "aggregates only, or send a smaller image",
         )
-    if format == "png":
-        try:
-            check_picture_size(H, W, zoom)
-        except ValueError as exc:
-            raise ServiceError(422, "invalid_parameter", str(exc)) from None
 
 
 def _map_json(result: Any, index: int, top_k: int, arrays: bool) -> dict:
