@@ -51,7 +51,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from cnnserve.convert import load_fully_convolutional
     from cnnserve.dense import class_index, default_class, score_map
     from cnnserve.heatmap import add_legend, check_picture_size, png_bytes
-    from cnnserve.images import as_image, read_image_file
+    from cnnserve.images import image_pixels, read_image_file
 
     # Everything that can be refused is checked before the maps are computed.
     scales = _scales(args.scales)
@@ -64,7 +64,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             chosen = class_index(args.class_, fcn.class_names)
         except ValueError as exc:
             raise CommandError(f"--{exc}") from None
-    image = as_image(read_image_file(args.image, fcn.input_shape[0]), fcn.input_shape[0])
+    image = image_pixels(read_image_file(args.image))  # its own channels: pictures in colour
     H, W = image.shape[1:]
     if args.png is not None:
         check_picture_size(H, W, args.zoom, name="--zoom")
@@ -86,6 +86,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             "model": str(args.model),
             "image": str(args.image),
             "image_size": {"height": H, "width": W},
+            "converted": result.converted,
             "class": {"label": label, "index": index},
             "scales": scales,
             "threshold": args.threshold,
@@ -100,6 +101,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             f"image {args.image}: {H}x{W} pixels (H x W); class {label!r}; scales {shown}; "
             f"threshold {args.threshold:g}, nms_iou {args.nms_iou:g}; {seconds:.3f} s"
         )
+        if result.converted is not None:
+            print(f"converted {result.converted} for the model")
         if not found:
             print(f"no detection of {label!r} at or above {args.threshold:g}")
         for rank, d in enumerate(found, 1):

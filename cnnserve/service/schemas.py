@@ -199,6 +199,9 @@ class DetectResponse(BaseModel):
     model: str
     version: str = Field(description="The model version that answered.")
     image: ImageSize
+    converted: str | None = Field(
+        description="How the image's channels were converted for the model, or null."
+    )
     class_: ChosenClass = Field(
         alias="class", description="The class detected (`class=`, else the top class by max)."
     )

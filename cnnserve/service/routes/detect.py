@@ -240,6 +240,7 @@ async def detect(
                 "model": model.name,
                 "version": model.version,
                 "image": {"height": H, "width": W},
+                "converted": result.converted,
                 "class": {"label": fcn.class_names[index], "index": index},
                 "scales": factors,
                 "threshold": threshold,
