@@ -22,7 +22,7 @@ def test_faces_classes_counts_and_shapes(faces):
     assert faces.class_names == ("background", "face")
     assert faces.input_shape == (1, 25, 25)
     y = np.concatenate([faces.y_train, faces.y_val, faces.y_test])
-    assert HARD_NEGATIVES == 17 * 3 * (30 + 10) == 2040
+    assert HARD_NEGATIVES == 19 * 3 * (30 + 10) == 2280
     assert np.bincount(y).tolist() == [100 + HARD_NEGATIVES, 100]
     # stratified: the test split holds faces and background in the data set's proportion
     assert abs(faces.y_test.mean() - 100 / (200 + HARD_NEGATIVES)) < 0.02

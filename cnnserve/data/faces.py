@@ -60,7 +60,9 @@ FACE_CLASSES = ("background", "face")
 #: Height and width of every image of the data set.
 WINDOW = 25
 
-#: The face-free photos that hard negatives are cut from.
+#: The face-free photos that hard negatives are cut from: every picture scikit-image bundles
+#: without a human face, but the :data:`HELD_OUT_PHOTOS` and ``microaneurysms`` (a crop of a
+#: retina, like the held-out ``retina``).
 NEGATIVE_PHOTOS = (
     "brick",
     "chelsea",
@@ -76,7 +78,9 @@ NEGATIVE_PHOTOS = (
     "chessboard_GRAY",
     "clock_motion",
     "color",
+    "horse",
     "ihc",
+    "logo",
     "motorcycle_right",
     "phantom",
 )
