@@ -326,6 +326,14 @@ def test_page_maps_a_canvas_of_digits(server, driver, tmp_path):
     assert "default class" not in _text(driver, "heatmap-caption")
     assert _heatmap(driver)["width"] == 96
 
+    # Scales the service refuses: its 422 on the page, and no stale map left on screen.
+    _set(driver, "scales", "1,zero")
+    assert _wait_state(driver, ("done", "error")) == "error"
+    error = driver.find_element(By.ID, "error")
+    assert error.get_attribute("data-status") == "422" and "scales" in error.text, error.text
+    assert not driver.find_element(By.ID, "heatmap").is_displayed()
+    assert driver.find_element(By.ID, "download-png").get_attribute("disabled") == "true"
+
 
 @pytest.fixture(scope="module")
 def astronaut_png(tmp_path_factory) -> Path:
@@ -373,6 +381,7 @@ def test_page_finds_the_astronauts_face_and_downloads_the_answers(
     legend = _text(driver, "heatmap-legend-label")
     assert legend == f"Class \u201cface\u201d, scale {best_scale(driver):g}: probability"
     assert driver.find_element(By.ID, "heatmap-legend").is_displayed()
+    assert "RGB to grey (ITU-R 601 luma) for the network" in _text(driver, "scoremap-summary")
     rows = driver.find_elements(By.CSS_SELECTOR, "#detections-table tbody tr")
     assert len(rows) == len(boxes)
     assert json.loads(rows[0].get_attribute("data-box")) == best["box"]

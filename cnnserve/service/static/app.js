@@ -423,6 +423,7 @@ function renderPredictions(result) {
   els.predictions.replaceChildren(...result.predictions.map(rankingItem));
   const parts = [`${px(result.image_size)} image`];
   if (result.resized_to) parts.push(`resized to ${px(result.resized_to)}`);
+  if (result.converted) parts.push(result.converted);
   parts.push(ms(result.time_ms));
   els.predictMeta.textContent = parts.filter(Boolean).join(" \u00b7 ");
 }
@@ -491,6 +492,7 @@ function renderSummary(result) {
     ["Map", `${cells(result.map_shape)} (rows\u00d7columns)`],
     ["Cell stride", cellStride(g.cell_stride)],
     ["Covered", covered(g)],
+    ["Channels", result.converted ? `${result.converted} for the network` : ""],
     ["Time", ms(result.time_ms)],
   ];
   if (cls && cls.peak) {
