@@ -1,13 +1,19 @@
 """The web page at ``GET /``, driven by a real browser against the real service.
 
 The service runs in-process (uvicorn in a background thread, on a free port of 127.0.0.1) with
-a copy of the shipped ``models/digits.safetensors``; headless Chromium loads the page through
-Selenium, uploads images with the page's file input and reads what the page rendered.
+copies of the shipped ``models/digits.safetensors`` and ``models/faces.safetensors``; headless
+Chromium loads the page through Selenium, uploads images with the page's file input and reads
+what the page rendered.
 
 - A held-out digit (the test split the model's training record names) that the model
-  classifies correctly: the page lists its label first, picks it as the score map's class,
-  and shows the heatmap PNG.
-- A larger canvas of held-out digits: the heatmap has the canvas's size.
+  classifies correctly: the page lists its label first, the service picks it as the score
+  map's class, and the page shows the heatmap PNG.
+- A larger canvas of held-out digits: the heatmap has the canvas's size, and the class shown
+  is the one the service chose.
+- The astronaut photo and the face detector, at the scales of the README: the class is
+  ``face`` (the service's choice, never ``background``), the heatmap is drawn over the colour
+  photo with the class and the scale in its caption, the best box with its label is on the
+  astronaut's face, and the PNG and JSON downloads are the service's answers.
 - A text file: the page shows the service's 400 ``invalid_image`` error.
 - Inside the network: a figure per layer, captioned with its name and shape, whose grid
   loads only when it scrolls into view and is the service's own PNG of that layer; the
@@ -25,6 +31,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,7 +43,16 @@ from PIL import Image
 
 from cnnserve.data import digits_canvas, load_dataset
 from cnnserve.model import read_model_file
-from tests.live_server import http_get
+from tests.live_server import http_get, live_server
+from tests.shipped_models import (
+    ASTRONAUT_FACE,
+    FACE_SCALES,
+    FACE_STRIDE_DIVISOR,
+    FACE_THRESHOLD,
+    FACES,
+    iou,
+    save_photo,
+)
 
 try:
     from selenium import webdriver
@@ -71,9 +89,13 @@ CHROMIUM_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def server(live_service):
-    """The real app on 127.0.0.1 (the shared ``live_service``); its base URL."""
-    return live_service
+def server(tmp_path_factory):
+    """The real app on 127.0.0.1 serving copies of the shipped digits and faces models."""
+    models = tmp_path_factory.mktemp("page-models")
+    for path in (MODEL_FILE, FACES):
+        shutil.copy(path, models / path.name)
+    with live_server(models) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +168,52 @@ def _heatmap(browser) -> dict:
     )
 
 
+def _boxes(browser) -> list[dict]:
+    """The detection boxes drawn over the heatmap: their data, label and place on screen."""
+    return browser.execute_script(
+        "const img = document.getElementById('heatmap').getBoundingClientRect();"
+        "return [...document.querySelectorAll('#boxes .det-box')].map((b) => {"
+        " const r = b.getBoundingClientRect();"
+        " return {box: JSON.parse(b.dataset.box), score: Number(b.dataset.score),"
+        "  label: b.querySelector('.det-label').textContent, best: b.classList.contains('best'),"
+        "  shown: [r.left - img.left, r.top - img.top, r.right - img.left, r.bottom - img.top],"
+        "  imageShown: [img.width, img.height]}; });"
+    )
+
+
+def _set(browser, element_id: str, value: str) -> None:
+    """Set a control's value as a user would, and let the page react (a change event)."""
+    browser.execute_script(
+        "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+        "e.dispatchEvent(new Event('change'));",
+        element_id,
+        value,
+    )
+
+
+def _heatmap_pixels(browser, points: list[tuple[int, int]]) -> list[list[int]]:
+    """RGB of the heatmap image at (x, y) points of its own pixels."""
+    return browser.execute_script(
+        "const img = document.getElementById('heatmap');"
+        "const c = document.createElement('canvas');"
+        "c.width = img.naturalWidth; c.height = img.naturalHeight;"
+        "const g = c.getContext('2d'); g.drawImage(img, 0, 0);"
+        "return arguments[0].map(([x, y]) => [...g.getImageData(x, y, 1, 1).data.slice(0, 3)]);",
+        [list(p) for p in points],
+    )
+
+
+def _downloaded(folder: Path, suffix: str) -> Path:
+    """The file of ``suffix`` that the browser saved into ``folder`` (waits for it)."""
+    deadline = time.monotonic() + RENDER_TIMEOUT
+    while time.monotonic() < deadline:
+        done = [p for p in folder.iterdir() if p.suffix == suffix]
+        if done and not any(p.suffix == ".crdownload" for p in folder.iterdir()):
+            return done[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {suffix} file downloaded into {folder}: {list(folder.iterdir())}")
+
+
 def _severe_console_messages(browser) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -198,7 +266,7 @@ def digit_png(tmp_path_factory) -> tuple[Path, str]:
 def test_page_classifies_a_held_out_digit_and_shows_its_heatmap(server, driver, digit_png):
     path, label = digit_png
     _open_page(driver, server)
-    assert _values(driver, "#model option") == ["digits"]
+    assert _values(driver, "#model option") == ["digits", "faces"]
     assert "8\u00d78" in _text(driver, "model-info")
 
     state = _upload(driver, path)
@@ -212,8 +280,10 @@ def test_page_classifies_a_held_out_digit_and_shows_its_heatmap(server, driver, 
     assert float(top1.get_attribute("data-probability")) > 0.9
     assert top1.text.startswith(label) and top1.text.endswith("%")
 
-    # The score map of an 8x8 image has one cell: its top class by max is the prediction.
+    # The score map of an 8x8 image has one cell: the service's class, its top class by max,
+    # is the prediction; a detection box covers the whole image.
     assert driver.find_element(By.ID, "class").get_attribute("value") == label
+    assert _boxes(driver)[0]["box"] == [0, 0, 8, 8]
     assert _values(driver, "#stride-divisor option") == ["1", "2"]  # divisors of the stride, 2
 
     heat = _heatmap(driver)
@@ -234,10 +304,10 @@ def test_page_maps_a_canvas_of_digits(server, driver, tmp_path):
 
     heat = _heatmap(driver)
     assert heat["complete"] and (heat["width"], heat["height"]) == (96, 48), heat
-    # The class shown by default is the top class by max over the cells.
+    # The class shown by default is the one the service chooses when asked for none.
     chosen = driver.find_element(By.ID, "class").get_attribute("value")
-    by_max = _values(driver, "#scoremap-summary .ranking-block:first-child li", "data-label")
-    assert chosen == by_max[0], by_max
+    assert chosen == _service_json(server, "digits", path, {})["class"]["label"]
+    assert "the service\u2019s default class" in _text(driver, "heatmap-caption")
     summary = _text(driver, "scoremap-summary")
     assert "21\u00d745" in summary  # (48 - 8) // 2 + 1 by (96 - 8) // 2 + 1 cells
 
@@ -253,7 +323,100 @@ def test_page_maps_a_canvas_of_digits(server, driver, tmp_path):
     assert _wait_state(driver, ("done", "error")) == "done", _text(driver, "error")
     assert "41\u00d789" in _text(driver, "scoremap-summary")  # stride 1
     assert f"\u201c{other}\u201d" in _text(driver, "heatmap-caption")
+    assert "default class" not in _text(driver, "heatmap-caption")
     assert _heatmap(driver)["width"] == 96
+
+    # Scales the service refuses: its 422 on the page, and no stale map left on screen.
+    _set(driver, "scales", "1,zero")
+    assert _wait_state(driver, ("done", "error")) == "error"
+    error = driver.find_element(By.ID, "error")
+    assert error.get_attribute("data-status") == "422" and "scales" in error.text, error.text
+    assert not driver.find_element(By.ID, "heatmap").is_displayed()
+    assert driver.find_element(By.ID, "download-png").get_attribute("disabled") == "true"
+
+
+@pytest.fixture(scope="module")
+def astronaut_png(tmp_path_factory) -> Path:
+    """scikit-image's astronaut photo (512 x 512, RGB) as a PNG."""
+    return save_photo("astronaut", tmp_path_factory.mktemp("photo") / "astronaut.png")
+
+
+def test_page_finds_the_astronauts_face_and_downloads_the_answers(
+    server, driver, astronaut_png, tmp_path
+):
+    _open_page(driver, server)
+    _set(driver, "model", "faces")
+    assert _values(driver, "#class option") == ["background", "face"]
+    assert "25\u00d725" in _text(driver, "model-info")
+    for element_id, value in [
+        ("scales", ",".join(f"{s:g}" for s in FACE_SCALES)),
+        ("threshold", f"{FACE_THRESHOLD:g}"),
+        ("stride-divisor", str(FACE_STRIDE_DIVISOR)),
+    ]:
+        driver.execute_script(
+            "document.getElementById(arguments[0]).value = arguments[1]", element_id, value
+        )
+    assert _upload(driver, astronaut_png) == "done", _text(driver, "error")
+
+    # The class is the service's choice for a detector: face, never background.
+    assert driver.find_element(By.ID, "class").get_attribute("value") == "face"
+    heat = _heatmap(driver)
+    assert (heat["width"], heat["height"]) == (512, 512), heat
+
+    boxes = _boxes(driver)
+    assert boxes and boxes[0]["best"] and not any(b["best"] for b in boxes[1:]), boxes
+    best = boxes[0]
+    assert all(b["score"] >= FACE_THRESHOLD for b in boxes)
+    assert iou(best["box"], ASTRONAUT_FACE) >= 0.5, best
+    assert best["label"] == f"face {best['score']:.2f}"
+    # The box is drawn where its pixels are on the image as shown (to a pixel).
+    ratio = best["imageShown"][0] / 512
+    for shown, pixel in zip(best["shown"], best["box"], strict=True):
+        assert abs(shown - pixel * ratio) <= 1.5, (best["shown"], best["box"], ratio)
+
+    # The caption and the colour bar name the class and the scale of the map shown: the
+    # scale where the face is most likely, that of the best detection.
+    caption = _text(driver, "heatmap-caption")
+    assert f"class \u201cface\u201d at scale {best_scale(driver):g}" in caption, caption
+    legend = _text(driver, "heatmap-legend-label")
+    assert legend == f"Class \u201cface\u201d, scale {best_scale(driver):g}: probability"
+    assert driver.find_element(By.ID, "heatmap-legend").is_displayed()
+    assert "RGB to grey (ITU-R 601 luma) for the network" in _text(driver, "scoremap-summary")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#detections-table tbody tr")
+    assert len(rows) == len(boxes)
+    assert json.loads(rows[0].get_attribute("data-box")) == best["box"]
+    assert rows[0].get_attribute("data-class") == "face"
+
+    # Downloads: the JSON on screen, and the service's PNG with its colour bar and boxes.
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)}
+    )
+    driver.find_element(By.ID, "download-json").click()
+    answer = json.loads(_downloaded(tmp_path, ".json").read_text())
+    assert answer["class"]["label"] == "face"
+    assert answer["scales"] == list(FACE_SCALES)
+    assert answer["detections"][0]["box"] == best["box"]
+    assert len(answer["detections"]) == len(boxes)
+    driver.find_element(By.ID, "download-png").click()
+    with Image.open(_downloaded(tmp_path, ".png")) as png:
+        assert png.format == "PNG" and png.width > 512 and png.height >= 512, png.size
+
+    # At opacity 0 the heatmap is the colour photo itself: drawn over the original, not a
+    # grey copy of it (the network sees grey).
+    _set(driver, "alpha", "0")
+    assert _wait_state(driver, ("done", "error")) == "done", _text(driver, "error")
+    photo = np.asarray(Image.open(astronaut_png).convert("RGB"))
+    points = [(100, 400), (30, 60), (420, 100), (225, 128)]
+    shown = np.array(_heatmap_pixels(driver, points))
+    expected = np.array([photo[y, x] for x, y in points])
+    assert np.abs(shown.astype(int) - expected).max() <= 2, (shown, expected)
+    assert _severe_console_messages(driver) == []
+
+
+def best_scale(browser) -> float:
+    """The scale of the best detection, from the page's table."""
+    row = browser.find_element(By.CSS_SELECTOR, "#detections-table tbody tr")
+    return float(row.get_attribute("data-scale"))
 
 
 def _layers(browser) -> list[dict]:
@@ -264,6 +427,18 @@ def _layers(browser) -> list[dict]:
         "  caption: f.querySelector('figcaption').textContent,"
         "  width: img.naturalWidth, height: img.naturalHeight, hidden: img.hidden}; });"
     )
+
+
+def _service_json(base: str, model: str, path: Path, params: dict) -> dict:
+    """The service's own /scoremap JSON answer for ``path``."""
+    query = urllib.parse.urlencode({"arrays": "false", **params})
+    request = urllib.request.Request(
+        f"{base}/v1/models/{model}/scoremap?{query}",
+        path.read_bytes(),
+        {"Content-Type": "image/png"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def _service_png(base: str, path: Path, layer: str) -> Image.Image:
@@ -285,7 +460,9 @@ def test_page_shows_inside_the_network_layer_by_layer(server, driver, digit_png)
 
     # The heatmap's colour bar and its class label, beside the bare heatmap.
     assert driver.find_element(By.ID, "heatmap-legend").is_displayed()
-    assert _text(driver, "heatmap-legend-label") == f"Class \u201c{label}\u201d: probability"
+    assert (
+        _text(driver, "heatmap-legend-label") == f"Class \u201c{label}\u201d, scale 1: probability"
+    )
 
     layers = _layers(driver)
     assert [f["layer"] for f in layers] == ["input", *map(str, range(11))]
@@ -334,7 +511,8 @@ def test_index_and_assets_are_served(server):
         status, body = http_get(f"{server}/static/{asset}")
         assert status == 200 and body, asset
     status, body = http_get(f"{server}/v1/models")
-    assert status == 200 and json.loads(body)["models"][0]["name"] == "digits"
+    names = [m["name"] for m in json.loads(body)["models"]]
+    assert status == 200 and names == ["digits", "faces"], names
 
 
 @pytest.mark.parametrize(

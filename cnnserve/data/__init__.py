@@ -18,8 +18,8 @@ ready for the :class:`~cnnserve.solver.Solver` (``Dataset.solver_data()``):
     many windows of each kind are taken; about half the windows are digits, half background.
 ``"faces"``
     Face / background, 25x25 grey, classes ``"background"`` and ``"face"``: scikit-image's
-    bundled ``lfw_subset`` (100 faces, 100 non-faces) and 210 hard negatives, windows cut from
-    10 bundled face-free photos by the rule :mod:`cnnserve.data.faces` documents (three more
+    bundled ``lfw_subset`` (100 faces, 100 non-faces) and 2,280 hard negatives, windows cut from
+    19 bundled face-free photos by the rule :mod:`cnnserve.data.faces` documents (three more
     face-free photos, :data:`~cnnserve.data.faces.HELD_OUT_PHOTOS`, are kept out to test a
     detector on, and so are ``astronaut`` and ``camera``). Split into train / val / test by
     ``seed``. Needs the ``data`` extra (``pip install -e ".[data]"``): without it the loader

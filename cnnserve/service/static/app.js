@@ -1,6 +1,7 @@
 // cnnserve web page: pick a model, upload an image, see its class scores, a class's dense
-// score map and what each layer of the network makes of the image. Plain JS, no build
-// step, and no request leaves this origin.
+// score map over the image at one or more scales, the class's detections (boxes with labels),
+// and what each layer of the network makes of the image. Plain JS, no build step, and no
+// request leaves this origin.
 //
 // document.body.dataset.state tells tests (and styles) where the page is:
 // "loading" -> "ready" (models listed) -> "working" (requests in flight) -> "done" | "error".
@@ -19,7 +20,11 @@ const els = {
   predictMeta: $("predict-meta"),
   predictions: $("predictions"),
   cls: $("class"),
+  scales: $("scales"),
+  scalePresets: $("scale-presets"),
   divisor: $("stride-divisor"),
+  detectionsOn: $("detections-on"),
+  threshold: $("threshold"),
   alpha: $("alpha"),
   alphaValue: $("alpha-value"),
   preview: $("preview"),
@@ -27,6 +32,11 @@ const els = {
   heatmap: $("heatmap"),
   heatmapCaption: $("heatmap-caption"),
   peakBox: $("peak-box"),
+  boxes: $("boxes"),
+  detections: $("detections"),
+  detectionsBody: document.querySelector("#detections-table tbody"),
+  downloadPng: $("download-png"),
+  downloadJson: $("download-json"),
   summary: $("scoremap-summary"),
   legend: $("heatmap-legend"),
   legendLabel: $("heatmap-legend-label"),
@@ -34,15 +44,17 @@ const els = {
   layers: $("layers"),
 };
 
-// Largest display size of the images: small images are scaled up by a whole factor.
-const DISPLAY_WIDTH = 440;
-const DISPLAY_HEIGHT = 320;
+// Largest display sizes (width, height) of the images: small images are scaled up by a whole
+// factor. The heatmap, where the answers are, is the larger.
+const PREVIEW_SIZE = [260, 260];
+const HEATMAP_SIZE = [560, 460];
 
 const state = {
   models: [],
   model: null, // the ModelSummary of the chosen model
   file: null, // the uploaded File
-  classChosen: false, // false: the score map shows the top class by max
+  classChosen: false, // false: the score map shows the class the service chooses
+  shown: null, // {model, file, options, json}: the score map on screen, for the downloads
   predictedKey: null, // which (model, file, top_k) the predictions on screen belong to
   run: 0, // each analysis has a number; a newer one makes older ones stale
   controller: null, // aborts the requests of a stale analysis
@@ -114,17 +126,29 @@ async function predict(model, file, topK, signal) {
   return response.json();
 }
 
-function scoremapQuery(format, options) {
+/**
+ * The query of a /scoremap request. The page draws the colour bar and the boxes itself over
+ * the PNG it shows; a downloaded PNG (``picture: "download"``) has the service draw both.
+ */
+function scoremapQuery(format, options, picture = "page") {
   const query = new URLSearchParams({
     format,
     stride_divisor: String(options.divisor),
     top_k: String(options.topK),
+    scales: options.scales,
   });
   if (options.label !== null) query.set("class", options.label);
-  if (format === "png") {
-    query.set("alpha", String(options.alpha));
-    query.set("legend", "false"); // laid over the image; the page draws its own colour bar
+  if (format === "json") {
+    query.set("arrays", "false"); // the aggregates, the peak and the detections: no cells
+    if (options.detections) query.set("detections", "true");
   }
+  if (format === "png") {
+    const download = picture === "download";
+    query.set("alpha", String(options.alpha));
+    query.set("legend", String(download));
+    if (download && options.detections) query.set("detections", "true");
+  }
+  if (options.detections) query.set("threshold", String(options.threshold));
   return query;
 }
 
@@ -138,8 +162,8 @@ async function scoremapJson(model, file, options, signal) {
   return response.json();
 }
 
-async function scoremapPng(model, file, options, signal) {
-  const query = scoremapQuery("png", options);
+async function scoremapPng(model, file, options, signal, picture = "page") {
+  const query = scoremapQuery("png", options, picture);
   const response = await api(`${modelPath(model.name, "scoremap")}?${query}`, {
     method: "POST",
     body: uploadBody(file),
@@ -149,6 +173,7 @@ async function scoremapPng(model, file, options, signal) {
     blob: await response.blob(),
     label: decodeURIComponent(response.headers.get("X-Cnnserve-Class") || ""),
     mapShape: response.headers.get("X-Cnnserve-Map-Shape"),
+    scale: response.headers.get("X-Cnnserve-Scale"),
     timeMs: response.headers.get("X-Cnnserve-Time-Ms"),
   };
 }
@@ -211,6 +236,11 @@ function num(value) {
   return String(+Number(value).toFixed(2));
 }
 
+/** A scale factor as the service writes it: "0.25", "1". */
+function factor(value) {
+  return String(+Number(value).toPrecision(6));
+}
+
 function setStatus(text) {
   els.status.textContent = text;
 }
@@ -267,13 +297,15 @@ function setUrl(which, img, blob) {
 }
 
 /** Show a small image scaled up by a whole factor (pixelated), a large one scaled down. */
-function sizeForDisplay(img) {
+function sizeForDisplay(img, [width, height]) {
   const w = img.naturalWidth;
   const h = img.naturalHeight;
   if (!w || !h) return;
-  const fit = Math.min(DISPLAY_WIDTH / w, DISPLAY_HEIGHT / h);
+  const fit = Math.min(width / w, height / h);
   const scale = fit >= 1 ? Math.floor(fit) : fit;
   img.style.width = `${Math.round(w * scale)}px`;
+  // Whole-factor enlargements keep their pixels sharp; reduced photos are smoothed.
+  img.style.imageRendering = scale >= 1 ? "pixelated" : "auto";
   img.dataset.scale = String(scale);
 }
 
@@ -343,6 +375,21 @@ function fillDivisorSelect(model) {
   els.divisor.disabled = options.length < 2;
 }
 
+/**
+ * Suggested scales for the datalist of the scales field: the image as it is, halvings, and
+ * factors that bring an object of a quarter of a 512-pixel photo to the model's window.
+ */
+function fillScalePresets(model) {
+  const window = Math.max(...((model.geometry && model.geometry.window) || [1]));
+  const presets = ["1", "1,0.5", "1,0.5,0.25", "0.5,0.25"];
+  const around = window / 128; // a 128-pixel object seen at the window's size
+  if (around < 1) {
+    presets.push([0.8, 1, 1.2].map((f) => factor((around * f).toFixed(2))).join(","));
+  }
+  els.scalePresets.replaceChildren(...presets.map((value) => el("option", { value })));
+  els.scales.disabled = false;
+}
+
 function chooseModel(name) {
   const model = state.models.find((m) => m.name === name) || state.models[0];
   state.model = model;
@@ -353,6 +400,7 @@ function chooseModel(name) {
   describeModel(model);
   fillClassSelect(model);
   fillDivisorSelect(model);
+  fillScalePresets(model);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -375,6 +423,7 @@ function renderPredictions(result) {
   els.predictions.replaceChildren(...result.predictions.map(rankingItem));
   const parts = [`${px(result.image_size)} image`];
   if (result.resized_to) parts.push(`resized to ${px(result.resized_to)}`);
+  if (result.converted) parts.push(result.converted);
   parts.push(ms(result.time_ms));
   els.predictMeta.textContent = parts.filter(Boolean).join(" \u00b7 ");
 }
@@ -382,12 +431,23 @@ function renderPredictions(result) {
 function clearResults() {
   els.predictions.replaceChildren();
   els.predictMeta.textContent = "";
+  clearMap();
+}
+
+/** Remove the score map, its boxes and detections; the downloads have nothing to give. */
+function clearMap() {
   els.summary.replaceChildren();
   els.heatmap.hidden = true;
   els.peakBox.hidden = true;
+  els.boxes.replaceChildren();
+  els.detections.hidden = true;
+  els.detectionsBody.replaceChildren();
   els.legend.hidden = true;
   els.heatmapCaption.textContent = "Heatmap";
   setUrl("heatmap", els.heatmap, null);
+  state.shown = null;
+  els.downloadPng.disabled = true;
+  els.downloadJson.disabled = true;
 }
 
 function rankingTable(title, rows) {
@@ -403,21 +463,36 @@ function cellStride(stride) {
   return down === across ? `${down} px` : `${down} px down, ${across} px across`;
 }
 
+/** What the windows cover, in the pixels of the image the network saw (resized at a scale). */
 function covered(g) {
   if (!g.covered || !g.image_size) return "";
   const [ch, cw] = g.covered;
-  const [h, w] = g.image_size;
-  if (ch === h && cw === w) return `the whole ${px(g.image_size)} image`;
-  return `${px(g.covered)} of ${px(g.image_size)} (the right and bottom margins are in no window)`;
+  const seen = g.resized_size || g.image_size;
+  const [h, w] = seen;
+  const scaled = g.scale !== undefined && Number(g.scale) !== 1;
+  const image = scaled
+    ? `the image resized to ${px(seen)} (scale ${factor(g.scale)})`
+    : `the ${px(seen)} image`;
+  if (ch === h && cw === w) return `the whole of ${image}`;
+  return `${px(g.covered)} of ${image} (the right and bottom margins are in no window)`;
 }
 
 function renderSummary(result) {
   const g = result.geometry || {};
   const cls = result.class;
+  const scales = (result.scales || [1]).map(factor);
   const facts = [
+    [
+      "Scales",
+      scales.length > 1
+        ? `${scales.join(", ")} (the map shown is at ${factor(result.scale)}, where ` +
+          `\u201c${cls ? cls.label : "the class"}\u201d is most likely)`
+        : scales[0],
+    ],
     ["Map", `${cells(result.map_shape)} (rows\u00d7columns)`],
     ["Cell stride", cellStride(g.cell_stride)],
     ["Covered", covered(g)],
+    ["Channels", result.converted ? `${result.converted} for the network` : ""],
     ["Time", ms(result.time_ms)],
   ];
   if (cls && cls.peak) {
@@ -439,19 +514,80 @@ function renderSummary(result) {
   );
 }
 
-function placePeakBox(result, width, height) {
-  const peak = result.class && result.class.peak;
-  if (!peak || !width || !height) {
-    els.peakBox.hidden = true;
-    return;
-  }
-  const [x0, y0, x1, y1] = peak.box;
-  Object.assign(els.peakBox.style, {
+/** left/top/width/height in % of the image for a box [x0, y0, x1, y1] of its pixels. */
+function boxStyle(box, width, height) {
+  const [x0, y0, x1, y1] = box;
+  return {
     left: `${(100 * x0) / width}%`,
     top: `${(100 * y0) / height}%`,
     width: `${(100 * (x1 - x0)) / width}%`,
     height: `${(100 * (y1 - y0)) / height}%`,
+  };
+}
+
+function detectionText(d) {
+  return `${d.class} ${d.score.toFixed(2)}`;
+}
+
+/** The detections as labelled boxes over the heatmap, and as a table below it. */
+function renderDetections(result, width, height) {
+  const found = result.detections;
+  els.boxes.replaceChildren();
+  els.detectionsBody.replaceChildren();
+  if (!found) {
+    els.detections.hidden = true;
+    return;
+  }
+  const boxes = found.map((d, rank) => {
+    const box = el(
+      "div",
+      {
+        className: "det-box",
+        title: `${d.class}: ${percent(d.score)} at scale ${factor(d.scale)}`,
+        style: boxStyle(d.box, width, height),
+        dataset: { rank: String(rank + 1), box: JSON.stringify(d.box), score: String(d.score) },
+      },
+      [el("span", { className: "det-label", textContent: detectionText(d) })],
+    );
+    if (rank === 0) box.classList.add("best");
+    return box;
   });
+  els.boxes.replaceChildren(...boxes);
+  const rows = found.map((d, rank) =>
+    el(
+      "tr",
+      {
+        dataset: {
+          class: d.class,
+          score: String(d.score),
+          box: JSON.stringify(d.box),
+          scale: String(d.scale),
+        },
+      },
+      [
+        el("td", { textContent: String(rank + 1) }),
+        el("td", { textContent: d.class }),
+        el("td", { textContent: percent(d.score) }),
+        el("td", { textContent: d.box.map((v) => Math.round(v)).join(", ") }),
+        el("td", { textContent: factor(d.scale) }),
+      ],
+    ),
+  );
+  if (!rows.length) {
+    const none = `none at probability \u2265 ${num(result.threshold)}`;
+    rows.push(el("tr", {}, [el("td", { colSpan: 5, textContent: none })]));
+  }
+  els.detectionsBody.replaceChildren(...rows);
+  els.detections.hidden = false;
+}
+
+function placePeakBox(result, width, height) {
+  const peak = result.class && result.class.peak;
+  if (!peak || !width || !height || result.detections) {
+    els.peakBox.hidden = true; // with detections on, their boxes say where the class is
+    return;
+  }
+  Object.assign(els.peakBox.style, boxStyle(peak.box, width, height));
   els.peakBox.title = `Peak of class ${result.class.label}: ${percent(peak.probability)}`;
   els.peakBox.hidden = false;
 }
@@ -568,6 +704,16 @@ function topK() {
   return Number.isFinite(k) ? Math.max(1, Math.min(max, k)) : 5;
 }
 
+function scalesText() {
+  const text = els.scales.value.replace(/\s+/g, "");
+  return text || "1";
+}
+
+function threshold() {
+  const value = Number(els.threshold.value);
+  return Number.isFinite(value) ? Math.max(0, Math.min(1, value)) : 0.5;
+}
+
 function alpha() {
   const value = Number(els.alpha.value);
   return Number.isFinite(value) ? Math.max(0, Math.min(1, value)) : 0.5;
@@ -605,20 +751,17 @@ async function analyze() {
       alpha: alpha(),
       topK: k,
       label: state.classChosen ? els.cls.value : null,
+      scales: scalesText(),
+      detections: els.detectionsOn.checked,
+      threshold: threshold(),
     };
-    let summary = await scoremapJson(model, file, options, signal);
+    // Unless a class was chosen, the service chooses it (for a detector: never its
+    // background class); the PNG then asks for that same class.
+    const summary = await scoremapJson(model, file, options, signal);
     if (stale()) return;
-    // Unless a class was chosen, show the top class by max over the cells: the class most
-    // likely somewhere in the image. Ask again for its peak if the service chose another.
-    const byMax = (summary.aggregate && summary.aggregate.top_k_by_max) || [];
-    const served = summary.class ? summary.class.label : null;
-    const label = options.label ?? (byMax.length ? byMax[0].label : served);
-    if (label !== null && served !== label) {
-      summary = await scoremapJson(model, file, { ...options, label }, signal);
-      if (stale()) return;
-    }
+    const label = summary.class.label;
+    els.cls.value = label;
     renderSummary(summary);
-    if (label !== null) els.cls.value = label;
 
     const png = await scoremapPng(model, file, { ...options, label }, signal);
     if (stale()) return;
@@ -626,20 +769,26 @@ async function analyze() {
     els.heatmap.hidden = false;
     await shownHeatmap;
     if (stale()) return;
-    sizeForDisplay(els.heatmap);
-    placePeakBox(summary, els.heatmap.naturalWidth, els.heatmap.naturalHeight);
-    const shown = png.label || label;
-    els.heatmap.alt = `Heatmap of class ${shown} over the image`;
+    sizeForDisplay(els.heatmap, HEATMAP_SIZE);
+    const [height, width] = summary.geometry.image_size;
+    placePeakBox(summary, width, height);
+    renderDetections(summary, width, height);
+    const scale = factor(png.scale || summary.scale || 1);
+    els.heatmap.alt = `Heatmap of class ${label} at scale ${scale} over the image`;
     els.heatmapCaption.textContent =
-      `Heatmap of class \u201c${shown}\u201d over ${cells(summary.map_shape)}` +
-      (state.classChosen ? "" : " (the top class by max)");
-    els.legendLabel.textContent = `Class \u201c${shown}\u201d: probability`;
+      `Heatmap of class \u201c${label}\u201d at scale ${scale}, ${cells(summary.map_shape)}` +
+      (state.classChosen ? "" : " (the service\u2019s default class)");
+    els.legendLabel.textContent = `Class \u201c${label}\u201d, scale ${scale}: probability`;
     els.legend.hidden = false;
+    state.shown = { model, file, options: { ...options, label }, json: summary };
+    els.downloadPng.disabled = false;
+    els.downloadJson.disabled = false;
 
     setStatus(`Done: ${model.name} on ${file.name || "the image"}`);
     setState("done");
   } catch (err) {
     if (stale() || err.name === "AbortError") return;
+    clearMap(); // nothing on screen that belongs to other settings
     showError(err);
     if (!els.predictions.children.length) {
       els.predictMeta.textContent = "No result: see the error above.";
@@ -649,13 +798,52 @@ async function analyze() {
   }
 }
 
+// ----------------------------------------------------------------------------------------
+// Downloads: the JSON answer on screen, and the service's PNG with its colour bar and boxes
+// ----------------------------------------------------------------------------------------
+
+function downloadName(shown, extension) {
+  const stem = (shown.file.name || "image").replace(/\.[^.]*$/, "") || "image";
+  return `${stem}_${shown.model.name}_${shown.options.label}.${extension}`;
+}
+
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = el("a", { href: url, download: name, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
+function downloadJson() {
+  const shown = state.shown;
+  if (!shown) return;
+  const text = `${JSON.stringify(shown.json, null, 2)}\n`;
+  saveBlob(new Blob([text], { type: "application/json" }), downloadName(shown, "json"));
+}
+
+async function downloadPng() {
+  const shown = state.shown;
+  if (!shown) return;
+  els.downloadPng.disabled = true;
+  try {
+    const png = await scoremapPng(shown.model, shown.file, shown.options, undefined, "download");
+    saveBlob(png.blob, downloadName(shown, "png"));
+  } catch (err) {
+    showError(err);
+  } finally {
+    els.downloadPng.disabled = state.shown === null;
+  }
+}
+
 function showPreview(file) {
   els.preview.hidden = true;
   els.previewCaption.textContent = file.name ? `Your image: ${file.name}` : "Your image";
   setUrl("preview", els.preview, file)
     .then(() => {
       if (state.file !== file) return; // another upload came since
-      sizeForDisplay(els.preview);
+      sizeForDisplay(els.preview, PREVIEW_SIZE);
       els.preview.hidden = false;
       const { naturalWidth: w, naturalHeight: h } = els.preview;
       els.previewCaption.textContent = `Your image: ${file.name || "upload"} (${w}\u00d7${h} px)`;
@@ -694,6 +882,11 @@ function wire() {
     analyze();
   });
   els.divisor.addEventListener("change", () => analyze());
+  els.scales.addEventListener("change", () => analyze());
+  els.detectionsOn.addEventListener("change", () => analyze());
+  els.threshold.addEventListener("change", () => analyze());
+  els.downloadPng.addEventListener("click", () => downloadPng());
+  els.downloadJson.addEventListener("click", () => downloadJson());
   els.alpha.addEventListener("input", () => {
     els.alphaValue.textContent = percent(alpha()).replace(".0%", "%");
   });
