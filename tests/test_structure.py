@@ -57,6 +57,7 @@ RANKS = {
     "cnnserve.history": 3,
     "cnnserve.evaluate": 3,
     "cnnserve.heatmap": 3,
+    "cnnserve.engine": 3.5,  # compiled inference plans: networks read by duck type, no import
     "cnnserve.network": 4,
     "cnnserve.modelfile": 5,
     "cnnserve.model": 6,  # re-exports of specs, network and modelfile
