@@ -107,8 +107,13 @@ static inline void cnn_eng_split(ptrdiff_t blocks, ptrdiff_t panels, int threads
 }
 
 #if CNN_ENG_X86
+/* The 6 x 16 AVX2 tile: c[i][j] = sum_k a[k][i] * B[k][j], where row k of B is
+ * b + k * NR (gathered columns, off == NULL) or b + off[k] (straight from the input: the
+ * direct path for interior tiles of stride-1 convolutions). */
 __attribute__((target("avx2,fma"))) static void cnn_eng_tile_avx2(ptrdiff_t K, const float *a,
-                                                                  const float *b, float *c) {
+                                                                  const float *b,
+                                                                  const ptrdiff_t *off,
+                                                                  float *c) {
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
     __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -116,7 +121,8 @@ __attribute__((target("avx2,fma"))) static void cnn_eng_tile_avx2(ptrdiff_t K, c
     __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
     for (ptrdiff_t k = 0; k < K; k++) {
-        __m256 b0 = _mm256_loadu_ps(b + k * 16), b1 = _mm256_loadu_ps(b + k * 16 + 8);
+        const float *bk = off ? b + off[k] : b + k * 16;
+        __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
         const float *ak = a + k * 6;
         __m256 v;
         v = _mm256_broadcast_ss(ak + 0);

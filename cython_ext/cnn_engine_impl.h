@@ -6,12 +6,14 @@
 #define NR CNN_ENG_NR
 #define NB CNN_ENG_NB
 
-/* Portable MR x NR tile: c[i][j] = sum_k a[k][i] * b[k][j]. */
-static void CNN_ENG_S(cnn_eng_tile)(ptrdiff_t K, const T *a, const T *b, T *c) {
+/* Portable MR x NR tile: c[i][j] = sum_k a[k][i] * B[k][j], row k of B at b + k * NR, or at
+ * b + off[k] (the direct path). */
+static void CNN_ENG_S(cnn_eng_tile)(ptrdiff_t K, const T *a, const T *b, const ptrdiff_t *off,
+                                    T *c) {
     T acc[MR][NR];
     memset(acc, 0, sizeof(acc));
     for (ptrdiff_t k = 0; k < K; k++) {
-        const T *ak = a + k * MR, *bk = b + k * NR;
+        const T *ak = a + k * MR, *bk = off ? b + off[k] : b + k * NR;
         for (int i = 0; i < MR; i++) {
             T v = ak[i];
             CNN_SIMD
@@ -35,38 +37,78 @@ static void CNN_ENG_S(cnn_eng_pack)(const T *w, ptrdiff_t F, ptrdiff_t K, T *pac
     }
 }
 
-/* Gathers columns [q0, q0 + NB) of the implicit im2col matrix into bp[tile][k][NR]. */
+/* Gathers columns [q0, q0 + NB) of the implicit im2col matrix into bp[tile][k][NR].
+ *
+ * A tile's columns are split into runs on one output row of one image; along a run the input
+ * column advances by the stride, so each (c, i, jj) row of a run is a strided copy with zeros
+ * only where the window hangs over the left or right edge (computed, not tested per value). */
 static void CNN_ENG_S(cnn_eng_gather)(const long long *d, const T *x, ptrdiff_t Q, ptrdiff_t q0,
-                                      T *bp, ptrdiff_t *obase) {
+                                      T *bp, ptrdiff_t *obase, ptrdiff_t *direct) {
     ptrdiff_t C = d[E_C], H = d[E_H], W = d[E_W], HO = d[E_HO], WO = d[E_WO];
     ptrdiff_t KH = d[E_KH], KW = d[E_KW], s = d[E_STRIDE], pad = d[E_PAD], F = d[E_F];
     ptrdiff_t P = HO * WO, K = C * KH * KW;
     for (int t = 0; t < NB / NR; t++) {
-        ptrdiff_t xb[NR], ih0[NR], iw0[NR];
-        int valid[NR];
-        for (int j = 0; j < NR; j++) {
-            ptrdiff_t q = q0 + t * NR + j;
-            valid[j] = q < Q;
-            if (q >= Q) q = Q - 1;
-            ptrdiff_t n = q / P, p = q % P;
-            xb[j] = n * C * H * W;
-            ih0[j] = (p / WO) * s - pad;
-            iw0[j] = (p % WO) * s - pad;
-            obase[t * NR + j] = valid[j] ? n * F * P + p : -1;
-        }
         T *dst = bp + (ptrdiff_t)t * K * NR;
-        ptrdiff_t k = 0;
-        for (ptrdiff_t c = 0; c < C; c++) {
-            for (ptrdiff_t i = 0; i < KH; i++) {
-                for (ptrdiff_t jj = 0; jj < KW; jj++, k++) {
-                    T *row = dst + k * NR;
-                    for (int j = 0; j < NR; j++) {
-                        ptrdiff_t ih = ih0[j] + i, iw = iw0[j] + jj;
-                        int in = valid[j] && ih >= 0 && ih < H && iw >= 0 && iw < W;
-                        row[j] = in ? x[xb[j] + (c * H + ih) * W + iw] : (T)0;
+        ptrdiff_t qt = q0 + t * NR;
+        for (int j = 0; j < NR; j++) {
+            ptrdiff_t q = qt + j;
+            obase[t * NR + j] = q < Q ? (q / P) * F * P + q % P : -1;
+        }
+        /* Direct: stride 1, the tile's NR columns on one output row, every window inside the
+         * input. Row k of the tile is then NR consecutive input values: nothing to gather. */
+        direct[t] = -1;
+        if (s == 1 && qt + NR <= Q) {
+            ptrdiff_t n = qt / P, p = qt % P, oh = p / WO, ow = p % WO;
+            ptrdiff_t ih0 = oh - pad, iw0 = ow - pad;
+            if (ow + NR <= WO && ih0 >= 0 && ih0 + KH <= H && iw0 >= 0 && iw0 + NR - 1 + KW <= W) {
+                direct[t] = n * C * H * W + ih0 * W + iw0;
+                continue;
+            }
+        }
+        int j0 = 0;
+        while (j0 < NR) {
+            ptrdiff_t q = qt + j0;
+            if (q >= Q) { /* columns past the end: zeros */
+                for (ptrdiff_t k = 0; k < K; k++) {
+                    for (int j = j0; j < NR; j++) dst[k * NR + j] = 0;
+                }
+                break;
+            }
+            ptrdiff_t n = q / P, p = q % P, oh = p / WO, ow = p % WO;
+            int j1 = j0 + (int)(WO - ow); /* the run ends with the output row */
+            if (j1 > NR) j1 = NR;
+            if (qt + j1 > Q) j1 = (int)(Q - qt);
+            ptrdiff_t len = j1 - j0, ih0 = oh * s - pad, iw0 = ow * s - pad;
+            const T *xn = x + n * C * H * W;
+            ptrdiff_t k = 0;
+            for (ptrdiff_t c = 0; c < C; c++) {
+                for (ptrdiff_t i = 0; i < KH; i++) {
+                    ptrdiff_t ih = ih0 + i;
+                    const T *xrow = xn + (c * H + ih) * W;
+                    for (ptrdiff_t jj = 0; jj < KW; jj++, k++) {
+                        T *row = dst + k * NR + j0;
+                        if (ih < 0 || ih >= H) {
+                            for (ptrdiff_t r = 0; r < len; r++) row[r] = 0;
+                            continue;
+                        }
+                        ptrdiff_t iw = iw0 + jj; /* input column of the run's first value */
+                        ptrdiff_t lo = iw >= 0 ? 0 : (-iw + s - 1) / s;
+                        ptrdiff_t hi = iw < W ? (W - 1 - iw) / s + 1 : 0;
+                        if (hi > len) hi = len;
+                        if (lo > hi) lo = hi;
+                        ptrdiff_t r = 0;
+                        for (; r < lo; r++) row[r] = 0;
+                        if (s == 1) {
+                            const T *src = xrow + iw;
+                            for (; r < hi; r++) row[r] = src[r];
+                        } else {
+                            for (; r < hi; r++) row[r] = xrow[iw + r * s];
+                        }
+                        for (; r < len; r++) row[r] = 0;
                     }
                 }
             }
+            j0 = j1;
         }
     }
 }
@@ -155,30 +197,38 @@ static void CNN_ENG_S(cnn_eng_gemm)(const long long *d, const T *params, const T
 #endif
         T *bp = scratch + tid * scratch_per_thread;
         T tile[MR * NR];
-        ptrdiff_t obase[NB];
+        ptrdiff_t obase[NB], direct[NB / NR];
+        ptrdiff_t *off = (ptrdiff_t *)(bp + K * NB); /* row k of a direct tile: + off[k] */
+        for (ptrdiff_t c = 0, k = 0; c < d[E_C]; c++) {
+            for (ptrdiff_t i = 0; i < d[E_KH]; i++) {
+                for (ptrdiff_t jj = 0; jj < d[E_KW]; jj++, k++) off[k] = (c * d[E_H] + i) * d[E_W] + jj;
+            }
+        }
         ptrdiff_t last_block = -1;
 #pragma omp for schedule(static)
         for (ptrdiff_t item = 0; item < items; item++) {
             ptrdiff_t blk = item / fsplit, part = item % fsplit;
             ptrdiff_t p0 = panels * part / fsplit, p1 = panels * (part + 1) / fsplit;
             if (blk != last_block) {
-                CNN_ENG_S(cnn_eng_gather)(d, x, Q, blk * NB, bp, obase);
+                CNN_ENG_S(cnn_eng_gather)(d, x, Q, blk * NB, bp, obase, direct);
                 last_block = blk;
             }
             ptrdiff_t tiles = (Q - blk * NB + NR - 1) / NR;
             if (tiles > NB / NR) tiles = NB / NR;
-            for (ptrdiff_t pn = p0; pn < p1; pn++) {
-                const T *a = wp + pn * K * MR;
-                for (ptrdiff_t t = 0; t < tiles; t++) {
-                    const T *b = bp + t * K * NR;
+            /* A tile's columns (K x NR) stay in L1 while every panel of filters streams by. */
+            for (ptrdiff_t t = 0; t < tiles; t++) {
+                const T *b = direct[t] >= 0 ? x + direct[t] : bp + t * K * NR;
+                const ptrdiff_t *o = direct[t] >= 0 ? off : NULL;
+                for (ptrdiff_t pn = p0; pn < p1; pn++) {
+                    const T *a = wp + pn * K * MR;
 #if CNN_ENG_FLOAT32
                     if (avx2) {
-                        cnn_eng_tile_avx2(K, (const float *)a, (const float *)b, (float *)tile);
+                        cnn_eng_tile_avx2(K, (const float *)a, (const float *)b, o, (float *)tile);
                     } else {
-                        CNN_ENG_S(cnn_eng_tile)(K, a, b, tile);
+                        CNN_ENG_S(cnn_eng_tile)(K, a, b, o, tile);
                     }
 #else
-                    CNN_ENG_S(cnn_eng_tile)(K, a, b, tile);
+                    CNN_ENG_S(cnn_eng_tile)(K, a, b, o, tile);
 #endif
                     CNN_ENG_S(cnn_eng_store)(tile, bias, pn * MR, F, P, obase + t * NR, relu,
                                              out);

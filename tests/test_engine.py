@@ -146,7 +146,7 @@ def test_a_plan_keeps_the_weights_it_was_compiled_with():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("N, size", [(1, (10, 10)), (1, (16, 20)), (3, (12, 18))])
+@pytest.mark.parametrize("N, size", [(1, (10, 10)), (1, (16, 20)), (3, (12, 18)), (2, (14, 44))])
 def test_plans_of_converted_networks_equal_forward(cpu_path, dtype, N, size):
     fcn = to_fully_convolutional(make(NET_C, dtype))
     x = inputs((N, 1, *size), dtype)
@@ -154,6 +154,23 @@ def test_plans_of_converted_networks_equal_forward(cpu_path, dtype, N, size):
     want = fcn.forward(x)
     assert plan.output_shape == want.shape[1:]
     assert_close(plan(x), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride, pad", [(1, 0), (1, 2), (2, 1)])
+def test_wide_images_take_the_direct_path_exactly(cpu_path, dtype, stride, pad):
+    """Rows of 40 and more output pixels: whole tiles of stride-1 convs read the input in place
+    (no gathering); the tiles at the edges and the strided conv gather. Both give the same."""
+    shape = (3, 9, 84 if stride == 2 else 45)
+    layers = [
+        {"type": "conv", "filters": 13, "size": [3, 4], "stride": stride, "pad": pad},
+        {"type": "relu"},
+        {"type": "conv", "filters": 7, "size": [1, 3], "stride": 1, "pad": 0},
+    ]
+    fcn = to_fully_convolutional(make((shape, layers), dtype))
+    x = inputs((2, *shape), dtype)
+    plan = engine.compile(fcn, shape, max_batch=2)
+    assert_close(plan(x), fcn.forward(x))
 
 
 def test_a_plan_compiled_in_another_dtype():

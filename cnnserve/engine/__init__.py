@@ -327,7 +327,8 @@ class Plan:
             max([1] + [sizes[k] * max_batch for k in range(len(ops) - 1) if k % 2 == b])
             for b in (0, 1)
         ]
-        self._scratch_per_thread = max_k * _kernels.NB
+        # per thread: a block of gathered columns (K x NB), then K row offsets (int64)
+        self._scratch_per_thread = max_k * (_kernels.NB + 8 // dtype.itemsize)
         self._free: list[tuple[np.ndarray, ...]] = []
         self._lock = threading.Lock()
 
