@@ -9,7 +9,7 @@ import pytest
 
 from cnnserve import engine
 from cnnserve.convert import to_fully_convolutional
-from cnnserve.network import ConvNet
+from cnnserve.network import ConvNet, layer_forward
 
 # Every layer type and fusion of a trained network, with odd shapes: a 3x2 kernel at stride 2
 # with padding, batch norm folded into it, ReLU fused, an overlapping max pool (2x2 stride 1),
@@ -79,6 +79,21 @@ def make(net, dtype, classes=3, seed=0) -> ConvNet:
         if name.startswith(("gamma", "beta", "b")):
             model.params[name] = (value + rng.normal(0, 0.3, value.shape)).astype(dtype)
     return model
+
+
+def layer_path(fcn, x: np.ndarray) -> np.ndarray:
+    """A converted network layer by layer (FullyConvNet.forward itself runs a plan), with its
+    batch norms unfolded."""
+    for layer in fcn.layers:
+        weights = tuple(fcn.params[name] for name in layer.param_names)
+        options = {}
+        if layer.kind == "spatial_batchnorm":
+            k = layer.param_names[0][len("gamma") :]
+            stats = {"running_mean": fcn.params[f"running_mean{k}"]}
+            stats["running_var"] = fcn.params[f"running_var{k}"]
+            options["bn_param"] = {"mode": "test", "eps": layer.eps, **stats}
+        x = layer_forward(layer.spec, x, weights, **options)[0]
+    return x
 
 
 def inputs(shape, dtype, seed=2) -> np.ndarray:
@@ -151,9 +166,10 @@ def test_plans_of_converted_networks_equal_forward(cpu_path, dtype, N, size):
     fcn = to_fully_convolutional(make(NET_C, dtype))
     x = inputs((N, 1, *size), dtype)
     plan = engine.compile(fcn, (1, *size), max_batch=2)
-    want = fcn.forward(x)
+    want = layer_path(fcn, x)
     assert plan.output_shape == want.shape[1:]
     assert_close(plan(x), want)
+    assert_close(fcn.forward(x), want)  # forward runs plans, one per input size
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -170,7 +186,7 @@ def test_wide_images_take_the_direct_path_exactly(cpu_path, dtype, stride, pad):
     fcn = to_fully_convolutional(make((shape, layers), dtype))
     x = inputs((2, *shape), dtype)
     plan = engine.compile(fcn, shape, max_batch=2)
-    assert_close(plan(x), fcn.forward(x))
+    assert_close(plan(x), layer_path(fcn, x))
 
 
 def test_a_plan_compiled_in_another_dtype():
@@ -271,3 +287,12 @@ def test_plans_are_safe_to_call_from_several_threads():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_plan_cache_keeps_the_most_recent_sizes():
+    fcn = to_fully_convolutional(make(NET_C, np.float64))
+    cache = engine.PlanCache(fcn, size=1)
+    for size in [(12, 12), (14, 16), (12, 12)]:
+        x = inputs((2, 1, *size), np.float64)
+        assert_close(cache(x), layer_path(fcn, x))
+    assert list(cache._plans) == [(1, 12, 12)]

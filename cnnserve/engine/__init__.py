@@ -26,7 +26,10 @@ one plan per image size, or keep them in a cache keyed by the size.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,21 @@ import numpy as np
 from cnnserve._checks import check_dtype, check_int
 from cnnserve._ext import engine as _kernels
 
-__all__ = ["Plan", "compile", "set_portable", "uses_avx2"]
+__all__ = ["Plan", "PlanCache", "compile", "set_portable", "uses_avx2"]
+
+# Every Plan and PlanCache: a fork copies their locks in whatever state another thread left
+# them, so the child gets fresh ones (and drops the parent's spare buffers).
+_LOCKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    for holder in list(_LOCKED):
+        holder._lock = threading.Lock()
+        if isinstance(holder, Plan):
+            holder._free = []
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 GEMM, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU = range(7)
 _NAMES = {
@@ -331,6 +348,7 @@ class Plan:
         self._scratch_per_thread = max_k * (_kernels.NB + 8 // dtype.itemsize)
         self._free: list[tuple[np.ndarray, ...]] = []
         self._lock = threading.Lock()
+        _LOCKED.add(self)
 
     def _workspace(self) -> tuple[np.ndarray, ...]:
         with self._lock:
@@ -403,6 +421,37 @@ class Plan:
             f"output_shape={self.output_shape}, dtype={self.dtype.name}, "
             f"max_batch={self.max_batch})"
         )
+
+
+class PlanCache:
+    """Plans of one converted network by input size: the ``size`` most recently used.
+
+    ``cache(x)`` runs ``x`` (N, C, H, W), C-contiguous in the network's dtype, through the
+    plan for its (C, H, W), compiling it on first use (``max_batch``: that call's N, at most
+    64). Safe to call from several threads; each plan holds its own packed weights, so
+    ``size`` bounds the copies kept.
+    """
+
+    def __init__(self, model: Any, size: int = 2) -> None:
+        self._model = model
+        self.size = check_int(size, "size", 1)
+        self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
+        self._lock = threading.Lock()
+        _LOCKED.add(self)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        key = tuple(x.shape[1:])
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+        if plan is None:
+            plan = compile(self._model, key, max_batch=min(max(1, x.shape[0]), 64))
+            with self._lock:
+                self._plans[key] = plan
+                while len(self._plans) > self.size:
+                    self._plans.popitem(last=False)
+        return plan(x)
 
 
 def compile(  # noqa: A001 - the name the issue asks for: cnnserve.engine.compile
