@@ -296,3 +296,14 @@ def test_a_plan_cache_keeps_the_most_recent_sizes():
         x = inputs((2, 1, *size), np.float64)
         assert_close(cache(x), layer_path(fcn, x))
     assert list(cache._plans) == [(1, 12, 12)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_of_many_images_run_a_plan_of_the_current_weights(dtype):
+    from cnnserve.network import PLAN_MIN_IMAGES
+
+    model = make(NET_A, dtype)
+    x = inputs((PLAN_MIN_IMAGES + 3, *NET_A[0]), dtype)
+    assert_close(model.scores(x, batch_size=4), model.loss(x))
+    model.params["W1"] *= -1  # compiled per call: never stale
+    assert_close(model.scores(x, batch_size=4), model.loss(x))
