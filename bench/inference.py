@@ -14,8 +14,9 @@ Cases (``--only`` picks the ones whose name contains a text):
   affine 4096, 4096, 1000; random weights) converted, one forward over 3x611x611 (13x13 map).
 
 Engines, each in a process of its own (two OpenMP runtimes in one process fight over the
-cores), all limited to 2 threads: ``layers`` (cnnserve today: ``ConvNet.scores`` in test mode,
-``FullyConvNet.forward``), ``plan`` (a compiled :mod:`cnnserve.engine` plan, when that module
+cores), all limited to 2 threads: ``layers`` (cnnserve layer by layer, as before plans:
+``ConvNet.loss`` in test mode, the converted layers through ``layer_forward`` with batch
+norm folded), ``plan`` (a compiled :mod:`cnnserve.engine` plan, when that module
 exists), ``torch`` (the same network in ``torch.nn.functional``, ``inference_mode``) and
 ``ort`` (ONNX Runtime on the network exported by :mod:`cnnserve.onnx`; intra-op threads 2,
 inter-op 1). The processes start once per case, build or load the same network and input,
@@ -230,8 +231,31 @@ def cnnserve_runner(engine: str, network: str, x):
         out = plan(x)
         return lambda: plan(x, out=out)
     if is_converted(model):
-        return lambda: model.forward(x)
-    return lambda: model.scores(x, batch_size=x.shape[0])
+        return lambda: converted_layer_path(model, x)
+    return lambda: model.loss(x)  # test mode, layer by layer (scores may run a plan)
+
+
+def converted_layer_path(fcn, x):
+    """A converted network layer by layer, its batch norms folded as FullyConvNet did before
+    plans (FullyConvNet.forward now runs one): the ``layers`` engine of converted cases."""
+    from cnnserve.network import layer_forward
+
+    out = x
+    for k, layer in enumerate(fcn.layers):
+        if layer.kind == "spatial_batchnorm" and k and fcn.layers[k - 1].kind == "conv":
+            continue  # folded into the conv before it
+        weights = tuple(fcn.params[name] for name in layer.param_names)
+        nxt = fcn.layers[k + 1] if k + 1 < len(fcn.layers) else None
+        if layer.kind == "conv" and nxt is not None and nxt.kind == "spatial_batchnorm":
+            n = nxt.param_names[0][len("gamma") :]
+            var = fcn.params[f"running_var{n}"].astype("float64")
+            scale = fcn.params[nxt.param_names[0]] / (var + nxt.eps) ** 0.5
+            mean = fcn.params[f"running_mean{n}"]
+            w = (weights[0] * scale[:, None, None, None]).astype(fcn.dtype)
+            b = ((weights[1] - mean) * scale + fcn.params[nxt.param_names[1]]).astype(fcn.dtype)
+            weights = (w, b)
+        out = layer_forward(layer.spec, out, weights)[0]
+    return out
 
 
 def torch_runner(folder: str, x):
