@@ -47,6 +47,9 @@
 #define CNN_ENG_MR 6   /* rows (output channels) per panel and tile */
 #define CNN_ENG_NR 16  /* columns (output pixels) per tile */
 #define CNN_ENG_NB 64  /* columns per gathered block (a multiple of NR) */
+#ifndef CNN_ENG_KC
+#define CNN_ENG_KC 512 /* values of k per chunk of a tile (larger K: partial sums in out) */
+#endif
 
 enum {
     CNN_ENG_GEMM = 0,

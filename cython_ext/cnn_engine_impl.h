@@ -116,9 +116,22 @@ static void CNN_ENG_S(cnn_eng_gather)(const long long *d, const T *x, ptrdiff_t 
 /* Bias, fused ReLU and the store of one MR x NR tile into NCHW. */
 static inline void CNN_ENG_S(cnn_eng_store)(const T *tile, const T *bias, ptrdiff_t f0,
                                             ptrdiff_t F, ptrdiff_t P, const ptrdiff_t *obase,
-                                            int relu, T *out) {
+                                            int relu, T *out, int first, int last) {
     int rows = F - f0 < MR ? (int)(F - f0) : MR;
     int contiguous = obase[0] >= 0 && obase[NR - 1] == obase[0] + NR - 1;
+    if (!(first && last)) { /* one chunk of k of several: partial sums into out */
+        for (int i = 0; i < rows; i++) {
+            T b = last ? bias[f0 + i] : (T)0;
+            const T *src = tile + i * NR;
+            for (int j = 0; j < NR; j++) {
+                if (obase[j] < 0) continue;
+                T *o = out + obase[j] + (f0 + i) * P;
+                T v = src[j] + b + (first ? (T)0 : *o);
+                *o = (last && relu && v < 0) ? (T)0 : v;
+            }
+        }
+        return;
+    }
     for (int i = 0; i < rows; i++) {
         T b = bias[f0 + i];
         const T *src = tile + i * NR;
@@ -216,22 +229,29 @@ static void CNN_ENG_S(cnn_eng_gemm)(const long long *d, const T *params, const T
             ptrdiff_t tiles = (Q - blk * NB + NR - 1) / NR;
             if (tiles > NB / NR) tiles = NB / NR;
             /* A tile's columns (K x NR) stay in L1 while every panel of filters streams by. */
+            /* Chunks of KC values of k: a chunk of the tile's columns (KC x NR) stays in L1
+             * while the panels' chunks stream by; partial sums go to out between chunks. */
             for (ptrdiff_t t = 0; t < tiles; t++) {
-                const T *b = direct[t] >= 0 ? x + direct[t] : bp + t * K * NR;
-                const ptrdiff_t *o = direct[t] >= 0 ? off : NULL;
-                for (ptrdiff_t pn = p0; pn < p1; pn++) {
-                    const T *a = wp + pn * K * MR;
+                int is_direct = direct[t] >= 0;
+                for (ptrdiff_t k0 = 0; k0 < K; k0 += CNN_ENG_KC) {
+                    ptrdiff_t kc = K - k0 < CNN_ENG_KC ? K - k0 : CNN_ENG_KC;
+                    const T *b = is_direct ? x + direct[t] : bp + t * K * NR + k0 * NR;
+                    const ptrdiff_t *o = is_direct ? off + k0 : NULL;
+                    for (ptrdiff_t pn = p0; pn < p1; pn++) {
+                        const T *a = wp + pn * K * MR + k0 * MR;
 #if CNN_ENG_FLOAT32
-                    if (avx2) {
-                        cnn_eng_tile_avx2(K, (const float *)a, (const float *)b, o, (float *)tile);
-                    } else {
-                        CNN_ENG_S(cnn_eng_tile)(K, a, b, o, tile);
-                    }
+                        if (avx2) {
+                            cnn_eng_tile_avx2(kc, (const float *)a, (const float *)b, o,
+                                              (float *)tile);
+                        } else {
+                            CNN_ENG_S(cnn_eng_tile)(kc, a, b, o, tile);
+                        }
 #else
-                    CNN_ENG_S(cnn_eng_tile)(K, a, b, o, tile);
+                        CNN_ENG_S(cnn_eng_tile)(kc, a, b, o, tile);
 #endif
-                    CNN_ENG_S(cnn_eng_store)(tile, bias, pn * MR, F, P, obase + t * NR, relu,
-                                             out);
+                        CNN_ENG_S(cnn_eng_store)(tile, bias, pn * MR, F, P, obase + t * NR, relu,
+                                                 out, k0 == 0, k0 + kc == K);
+                    }
                 }
             }
         }

@@ -307,3 +307,18 @@ def test_scores_of_many_images_run_a_plan_of_the_current_weights(dtype):
     assert_close(model.scores(x, batch_size=4), model.loss(x))
     model.params["W1"] *= -1  # compiled per call: never stale
     assert_close(model.scores(x, batch_size=4), model.loss(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_sums_run_in_chunks_exactly(cpu_path, dtype):
+    """K = 60 * 3 * 3 = 540 values per output: two chunks of k, on direct and gathered tiles
+    and on an affine layer run as a GEMM (a batch of 9)."""
+    shape = (60, 3, 40)
+    layers = [
+        {"type": "conv", "filters": 7, "size": 3, "stride": 1, "pad": 0},  # (7, 1, 38)
+        {"type": "relu"},
+        {"type": "affine", "units": 5},
+    ]
+    model = make((shape, layers), dtype)
+    x = inputs((9, *shape), dtype)
+    assert_close(engine.compile(model, max_batch=9)(x), model.loss(x))
