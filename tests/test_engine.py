@@ -322,3 +322,15 @@ def test_long_sums_run_in_chunks_exactly(cpu_path, dtype):
     model = make((shape, layers), dtype)
     x = inputs((9, *shape), dtype)
     assert_close(engine.compile(model, max_batch=9)(x), model.loss(x))
+
+
+def test_buffers_over_the_limit_are_not_kept(monkeypatch):
+    model = make(NET_A, np.float32)
+    x = inputs((4, *NET_A[0]), np.float32)
+    plan = engine.compile(model, max_batch=4)
+    want = plan(x)
+    assert len(plan._free) == 1  # kept for the next call
+    monkeypatch.setattr(engine, "KEEP_BYTES", 0)
+    plan._free.clear()
+    assert_close(plan(x), want)
+    assert plan._free == []

@@ -12,7 +12,8 @@
 - dropout is removed (the identity at test time);
 - affine layers become 1x1 convs on the flattened (D, 1, 1) volume;
 - filters are packed once for the engine's GEMM tile; the intermediate buffers are sized
-  once for ``max_batch`` images and reused, one set per concurrent call.
+  once for ``max_batch`` images and reused, one set per concurrent call (sets over
+  :data:`KEEP_BYTES` are freed after their call instead).
 
 ``plan(x, out=None)`` checks ``x`` once (shape and dtype: a ``ValueError`` or ``TypeError``
 naming what was expected) and runs every op in one call of the compiled engine
@@ -84,6 +85,9 @@ _NAMES = {
 ) = range(17)
 assert _kernels.FIELDS == 17  # the descriptor layout of cnn_engine.h
 GEMV_COLS = 8  # CNN_ENG_GEMV_COLS
+#: A call's buffers are kept for the next call up to this size; larger ones (one huge image)
+#: are freed when the call ends, so an idle plan never holds more.
+KEEP_BYTES = 64 * 2**20
 
 
 def set_portable(flag: bool) -> None:
@@ -411,8 +415,9 @@ class Plan:
                 self._scratch_per_thread,
             )
         finally:
-            with self._lock:
-                self._free.append(ws)
+            if sum(buf.nbytes for buf in ws) <= KEEP_BYTES:
+                with self._lock:
+                    self._free.append(ws)
         return out
 
     def __repr__(self) -> str:
