@@ -273,12 +273,24 @@ static void CNN_ENG_S(cnn_eng_pool)(const long long *d, const T *x, T *out, ptrd
             for (ptrdiff_t wo = 0; wo < WO; wo++) {
                 const T *win = src + ho * s * W + wo * s;
                 T v;
-                if (is_max) {
+                if (is_max) { /* branch-free max (random data mispredicts a branch half the
+                               * time); a NaN, rare, is found on a second look */
                     v = win[0];
+                    int nan = 0;
                     for (ptrdiff_t i = 0; i < KH; i++) {
                         for (ptrdiff_t j = 0; j < KW; j++) {
                             T u = win[i * W + j];
-                            if (u > v || (u != u && v == v)) v = u;
+                            v = u > v ? u : v;
+                            nan |= u != u;
+                        }
+                    }
+                    if (nan) {
+                        for (ptrdiff_t i = 0; i < KH * KW; i++) {
+                            T u = win[(i / KW) * W + i % KW];
+                            if (u != u) {
+                                v = u;
+                                break;
+                            }
                         }
                     }
                 } else {

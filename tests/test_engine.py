@@ -334,3 +334,20 @@ def test_buffers_over_the_limit_are_not_kept(monkeypatch):
     plan._free.clear()
     assert_close(plan(x), want)
     assert plan._free == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_nan_in_a_max_pool_window_wins(cpu_path, dtype):
+    layers = [{"type": "max_pool", "size": 2, "stride": 2}]
+    fcn = to_fully_convolutional(make(((2, 4, 4), layers), dtype))
+    x = inputs((2, 2, 12, 10), dtype)
+    x[0, 1, 5, 3] = np.nan
+    x[1, 0, 2, 2] = -np.inf
+    x[1, 1, 7, 7] = np.inf
+    plan = engine.compile(fcn, (2, 12, 10))
+    got, want = plan(x), layer_path(fcn, x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).any() and not np.isnan(got).all()
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    ok = np.isfinite(want)
+    assert_close(np.where(ok, got, 0), np.where(ok, want, 0))
