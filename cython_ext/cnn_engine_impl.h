@@ -84,10 +84,11 @@ static void CNN_ENG_S(cnn_eng_gather)(const long long *d, const T *x, ptrdiff_t 
             for (ptrdiff_t c = 0; c < C; c++) {
                 for (ptrdiff_t i = 0; i < KH; i++) {
                     ptrdiff_t ih = ih0 + i;
-                    const T *xrow = xn + (c * H + ih) * W;
+                    int inside = ih >= 0 && ih < H;
+                    const T *xrow = inside ? xn + (c * H + ih) * W : xn;
                     for (ptrdiff_t jj = 0; jj < KW; jj++, k++) {
                         T *row = dst + k * NR + j0;
-                        if (ih < 0 || ih >= H) {
+                        if (!inside) { /* a padding row */
                             for (ptrdiff_t r = 0; r < len; r++) row[r] = 0;
                             continue;
                         }
