@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnnserve._checks import check_dtype, check_int
+from cnnserve.engine import PlanCache
 from cnnserve.geometry import Geometry
 from cnnserve.images import preprocess
 from cnnserve.modelfile import (
@@ -280,6 +281,7 @@ class FullyConvNet:
         position = {id(layer): k for k, layer in enumerate(self.layers)}
         self._order = [position[id(layer)] for layer in run_order(self.layers)]
         self.patch_shape = _trunk_shape(self.layers, self.input_shape, self.per_window_from)
+        self._plans = PlanCache(self)
 
     def _fold_batchnorm(self) -> dict[int, tuple[np.ndarray, np.ndarray] | None]:
         """Test-mode batchnorm right after a conv, folded into that conv's weights and bias.
@@ -418,10 +420,9 @@ class FullyConvNet:
         out = np.ascontiguousarray(x[:, :, :hc, :wc], dtype=self.dtype)
         owned = out is not x and not np.may_share_memory(out, x)
         split = self.per_window_from
-        out = self._run(0, split, out, owned)
-        if split is None:
-            return out
-        return self._per_window(out)
+        if split is None:  # one compiled pass (cnnserve.engine), a plan per input size
+            return self._plans(out)
+        return self._per_window(self._run(0, split, out, owned))
 
     def _run(self, start: int, stop: int | None, x: np.ndarray, owned: bool) -> np.ndarray:
         """``layers[start:stop]`` on x; ``owned``: x may be overwritten."""

@@ -25,6 +25,7 @@ from cnnserve._buffers import with_reused_buffers
 from cnnserve._checks import check_dtype, check_labels
 from cnnserve._checks import check_int as _check_int
 from cnnserve._checks import check_number as _check_number
+from cnnserve.engine import compile as compile_plan
 from cnnserve.images import preprocess
 from cnnserve.specs import (
     LayerInfo,
@@ -42,6 +43,9 @@ from cnnserve.specs import (
 )
 
 __all__ = ["ConvNet", "ThreeLayerConvNet", "layer_backward", "layer_forward"]
+
+#: From this many images on, :meth:`ConvNet.scores` runs a compiled plan (cnnserve.engine).
+PLAN_MIN_IMAGES = 16
 
 # The keys of a batchnorm layer's bn_param (cnnserve.layers.batchnorm_forward).
 _BN_KEYS = ("mode", "eps", "momentum", "running_mean", "running_var")
@@ -410,12 +414,18 @@ class ConvNet:
     def scores(self, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Test-mode class scores of ``X`` (N, C, H, W), computed ``batch_size`` at a time.
 
+        From :data:`PLAN_MIN_IMAGES` images on, through a plan compiled for this call
+        (:func:`cnnserve.engine.compile`: batch norm folded, ReLU fused, one call for the
+        whole forward); fewer run layer by layer, where packing the filters would cost more.
+
         Returns
         -------
         ndarray, shape (N, num_classes)
         """
         batch_size = _check_int(batch_size, "batch_size", 1)
         X = self._check_x(X)
+        if X.shape[0] >= PLAN_MIN_IMAGES:  # compiled now: the weights may change between calls
+            return compile_plan(self, max_batch=batch_size)(X)
         parts = [self.loss(X[i : i + batch_size]) for i in range(0, X.shape[0], batch_size)]
         return np.concatenate(parts, axis=0)
 

@@ -63,6 +63,7 @@ RANKS = {
     "cnnserve.progress": 3,  # the per-epoch progress display (tqdm on a terminal)
     "cnnserve.stopping": 3,  # early stopping and divergence
     "cnnserve.boxes": 3,  # detection boxes drawn on pictures (Pillow)
+    "cnnserve.engine": 3.5,  # compiled inference plans: networks read by duck type, no import
     "cnnserve.network": 4,
     "cnnserve.modelfile": 5,
     "cnnserve.model": 6,  # re-exports of specs, network and modelfile

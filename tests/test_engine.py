@@ -1,0 +1,353 @@
+"""Compiled plans (cnnserve.engine) against the layer-by-layer path they replace."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from cnnserve import engine
+from cnnserve.convert import to_fully_convolutional
+from cnnserve.network import ConvNet, layer_forward
+
+# Every layer type and fusion of a trained network, with odd shapes: a 3x2 kernel at stride 2
+# with padding, batch norm folded into it, ReLU fused, an overlapping max pool (2x2 stride 1),
+# a stride-3 conv, an average pool, an affine layer with a folded vector batch norm, dropout
+# (removed) and a layer norm.
+NET_A = (
+    (3, 11, 10),
+    [
+        {"type": "conv", "filters": 5, "size": [3, 2], "stride": 2, "pad": 1},  # (5, 6, 6)
+        {"type": "spatial_batchnorm"},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2, "stride": 1},  # (5, 5, 5)
+        {"type": "conv", "filters": 4, "size": 3, "stride": 3, "pad": 2},  # (4, 3, 3)
+        {"type": "relu"},
+        {"type": "avg_pool", "size": [2, 3], "stride": 1},  # (4, 2, 1)
+        {"type": "affine", "units": 7},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "dropout", "keep": 0.5},
+        {"type": "layernorm"},
+    ],
+)
+# A ReLU with nothing before it, group norm, a pool of 3x3 at stride 2, a batch norm after a
+# pool (a scale op: nothing to fold into), a 3x1 conv, many filters (several panels).
+NET_B = (
+    (2, 9, 9),
+    [
+        {"type": "relu"},
+        {"type": "conv", "filters": 6, "size": 3, "stride": 1, "pad": 0},  # (6, 7, 7)
+        {"type": "spatial_groupnorm", "groups": 3},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 3, "stride": 2},  # (6, 3, 3)
+        {"type": "spatial_batchnorm"},
+        {"type": "conv", "filters": 20, "size": [3, 1], "stride": 1, "pad": 0},  # (20, 1, 3)
+        {"type": "relu"},
+        {"type": "affine", "units": 9},
+    ],
+)
+# Trained for the converted-network tests: padding inside, a pool, a converted affine layer
+# and a converted layer norm (channel layer norm).
+NET_C = (
+    (1, 10, 10),
+    [
+        {"type": "conv", "filters": 4, "size": 3, "stride": 1, "pad": 1},
+        {"type": "spatial_batchnorm"},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2, "stride": 2},  # (4, 5, 5)
+        {"type": "conv", "filters": 6, "size": 3, "stride": 1, "pad": 0},  # (6, 3, 3)
+        {"type": "relu"},
+        {"type": "affine", "units": 8},
+        {"type": "relu"},
+        {"type": "layernorm"},
+    ],
+)
+
+
+def make(net, dtype, classes=3, seed=0) -> ConvNet:
+    """A network with random weights, batch-norm statistics and norm parameters."""
+    shape, layers = net
+    model = ConvNet(layers, shape, num_classes=classes, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for bn in model.bn_params:
+        C = bn["running_mean"].shape[0]
+        bn["running_mean"] = rng.normal(0, 0.5, C).astype(dtype)
+        bn["running_var"] = rng.uniform(0.5, 2.0, C).astype(dtype)
+    for name, value in model.params.items():
+        if name.startswith(("gamma", "beta", "b")):
+            model.params[name] = (value + rng.normal(0, 0.3, value.shape)).astype(dtype)
+    return model
+
+
+def layer_path(fcn, x: np.ndarray) -> np.ndarray:
+    """A converted network layer by layer (FullyConvNet.forward itself runs a plan), with its
+    batch norms unfolded."""
+    for layer in fcn.layers:
+        weights = tuple(fcn.params[name] for name in layer.param_names)
+        options = {}
+        if layer.kind == "spatial_batchnorm":
+            k = layer.param_names[0][len("gamma") :]
+            stats = {"running_mean": fcn.params[f"running_mean{k}"]}
+            stats["running_var"] = fcn.params[f"running_var{k}"]
+            options["bn_param"] = {"mode": "test", "eps": layer.eps, **stats}
+        x = layer_forward(layer.spec, x, weights, **options)[0]
+    return x
+
+
+def inputs(shape, dtype, seed=2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = max(1.0, float(np.abs(want).max()))
+    tol = 1e-11 if want.dtype == np.float64 else 2e-5
+    assert float(np.abs(got - want).max()) <= tol * scale
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def cpu_path(request):
+    """Both GEMM tiles: the AVX2 one (when the CPU has it) and the portable one."""
+    engine.set_portable(request.param == "portable")
+    yield request.param
+    engine.set_portable(False)
+
+
+def test_the_avx2_switch_changes_the_path():
+    engine.set_portable(True)
+    try:
+        assert not engine.uses_avx2()
+    finally:
+        engine.set_portable(False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("net", [NET_A, NET_B], ids=["A", "B"])
+@pytest.mark.parametrize("N, max_batch", [(1, 1), (5, 16), (7, 3)])
+def test_plans_equal_the_layer_path(cpu_path, dtype, net, N, max_batch):
+    model = make(net, dtype)
+    x = inputs((N, *net[0]), dtype)
+    plan = engine.compile(model, max_batch=max_batch)
+    assert plan.output_shape == (3,)
+    assert_close(plan(x), model.scores(x))
+
+
+def test_compiled_ops_fold_and_fuse():
+    plan = engine.compile(make(NET_A, np.float32))
+    assert plan.ops == [
+        "conv 3x2 s2 p1 +relu",  # batch norm folded, ReLU fused
+        "max_pool 2x2 s1",
+        "conv 3x3 s3 p2 +relu",
+        "avg_pool 2x3 s1",
+        "conv 1x1 s1 p0 +relu",  # affine with its batch norm folded; dropout gone
+        "channel_norm",
+        "conv 1x1 s1 p0",
+    ]
+    plan = engine.compile(make(NET_B, np.float32))
+    assert plan.ops[:4] == ["relu", "conv 3x3 s1 p0", "group_norm +relu", "max_pool 3x3 s2"]
+    assert plan.ops[4] == "scale"
+
+
+def test_a_plan_keeps_the_weights_it_was_compiled_with():
+    model = make(NET_A, np.float64)
+    x = inputs((2, *NET_A[0]), np.float64)
+    plan = engine.compile(model)
+    before = model.scores(x)
+    for value in model.params.values():
+        value *= 2
+    assert_close(plan(x), before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N, size", [(1, (10, 10)), (1, (16, 20)), (3, (12, 18)), (2, (14, 44))])
+def test_plans_of_converted_networks_equal_forward(cpu_path, dtype, N, size):
+    fcn = to_fully_convolutional(make(NET_C, dtype))
+    x = inputs((N, 1, *size), dtype)
+    plan = engine.compile(fcn, (1, *size), max_batch=2)
+    want = layer_path(fcn, x)
+    assert plan.output_shape == want.shape[1:]
+    assert_close(plan(x), want)
+    assert_close(fcn.forward(x), want)  # forward runs plans, one per input size
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride, pad", [(1, 0), (1, 2), (2, 1)])
+def test_wide_images_take_the_direct_path_exactly(cpu_path, dtype, stride, pad):
+    """Rows of 40 and more output pixels: whole tiles of stride-1 convs read the input in place
+    (no gathering); the tiles at the edges and the strided conv gather. Both give the same."""
+    shape = (3, 9, 84 if stride == 2 else 45)
+    layers = [
+        {"type": "conv", "filters": 13, "size": [3, 4], "stride": stride, "pad": pad},
+        {"type": "relu"},
+        {"type": "conv", "filters": 7, "size": [1, 3], "stride": 1, "pad": 0},
+    ]
+    fcn = to_fully_convolutional(make((shape, layers), dtype))
+    x = inputs((2, *shape), dtype)
+    plan = engine.compile(fcn, shape, max_batch=2)
+    assert_close(plan(x), layer_path(fcn, x))
+
+
+def test_a_plan_compiled_in_another_dtype():
+    model = make(NET_B, np.float64)
+    x = inputs((4, *NET_B[0]), np.float64)
+    plan = engine.compile(model, dtype=np.float32)
+    assert plan.dtype == np.float32
+    got = plan(x.astype(np.float32))
+    assert float(np.abs(got - model.scores(x)).max()) < 1e-4 * max(1, np.abs(got).max())
+
+
+def test_out_is_written_and_returned():
+    model = make(NET_A, np.float32)
+    x = inputs((4, *NET_A[0]), np.float32)
+    plan = engine.compile(model, max_batch=4)
+    out = np.full((4, 3), np.nan, dtype=np.float32)
+    assert plan(x, out=out) is out
+    assert_close(out, model.scores(x))
+
+
+@pytest.mark.parametrize(
+    "x, error, message",
+    [
+        (
+            np.zeros((2, 3, 11, 10), np.float64),
+            TypeError,
+            "x must be a numpy array of float32, got float64",
+        ),
+        (
+            np.zeros((2, 3, 11, 10), np.int64),
+            TypeError,
+            "x must be a numpy array of float32, got int64",
+        ),
+        ([[0.0]], TypeError, "x must be a numpy array of float32, got list"),
+        (
+            np.zeros((2, 3, 10, 11), np.float32),
+            ValueError,
+            r"x must have shape \(N, 3, 11, 10\) with N >= 1, got \(2, 3, 10, 11\)",
+        ),
+        (np.zeros((3, 11, 10), np.float32), ValueError, r"x must have shape \(N, 3, 11, 10\)"),
+        (np.zeros((0, 3, 11, 10), np.float32), ValueError, r"N >= 1, got \(0, 3, 11, 10\)"),
+        (np.zeros((2, 3, 11, 20), np.float32)[..., ::2], ValueError, "x must be C-contiguous"),
+    ],
+)
+def test_a_wrong_input_is_a_clear_error(x, error, message):
+    plan = engine.compile(make(NET_A, np.float32))
+    with pytest.raises(error, match=message):
+        plan(x)
+
+
+def test_a_wrong_out_is_a_clear_error():
+    plan = engine.compile(make(NET_A, np.float32))
+    x = np.zeros((2, 3, 11, 10), np.float32)
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous array of shape \(2, 3\)"):
+        plan(x, out=np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match="out must be a numpy array of float32, got float64"):
+        plan(x, out=np.zeros((2, 3), np.float64))
+
+
+def test_compile_refuses_what_it_cannot_plan():
+    model = make(NET_A, np.float32)
+    with pytest.raises(TypeError, match="model must be a ConvNet or a FullyConvNet, got dict"):
+        engine.compile({})
+    with pytest.raises(ValueError, match=r"input_shape must be this network's \(3, 11, 10\)"):
+        engine.compile(model, (3, 12, 10))
+    with pytest.raises(ValueError, match="max_batch"):
+        engine.compile(model, max_batch=0)
+    with pytest.raises(TypeError, match="dtype"):
+        engine.compile(model, dtype=np.int32)
+    fcn = to_fully_convolutional(make(NET_C, np.float32))
+    with pytest.raises(ValueError, match=r"input_shape must have 1 channels, got \(2, 12, 12\)"):
+        engine.compile(fcn, (2, 12, 12))
+    with pytest.raises(ValueError, match="does not tile 11 exactly"):
+        engine.compile(fcn, (1, 11, 12))
+    grouped = to_fully_convolutional(make(NET_B, np.float32))
+    with pytest.raises(ValueError, match="window by window"):
+        engine.compile(grouped, (2, 9, 9))
+
+
+def test_plans_are_safe_to_call_from_several_threads():
+    model = make(NET_B, np.float32)
+    plan = engine.compile(model, max_batch=4)
+    xs = [inputs((k + 1, *NET_B[0]), np.float32, seed=k) for k in range(6)]
+    want = [model.scores(x) for x in xs]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(plan(xs[k]), plan(xs[k]))
+                assert_close(plan(xs[k]), want[k])
+        except Exception as exc:  # reported below, with the thread's index
+            errors.append((k, exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_a_plan_cache_keeps_the_most_recent_sizes():
+    fcn = to_fully_convolutional(make(NET_C, np.float64))
+    cache = engine.PlanCache(fcn, size=1)
+    for size in [(12, 12), (14, 16), (12, 12)]:
+        x = inputs((2, 1, *size), np.float64)
+        assert_close(cache(x), layer_path(fcn, x))
+    assert list(cache._plans) == [(1, 12, 12)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_of_many_images_run_a_plan_of_the_current_weights(dtype):
+    from cnnserve.network import PLAN_MIN_IMAGES
+
+    model = make(NET_A, dtype)
+    x = inputs((PLAN_MIN_IMAGES + 3, *NET_A[0]), dtype)
+    assert_close(model.scores(x, batch_size=4), model.loss(x))
+    model.params["W1"] *= -1  # compiled per call: never stale
+    assert_close(model.scores(x, batch_size=4), model.loss(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_sums_run_in_chunks_exactly(cpu_path, dtype):
+    """K = 60 * 3 * 3 = 540 values per output: two chunks of k, on direct and gathered tiles
+    and on an affine layer run as a GEMM (a batch of 9)."""
+    shape = (60, 3, 40)
+    layers = [
+        {"type": "conv", "filters": 7, "size": 3, "stride": 1, "pad": 0},  # (7, 1, 38)
+        {"type": "relu"},
+        {"type": "affine", "units": 5},
+    ]
+    model = make((shape, layers), dtype)
+    x = inputs((9, *shape), dtype)
+    assert_close(engine.compile(model, max_batch=9)(x), model.loss(x))
+
+
+def test_buffers_over_the_limit_are_not_kept(monkeypatch):
+    model = make(NET_A, np.float32)
+    x = inputs((4, *NET_A[0]), np.float32)
+    plan = engine.compile(model, max_batch=4)
+    want = plan(x)
+    assert len(plan._free) == 1  # kept for the next call
+    monkeypatch.setattr(engine, "KEEP_BYTES", 0)
+    plan._free.clear()
+    assert_close(plan(x), want)
+    assert plan._free == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_nan_in_a_max_pool_window_wins(cpu_path, dtype):
+    layers = [{"type": "max_pool", "size": 2, "stride": 2}]
+    fcn = to_fully_convolutional(make(((2, 4, 4), layers), dtype))
+    x = inputs((2, 2, 12, 10), dtype)
+    x[0, 1, 5, 3] = np.nan
+    x[1, 0, 2, 2] = -np.inf
+    x[1, 1, 7, 7] = np.inf
+    plan = engine.compile(fcn, (2, 12, 10))
+    got, want = plan(x), layer_path(fcn, x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).any() and not np.isnan(got).all()
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    ok = np.isfinite(want)
+    assert_close(np.where(ok, got, 0), np.where(ok, want, 0))
