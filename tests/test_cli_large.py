@@ -106,7 +106,7 @@ def test_readme_gigapixel_example_runs(tmp_path, monkeypatch, expected):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").symlink_to(MODEL.parent)
     tifffile.imwrite(tmp_path / "BIG.tif", IMAGE, bigtiff=True, tile=(32, 32))
-    example: dict = {}
+    example: dict = {"__name__": "__main__"}  # run as a script runs it (the block's guard)
     exec(compile(block, "README.md", "exec"), example)
     np.testing.assert_allclose(example["result"].open()[:], expected, atol=2e-6)
     second = zarr.open_group(str(tmp_path / "map2.zarr"), mode="r")["probabilities"][:]
