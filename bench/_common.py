@@ -40,3 +40,27 @@ def median_time(
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+#: An AlexNet-style padding-free network (input 3 x 227 x 227): bench/dense.py, bench/inference.py.
+ALEXNET = [
+    {"type": "conv", "filters": 96, "size": 11, "stride": 4, "pad": 0},
+    {"type": "relu"},
+    {"type": "max_pool", "size": 3, "stride": 2},
+    {"type": "conv", "filters": 256, "size": 5, "stride": 1, "pad": 0},
+    {"type": "relu"},
+    {"type": "max_pool", "size": 3, "stride": 2},
+    {"type": "conv", "filters": 384, "size": 3, "stride": 1, "pad": 0},
+    {"type": "relu"},
+    {"type": "conv", "filters": 384, "size": 3, "stride": 1, "pad": 0},
+    {"type": "relu"},
+    {"type": "conv", "filters": 256, "size": 3, "stride": 1, "pad": 0},
+    {"type": "relu"},
+    {"type": "max_pool", "size": 3, "stride": 2},
+    {"type": "affine", "units": 4096},
+    {"type": "relu"},
+    {"type": "dropout", "keep": 0.5},
+    {"type": "affine", "units": 4096},
+    {"type": "relu"},
+    {"type": "dropout", "keep": 0.5},
+]

@@ -46,7 +46,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import cpu_model, median_time, ms  # bench/ is on sys.path: these scripts run as files
+from _common import (
+    ALEXNET,
+    cpu_model,
+    median_time,
+    ms,
+)  # bench/ is on sys.path: these scripts run as files
 
 # No numpy or cnnserve import here: case processes import cnnserve before NumPy (its thread
 # defaults apply to NumPy's BLAS), the torch helper never imports cnnserve.
@@ -63,27 +68,6 @@ CASES = {
 # Padding-free, AlexNet's five convs and three pools: 227 -> 55 -> 27 -> 23 -> 11 -> 9 -> 7
 # -> 5 -> 2 (every size divides evenly); total stride 4 * 2 * 2 * 2 = 32, window 227.
 ALEXNET_INPUT = (3, 227, 227)
-ALEXNET = [
-    {"type": "conv", "filters": 96, "size": 11, "stride": 4, "pad": 0},
-    {"type": "relu"},
-    {"type": "max_pool", "size": 3, "stride": 2},
-    {"type": "conv", "filters": 256, "size": 5, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "max_pool", "size": 3, "stride": 2},
-    {"type": "conv", "filters": 384, "size": 3, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "conv", "filters": 384, "size": 3, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "conv", "filters": 256, "size": 3, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "max_pool", "size": 3, "stride": 2},
-    {"type": "affine", "units": 4096},
-    {"type": "relu"},
-    {"type": "dropout", "keep": 0.5},
-    {"type": "affine", "units": 4096},
-    {"type": "relu"},
-    {"type": "dropout", "keep": 0.5},
-]
 ALEXNET_CLASSES = 1000
 
 

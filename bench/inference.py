@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_model  # bench/ is on sys.path: these scripts run as files
+from _common import ALEXNET, cpu_model  # bench/ is on sys.path: these scripts run as files
 
 THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,27 +85,6 @@ VGG = [
     *_conv_bn(64),
     {"type": "max_pool", "size": 2, "stride": 2},
     {"type": "affine", "units": 256},
-    {"type": "relu"},
-    {"type": "dropout", "keep": 0.5},
-]
-ALEXNET = [
-    {"type": "conv", "filters": 96, "size": 11, "stride": 4, "pad": 0},
-    {"type": "relu"},
-    {"type": "max_pool", "size": 3, "stride": 2},
-    {"type": "conv", "filters": 256, "size": 5, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "max_pool", "size": 3, "stride": 2},
-    {"type": "conv", "filters": 384, "size": 3, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "conv", "filters": 384, "size": 3, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "conv", "filters": 256, "size": 3, "stride": 1, "pad": 0},
-    {"type": "relu"},
-    {"type": "max_pool", "size": 3, "stride": 2},
-    {"type": "affine", "units": 4096},
-    {"type": "relu"},
-    {"type": "dropout", "keep": 0.5},
-    {"type": "affine", "units": 4096},
     {"type": "relu"},
     {"type": "dropout", "keep": 0.5},
 ]
