@@ -1,30 +1,40 @@
 /* The inference engine's C side (cython_ext/engine.pyx): a compiled list of layer descriptors
  * run by one C loop, with no Python between layers.
  *
- * A plan (cnnserve/engine) holds, per op, one row of CNN_ENG_FIELDS integers (the fields
- * below), one eps, and offsets into one parameter array of the plan's dtype. Ops:
+ * Layout. Activations between ops are channels-last (NHWC: the C values of one pixel are
+ * contiguous), so a pixel's output channels are one vector store and a pool or a norm runs
+ * along contiguous channels. The plan's input is NCHW, as the caller gives it: the first op
+ * that needs it converts (a conv while it copies its input, see below; otherwise a transpose
+ * op at the start), and a converted network's map is transposed back to NCHW at the end.
  *
- * - GEMM: a convolution, or an affine layer seen as a 1x1 conv on a (D, 1, 1) volume, with
- *   batch norm already folded into its weights and bias, and ReLU fused into the epilogue.
- *   Filters are packed once (at compile time) into panels of CNN_ENG_MR rows, k-major:
- *   packed[panel][k][MR], zero rows padding the last panel. The columns of the product are
- *   the output pixels of the whole batch (image-major): a block of CNN_ENG_NB of them is
- *   gathered straight from the input (an implicit im2col of that block only: no whole-image
- *   column buffer) into a per-thread scratch, bp[tile][k][NR], and multiplied by every panel
- *   with an MR x NR register tile. Threads take (column block, panel range) items: many
- *   blocks (large images, large batches) go one block a thread; few blocks (batch 1, small
- *   images, affine layers) split the panels, i.e. the output channels, between threads.
- * - MAXPOOL / AVGPOOL: no padding, any window and stride, parallel over (n, c) planes; a NaN
- *   in a window wins, as in the layer kernels.
+ * A plan (cnnserve/engine) holds, per op, one row of CNN_ENG_FIELDS integers (the fields
+ * below), one eps, offsets into one parameter array of the plan's dtype and into one int64
+ * array of window offsets. Ops:
+ *
+ * - CONV: a convolution, or an affine layer seen as a conv whose window is its whole input,
+ *   with batch norm already folded into its weights and bias and ReLU fused into the
+ *   epilogue. It is a direct ("indirect-GEMM") convolution: no im2col buffer. A register tile
+ *   is MR = 6 output pixels (anywhere: across rows and images) x NR = 16 output channels;
+ *   for each of the window's positions (kh, kw) and each input channel c it broadcasts the 6
+ *   pixels' input values, base[i] + off[kh, kw] + c, and multiplies them by 16 filter values
+ *   packed at compile time as panel[k][16], k = (kh, kw, c). A padded input is first copied
+ *   into a zero-bordered buffer (and a first layer's NCHW input to NHWC while at it), so the
+ *   tile never tests a bound. Long windows are split in chunks of about CNN_ENG_KC values of
+ *   k, the panel's chunk staying in L1 while a block of tiles passes; partial sums go through
+ *   the output. Threads take (block of tiles, range of panels) items: many blocks go one
+ *   block a thread, few (batch 1, affine layers) split the panels between threads.
+ * - MAXPOOL / AVGPOOL: no padding, any window and stride, vectors along channels; a NaN in a
+ *   window wins, as in the layer kernels.
  * - SCALE: per-channel y = x * a[c] + b[c] (a batch norm that could not be folded).
- * - CNORM: each position normalised over its C channels (layer norm on vectors, a converted
+ * - CNORM: each pixel normalised over its C channels (layer norm on vectors, a converted
  *   network's channel layer norm), then gamma[c], beta[c].
  * - GNORM: group norm, statistics per (image, group) over C/G channels and all positions.
  * - RELU: a ReLU with nothing before it to fuse into.
+ * - TRANSPOSE: NCHW to NHWC (E_F = 0) or back (E_F = 1), the plan's first or last op.
  * Every op has a RELU flag (fused ReLU on its output). Statistics of the norms are in double.
  *
- * The float32 GEMM tile has an AVX2/FMA version (target attribute, chosen at run time when the
- * CPU has it) and a portable one; cnn_eng_set_portable(1) forces the portable tile so tests
+ * The float32 tiles have an AVX2/FMA version (target attribute, chosen at run time when the
+ * CPU has it) and a portable one; cnn_eng_set_portable(1) forces the portable tiles so tests
  * cover both. float64 always uses the portable tile.
  */
 #ifndef CNN_ENGINE_H
@@ -44,31 +54,34 @@
 #define CNN_ENG_X86 0
 #endif
 
-#define CNN_ENG_MR 6   /* rows (output channels) per panel and tile */
-#define CNN_ENG_NR 16  /* columns (output pixels) per tile */
-#define CNN_ENG_NB 64  /* columns per gathered block (a multiple of NR) */
+#define CNN_ENG_MR 6  /* output pixels per tile */
+#define CNN_ENG_NR 16 /* output channels per tile and per packed panel */
+#define CNN_ENG_TB 8  /* tiles per block (a panel's chunk is reused by each) */
 #ifndef CNN_ENG_KC
-#define CNN_ENG_KC 512 /* values of k per chunk of a tile (larger K: partial sums in out) */
+#define CNN_ENG_KC 256 /* values of k per chunk: a panel's chunk, KC x NR, stays in L1 */
 #endif
 
 enum {
-    CNN_ENG_GEMM = 0,
+    CNN_ENG_CONV = 0,
     CNN_ENG_MAXPOOL = 1,
     CNN_ENG_AVGPOOL = 2,
     CNN_ENG_SCALE = 3,
     CNN_ENG_CNORM = 4,
     CNN_ENG_GNORM = 5,
     CNN_ENG_RELU = 6,
+    CNN_ENG_TRANSPOSE = 7,
 };
 
 /* Fields of one op's descriptor row. Input (C, H, W) per image, output (F, HO, WO). */
 enum {
     E_KIND, E_C, E_H, E_W, E_F, E_HO, E_WO, E_KH, E_KW, E_STRIDE, E_PAD, E_RELU,
-    E_W_OFS,  /* packed filters (GEMM) */
-    E_A_OFS,  /* bias (GEMM), scale or gamma (SCALE, norms) */
-    E_B_OFS,  /* shift or beta (SCALE, norms) */
-    E_GROUPS, /* GNORM */
-    E_V_OFS,  /* GEMM: the unpacked filters (F, K) for the one-column-per-image path, or -1 */
+    E_W_OFS,   /* CONV: packed filters */
+    E_A_OFS,   /* bias (CONV), scale or gamma (SCALE, norms) */
+    E_B_OFS,   /* shift or beta (SCALE, norms) */
+    E_GROUPS,  /* GNORM */
+    E_OFF_OFS, /* CONV: KH * KW window offsets in the (padded) NHWC input, in the int64 array */
+    E_COPY,    /* CONV: 0 reads its input as it is; 1 copies it padded (NHWC); 2 the same from
+                * the plan's NCHW input */
     CNN_ENG_FIELDS
 };
 
@@ -76,10 +89,6 @@ enum {
  * and barrier cost microseconds, and on a busy machine a waiting thread can lose a whole
  * scheduler slice (milliseconds), far more than such an op takes. */
 #define CNN_ENG_PARALLEL_MIN_WORK (1 << 20)
-
-/* Fewer output columns than this in a batch: a GEMM op whose window covers its input runs as
- * dot products on the unpacked filters (the tile would compute mostly padding). */
-#define CNN_ENG_GEMV_COLS 8
 
 static inline int cnn_eng_threads(ptrdiff_t work) {
     return work >= CNN_ENG_PARALLEL_MIN_WORK ? cnn_threads_for(work) : 1;
@@ -89,7 +98,7 @@ static int cnn_eng_portable = 0;
 
 static inline void cnn_eng_set_portable(int flag) { cnn_eng_portable = flag ? 1 : 0; }
 
-/* 1 if the float32 GEMM tile runs the AVX2/FMA code on this CPU (and it is not switched off). */
+/* 1 if the float32 tiles run the AVX2/FMA code on this CPU (and it is not switched off). */
 static inline int cnn_eng_uses_avx2(void) {
 #if CNN_ENG_X86
     return !cnn_eng_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -98,68 +107,132 @@ static inline int cnn_eng_uses_avx2(void) {
 #endif
 }
 
-/* Columns per thread item and the number of panel ranges per block, for the thread count. */
-static inline void cnn_eng_split(ptrdiff_t blocks, ptrdiff_t panels, int threads,
-                                 ptrdiff_t *fsplit) {
+/* The number of panel ranges per block of tiles, for the thread count. */
+static inline ptrdiff_t cnn_eng_split(ptrdiff_t blocks, ptrdiff_t panels, int threads) {
     ptrdiff_t s = 1;
     if (threads > 1 && blocks < 2 * threads) {
         s = (2 * threads + blocks - 1) / blocks;
         if (s > panels) s = panels;
     }
-    *fsplit = s < 1 ? 1 : s;
+    return s < 1 ? 1 : s;
 }
 
 #if CNN_ENG_X86
-/* The 6 x 16 AVX2 tile: c[i][j] = sum_k a[k][i] * B[k][j], where row k of B is
- * b + k * NR (gathered columns, off == NULL) or b + off[k] (straight from the input: the
- * direct path for interior tiles of stride-1 convolutions). */
-__attribute__((target("avx2,fma"))) static void cnn_eng_tile_avx2(ptrdiff_t K, const float *a,
-                                                                  const float *b,
-                                                                  const ptrdiff_t *off,
-                                                                  float *c) {
-    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-    for (ptrdiff_t k = 0; k < K; k++) {
-        const float *bk = off ? b + off[k] : b + k * 16;
-        __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
-        const float *ak = a + k * 6;
-        __m256 v;
-        v = _mm256_broadcast_ss(ak + 0);
-        c00 = _mm256_fmadd_ps(v, b0, c00);
-        c01 = _mm256_fmadd_ps(v, b1, c01);
-        v = _mm256_broadcast_ss(ak + 1);
-        c10 = _mm256_fmadd_ps(v, b0, c10);
-        c11 = _mm256_fmadd_ps(v, b1, c11);
-        v = _mm256_broadcast_ss(ak + 2);
-        c20 = _mm256_fmadd_ps(v, b0, c20);
-        c21 = _mm256_fmadd_ps(v, b1, c21);
-        v = _mm256_broadcast_ss(ak + 3);
-        c30 = _mm256_fmadd_ps(v, b0, c30);
-        c31 = _mm256_fmadd_ps(v, b1, c31);
-        v = _mm256_broadcast_ss(ak + 4);
-        c40 = _mm256_fmadd_ps(v, b0, c40);
-        c41 = _mm256_fmadd_ps(v, b1, c41);
-        v = _mm256_broadcast_ss(ak + 5);
-        c50 = _mm256_fmadd_ps(v, b0, c50);
-        c51 = _mm256_fmadd_ps(v, b1, c51);
+/* Bias, ReLU (a NaN stays NaN: max(0, v) returns v when v is NaN) and the store of one row of
+ * a tile: 16 channels of one pixel. */
+#define CNN_ENG_AVX2_OUT(r, lo, hi)                                                    \
+    do {                                                                              \
+        if (bias) {                                                                   \
+            lo = _mm256_add_ps(lo, bias0);                                            \
+            hi = _mm256_add_ps(hi, bias1);                                            \
+        }                                                                             \
+        if (relu) {                                                                   \
+            lo = _mm256_max_ps(zero, lo);                                             \
+            hi = _mm256_max_ps(zero, hi);                                             \
+        }                                                                             \
+        _mm256_storeu_ps(o[r], lo);                                                   \
+        _mm256_storeu_ps(o[r] + 8, hi);                                               \
+    } while (0)
+
+/* The 6 x 16 AVX2 tile: o[i][j] (+)= sum over positions p < npos and channels c < cn of
+ * b[i][off[p] + c0 + c] * w[(p * cn_all + c) * 16 + j] (w already at the chunk's start, its
+ * rows consecutive), then bias and ReLU when given. load: add to what o holds. */
+__attribute__((target("avx2,fma"))) static void cnn_eng_tile6_avx2(
+    ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
+    const float *const *b, float *const *o, int load, const float *bias, int relu) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if (load) {
+        c00 = _mm256_loadu_ps(o[0]), c01 = _mm256_loadu_ps(o[0] + 8);
+        c10 = _mm256_loadu_ps(o[1]), c11 = _mm256_loadu_ps(o[1] + 8);
+        c20 = _mm256_loadu_ps(o[2]), c21 = _mm256_loadu_ps(o[2] + 8);
+        c30 = _mm256_loadu_ps(o[3]), c31 = _mm256_loadu_ps(o[3] + 8);
+        c40 = _mm256_loadu_ps(o[4]), c41 = _mm256_loadu_ps(o[4] + 8);
+        c50 = _mm256_loadu_ps(o[5]), c51 = _mm256_loadu_ps(o[5] + 8);
+    } else {
+        c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
+        c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
     }
-    _mm256_storeu_ps(c + 0, c00);
-    _mm256_storeu_ps(c + 8, c01);
-    _mm256_storeu_ps(c + 16, c10);
-    _mm256_storeu_ps(c + 24, c11);
-    _mm256_storeu_ps(c + 32, c20);
-    _mm256_storeu_ps(c + 40, c21);
-    _mm256_storeu_ps(c + 48, c30);
-    _mm256_storeu_ps(c + 56, c31);
-    _mm256_storeu_ps(c + 64, c40);
-    _mm256_storeu_ps(c + 72, c41);
-    _mm256_storeu_ps(c + 80, c50);
-    _mm256_storeu_ps(c + 88, c51);
+    for (ptrdiff_t p = 0; p < npos; p++) {
+        ptrdiff_t d = off[p] + c0;
+        const float *b0 = b[0] + d, *b1 = b[1] + d, *b2 = b[2] + d;
+        const float *b3 = b[3] + d, *b4 = b[4] + d, *b5 = b[5] + d;
+        for (ptrdiff_t c = 0; c < cn; c++, w += 16) {
+            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), v;
+            v = _mm256_broadcast_ss(b0 + c);
+            c00 = _mm256_fmadd_ps(v, w0, c00);
+            c01 = _mm256_fmadd_ps(v, w1, c01);
+            v = _mm256_broadcast_ss(b1 + c);
+            c10 = _mm256_fmadd_ps(v, w0, c10);
+            c11 = _mm256_fmadd_ps(v, w1, c11);
+            v = _mm256_broadcast_ss(b2 + c);
+            c20 = _mm256_fmadd_ps(v, w0, c20);
+            c21 = _mm256_fmadd_ps(v, w1, c21);
+            v = _mm256_broadcast_ss(b3 + c);
+            c30 = _mm256_fmadd_ps(v, w0, c30);
+            c31 = _mm256_fmadd_ps(v, w1, c31);
+            v = _mm256_broadcast_ss(b4 + c);
+            c40 = _mm256_fmadd_ps(v, w0, c40);
+            c41 = _mm256_fmadd_ps(v, w1, c41);
+            v = _mm256_broadcast_ss(b5 + c);
+            c50 = _mm256_fmadd_ps(v, w0, c50);
+            c51 = _mm256_fmadd_ps(v, w1, c51);
+        }
+    }
+    __m256 zero = _mm256_setzero_ps(), bias0 = zero, bias1 = zero;
+    if (bias) {
+        bias0 = _mm256_loadu_ps(bias);
+        bias1 = _mm256_loadu_ps(bias + 8);
+    }
+    CNN_ENG_AVX2_OUT(0, c00, c01);
+    CNN_ENG_AVX2_OUT(1, c10, c11);
+    CNN_ENG_AVX2_OUT(2, c20, c21);
+    CNN_ENG_AVX2_OUT(3, c30, c31);
+    CNN_ENG_AVX2_OUT(4, c40, c41);
+    CNN_ENG_AVX2_OUT(5, c50, c51);
 }
+
+/* One pixel x 16 channels (batch 1 affine layers and other single columns): the same sums
+ * with four independent accumulator pairs, so the FMA latency does not serialise them. */
+__attribute__((target("avx2,fma"))) static void cnn_eng_tile1_avx2(
+    ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
+    const float *const *b, float *const *o, int load, const float *bias, int relu) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+    __m256 a7 = a0;
+    if (load) {
+        a0 = _mm256_loadu_ps(o[0]);
+        a1 = _mm256_loadu_ps(o[0] + 8);
+    }
+    for (ptrdiff_t p = 0; p < npos; p++) {
+        const float *b0 = b[0] + off[p] + c0;
+        ptrdiff_t c = 0;
+        for (; c + 4 <= cn; c += 4, w += 64) {
+            __m256 v0 = _mm256_broadcast_ss(b0 + c), v1 = _mm256_broadcast_ss(b0 + c + 1);
+            __m256 v2 = _mm256_broadcast_ss(b0 + c + 2), v3 = _mm256_broadcast_ss(b0 + c + 3);
+            a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w), a0);
+            a1 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w + 8), a1);
+            a2 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w + 16), a2);
+            a3 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w + 24), a3);
+            a4 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(w + 32), a4);
+            a5 = _mm256_fmadd_ps(v2, _mm256_loadu_ps(w + 40), a5);
+            a6 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(w + 48), a6);
+            a7 = _mm256_fmadd_ps(v3, _mm256_loadu_ps(w + 56), a7);
+        }
+        for (; c < cn; c++, w += 16) {
+            __m256 v = _mm256_broadcast_ss(b0 + c);
+            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), a0);
+            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), a1);
+        }
+    }
+    __m256 lo = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a4, a6));
+    __m256 hi = _mm256_add_ps(_mm256_add_ps(a1, a3), _mm256_add_ps(a5, a7));
+    __m256 zero = _mm256_setzero_ps(), bias0 = zero, bias1 = zero;
+    if (bias) {
+        bias0 = _mm256_loadu_ps(bias);
+        bias1 = _mm256_loadu_ps(bias + 8);
+    }
+    CNN_ENG_AVX2_OUT(0, lo, hi);
+}
+#undef CNN_ENG_AVX2_OUT
 #endif
 
 #define CNN_ENG_T float

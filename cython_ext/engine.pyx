@@ -15,59 +15,44 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_FIELDS
     int CNN_ENG_MR
     int CNN_ENG_NR
-    int CNN_ENG_NB
     void cnn_eng_set_portable(int flag)
     int cnn_eng_uses_avx2()
-    void cnn_eng_pack_f(const float* w, Py_ssize_t F, Py_ssize_t K, float* packed)
-    void cnn_eng_pack_d(const double* w, Py_ssize_t F, Py_ssize_t K, double* packed)
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
-                       const float* x, float* out, Py_ssize_t N, Py_ssize_t max_batch,
-                       Py_ssize_t in_size, Py_ssize_t out_size, float* buf0, float* buf1,
-                       float* scratch, Py_ssize_t scratch_per_thread)
-    void cnn_eng_run_d(const long long* desc, const double* eps, int nops,
-                       const double* params, const double* x, double* out, Py_ssize_t N,
+                       const long long* offs, const float* x, float* out, Py_ssize_t N,
                        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size,
-                       double* buf0, double* buf1, double* scratch,
-                       Py_ssize_t scratch_per_thread)
+                       float* buf0, float* buf1, float* padded)
+    void cnn_eng_run_d(const long long* desc, const double* eps, int nops,
+                       const double* params, const long long* offs, const double* x,
+                       double* out, Py_ssize_t N, Py_ssize_t max_batch, Py_ssize_t in_size,
+                       Py_ssize_t out_size, double* buf0, double* buf1, double* padded)
 
 
 FIELDS = CNN_ENG_FIELDS
 MR = CNN_ENG_MR
 NR = CNN_ENG_NR
-NB = CNN_ENG_NB
 
 
 def set_portable(bint flag):
-    """Force the portable GEMM tile (True) instead of the AVX2 one, for every plan."""
+    """Force the portable tiles (True) instead of the AVX2 ones, for every plan."""
     cnn_eng_set_portable(1 if flag else 0)
 
 
 def uses_avx2():
-    """True when float32 plans run the AVX2/FMA tile on this CPU (and it is not switched off)."""
+    """True when float32 plans run the AVX2/FMA tiles on this CPU (and they are not switched
+    off)."""
     return cnn_eng_uses_avx2() == 1
 
 
-def pack(const floating[:, ::1] w, floating[::1] packed):
-    """Filters ``w`` (F, K) into ``packed`` (ceil(F / MR) * K * MR): panels, k-major."""
-    if floating is float:
-        cnn_eng_pack_f(&w[0, 0], w.shape[0], w.shape[1], &packed[0])
-    else:
-        cnn_eng_pack_d(&w[0, 0], w.shape[0], w.shape[1], &packed[0])
-
-
 def run(const long long[:, ::1] desc, const double[::1] eps, const floating[::1] params,
-        const floating[::1] x,
-        floating[::1] out, Py_ssize_t N, Py_ssize_t max_batch, Py_ssize_t in_size,
-        Py_ssize_t out_size, floating[::1] buf0, floating[::1] buf1, floating[::1] scratch,
-        Py_ssize_t scratch_per_thread):
+        const long long[::1] offs, const floating[::1] x, floating[::1] out, Py_ssize_t N,
+        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size, floating[::1] buf0,
+        floating[::1] buf1, floating[::1] padded):
     """Every op of ``desc`` on ``x`` (N images of ``in_size`` values) into ``out``."""
     cdef int nops = desc.shape[0]
     with nogil:
         if floating is float:
-            cnn_eng_run_f(&desc[0, 0], &eps[0], nops, &params[0], &x[0], &out[0], N, max_batch,
-                          in_size, out_size, &buf0[0], &buf1[0], &scratch[0],
-                          scratch_per_thread)
+            cnn_eng_run_f(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
+                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0])
         else:
-            cnn_eng_run_d(&desc[0, 0], &eps[0], nops, &params[0], &x[0], &out[0], N, max_batch,
-                          in_size, out_size, &buf0[0], &buf1[0], &scratch[0],
-                          scratch_per_thread)
+            cnn_eng_run_d(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
+                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0])

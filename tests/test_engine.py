@@ -141,9 +141,9 @@ def test_compiled_ops_fold_and_fuse():
         "max_pool 2x2 s1",
         "conv 3x3 s3 p2 +relu",
         "avg_pool 2x3 s1",
-        "conv 1x1 s1 p0 +relu",  # affine with its batch norm folded; dropout gone
+        "affine +relu",  # its batch norm folded; dropout gone
         "channel_norm",
-        "conv 1x1 s1 p0",
+        "affine",
     ]
     plan = engine.compile(make(NET_B, np.float32))
     assert plan.ops[:4] == ["relu", "conv 3x3 s1 p0", "group_norm +relu", "max_pool 3x3 s2"]

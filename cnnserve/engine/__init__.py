@@ -10,8 +10,11 @@
   relu-then-max-pool stays exact (ReLU is non-decreasing: the pool of ReLUs is the ReLU of
   the pool);
 - dropout is removed (the identity at test time);
-- affine layers become 1x1 convs on the flattened (D, 1, 1) volume;
-- filters are packed once for the engine's GEMM tile; the intermediate buffers are sized
+- affine layers become convs whose window is their whole input;
+- activations between ops are channels-last (NHWC), the layout the engine's direct
+  convolution and its pools want: the input is converted by the first op that needs it (a
+  conv while it copies its input), a converted network's map back to NCHW at the end;
+- filters are packed once for the engine's tiles; the intermediate buffers are sized
   once for ``max_batch`` images and reused, one set per concurrent call (sets over
   :data:`KEEP_BYTES` are freed after their call instead).
 
@@ -54,15 +57,16 @@ def _fresh_locks_in_child() -> None:
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
-GEMM, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU = range(7)
+CONV, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU, TRANSPOSE = range(8)
 _NAMES = {
-    GEMM: "conv",
+    CONV: "conv",
     MAXPOOL: "max_pool",
     AVGPOOL: "avg_pool",
     SCALE: "scale",
     CNORM: "channel_norm",
     GNORM: "group_norm",
     RELU: "relu",
+    TRANSPOSE: "transpose",
 }
 (
     F_KIND,
@@ -81,23 +85,23 @@ _NAMES = {
     F_A_OFS,
     F_B_OFS,
     F_GROUPS,
-    F_V_OFS,
-) = range(17)
-assert _kernels.FIELDS == 17  # the descriptor layout of cnn_engine.h
-GEMV_COLS = 8  # CNN_ENG_GEMV_COLS
+    F_OFF_OFS,
+    F_COPY,
+) = range(18)
+assert _kernels.FIELDS == 18  # the descriptor layout of cnn_engine.h
 #: A call's buffers are kept for the next call up to this size; larger ones (one huge image)
 #: are freed when the call ends, so an idle plan never holds more.
 KEEP_BYTES = 64 * 2**20
 
 
 def set_portable(flag: bool) -> None:
-    """Run float32 plans on the portable GEMM tile (True) or the AVX2 one when the CPU has it
+    """Run float32 plans on the portable tiles (True) or the AVX2 ones when the CPU has them
     (False, the default). For tests: both paths give the same results up to rounding."""
     _kernels.set_portable(bool(flag))
 
 
 def uses_avx2() -> bool:
-    """True when float32 plans run the AVX2/FMA GEMM tile."""
+    """True when float32 plans run the AVX2/FMA tiles."""
     return _kernels.uses_avx2()
 
 
@@ -114,15 +118,22 @@ class _Op:
         self.pad = 0
         self.groups = 1
         self.eps = 0.0
-        self.weight: np.ndarray | None = None  # GEMM: (F, K)
+        self.affine = False
+        self.back = False  # TRANSPOSE: NHWC to NCHW (else NCHW to NHWC)
+        self.copy = 0  # CONV: F_COPY (0: input as it is, 1: padded NHWC copy, 2: from NCHW)
+        self.weight: np.ndarray | None = None  # CONV: (F, C, KH, KW)
         self.a: np.ndarray | None = None  # bias, scale or gamma (per channel)
         self.b: np.ndarray | None = None  # shift or beta
 
     def describe(self) -> str:
         text = _NAMES[self.kind]
-        if self.kind in (GEMM, MAXPOOL, AVGPOOL):
+        if self.affine:
+            text = "affine"
+        elif self.kind == TRANSPOSE:
+            text = "to NCHW" if self.back else "to NHWC"
+        elif self.kind in (CONV, MAXPOOL, AVGPOOL):
             text += f" {self.size[0]}x{self.size[1]} s{self.stride}"
-            if self.kind == GEMM:
+            if self.kind == CONV:
                 text += f" p{self.pad}"
         if self.relu and self.kind != RELU:
             text += " +relu"
@@ -139,12 +150,33 @@ def _window_out(n: int, k: int, stride: int, pad: int, where: str) -> int:
 
 
 class _Builder:
-    """Turns a network's layers into ops, tracking the (C, H, W) shape."""
+    """Turns a network's layers into ops, tracking the (C, H, W) shape.
+
+    A vector made by flattening a (C, H, W) volume with C > 1 and H * W > 1 lies in memory in
+    channels-last order: ``perm`` maps its positions to the flattened NCHW indices the
+    network's parameters are written for (None when the two agree), ``flat_from`` the volume.
+    """
 
     def __init__(self, shape: tuple[int, int, int]) -> None:
         self.shape = shape
         self.ops: list[_Op] = []
         self.fusable = False  # the last op may take a following batch norm into its weights
+        self.perm: np.ndarray | None = None
+        self.flat_from: tuple[int, int, int] | None = None
+
+    def flatten(self) -> None:
+        C, H, W = self.shape
+        if H * W == 1:
+            return
+        self.shape = (C * H * W, 1, 1)
+        if C > 1:
+            self.perm = np.arange(C * H * W).reshape(C, H, W).transpose(1, 2, 0).ravel()
+            self.flat_from = (C, H, W)
+
+    def _vector(self, values) -> np.ndarray:
+        """Per-value parameters of a flattened vector, in its memory order."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        return values if self.perm is None else values[self.perm]
 
     def conv(self, w: np.ndarray, b: np.ndarray, stride: int, pad: int, where: str) -> None:
         C, H, W = self.shape
@@ -153,36 +185,44 @@ class _Builder:
             raise ValueError(f"{where}: filters for {wc} channels on a {C}-channel input")
         ho = _window_out(H, kh, stride, pad, where)
         wo = _window_out(W, kw, stride, pad, where)
-        op = _Op(GEMM, self.shape, (F, ho, wo))
+        op = _Op(CONV, self.shape, (F, ho, wo))
         op.size, op.stride, op.pad = (kh, kw), stride, pad
-        op.weight = np.asarray(w, dtype=np.float64).reshape(F, -1)
+        op.weight = np.asarray(w, dtype=np.float64)
         op.a = np.asarray(b, dtype=np.float64).ravel()
         self._push(op)
         self.fusable = True
 
     def affine(self, w: np.ndarray, b: np.ndarray, where: str) -> None:
-        D = int(np.prod(self.shape))
-        if w.shape[0] != D:
-            raise ValueError(f"{where}: weights for {w.shape[0]} inputs on {D} values")
-        self.shape = (D, 1, 1)  # the flattened volume: (C, H, W) row-major, as reshape(N, -1)
-        op = _Op(GEMM, self.shape, (w.shape[1], 1, 1))
-        op.weight = np.asarray(w, dtype=np.float64).T
+        """An affine layer: a conv whose window is its whole input, (C, H, W) as it lies."""
+        C, H, W = self.shape
+        D, F = w.shape
+        if D != C * H * W:
+            raise ValueError(f"{where}: weights for {D} inputs on {C * H * W} values")
+        w = np.asarray(w, dtype=np.float64)
+        if self.perm is not None:  # a vector in channels-last order (C, H, W are D, 1, 1)
+            w = w[self.perm]
+        op = _Op(CONV, self.shape, (F, 1, 1))
+        op.size, op.affine = (H, W), True
+        op.weight = w.T.reshape(F, C, H, W)
         op.a = np.asarray(b, dtype=np.float64).ravel()
         self._push(op)
+        self.perm = self.flat_from = None
         self.fusable = True
 
-    def batchnorm(self, gamma, beta, mean, var, eps: float) -> None:
+    def batchnorm(self, gamma, beta, mean, var, eps: float, vector: bool = False) -> None:
         scale = np.asarray(gamma, np.float64).ravel() / np.sqrt(
             np.asarray(var, np.float64).ravel() + eps
         )
         shift = np.asarray(beta, np.float64).ravel() - np.asarray(mean, np.float64).ravel() * scale
         if self.fusable:
             op = self.ops[-1]
-            op.weight = op.weight * scale[:, None]
+            op.weight = op.weight * scale[:, None, None, None]
             op.a = op.a * scale + shift
             return
+        if vector:
+            self.flatten()
         op = _Op(SCALE, self.shape, self.shape)
-        op.a, op.b = scale, shift
+        op.a, op.b = self._vector(scale), self._vector(shift)
         self._push(op)
 
     def relu(self) -> None:
@@ -209,8 +249,7 @@ class _Builder:
 
     def norm(self, kind: int, gamma, beta, eps: float, groups: int = 1) -> None:
         op = _Op(kind, self.shape, self.shape)
-        op.a = np.asarray(gamma, np.float64).ravel()
-        op.b = np.asarray(beta, np.float64).ravel()
+        op.a, op.b = self._vector(gamma), self._vector(beta)
         op.eps, op.groups = float(eps), groups
         self._push(op)
 
@@ -218,6 +257,30 @@ class _Builder:
         self.ops.append(op)
         self.shape = op.out_shape
         self.fusable = False
+
+    def finish(self, input_shape: tuple[int, int, int]) -> list[_Op]:
+        """The ops with the layout changes: the NCHW input converted by the first op that
+        needs it, and the output back in NCHW (or in the network's flattened order)."""
+        ops = list(self.ops)
+        C, H, W = input_shape
+        if C > 1 and H * W > 1:
+            k = 0
+            while k < len(ops) and ops[k].kind == RELU:  # a ReLU does not care
+                k += 1
+            if k < len(ops) and ops[k].kind == CONV:
+                ops[k].copy = 2
+            elif k < len(ops):
+                op = _Op(TRANSPOSE, ops[k].in_shape, ops[k].in_shape)
+                ops.insert(k, op)
+        for op in ops:
+            if op.kind == CONV and op.pad and not op.copy:
+                op.copy = 1
+        last = self.flat_from if self.perm is not None else self.shape
+        if last[0] > 1 and last[1] * last[2] > 1:
+            op = _Op(TRANSPOSE, last, last)
+            op.back = True
+            ops.append(op)
+        return ops
 
 
 def _from_convnet(model: Any, builder: _Builder) -> None:
@@ -232,7 +295,14 @@ def _from_convnet(model: Any, builder: _Builder) -> None:
         elif kind in ("spatial_batchnorm", "batchnorm"):
             bn = model.bn_params[info.bn_index]
             eps = spec["eps"]
-            builder.batchnorm(p[names[0]], p[names[1]], bn["running_mean"], bn["running_var"], eps)
+            builder.batchnorm(
+                p[names[0]],
+                p[names[1]],
+                bn["running_mean"],
+                bn["running_var"],
+                eps,
+                vector=kind == "batchnorm",
+            )
         elif kind == "relu":
             builder.relu()
         elif kind in ("max_pool", "avg_pool"):
@@ -240,7 +310,7 @@ def _from_convnet(model: Any, builder: _Builder) -> None:
         elif kind == "dropout":
             continue
         elif kind == "layernorm":
-            builder.shape = (int(np.prod(builder.shape)), 1, 1)
+            builder.flatten()
             builder.norm(CNORM, p[names[0]], p[names[1]], spec["eps"])
         elif kind == "spatial_groupnorm":
             builder.norm(GNORM, p[names[0]], p[names[1]], spec["eps"], spec["groups"])
@@ -275,6 +345,17 @@ def _from_converted(model: Any, builder: _Builder) -> None:
             raise ValueError(f"{where}: no engine op for layer type {layer.kind!r}")
 
 
+def _pack(weight: np.ndarray) -> np.ndarray:
+    """Filters (F, C, KH, KW) as the tiles read them: panels of NR output channels, each
+    (K, NR) with k = (kh, kw, c) (the NHWC window's order), zero channels after F."""
+    F = weight.shape[0]
+    nr = _kernels.NR
+    w = weight.transpose(0, 2, 3, 1).reshape(F, -1)
+    panels = -(-F // nr)
+    w = np.concatenate([w, np.zeros((panels * nr - F, w.shape[1]))])
+    return w.reshape(panels, nr, -1).transpose(0, 2, 1)
+
+
 class Plan:
     """A compiled forward pass (see the module docstring); built by :func:`compile`.
 
@@ -300,16 +381,16 @@ class Plan:
         desc = np.zeros((len(ops), _kernels.FIELDS), dtype=np.int64)
         eps = np.zeros(len(ops), dtype=np.float64)
         chunks: list[np.ndarray] = []
-        offset = 0
+        offsets: list[np.ndarray] = []
+        sizes = {"params": 0, "offs": 0}
 
-        def put(values: np.ndarray) -> int:
-            nonlocal offset
-            start = offset
-            chunks.append(np.ascontiguousarray(values, dtype=dtype).ravel())
-            offset += chunks[-1].size
+        def put(values: np.ndarray, into: list, key: str, kind) -> int:
+            start = sizes[key]
+            into.append(np.ascontiguousarray(values, dtype=kind).ravel())
+            sizes[key] += into[-1].size
             return start
 
-        max_k = 1
+        padded = 1
         for k, op in enumerate(ops):
             row = desc[k]
             row[F_KIND] = op.kind
@@ -318,38 +399,40 @@ class Plan:
             row[F_KH], row[F_KW] = op.size
             row[F_STRIDE], row[F_PAD], row[F_RELU] = op.stride, op.pad, int(op.relu)
             row[F_GROUPS] = op.groups
+            row[F_COPY] = op.copy
             eps[k] = op.eps
-            row[F_W_OFS] = row[F_V_OFS] = -1
-            if op.kind == GEMM:
-                F, K = op.weight.shape
-                weight = np.ascontiguousarray(op.weight, dtype=dtype)
-                # A window over the whole input (affine layers): one column per image, dot
-                # products on the filters as they are for batches of fewer than GEMV_COLS.
-                covers = op.pad == 0 and op.size == op.in_shape[1:]
-                if covers:
-                    row[F_V_OFS] = put(weight)
-                if not covers or max_batch >= GEMV_COLS:
-                    max_k = max(max_k, K)
-                    packed = np.empty(-(-F // _kernels.MR) * K * _kernels.MR, dtype=dtype)
-                    _kernels.pack(weight, packed)
-                    row[F_W_OFS] = put(packed)
-            if op.a is not None:
-                row[F_A_OFS] = put(op.a)
+            if op.kind == TRANSPOSE:
+                row[F_F] = int(op.back)
+            if op.kind == CONV:
+                row[F_W_OFS] = put(_pack(op.weight), chunks, "params", dtype)
+                C, H, W = op.in_shape
+                kh, kw = op.size
+                Wp = W + 2 * op.pad
+                window = (np.arange(kh)[:, None] * Wp + np.arange(kw)[None, :]) * C
+                row[F_OFF_OFS] = put(window, offsets, "offs", np.int64)
+                if op.copy:
+                    padded = max(padded, (H + 2 * op.pad) * Wp * C * max_batch)
+            if op.kind == CONV:  # the bias of a whole last panel (the tile reads NR values)
+                nr = _kernels.NR
+                bias = np.zeros(-(-op.a.size // nr) * nr)
+                bias[: op.a.size] = op.a
+                row[F_A_OFS] = put(bias, chunks, "params", dtype)
+            elif op.a is not None:
+                row[F_A_OFS] = put(op.a, chunks, "params", dtype)
             if op.b is not None:
-                row[F_B_OFS] = put(op.b)
+                row[F_B_OFS] = put(op.b, chunks, "params", dtype)
         self._desc = desc
         self._eps = eps
         self._params = np.concatenate(chunks) if chunks else np.zeros(1, dtype=dtype)
-        sizes = [int(np.prod(op.out_shape)) for op in ops]
+        self._offs = np.concatenate(offsets) if offsets else np.zeros(1, dtype=np.int64)
+        out_sizes = [int(np.prod(op.out_shape)) for op in ops]
         self._in_size = int(np.prod(self.input_shape))
-        self._out_size = sizes[-1]
+        self._out_size = out_sizes[-1]
         # op k writes buffer k % 2, the last op writes the output
         self._buf_sizes = [
-            max([1] + [sizes[k] * max_batch for k in range(len(ops) - 1) if k % 2 == b])
+            max([1] + [out_sizes[k] * max_batch for k in range(len(ops) - 1) if k % 2 == b])
             for b in (0, 1)
-        ]
-        # per thread: a block of gathered columns (K x NB), then K row offsets (int64)
-        self._scratch_per_thread = max_k * (_kernels.NB + 8 // dtype.itemsize)
+        ] + [padded]
         self._free: list[tuple[np.ndarray, ...]] = []
         self._lock = threading.Lock()
         _LOCKED.add(self)
@@ -358,12 +441,7 @@ class Plan:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        threads = max(1, _kernels.threads_for(2**62))
-        return (
-            np.empty(self._buf_sizes[0], dtype=self.dtype),
-            np.empty(self._buf_sizes[1], dtype=self.dtype),
-            np.empty(self._scratch_per_thread * threads, dtype=self.dtype),
-        )
+        return tuple(np.empty(size, dtype=self.dtype) for size in self._buf_sizes)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The network's output for ``x`` ``(N, C, H, W)``, written into ``out`` when given.
@@ -403,16 +481,14 @@ class Plan:
                 self._desc,
                 self._eps,
                 self._params,
+                self._offs,
                 x.reshape(-1),
                 out.reshape(-1),
                 N,
                 self.max_batch,
                 self._in_size,
                 self._out_size,
-                ws[0],
-                ws[1],
-                ws[2],
-                self._scratch_per_thread,
+                *ws,
             )
         finally:
             if sum(buf.nbytes for buf in ws) <= KEEP_BYTES:
@@ -511,4 +587,4 @@ def compile(  # noqa: A001 - the name the issue asks for: cnnserve.engine.compil
         out_shape = (int(np.prod(builder.shape)),)
     if not builder.ops:
         raise ValueError("the network has no layer to compile")
-    return Plan(builder.ops, shape, out_shape, dtype, max_batch)
+    return Plan(builder.finish(shape), shape, out_shape, dtype, max_batch)
