@@ -14,7 +14,8 @@
  * - CONV: a convolution, or an affine layer seen as a conv whose window is its whole input,
  *   with batch norm already folded into its weights and bias and ReLU fused into the
  *   epilogue. It is a direct ("indirect-GEMM") convolution: no im2col buffer. A register tile
- *   is MR = 6 output pixels (anywhere: across rows and images) x NR = 16 output channels;
+ *   is MR = 6 output pixels (anywhere: across rows and images) x NR = 16 output channels
+ *   (12 x 8 for layers of at most 8 channels, 1 x 16 for a lone pixel);
  *   for each of the window's positions (kh, kw) and each input channel c it broadcasts the 6
  *   pixels' input values, base[i] + off[kh, kw] + c, and multiplies them by 16 filter values
  *   packed at compile time as panel[k][16], k = (kh, kw, c). A padded input is first copied
@@ -54,11 +55,15 @@
 #define CNN_ENG_X86 0
 #endif
 
-#define CNN_ENG_MR 6  /* output pixels per tile */
-#define CNN_ENG_NR 16 /* output channels per tile and per packed panel */
-#define CNN_ENG_TB 8  /* tiles per block (a panel's chunk is reused by each) */
+#define CNN_ENG_MR 6  /* output pixels per tile (CNN_ENG_MR8 with 8-channel panels) */
+#define CNN_ENG_NR 16 /* output channels per tile and per packed panel (or 8, see below) */
+#define CNN_ENG_MR8 12
+#define CNN_ENG_NR8 8 /* the panels of layers of at most 8 output channels */
+#define CNN_ENG_TB 8  /* tiles per block (a panel's chunk is reused by each) ... */
+#define CNN_ENG_TB_WIDE 32 /* ... or this many, when the filters are large (few pixels) */
+#define CNN_ENG_WIDE_BYTES (1 << 24) /* filters of more bytes than this: wide blocks */
 #ifndef CNN_ENG_KC
-#define CNN_ENG_KC 256 /* values of k per chunk: a panel's chunk, KC x NR, stays in L1 */
+#define CNN_ENG_KC 384 /* values of k per chunk at most: a panel's chunk stays in L1 */
 #endif
 
 enum {
@@ -118,45 +123,60 @@ static inline ptrdiff_t cnn_eng_split(ptrdiff_t blocks, ptrdiff_t panels, int th
 }
 
 #if CNN_ENG_X86
-/* Bias, ReLU (a NaN stays NaN: max(0, v) returns v when v is NaN) and the store of one row of
- * a tile: 16 channels of one pixel. */
-#define CNN_ENG_AVX2_OUT(r, lo, hi)                                                    \
-    do {                                                                              \
-        if (bias) {                                                                   \
-            lo = _mm256_add_ps(lo, bias0);                                            \
-            hi = _mm256_add_ps(hi, bias1);                                            \
-        }                                                                             \
-        if (relu) {                                                                   \
-            lo = _mm256_max_ps(zero, lo);                                             \
-            hi = _mm256_max_ps(zero, hi);                                             \
-        }                                                                             \
-        _mm256_storeu_ps(o[r], lo);                                                   \
-        _mm256_storeu_ps(o[r] + 8, hi);                                               \
+/* The first n (< 8) lanes of a vector from and to memory, through the stack: AMD's masked
+ * moves (vmaskmovps) are microcoded and far slower than a few scalar moves. */
+__attribute__((target("avx2"))) static inline __m256 cnn_eng_load_part(const float *p, int n) {
+    float t[8] = {0};
+    for (int j = 0; j < n; j++) t[j] = p[j];
+    return _mm256_loadu_ps(t);
+}
+
+__attribute__((target("avx2"))) static inline void cnn_eng_store_part(float *p, int n,
+                                                                      __m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    for (int j = 0; j < n; j++) p[j] = t[j];
+}
+
+/* A row of a tile (one pixel's channels) in and out: whole vectors, or the first fw channels
+ * (a last panel of fewer than NR channels) in part. Bias and ReLU on the way out (a NaN
+ * stays NaN: max(0, v) returns v when v is NaN). */
+#define CNN_ENG_LOAD(r, v, at)                                                            \
+    v = fw >= (at) + 8 ? _mm256_loadu_ps(o[r] + (at)) : cnn_eng_load_part(o[r] + (at), fw - (at))
+#define CNN_ENG_STORE(r, v, at, bv)                                                       \
+    do {                                                                                  \
+        if (bias) v = _mm256_add_ps(v, bv);                                               \
+        if (relu) v = _mm256_max_ps(_mm256_setzero_ps(), v);                              \
+        if (fw >= (at) + 8) {                                                             \
+            _mm256_storeu_ps(o[r] + (at), v);                                             \
+        } else if (fw > (at)) {                                                           \
+            cnn_eng_store_part(o[r] + (at), fw - (at), v);                                \
+        }                                                                                 \
     } while (0)
 
 /* The 6 x 16 AVX2 tile: o[i][j] (+)= sum over positions p < npos and channels c < cn of
- * b[i][off[p] + c0 + c] * w[(p * cn_all + c) * 16 + j] (w already at the chunk's start, its
- * rows consecutive), then bias and ReLU when given. load: add to what o holds. */
+ * b[i][off[p] + c0 + c] * w[(p * cn + c) * 16 + j] (w already at the chunk's start, its rows
+ * consecutive), for j < fw, then bias and ReLU when given. load: add to what o holds. */
 __attribute__((target("avx2,fma"))) static void cnn_eng_tile6_avx2(
     ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
-    const float *const *b, float *const *o, int load, const float *bias, int relu) {
+    const float *const *b, float *const *o, int fw, int load, const float *bias, int relu) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     if (load) {
-        c00 = _mm256_loadu_ps(o[0]), c01 = _mm256_loadu_ps(o[0] + 8);
-        c10 = _mm256_loadu_ps(o[1]), c11 = _mm256_loadu_ps(o[1] + 8);
-        c20 = _mm256_loadu_ps(o[2]), c21 = _mm256_loadu_ps(o[2] + 8);
-        c30 = _mm256_loadu_ps(o[3]), c31 = _mm256_loadu_ps(o[3] + 8);
-        c40 = _mm256_loadu_ps(o[4]), c41 = _mm256_loadu_ps(o[4] + 8);
-        c50 = _mm256_loadu_ps(o[5]), c51 = _mm256_loadu_ps(o[5] + 8);
+        CNN_ENG_LOAD(0, c00, 0); CNN_ENG_LOAD(0, c01, 8);
+        CNN_ENG_LOAD(1, c10, 0); CNN_ENG_LOAD(1, c11, 8);
+        CNN_ENG_LOAD(2, c20, 0); CNN_ENG_LOAD(2, c21, 8);
+        CNN_ENG_LOAD(3, c30, 0); CNN_ENG_LOAD(3, c31, 8);
+        CNN_ENG_LOAD(4, c40, 0); CNN_ENG_LOAD(4, c41, 8);
+        CNN_ENG_LOAD(5, c50, 0); CNN_ENG_LOAD(5, c51, 8);
     } else {
         c00 = c01 = c10 = c11 = c20 = c21 = _mm256_setzero_ps();
         c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
     }
+    const float *b0 = b[0] + c0, *b1 = b[1] + c0, *b2 = b[2] + c0;
+    const float *b3 = b[3] + c0, *b4 = b[4] + c0, *b5 = b[5] + c0;
     for (ptrdiff_t p = 0; p < npos; p++) {
-        ptrdiff_t d = off[p] + c0;
-        const float *b0 = b[0] + d, *b1 = b[1] + d, *b2 = b[2] + d;
-        const float *b3 = b[3] + d, *b4 = b[4] + d, *b5 = b[5] + d;
-        for (ptrdiff_t c = 0; c < cn; c++, w += 16) {
+        ptrdiff_t d = off[p];
+        for (ptrdiff_t c = d; c < d + cn; c++, w += 16) {
             __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), v;
             v = _mm256_broadcast_ss(b0 + c);
             c00 = _mm256_fmadd_ps(v, w0, c00);
@@ -178,29 +198,56 @@ __attribute__((target("avx2,fma"))) static void cnn_eng_tile6_avx2(
             c51 = _mm256_fmadd_ps(v, w1, c51);
         }
     }
-    __m256 zero = _mm256_setzero_ps(), bias0 = zero, bias1 = zero;
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = bias0;
     if (bias) {
         bias0 = _mm256_loadu_ps(bias);
         bias1 = _mm256_loadu_ps(bias + 8);
     }
-    CNN_ENG_AVX2_OUT(0, c00, c01);
-    CNN_ENG_AVX2_OUT(1, c10, c11);
-    CNN_ENG_AVX2_OUT(2, c20, c21);
-    CNN_ENG_AVX2_OUT(3, c30, c31);
-    CNN_ENG_AVX2_OUT(4, c40, c41);
-    CNN_ENG_AVX2_OUT(5, c50, c51);
+    CNN_ENG_STORE(0, c00, 0, bias0); CNN_ENG_STORE(0, c01, 8, bias1);
+    CNN_ENG_STORE(1, c10, 0, bias0); CNN_ENG_STORE(1, c11, 8, bias1);
+    CNN_ENG_STORE(2, c20, 0, bias0); CNN_ENG_STORE(2, c21, 8, bias1);
+    CNN_ENG_STORE(3, c30, 0, bias0); CNN_ENG_STORE(3, c31, 8, bias1);
+    CNN_ENG_STORE(4, c40, 0, bias0); CNN_ENG_STORE(4, c41, 8, bias1);
+    CNN_ENG_STORE(5, c50, 0, bias0); CNN_ENG_STORE(5, c51, 8, bias1);
+}
+
+/* The 12 x 8 AVX2 tile, for layers of at most 8 output channels: the same sums, 12 pixels
+ * against one vector of filters (the 6 x 16 tile would leave half its lanes idle or more). */
+__attribute__((target("avx2,fma"))) static void cnn_eng_tile12_avx2(
+    ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
+    const float *const *b, float *const *o, int fw, int load, const float *bias, int relu) {
+    __m256 a[12];
+    for (int r = 0; r < 12; r++) {
+        if (load) {
+            CNN_ENG_LOAD(r, a[r], 0);
+        } else {
+            a[r] = _mm256_setzero_ps();
+        }
+    }
+    for (ptrdiff_t p = 0; p < npos; p++) {
+        ptrdiff_t d = off[p] + c0;
+        for (ptrdiff_t c = d; c < d + cn; c++, w += 8) {
+            __m256 w0 = _mm256_loadu_ps(w);
+#pragma GCC unroll 12
+            for (int r = 0; r < 12; r++) {
+                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(b[r] + c), w0, a[r]);
+            }
+        }
+    }
+    __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    for (int r = 0; r < 12; r++) CNN_ENG_STORE(r, a[r], 0, bias0);
 }
 
 /* One pixel x 16 channels (batch 1 affine layers and other single columns): the same sums
  * with four independent accumulator pairs, so the FMA latency does not serialise them. */
 __attribute__((target("avx2,fma"))) static void cnn_eng_tile1_avx2(
     ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
-    const float *const *b, float *const *o, int load, const float *bias, int relu) {
+    const float *const *b, float *const *o, int fw, int load, const float *bias, int relu) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
     __m256 a7 = a0;
     if (load) {
-        a0 = _mm256_loadu_ps(o[0]);
-        a1 = _mm256_loadu_ps(o[0] + 8);
+        CNN_ENG_LOAD(0, a0, 0);
+        CNN_ENG_LOAD(0, a1, 8);
     }
     for (ptrdiff_t p = 0; p < npos; p++) {
         const float *b0 = b[0] + off[p] + c0;
@@ -225,14 +272,15 @@ __attribute__((target("avx2,fma"))) static void cnn_eng_tile1_avx2(
     }
     __m256 lo = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a4, a6));
     __m256 hi = _mm256_add_ps(_mm256_add_ps(a1, a3), _mm256_add_ps(a5, a7));
-    __m256 zero = _mm256_setzero_ps(), bias0 = zero, bias1 = zero;
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = bias0;
     if (bias) {
         bias0 = _mm256_loadu_ps(bias);
         bias1 = _mm256_loadu_ps(bias + 8);
     }
-    CNN_ENG_AVX2_OUT(0, lo, hi);
+    CNN_ENG_STORE(0, lo, 0, bias0); CNN_ENG_STORE(0, hi, 8, bias1);
 }
-#undef CNN_ENG_AVX2_OUT
+#undef CNN_ENG_LOAD
+#undef CNN_ENG_STORE
 #endif
 
 #define CNN_ENG_T float

@@ -15,6 +15,7 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_FIELDS
     int CNN_ENG_MR
     int CNN_ENG_NR
+    int CNN_ENG_NR8
     void cnn_eng_set_portable(int flag)
     int cnn_eng_uses_avx2()
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
@@ -30,6 +31,7 @@ cdef extern from "cnn_engine.h" nogil:
 FIELDS = CNN_ENG_FIELDS
 MR = CNN_ENG_MR
 NR = CNN_ENG_NR
+NR8 = CNN_ENG_NR8
 
 
 def set_portable(bint flag):

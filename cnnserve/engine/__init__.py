@@ -346,10 +346,11 @@ def _from_converted(model: Any, builder: _Builder) -> None:
 
 
 def _pack(weight: np.ndarray) -> np.ndarray:
-    """Filters (F, C, KH, KW) as the tiles read them: panels of NR output channels, each
-    (K, NR) with k = (kh, kw, c) (the NHWC window's order), zero channels after F."""
+    """Filters (F, C, KH, KW) as the tiles read them: panels of NR output channels (NR8 when
+    F <= NR8), each (K, NR) with k = (kh, kw, c) (the NHWC window's order), zero channels
+    after F."""
     F = weight.shape[0]
-    nr = _kernels.NR
+    nr = _kernels.NR8 if F <= 0 else _kernels.NR
     w = weight.transpose(0, 2, 3, 1).reshape(F, -1)
     panels = -(-F // nr)
     w = np.concatenate([w, np.zeros((panels * nr - F, w.shape[1]))])
