@@ -24,6 +24,8 @@
  *   k, the panel's chunk staying in L1 while a block of tiles passes; partial sums go through
  *   the output. Threads take (block of tiles, range of panels) items: many blocks go one
  *   block a thread, few (batch 1, affine layers) split the panels between threads.
+ * - WINO: a 3x3 stride-1 conv of at least CNN_ENG_WINO_MIN input and output channels, as
+ *   Winograd F(2x2, 3x3) (see cnn_eng_wino): 2.25 times fewer multiplications.
  * - MAXPOOL / AVGPOOL: no padding, any window and stride, vectors along channels; a NaN in a
  *   window wins, as in the layer kernels.
  * - SCALE: per-channel y = x * a[c] + b[c] (a batch norm that could not be folded).
@@ -66,6 +68,8 @@
 #define CNN_ENG_KC 384 /* values of k per chunk at most: a panel's chunk stays in L1 */
 #endif
 
+#define CNN_ENG_WINO_SKEW 16 /* values between a Winograd band's points (see cnn_eng_wino) */
+
 enum {
     CNN_ENG_CONV = 0,
     CNN_ENG_MAXPOOL = 1,
@@ -75,6 +79,7 @@ enum {
     CNN_ENG_GNORM = 5,
     CNN_ENG_RELU = 6,
     CNN_ENG_TRANSPOSE = 7,
+    CNN_ENG_WINO = 8,
 };
 
 /* Fields of one op's descriptor row. Input (C, H, W) per image, output (F, HO, WO). */
@@ -87,6 +92,7 @@ enum {
     E_OFF_OFS, /* CONV: KH * KW window offsets in the (padded) NHWC input, in the int64 array */
     E_COPY,    /* CONV: 0 reads its input as it is; 1 copies it padded (NHWC); 2 the same from
                 * the plan's NCHW input */
+    E_WINO,    /* WINO: tiles per band */
     CNN_ENG_FIELDS
 };
 

@@ -57,12 +57,11 @@ static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, int nr, ptrdiff_
     CNN_ENG_S(cnn_eng_tile)(m, nr, npos, off, c0, cn, w, b, o, fw, load, bias, relu);
 }
 
-/* Copies N images (C, H, W) into a zero-bordered NHWC buffer (H + 2 pad, W + 2 pad): from
- * NHWC (nchw == 0) or NCHW (nchw == 1). */
+/* Copies N images (C, H, W) into a zero-bordered NHWC buffer of Hp x Wp pixels, the image
+ * at (pad, pad): from NHWC (nchw == 0) or NCHW (nchw == 1). */
 static void CNN_ENG_S(cnn_eng_pad)(const long long *d, const T *x, T *dst, ptrdiff_t N,
-                                   int nchw) {
-    ptrdiff_t C = d[E_C], H = d[E_H], W = d[E_W], pad = d[E_PAD];
-    ptrdiff_t Hp = H + 2 * pad, Wp = W + 2 * pad, rows = N * Hp;
+                                   ptrdiff_t Hp, ptrdiff_t Wp, int nchw) {
+    ptrdiff_t C = d[E_C], H = d[E_H], W = d[E_W], pad = d[E_PAD], rows = N * Hp;
     int threads = cnn_eng_threads(rows * Wp * C * 4);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (ptrdiff_t r = 0; r < rows; r++) {
@@ -73,7 +72,7 @@ static void CNN_ENG_S(cnn_eng_pad)(const long long *d, const T *x, T *dst, ptrdi
             continue;
         }
         memset(row, 0, sizeof(T) * pad * C);
-        memset(row + (pad + W) * C, 0, sizeof(T) * pad * C);
+        memset(row + (pad + W) * C, 0, sizeof(T) * (Wp - pad - W) * C);
         T *in = row + pad * C;
         if (!nchw) {
             memcpy(in, x + (n * H + h) * W * C, sizeof(T) * W * C);
@@ -99,7 +98,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
     ptrdiff_t blocks = (tiles + tb - 1) / tb;
     const T *in = x;
     if (d[E_COPY]) {
-        CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, d[E_COPY] == 2);
+        CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, d[E_COPY] == 2);
         in = padded;
     }
     const T *wp = params + d[E_W_OFS], *bias = params + d[E_A_OFS];
@@ -174,6 +173,151 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
                                                     last ? bias + f0 : NULL, last && relu);
                     }
                 }
+            }
+        }
+    }
+}
+
+/* WINO: a 3x3 stride-1 conv as Winograd F(2x2, 3x3): each 2x2 block of outputs from a 4x4
+ * block of input, V = B^T d B per channel, then for each of the 16 points xi a product
+ * M[xi] = V[xi] U[xi] (tiles x C by C x F, the filters transformed at compile time,
+ * U = G g G^T, and packed as the direct tiles read them), then Y = A^T M A, bias and ReLU:
+ * 16 C F multiplications for 4 outputs instead of 36 C F. The tiles of the batch go in
+ * bands of E_WINO (V and M of a band in `wino`: 16 x band x (C + panels x NR) values); the
+ * input is copied padded to 2 x tiles + 2 pixels a side (E_COPY). */
+static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T *x, T *out,
+                                    ptrdiff_t N, T *padded, T *wino) {
+    ptrdiff_t C = d[E_C], F = d[E_F], HO = d[E_HO], WO = d[E_WO], pad = d[E_PAD];
+    ptrdiff_t th = (HO + 1) / 2, tw = (WO + 1) / 2, Hp = 2 * th + 2, Wp = 2 * tw + 2;
+    ptrdiff_t panels = (F + NR - 1) / NR, Fp = panels * NR, tiles = N * th * tw;
+    ptrdiff_t band = d[E_WINO];
+    (void)pad;
+    CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, d[E_COPY] == 2);
+    const T *U = params + d[E_W_OFS], *bias = params + d[E_A_OFS];
+    int relu = (int)d[E_RELU];
+    ptrdiff_t cstep = C;
+    if (C > CNN_ENG_KC) {
+        ptrdiff_t parts = (C + CNN_ENG_KC - 1) / CNN_ENG_KC;
+        cstep = (C + parts - 1) / parts;
+    }
+    static const ptrdiff_t zero_off[1] = {0};
+#if CNN_ENG_FLOAT32
+    int avx2 = cnn_eng_uses_avx2();
+#else
+    int avx2 = 0;
+#endif
+    for (ptrdiff_t b0 = 0; b0 < tiles; b0 += band) {
+        ptrdiff_t nt = tiles - b0 < band ? tiles - b0 : band;
+        /* one point xi's tiles to the next: a cache line more than they take, since a power
+         * of two apart the 16 streams would fall in the same cache sets */
+        ptrdiff_t vs = nt * C + CNN_ENG_WINO_SKEW, ms = nt * Fp + CNN_ENG_WINO_SKEW;
+        T *V = wino, *M = wino + 16 * vs;
+        ptrdiff_t ptiles = (nt + MR - 1) / MR, blocks = (ptiles + TB - 1) / TB;
+        ptrdiff_t items = 16 * blocks;
+        int threads = cnn_eng_threads(nt * 16 * C * F);
+        if (items < threads) threads = (int)items;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+#pragma omp for schedule(static)
+            for (ptrdiff_t t = 0; t < nt; t++) { /* V = B^T d B */
+                ptrdiff_t tt = b0 + t, n = tt / (th * tw), ty = (tt / tw) % th, tx = tt % tw;
+                const T *src = padded + ((n * Hp + 2 * ty) * Wp + 2 * tx) * C;
+                T *v = V + t * C;
+                ptrdiff_t xs = vs;
+                const T *r0 = src, *r1 = src + Wp * C, *r2 = src + 2 * Wp * C;
+                const T *r3 = src + 3 * Wp * C;
+                /* named values, not arrays: the loop over channels vectorises */
+#define CNN_ENG_BT_COL(j)                                                                 \
+    T u0##j = r0[j * C + c] - r2[j * C + c], u1##j = r1[j * C + c] + r2[j * C + c];       \
+    T u2##j = r2[j * C + c] - r1[j * C + c], u3##j = r1[j * C + c] - r3[j * C + c]
+#define CNN_ENG_BT_ROW(i)                                                                 \
+    v[(i * 4 + 0) * xs + c] = u##i##0 - u##i##2;                                          \
+    v[(i * 4 + 1) * xs + c] = u##i##1 + u##i##2;                                          \
+    v[(i * 4 + 2) * xs + c] = u##i##2 - u##i##1;                                          \
+    v[(i * 4 + 3) * xs + c] = u##i##1 - u##i##3
+                CNN_SIMD
+                for (ptrdiff_t c = 0; c < C; c++) {
+                    CNN_ENG_BT_COL(0);
+                    CNN_ENG_BT_COL(1);
+                    CNN_ENG_BT_COL(2);
+                    CNN_ENG_BT_COL(3);
+                    CNN_ENG_BT_ROW(0);
+                    CNN_ENG_BT_ROW(1);
+                    CNN_ENG_BT_ROW(2);
+                    CNN_ENG_BT_ROW(3);
+                }
+#undef CNN_ENG_BT_COL
+#undef CNN_ENG_BT_ROW
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t item = 0; item < items; item++) { /* M[xi] = V[xi] U[xi] */
+                ptrdiff_t xi = item / blocks, blk = item % blocks;
+                ptrdiff_t t0 = blk * TB, t1 = t0 + TB < ptiles ? t0 + TB : ptiles;
+                const T *base[TB][MR];
+                T *o[TB][MR];
+                int rows[TB];
+                T spare[MR][NR];
+                for (ptrdiff_t t = t0; t < t1; t++) {
+                    ptrdiff_t q0 = t * MR, m = nt - q0 < MR ? nt - q0 : MR;
+                    rows[t - t0] = (int)m;
+                    for (ptrdiff_t i = 0; i < MR; i++) {
+                        ptrdiff_t q = q0 + (i < m ? i : m - 1);
+                        base[t - t0][i] = V + xi * vs + q * C;
+                    }
+                }
+                for (ptrdiff_t pn = 0; pn < panels; pn++) {
+                    for (ptrdiff_t t = 0; t < t1 - t0; t++) {
+                        for (int i = 0; i < MR; i++) {
+                            o[t][i] = i < rows[t] ? M + xi * ms + ((t0 + t) * MR + i) * Fp + pn * NR
+                                                  : spare[i];
+                        }
+                    }
+                    const T *wpanel = U + (xi * panels + pn) * C * NR;
+                    for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
+                        ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
+                        for (ptrdiff_t t = 0; t < t1 - t0; t++) {
+                            CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], NR, 1, zero_off, c0, cn,
+                                                        wpanel + c0 * NR, base[t], o[t], NR,
+                                                        c0 > 0, NULL, 0);
+                        }
+                    }
+                }
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t t = 0; t < nt; t++) { /* Y = A^T M A, bias, ReLU */
+                ptrdiff_t tt = b0 + t, n = tt / (th * tw), ty = (tt / tw) % th, tx = tt % tw;
+                const T *m = M + t * Fp;
+                ptrdiff_t xs = ms;
+                int h2 = 2 * ty + 1 < HO, w2 = 2 * tx + 1 < WO;
+                T *dst = out + ((n * HO + 2 * ty) * WO + 2 * tx) * F;
+#define CNN_ENG_AT_COL(j)                                                                 \
+    T m0##j = m[j * xs + f], m1##j = m[(4 + j) * xs + f];                                 \
+    T m2##j = m[(8 + j) * xs + f], m3##j = m[(12 + j) * xs + f];                          \
+    T a0##j = m0##j + m1##j + m2##j, a1##j = m1##j - m2##j - m3##j
+#define CNN_ENG_AT_OUT(i, name0, name1)                                                   \
+    T name0 = a##i##0 + a##i##1 + a##i##2 + bias[f];                                      \
+    T name1 = a##i##1 - a##i##2 - a##i##3 + bias[f];                                      \
+    if (relu) {                                                                           \
+        name0 = name0 < 0 ? (T)0 : name0;                                                 \
+        name1 = name1 < 0 ? (T)0 : name1;                                                 \
+    }
+                CNN_SIMD
+                for (ptrdiff_t f = 0; f < F; f++) {
+                    CNN_ENG_AT_COL(0);
+                    CNN_ENG_AT_COL(1);
+                    CNN_ENG_AT_COL(2);
+                    CNN_ENG_AT_COL(3);
+                    CNN_ENG_AT_OUT(0, y00, y01);
+                    CNN_ENG_AT_OUT(1, y10, y11);
+                    dst[f] = y00;
+                    if (w2) dst[F + f] = y01;
+                    if (h2) {
+                        dst[WO * F + f] = y10;
+                        if (w2) dst[(WO + 1) * F + f] = y11;
+                    }
+                }
+#undef CNN_ENG_AT_COL
+#undef CNN_ENG_AT_OUT
             }
         }
     }
@@ -321,11 +465,12 @@ static void CNN_ENG_S(cnn_eng_transpose)(const long long *d, const T *x, T *out,
 
 /* The whole forward: ops in order over batches of at most max_batch images. buf0 and buf1
  * hold the intermediate activations (op k writes buffer k & 1; the last op writes out),
- * padded the convs' padded copies of their inputs. */
+ * padded the convs' padded copies of their inputs, wino the Winograd convs' bands. */
 static void CNN_ENG_S(cnn_eng_run)(const long long *desc, const double *eps, int nops,
                                    const T *params, const long long *offs, const T *x, T *out,
                                    ptrdiff_t N, ptrdiff_t max_batch, ptrdiff_t in_size,
-                                   ptrdiff_t out_size, T *buf0, T *buf1, T *padded) {
+                                   ptrdiff_t out_size, T *buf0, T *buf1, T *padded,
+                                   T *wino) {
     for (ptrdiff_t n0 = 0; n0 < N; n0 += max_batch) {
         ptrdiff_t nb = N - n0 < max_batch ? N - n0 : max_batch;
         const T *src = x + n0 * in_size;
@@ -335,6 +480,9 @@ static void CNN_ENG_S(cnn_eng_run)(const long long *desc, const double *eps, int
             switch (d[E_KIND]) {
             case CNN_ENG_CONV:
                 CNN_ENG_S(cnn_eng_conv)(d, params, offs, src, dst, nb, padded);
+                break;
+            case CNN_ENG_WINO:
+                CNN_ENG_S(cnn_eng_wino)(d, params, src, dst, nb, padded, wino);
                 break;
             case CNN_ENG_MAXPOOL:
             case CNN_ENG_AVGPOOL:

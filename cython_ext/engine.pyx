@@ -16,22 +16,25 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_MR
     int CNN_ENG_NR
     int CNN_ENG_NR8
+    int CNN_ENG_WINO_SKEW
     void cnn_eng_set_portable(int flag)
     int cnn_eng_uses_avx2()
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
                        const long long* offs, const float* x, float* out, Py_ssize_t N,
                        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size,
-                       float* buf0, float* buf1, float* padded)
+                       float* buf0, float* buf1, float* padded, float* wino)
     void cnn_eng_run_d(const long long* desc, const double* eps, int nops,
                        const double* params, const long long* offs, const double* x,
                        double* out, Py_ssize_t N, Py_ssize_t max_batch, Py_ssize_t in_size,
-                       Py_ssize_t out_size, double* buf0, double* buf1, double* padded)
+                       Py_ssize_t out_size, double* buf0, double* buf1, double* padded,
+                       double* wino)
 
 
 FIELDS = CNN_ENG_FIELDS
 MR = CNN_ENG_MR
 NR = CNN_ENG_NR
 NR8 = CNN_ENG_NR8
+WINO_SKEW = CNN_ENG_WINO_SKEW
 
 
 def set_portable(bint flag):
@@ -48,13 +51,15 @@ def uses_avx2():
 def run(const long long[:, ::1] desc, const double[::1] eps, const floating[::1] params,
         const long long[::1] offs, const floating[::1] x, floating[::1] out, Py_ssize_t N,
         Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size, floating[::1] buf0,
-        floating[::1] buf1, floating[::1] padded):
+        floating[::1] buf1, floating[::1] padded, floating[::1] wino):
     """Every op of ``desc`` on ``x`` (N images of ``in_size`` values) into ``out``."""
     cdef int nops = desc.shape[0]
     with nogil:
         if floating is float:
             cnn_eng_run_f(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
-                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0])
+                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0],
+                          &wino[0])
         else:
             cnn_eng_run_d(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
-                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0])
+                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0],
+                          &wino[0])

@@ -57,7 +57,7 @@ def _fresh_locks_in_child() -> None:
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
-CONV, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU, TRANSPOSE = range(8)
+CONV, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU, TRANSPOSE, WINO = range(9)
 _NAMES = {
     CONV: "conv",
     MAXPOOL: "max_pool",
@@ -67,6 +67,7 @@ _NAMES = {
     GNORM: "group_norm",
     RELU: "relu",
     TRANSPOSE: "transpose",
+    WINO: "conv",
 }
 (
     F_KIND,
@@ -87,8 +88,17 @@ _NAMES = {
     F_GROUPS,
     F_OFF_OFS,
     F_COPY,
-) = range(18)
-assert _kernels.FIELDS == 18  # the descriptor layout of cnn_engine.h
+    F_WINO,
+) = range(19)
+assert _kernels.FIELDS == 19  # the descriptor layout of cnn_engine.h
+#: A 3x3 stride-1 conv with at least this many input and output channels runs as Winograd
+#: F(2x2, 3x3). Fewer channels: moving the transformed tiles through memory costs more than
+#: the multiplications it saves (measured: 32 and 64 channels ran 1.3-1.7x slower).
+WINO_MIN_CHANNELS = 128
+#: Bytes of a Winograd band's transformed tiles (V and M): about what stays in the L3 cache.
+WINO_BAND_BYTES = 4 * 2**20
+# F(2x2, 3x3): the filter transform G (the input's B^T and the output's A^T are in the C)
+_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 #: A call's buffers are kept for the next call up to this size; larger ones (one huge image)
 #: are freed when the call ends, so an idle plan never holds more.
 KEEP_BYTES = 64 * 2**20
@@ -131,10 +141,12 @@ class _Op:
             text = "affine"
         elif self.kind == TRANSPOSE:
             text = "to NCHW" if self.back else "to NHWC"
-        elif self.kind in (CONV, MAXPOOL, AVGPOOL):
+        elif self.kind in (CONV, WINO, MAXPOOL, AVGPOOL):
             text += f" {self.size[0]}x{self.size[1]} s{self.stride}"
-            if self.kind == CONV:
+            if self.kind in (CONV, WINO):
                 text += f" p{self.pad}"
+            if self.kind == WINO:
+                text += " winograd"
         if self.relu and self.kind != RELU:
             text += " +relu"
         return text
@@ -275,6 +287,15 @@ class _Builder:
         for op in ops:
             if op.kind == CONV and op.pad and not op.copy:
                 op.copy = 1
+            C, F = op.in_shape[0], op.out_shape[0]
+            if (
+                op.kind == CONV
+                and not op.affine
+                and op.size == (3, 3)
+                and op.stride == 1
+                and min(C, F) >= WINO_MIN_CHANNELS
+            ):
+                op.kind = WINO
         last = self.flat_from if self.perm is not None else self.shape
         if last[0] > 1 and last[1] * last[2] > 1:
             op = _Op(TRANSPOSE, last, last)
@@ -391,7 +412,7 @@ class Plan:
             sizes[key] += into[-1].size
             return start
 
-        padded = 1
+        padded = wino = 1
         for k, op in enumerate(ops):
             row = desc[k]
             row[F_KIND] = op.kind
@@ -404,6 +425,24 @@ class Plan:
             eps[k] = op.eps
             if op.kind == TRANSPOSE:
                 row[F_F] = int(op.back)
+            if op.kind == WINO:
+                C, H, W = op.in_shape
+                F, HO, WO = op.out_shape
+                tiles = -(-HO // 2) * -(-WO // 2)
+                padded = max(padded, (2 * -(-HO // 2) + 2) * (2 * -(-WO // 2) + 2) * C * max_batch)
+                width = C + -(-F // _kernels.NR) * _kernels.NR
+                band = WINO_BAND_BYTES // (16 * width * dtype.itemsize)
+                band = max(48, band // 48 * 48)
+                band = min(band, tiles * max_batch)
+                row[F_WINO] = band
+                wino = max(wino, 16 * (band * width + 2 * _kernels.WINO_SKEW))
+                U = np.einsum("ai,fcij,bj->fcab", _WINO_G, op.weight, _WINO_G)
+                packed = [
+                    _pack(U[:, :, a, b][:, :, None, None]) for a in range(4) for b in range(4)
+                ]
+                row[F_W_OFS] = put(
+                    np.concatenate([p.ravel() for p in packed]), chunks, "params", dtype
+                )
             if op.kind == CONV:
                 row[F_W_OFS] = put(_pack(op.weight), chunks, "params", dtype)
                 C, H, W = op.in_shape
@@ -413,7 +452,7 @@ class Plan:
                 row[F_OFF_OFS] = put(window, offsets, "offs", np.int64)
                 if op.copy:
                     padded = max(padded, (H + 2 * op.pad) * Wp * C * max_batch)
-            if op.kind == CONV:  # the bias of a whole last panel (the tile reads NR values)
+            if op.kind in (CONV, WINO):  # the bias of a whole last panel (the tile reads NR values)
                 nr = _kernels.NR
                 bias = np.zeros(-(-op.a.size // nr) * nr)
                 bias[: op.a.size] = op.a
@@ -433,7 +472,7 @@ class Plan:
         self._buf_sizes = [
             max([1] + [out_sizes[k] * max_batch for k in range(len(ops) - 1) if k % 2 == b])
             for b in (0, 1)
-        ] + [padded]
+        ] + [padded, wino]
         self._free: list[tuple[np.ndarray, ...]] = []
         self._lock = threading.Lock()
         _LOCKED.add(self)
