@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -287,6 +288,65 @@ def test_plans_are_safe_to_call_from_several_threads():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_plan_runs_in_a_forked_child():
+    """A child forked after the parent ran a plan (and so started its OpenMP threads) runs it too:
+    the service's worker processes are forked from one that compiled the plans."""
+    model = make(NET_A, np.float32)
+    plan = engine.compile(model, max_batch=64)
+    x = inputs((64, *NET_A[0]), np.float32)
+    want = plan(x)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's exit handlers
+        try:
+            os.write(write, b"1" if np.array_equal(plan(x), want) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1" and status == 0
+    os.close(read)
+
+
+# 3x3 stride-1 convs that the engine runs as Winograd F(2x2, 3x3) once the threshold is lowered:
+# channel counts that are not multiples of 16, odd output sizes (a half tile at the edges), pad 0.
+NET_W = (
+    (5, 7, 9),
+    [
+        {"type": "conv", "filters": 20, "size": 3, "stride": 1, "pad": 1},  # (20, 7, 9)
+        {"type": "spatial_batchnorm"},
+        {"type": "relu"},
+        {"type": "conv", "filters": 17, "size": 3, "stride": 1, "pad": 0},  # (17, 5, 7)
+        {"type": "affine", "units": 6},
+    ],
+)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("band_bytes", [engine.WINO_BAND_BYTES, 1], ids=["one-band", "bands"])
+def test_winograd_convs_equal_the_layer_path(cpu_path, dtype, band_bytes, monkeypatch):
+    monkeypatch.setattr(engine, "WINO_MIN_CHANNELS", 5)
+    monkeypatch.setattr(engine, "WINO_BAND_BYTES", band_bytes)  # 1: bands of 48 tiles
+    model = make(NET_W, dtype)
+    plan = engine.compile(model, max_batch=3)
+    assert plan.ops[:2] == ["conv 3x3 s1 p1 winograd +relu", "conv 3x3 s1 p0 winograd"]
+    for N in (1, 7):  # 7 images of 20 tiles: several bands, and more images than max_batch
+        x = inputs((N, *NET_W[0]), dtype, seed=N)
+        assert_close(plan(x), model.scores(x))
+
+
+def test_wide_3x3_convs_run_as_winograd():
+    shape = (engine.WINO_MIN_CHANNELS, 5, 6)
+    conv = {"type": "conv", "filters": engine.WINO_MIN_CHANNELS, "size": 3, "stride": 1, "pad": 1}
+    model = make((shape, [conv, {"type": "relu"}, {"type": "affine", "units": 4}]), np.float32)
+    narrow = make(((shape[0] - 1, *shape[1:]), [conv, {"type": "affine", "units": 4}]), np.float32)
+    plan = engine.compile(model, max_batch=2)
+    assert plan.ops[0] == "conv 3x3 s1 p1 winograd +relu"
+    assert engine.compile(narrow).ops[0] == "conv 3x3 s1 p1"
+    x = inputs((3, *shape), np.float32)
+    assert_close(plan(x), model.scores(x))
 
 
 def test_a_plan_cache_keeps_the_most_recent_sizes():
