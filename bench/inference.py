@@ -23,9 +23,10 @@ inter-op 1). The processes start once per case, build or load the same network a
 and their outputs are checked equal (float32 tolerance, relative to the scores' scale) before
 anything is timed. Then ``--rounds`` interleaved rounds: in each, every engine in turn (the
 order rotates) runs enough calls for about ``--round-seconds`` and reports their median; the
-ratios ``ours / theirs`` are taken per round and the table gives their median and range. The
-machine's load average is printed with each case: the machine is shared, read the figures
-with it.
+ratios ``ours / theirs`` are taken per round and the table gives their median and range.
+Each turn starts after ``SETTLE`` seconds of quiet, so that threads the engine before left
+spinning (OpenBLAS's spin for about 0.1 s) do not share the cores with it. The machine's
+load average is printed with each case: the machine is shared, read the figures with it.
 
 Usage::
 
@@ -51,6 +52,9 @@ from pathlib import Path
 from _common import ALEXNET, cpu_model  # bench/ is on sys.path: these scripts run as files
 
 THREADS = 2
+#: Seconds of quiet before each engine's turn: the engine before it may leave threads spinning
+#: (OpenBLAS's spin for about 0.1 s after a call), and they would share the cores with the next.
+SETTLE = 0.3
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits.safetensors"
 DETECTOR = ROOT / "models" / "digits_detector.safetensors"
@@ -366,6 +370,7 @@ class Worker:
         return json.loads(line)
 
     def time(self, calls: int) -> float:
+        time.sleep(SETTLE)
         self.proc.stdin.write(f"{calls}\n")
         self.proc.stdin.flush()
         return self.read()["median"]

@@ -97,6 +97,8 @@ assert _kernels.FIELDS == 19  # the descriptor layout of cnn_engine.h
 WINO_MIN_CHANNELS = 128
 #: Bytes of a Winograd band's transformed tiles (V and M): about what stays in the L3 cache.
 WINO_BAND_BYTES = 4 * 2**20
+#: Alignment in bytes of the packed parameters, of each array in them and of the buffers.
+ALIGN = 64
 # F(2x2, 3x3): the filter transform G (the input's B^T and the output's A^T are in the C)
 _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 #: A call's buffers are kept for the next call up to this size; larger ones (one huge image)
@@ -366,6 +368,23 @@ def _from_converted(model: Any, builder: _Builder) -> None:
             raise ValueError(f"{where}: no engine op for layer type {layer.kind!r}")
 
 
+def _aligned_empty(size: int, dtype) -> np.ndarray:
+    """An uninitialised 1-D array of ``size`` values starting on a cache line (ALIGN bytes):
+    numpy only promises 16 bytes, and a filter panel that straddles cache lines costs the
+    tiles that load it."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(size * dtype.itemsize + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + size * dtype.itemsize].view(dtype)
+
+
+def _aligned(values: np.ndarray) -> np.ndarray:
+    """A copy of 1-D ``values`` starting on a cache line."""
+    out = _aligned_empty(values.size, values.dtype)
+    out[...] = values
+    return out
+
+
 def _pack(weight: np.ndarray) -> np.ndarray:
     """Filters (F, C, KH, KW) as the tiles read them: panels of NR output channels (NR8 when
     F <= NR8), each (K, NR) with k = (kh, kw, c) (the NHWC window's order), zero channels
@@ -408,6 +427,11 @@ class Plan:
 
         def put(values: np.ndarray, into: list, key: str, kind) -> int:
             start = sizes[key]
+            gap = -start % (ALIGN // np.dtype(kind).itemsize)
+            if gap:  # every array starts on a cache line, as the whole does
+                into.append(np.zeros(gap, dtype=kind))
+                start += gap
+                sizes[key] = start
             into.append(np.ascontiguousarray(values, dtype=kind).ravel())
             sizes[key] += into[-1].size
             return start
@@ -463,7 +487,7 @@ class Plan:
                 row[F_B_OFS] = put(op.b, chunks, "params", dtype)
         self._desc = desc
         self._eps = eps
-        self._params = np.concatenate(chunks) if chunks else np.zeros(1, dtype=dtype)
+        self._params = _aligned(np.concatenate(chunks) if chunks else np.zeros(1, dtype=dtype))
         self._offs = np.concatenate(offsets) if offsets else np.zeros(1, dtype=np.int64)
         out_sizes = [int(np.prod(op.out_shape)) for op in ops]
         self._in_size = int(np.prod(self.input_shape))
@@ -481,7 +505,7 @@ class Plan:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return tuple(np.empty(size, dtype=self.dtype) for size in self._buf_sizes)
+        return tuple(_aligned_empty(size, self.dtype) for size in self._buf_sizes)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The network's output for ``x`` ``(N, C, H, W)``, written into ``out`` when given.
