@@ -15,7 +15,8 @@
  *   with batch norm already folded into its weights and bias and ReLU fused into the
  *   epilogue. It is a direct ("indirect-GEMM") convolution: no im2col buffer. A register tile
  *   is MR = 6 output pixels (anywhere: across rows and images) x NR = 16 output channels
- *   (12 x 8 for layers of at most 8 channels, 1 x 16 for a lone pixel);
+ *   (1 x 16 for a lone pixel; a 12 x 8 tile for layers of at most 8 channels was tried and
+ *   ran slower: its 12 broadcasts per k and partial stores cost more than the idle lanes);
  *   for each of the window's positions (kh, kw) and each input channel c it broadcasts the 6
  *   pixels' input values, base[i] + off[kh, kw] + c, and multiplies them by 16 filter values
  *   packed at compile time as panel[k][16], k = (kh, kw, c). A padded input is first copied
@@ -57,10 +58,8 @@
 #define CNN_ENG_X86 0
 #endif
 
-#define CNN_ENG_MR 6  /* output pixels per tile (CNN_ENG_MR8 with 8-channel panels) */
-#define CNN_ENG_NR 16 /* output channels per tile and per packed panel (or 8, see below) */
-#define CNN_ENG_MR8 12
-#define CNN_ENG_NR8 8 /* the panels of layers of at most 8 output channels */
+#define CNN_ENG_MR 6  /* output pixels per tile */
+#define CNN_ENG_NR 16 /* output channels per tile and per packed panel */
 #define CNN_ENG_TB 8  /* tiles per block (a panel's chunk is reused by each) ... */
 #define CNN_ENG_TB_WIDE 32 /* ... or this many, when the filters are large (few pixels) */
 #define CNN_ENG_WIDE_BYTES (1 << 24) /* filters of more bytes than this: wide blocks */
@@ -215,33 +214,6 @@ __attribute__((target("avx2,fma"))) static void cnn_eng_tile6_avx2(
     CNN_ENG_STORE(3, c30, 0, bias0); CNN_ENG_STORE(3, c31, 8, bias1);
     CNN_ENG_STORE(4, c40, 0, bias0); CNN_ENG_STORE(4, c41, 8, bias1);
     CNN_ENG_STORE(5, c50, 0, bias0); CNN_ENG_STORE(5, c51, 8, bias1);
-}
-
-/* The 12 x 8 AVX2 tile, for layers of at most 8 output channels: the same sums, 12 pixels
- * against one vector of filters (the 6 x 16 tile would leave half its lanes idle or more). */
-__attribute__((target("avx2,fma"))) static void cnn_eng_tile12_avx2(
-    ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
-    const float *const *b, float *const *o, int fw, int load, const float *bias, int relu) {
-    __m256 a[12];
-    for (int r = 0; r < 12; r++) {
-        if (load) {
-            CNN_ENG_LOAD(r, a[r], 0);
-        } else {
-            a[r] = _mm256_setzero_ps();
-        }
-    }
-    for (ptrdiff_t p = 0; p < npos; p++) {
-        ptrdiff_t d = off[p] + c0;
-        for (ptrdiff_t c = d; c < d + cn; c++, w += 8) {
-            __m256 w0 = _mm256_loadu_ps(w);
-#pragma GCC unroll 12
-            for (int r = 0; r < 12; r++) {
-                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(b[r] + c), w0, a[r]);
-            }
-        }
-    }
-    __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    for (int r = 0; r < 12; r++) CNN_ENG_STORE(r, a[r], 0, bias0);
 }
 
 /* One pixel x 16 channels (batch 1 affine layers and other single columns): the same sums

@@ -7,22 +7,22 @@
 #define NR CNN_ENG_NR
 #define TB CNN_ENG_TB
 
-/* Portable tile: the sums of the AVX2 tiles for m pixels and panels of nr channels (the
+/* Portable tile: the sums of the AVX2 tiles for m pixels and a panel of NR channels (the
  * first fw of them stored), in plain C. */
-static void CNN_ENG_S(cnn_eng_tile)(int m, int nr, ptrdiff_t npos, const ptrdiff_t *off,
+static void CNN_ENG_S(cnn_eng_tile)(int m, ptrdiff_t npos, const ptrdiff_t *off,
                                     ptrdiff_t c0, ptrdiff_t cn, const T *w, const T *const *b,
                                     T *const *o, int fw, int load, const T *bias, int relu) {
-    T acc[CNN_ENG_MR8][NR];
+    T acc[MR][NR];
     for (int i = 0; i < m; i++) {
-        for (int j = 0; j < nr; j++) acc[i][j] = load && j < fw ? o[i][j] : (T)0;
+        for (int j = 0; j < NR; j++) acc[i][j] = load && j < fw ? o[i][j] : (T)0;
     }
     for (ptrdiff_t p = 0; p < npos; p++) {
         ptrdiff_t d = off[p] + c0;
-        for (ptrdiff_t c = 0; c < cn; c++, w += nr) {
+        for (ptrdiff_t c = 0; c < cn; c++, w += NR) {
             for (int i = 0; i < m; i++) {
                 T v = b[i][d + c];
                 CNN_SIMD
-                for (int j = 0; j < nr; j++) acc[i][j] += v * w[j];
+                for (int j = 0; j < NR; j++) acc[i][j] += v * w[j];
             }
         }
     }
@@ -37,15 +37,13 @@ static void CNN_ENG_S(cnn_eng_tile)(int m, int nr, ptrdiff_t npos, const ptrdiff
 /* One tile of m pixels: the AVX2 code for float32 when the CPU has it (one pixel, or all the
  * tile's rows, a short tile's extra rows repeating its last pixel into rows nobody reads),
  * else the portable one. */
-static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, int nr, ptrdiff_t npos,
+static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, ptrdiff_t npos,
                                                const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn,
                                                const T *w, const T *const *b, T *const *o,
                                                int fw, int load, const T *bias, int relu) {
 #if CNN_ENG_FLOAT32 && CNN_ENG_X86
     if (avx2) {
-        if (nr == CNN_ENG_NR8) {
-            cnn_eng_tile12_avx2(npos, off, c0, cn, w, b, o, fw, load, bias, relu);
-        } else if (m == 1) {
+        if (m == 1) {
             cnn_eng_tile1_avx2(npos, off, c0, cn, w, b, o, fw, load, bias, relu);
         } else {
             cnn_eng_tile6_avx2(npos, off, c0, cn, w, b, o, fw, load, bias, relu);
@@ -54,7 +52,7 @@ static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, int nr, ptrdiff_
     }
 #endif
     (void)avx2;
-    CNN_ENG_S(cnn_eng_tile)(m, nr, npos, off, c0, cn, w, b, o, fw, load, bias, relu);
+    CNN_ENG_S(cnn_eng_tile)(m, npos, off, c0, cn, w, b, o, fw, load, bias, relu);
 }
 
 /* Copies N images (C, H, W) into a zero-bordered NHWC buffer of Hp x Wp pixels, the image
@@ -91,9 +89,8 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
     ptrdiff_t C = d[E_C], F = d[E_F], HO = d[E_HO], WO = d[E_WO], s = d[E_STRIDE];
     ptrdiff_t Hp = d[E_H] + 2 * d[E_PAD], Wp = d[E_W] + 2 * d[E_PAD];
     ptrdiff_t npos = d[E_KH] * d[E_KW], K = npos * C, P = HO * WO, Q = N * P;
-    int nr = F <= 0 ? CNN_ENG_NR8 : NR, mr = nr == NR ? MR : CNN_ENG_MR8;
-    ptrdiff_t panels = (F + nr - 1) / nr, tiles = (Q + mr - 1) / mr;
-    ptrdiff_t tb = (ptrdiff_t)sizeof(T) * K * nr * panels > CNN_ENG_WIDE_BYTES ? CNN_ENG_TB_WIDE
+    ptrdiff_t panels = (F + NR - 1) / NR, tiles = (Q + MR - 1) / MR;
+    ptrdiff_t tb = (ptrdiff_t)sizeof(T) * K * NR * panels > CNN_ENG_WIDE_BYTES ? CNN_ENG_TB_WIDE
                                                                               : TB;
     ptrdiff_t blocks = (tiles + tb - 1) / tb;
     const T *in = x;
@@ -131,16 +128,16 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         ptrdiff_t blk = item / fsplit, part = item % fsplit;
         ptrdiff_t p0 = panels * part / fsplit, p1 = panels * (part + 1) / fsplit;
         ptrdiff_t t0 = blk * tb, t1 = t0 + tb < tiles ? t0 + tb : tiles, nt = t1 - t0;
-        const T *base[CNN_ENG_TB_WIDE][CNN_ENG_MR8];
-        T *o[CNN_ENG_TB_WIDE][CNN_ENG_MR8];
+        const T *base[CNN_ENG_TB_WIDE][MR];
+        T *o[CNN_ENG_TB_WIDE][MR];
         ptrdiff_t first[CNN_ENG_TB_WIDE]; /* the tile's first pixel */
         int rows[CNN_ENG_TB_WIDE];        /* and its number of pixels */
-        T spare[CNN_ENG_MR8][NR];         /* rows nobody reads */
+        T spare[MR][NR];         /* rows nobody reads */
         /* the pixels' windows, walking (n, oh, ow) from the block's first pixel (no division
          * per pixel: with a short window they would cost more than the tile) */
-        ptrdiff_t q = t0 * mr, n = q / P, oh = (q % P) / WO, ow = q % WO;
+        ptrdiff_t q = t0 * MR, n = q / P, oh = (q % P) / WO, ow = q % WO;
         for (ptrdiff_t t = 0; t < nt; t++) {
-            ptrdiff_t q0 = (t0 + t) * mr, m = Q - q0 < mr ? Q - q0 : mr;
+            ptrdiff_t q0 = (t0 + t) * MR, m = Q - q0 < MR ? Q - q0 : MR;
             first[t] = q0;
             rows[t] = (int)m;
             for (ptrdiff_t i = 0; i < m; i++) {
@@ -150,25 +147,25 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
                     if (++oh == HO) oh = 0, n++;
                 }
             }
-            for (ptrdiff_t i = m; i < mr; i++) base[t][i] = base[t][m - 1];
+            for (ptrdiff_t i = m; i < MR; i++) base[t][i] = base[t][m - 1];
         }
         for (ptrdiff_t pn = p0; pn < p1; pn++) {
-            ptrdiff_t f0 = pn * nr;
-            int fw = F - f0 < nr ? (int)(F - f0) : nr;
+            ptrdiff_t f0 = pn * NR;
+            int fw = F - f0 < NR ? (int)(F - f0) : NR;
             for (ptrdiff_t t = 0; t < nt; t++) {
-                for (int i = 0; i < mr; i++) {
+                for (int i = 0; i < MR; i++) {
                     o[t][i] = i < rows[t] ? out + (first[t] + i) * F + f0 : spare[i];
                 }
             }
-            const T *wpanel = wp + pn * K * nr;
+            const T *wpanel = wp + pn * K * NR;
             for (ptrdiff_t pos = 0; pos < npos; pos += per) {
                 ptrdiff_t np = npos - pos < per ? npos - pos : per;
                 for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
                     ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
                     int load = pos > 0 || c0 > 0, last = pos + np == npos && c0 + cn == C;
-                    const T *w = wpanel + (pos * C + c0) * nr;
+                    const T *w = wpanel + (pos * C + c0) * NR;
                     for (ptrdiff_t t = 0; t < nt; t++) {
-                        CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], nr, np, off + pos, c0, cn, w,
+                        CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn, w,
                                                     base[t], o[t], fw, load,
                                                     last ? bias + f0 : NULL, last && relu);
                     }
@@ -276,7 +273,7 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
                     for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
                         ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
                         for (ptrdiff_t t = 0; t < t1 - t0; t++) {
-                            CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], NR, 1, zero_off, c0, cn,
+                            CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], 1, zero_off, c0, cn,
                                                         wpanel + c0 * NR, base[t], o[t], NR,
                                                         c0 > 0, NULL, 0);
                         }

@@ -15,7 +15,6 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_FIELDS
     int CNN_ENG_MR
     int CNN_ENG_NR
-    int CNN_ENG_NR8
     int CNN_ENG_WINO_SKEW
     void cnn_eng_set_portable(int flag)
     int cnn_eng_uses_avx2()
@@ -33,7 +32,6 @@ cdef extern from "cnn_engine.h" nogil:
 FIELDS = CNN_ENG_FIELDS
 MR = CNN_ENG_MR
 NR = CNN_ENG_NR
-NR8 = CNN_ENG_NR8
 WINO_SKEW = CNN_ENG_WINO_SKEW
 
 
