@@ -15,8 +15,8 @@
   convolution and its pools want: the input is converted by the first op that needs it (a
   conv while it copies its input), a converted network's map back to NCHW at the end;
 - filters are packed once for the engine's tiles; the intermediate buffers are sized
-  once for ``max_batch`` images and reused, one set per concurrent call (sets over
-  :data:`KEEP_BYTES` are freed after their call instead).
+  once for ``max_batch`` images and reused, one set per concurrent call (idle sets are
+  kept up to :data:`KEEP_BYTES`, all plans together; those beyond are freed after their call).
 
 ``plan(x, out=None)`` checks ``x`` once (shape and dtype: a ``ValueError`` or ``TypeError``
 naming what was expected) and runs every op in one call of the compiled engine
@@ -49,10 +49,14 @@ _LOCKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _fresh_locks_in_child() -> None:
+    global _kept_lock
+    _kept_lock = threading.Lock()
+    _kept[0] = 0
     for holder in list(_LOCKED):
         holder._lock = threading.Lock()
         if isinstance(holder, Plan):
             holder._free = []
+            holder._held[0] = 0
 
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
@@ -101,9 +105,21 @@ WINO_BAND_BYTES = 4 * 2**20
 ALIGN = 64
 # F(2x2, 3x3): the filter transform G (the input's B^T and the output's A^T are in the C)
 _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-#: A call's buffers are kept for the next call up to this size; larger ones (one huge image)
-#: are freed when the call ends, so an idle plan never holds more.
-KEEP_BYTES = 64 * 2**20
+#: Bytes of buffers that idle plans keep for their next calls, all plans together: a call's
+#: buffers that would take the total over it are freed when the call ends. Keeping them matters
+#: for large images: memory freed to the system and asked for again comes back page by page
+#: (on this project's VM, after a few idle seconds, 1 s to fault in 400 MB: it doubled the
+#: detector's 1024 x 1024 forward).
+KEEP_BYTES = 2**30
+_kept = [0]  # bytes that idle plans keep now
+_kept_lock = threading.Lock()
+
+
+def _release(held: list) -> None:
+    """A plan's kept buffers are gone (the plan was collected, or a call took them)."""
+    with _kept_lock:
+        _kept[0] -= held[0]
+        held[0] = 0
 
 
 def set_portable(flag: bool) -> None:
@@ -287,9 +303,9 @@ class _Builder:
                 op = _Op(TRANSPOSE, ops[k].in_shape, ops[k].in_shape)
                 ops.insert(k, op)
         for op in ops:
+            C, F = op.in_shape[0], op.out_shape[0]
             if op.kind == CONV and op.pad and not op.copy:
                 op.copy = 1
-            C, F = op.in_shape[0], op.out_shape[0]
             if (
                 op.kind == CONV
                 and not op.affine
@@ -386,11 +402,10 @@ def _aligned(values: np.ndarray) -> np.ndarray:
 
 
 def _pack(weight: np.ndarray) -> np.ndarray:
-    """Filters (F, C, KH, KW) as the tiles read them: panels of NR output channels (NR8 when
-    F <= NR8), each (K, NR) with k = (kh, kw, c) (the NHWC window's order), zero channels
-    after F."""
+    """Filters (F, C, KH, KW) as the tiles read them: panels of NR output channels, each
+    (K, NR) with k = (kh, kw, c) (the NHWC window's order), zero channels after F."""
     F = weight.shape[0]
-    nr = _kernels.NR8 if F <= 0 else _kernels.NR
+    nr = _kernels.NR
     w = weight.transpose(0, 2, 3, 1).reshape(F, -1)
     panels = -(-F // nr)
     w = np.concatenate([w, np.zeros((panels * nr - F, w.shape[1]))])
@@ -498,14 +513,30 @@ class Plan:
             for b in (0, 1)
         ] + [padded, wino]
         self._free: list[tuple[np.ndarray, ...]] = []
+        self._held = [0]  # bytes of self._free, counted in _kept
         self._lock = threading.Lock()
         _LOCKED.add(self)
+        weakref.finalize(self, _release, self._held)
 
     def _workspace(self) -> tuple[np.ndarray, ...]:
         with self._lock:
             if self._free:
-                return self._free.pop()
+                ws = self._free.pop()
+                with _kept_lock:
+                    size = sum(buf.nbytes for buf in ws)
+                    self._held[0] -= size
+                    _kept[0] -= size
+                return ws
         return tuple(_aligned_empty(size, self.dtype) for size in self._buf_sizes)
+
+    def _keep(self, ws: tuple[np.ndarray, ...]) -> None:
+        """Keep a call's buffers for the next call while the plans' total allows."""
+        size = sum(buf.nbytes for buf in ws)
+        with self._lock, _kept_lock:
+            if _kept[0] + size <= KEEP_BYTES:
+                _kept[0] += size
+                self._held[0] += size
+                self._free.append(ws)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The network's output for ``x`` ``(N, C, H, W)``, written into ``out`` when given.
@@ -555,9 +586,7 @@ class Plan:
                 *ws,
             )
         finally:
-            if sum(buf.nbytes for buf in ws) <= KEEP_BYTES:
-                with self._lock:
-                    self._free.append(ws)
+            self._keep(ws)
         return out
 
     def __repr__(self) -> str:
