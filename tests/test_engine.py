@@ -385,6 +385,17 @@ def test_long_sums_run_in_chunks_exactly(cpu_path, dtype):
     assert_close(engine.compile(model, max_batch=9)(x), model.loss(x))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameters_and_buffers_start_on_cache_lines(dtype):
+    plan = engine.compile(make(NET_A, dtype), max_batch=3)
+    plan(inputs((3, *NET_A[0]), dtype))
+    starts = [plan._params, *plan._free[0]]
+    assert all(a.ctypes.data % engine.ALIGN == 0 for a in starts)
+    item = np.dtype(dtype).itemsize
+    offsets = plan._desc[:, engine.F_W_OFS : engine.F_B_OFS + 1]  # filters, bias, shift
+    assert all(o * item % engine.ALIGN == 0 for o in offsets.ravel())
+
+
 def test_idle_buffers_are_kept_within_one_budget_for_all_plans(monkeypatch):
     model = make(NET_A, np.float32)
     x = inputs((4, *NET_A[0]), np.float32)
