@@ -25,8 +25,12 @@
  *   k, the panel's chunk staying in L1 while a block of tiles passes; partial sums go through
  *   the output. Threads take (block of tiles, range of panels) items: many blocks go one
  *   block a thread, few (batch 1, affine layers) split the panels between threads.
- * - WINO: a 3x3 stride-1 conv of at least CNN_ENG_WINO_MIN input and output channels, as
- *   Winograd F(2x2, 3x3) (see cnn_eng_wino): 2.25 times fewer multiplications.
+ * - ROWCONV: a conv of one input channel at stride 1 whose output rows are at least
+ *   CNN_ENG_RX wide (a first layer on grey images), vectorised along the output rows: 16
+ *   pixels x 6 channels a tile (see cnn_eng_rowconv).
+ * - WINO: a 3x3 stride-1 conv of many input and output channels (the plan decides:
+ *   WINO_MIN_CHANNELS), as Winograd F(2x2, 3x3) (see cnn_eng_wino): 2.25 times fewer
+ *   multiplications.
  * - MAXPOOL / AVGPOOL: no padding, any window and stride, vectors along channels; a NaN in a
  *   window wins, as in the layer kernels.
  * - SCALE: per-channel y = x * a[c] + b[c] (a batch norm that could not be folded).
@@ -67,6 +71,8 @@
 #define CNN_ENG_KC 384 /* values of k per chunk at most: a panel's chunk stays in L1 */
 #endif
 
+#define CNN_ENG_RB 6  /* ROWCONV: output channels per block (cnn_eng_rowconv) */
+#define CNN_ENG_RX 16 /* ROWCONV: output pixels of a row per tile */
 #define CNN_ENG_WINO_SKEW 16 /* values between a Winograd band's points (see cnn_eng_wino) */
 
 enum {
@@ -79,6 +85,7 @@ enum {
     CNN_ENG_RELU = 6,
     CNN_ENG_TRANSPOSE = 7,
     CNN_ENG_WINO = 8,
+    CNN_ENG_ROWCONV = 9,
 };
 
 /* Fields of one op's descriptor row. Input (C, H, W) per image, output (F, HO, WO). */
@@ -259,6 +266,93 @@ __attribute__((target("avx2,fma"))) static void cnn_eng_tile1_avx2(
 }
 #undef CNN_ENG_LOAD
 #undef CNN_ENG_STORE
+
+/* ROWCONV's tile: 16 consecutive output pixels of a row x 6 channels. img is the window's
+ * top-left input value of the first pixel (one channel: the 16 pixels' values at a position
+ * are 16 consecutive floats), w the block's filters [KH * KW][6]. Stores the first fb
+ * channels of each pixel at o + i * F, bias added and ReLU applied. */
+__attribute__((target("avx2,fma"))) static void cnn_eng_rowtile_avx2(
+    const float *img, ptrdiff_t Wp, ptrdiff_t KH, ptrdiff_t KW, const float *w,
+    const float *bias, int relu, float *o, ptrdiff_t F, int fb) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    for (ptrdiff_t i = 0; i < KH; i++) {
+        const float *row = img + i * Wp;
+        for (ptrdiff_t j = 0; j < KW; j++, w += CNN_ENG_RB) {
+            __m256 x0 = _mm256_loadu_ps(row + j), x1 = _mm256_loadu_ps(row + j + 8);
+            __m256 v = _mm256_broadcast_ss(w);
+            a00 = _mm256_fmadd_ps(x0, v, a00);
+            a01 = _mm256_fmadd_ps(x1, v, a01);
+            v = _mm256_broadcast_ss(w + 1);
+            a10 = _mm256_fmadd_ps(x0, v, a10);
+            a11 = _mm256_fmadd_ps(x1, v, a11);
+            v = _mm256_broadcast_ss(w + 2);
+            a20 = _mm256_fmadd_ps(x0, v, a20);
+            a21 = _mm256_fmadd_ps(x1, v, a21);
+            v = _mm256_broadcast_ss(w + 3);
+            a30 = _mm256_fmadd_ps(x0, v, a30);
+            a31 = _mm256_fmadd_ps(x1, v, a31);
+            v = _mm256_broadcast_ss(w + 4);
+            a40 = _mm256_fmadd_ps(x0, v, a40);
+            a41 = _mm256_fmadd_ps(x1, v, a41);
+            v = _mm256_broadcast_ss(w + 5);
+            a50 = _mm256_fmadd_ps(x0, v, a50);
+            a51 = _mm256_fmadd_ps(x1, v, a51);
+        }
+    }
+    if (fb == CNN_ENG_RB) { /* bias and ReLU in lanes, then 8 x 8 transposes (rows 6, 7 zero) */
+        __m256 z = _mm256_setzero_ps();
+#define CNN_ENG_RB_EPI(f, lo, hi)                                                         \
+    do {                                                                                  \
+        __m256 bv = _mm256_broadcast_ss(bias + (f));                                      \
+        lo = _mm256_add_ps(lo, bv);                                                       \
+        hi = _mm256_add_ps(hi, bv);                                                       \
+        if (relu) lo = _mm256_max_ps(lo, z), hi = _mm256_max_ps(hi, z);                   \
+    } while (0)
+        CNN_ENG_RB_EPI(0, a00, a01);
+        CNN_ENG_RB_EPI(1, a10, a11);
+        CNN_ENG_RB_EPI(2, a20, a21);
+        CNN_ENG_RB_EPI(3, a30, a31);
+        CNN_ENG_RB_EPI(4, a40, a41);
+        CNN_ENG_RB_EPI(5, a50, a51);
+#undef CNN_ENG_RB_EPI
+        for (int h = 0; h < 2; h++, o += 8 * F) {
+            __m256 r0 = h ? a01 : a00, r1 = h ? a11 : a10, r2 = h ? a21 : a20;
+            __m256 r3 = h ? a31 : a30, r4 = h ? a41 : a40, r5 = h ? a51 : a50;
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 s4 = _mm256_shuffle_ps(t4, z, 0x44), s5 = _mm256_shuffle_ps(t4, z, 0xEE);
+            __m256 s6 = _mm256_shuffle_ps(t5, z, 0x44), s7 = _mm256_shuffle_ps(t5, z, 0xEE);
+            __m256 px[8] = {
+                _mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+                _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+                _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+                _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31),
+            };
+            for (int p = 0; p < 8; p++) { /* a pixel's 6 channels: 4 + 2 values */
+                _mm_storeu_ps(o + p * F, _mm256_castps256_ps128(px[p]));
+                _mm_storel_pi((__m64 *)(o + p * F + 4), _mm256_extractf128_ps(px[p], 1));
+            }
+        }
+        return;
+    }
+    float t[CNN_ENG_RB][CNN_ENG_RX];
+    _mm256_storeu_ps(t[0], a00); _mm256_storeu_ps(t[0] + 8, a01);
+    _mm256_storeu_ps(t[1], a10); _mm256_storeu_ps(t[1] + 8, a11);
+    _mm256_storeu_ps(t[2], a20); _mm256_storeu_ps(t[2] + 8, a21);
+    _mm256_storeu_ps(t[3], a30); _mm256_storeu_ps(t[3] + 8, a31);
+    _mm256_storeu_ps(t[4], a40); _mm256_storeu_ps(t[4] + 8, a41);
+    _mm256_storeu_ps(t[5], a50); _mm256_storeu_ps(t[5] + 8, a51);
+    for (int p = 0; p < CNN_ENG_RX; p++, o += F) {
+        for (int f = 0; f < fb; f++) {
+            float v = t[f][p] + bias[f];
+            o[f] = (relu && v < 0) ? 0.0f : v;
+        }
+    }
+}
 #endif
 
 #define CNN_ENG_T float

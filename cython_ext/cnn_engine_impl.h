@@ -320,6 +320,76 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
     }
 }
 
+/* ROWCONV's portable tile: the sums of cnn_eng_rowtile_avx2 for the first m pixels. */
+static void CNN_ENG_S(cnn_eng_rowtile)(const T *img, ptrdiff_t Wp, ptrdiff_t KH, ptrdiff_t KW,
+                                       const T *w, const T *bias, int relu, T *o, ptrdiff_t F,
+                                       int fb, int m) {
+    T acc[CNN_ENG_RB][CNN_ENG_RX] = {{0}};
+    for (ptrdiff_t i = 0; i < KH; i++) {
+        for (ptrdiff_t j = 0; j < KW; j++, w += CNN_ENG_RB) {
+            const T *x = img + i * Wp + j;
+            for (int f = 0; f < CNN_ENG_RB; f++) {
+                T wf = w[f];
+                CNN_SIMD
+                for (int p = 0; p < m; p++) acc[f][p] += x[p] * wf;
+            }
+        }
+    }
+    for (int p = 0; p < m; p++, o += F) {
+        for (int f = 0; f < fb; f++) {
+            T v = acc[f][p] + bias[f];
+            o[f] = (relu && v < 0) ? (T)0 : v;
+        }
+    }
+}
+
+/* ROWCONV: a conv of one input channel at stride 1 (a first layer on grey images), vectorised
+ * along output rows instead of channels: at each window position, 16 output pixels' inputs
+ * are 16 consecutive values, multiplied by 6 channels' filter values (packed at compile time
+ * as [F / 6 blocks][KH * KW][6]). The channels-in-lanes tiles of CONV would broadcast one
+ * value per pixel and position, and leave lanes idle when F is small (LeNet's 6 filters). */
+static void CNN_ENG_S(cnn_eng_rowconv)(const long long *d, const T *params, const T *x, T *out,
+                                       ptrdiff_t N, T *padded) {
+    ptrdiff_t F = d[E_F], HO = d[E_HO], WO = d[E_WO], KH = d[E_KH], KW = d[E_KW];
+    ptrdiff_t Hp = d[E_H] + 2 * d[E_PAD], Wp = d[E_W] + 2 * d[E_PAD], rows = N * HO;
+    ptrdiff_t blocks = (F + CNN_ENG_RB - 1) / CNN_ENG_RB, span = KH * KW * CNN_ENG_RB;
+    const T *in = x;
+    if (d[E_COPY]) {
+        CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, 0);
+        in = padded;
+    }
+    const T *wp = params + d[E_W_OFS], *bias = params + d[E_A_OFS];
+    int relu = (int)d[E_RELU];
+    int threads = cnn_eng_threads(rows * WO * F * KH * KW);
+#if CNN_ENG_FLOAT32
+    int avx2 = cnn_eng_uses_avx2();
+#endif
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const T *img = in + (r / HO * Hp + r % HO) * Wp;
+        T *orow = out + r * WO * F;
+        for (ptrdiff_t at = 0; at < WO; at += CNN_ENG_RX) {
+            /* a row's last tile ends at its end, overlapping the one before (the pixels both
+             * hold get the same values twice) rather than run short */
+            ptrdiff_t ow = at + CNN_ENG_RX <= WO || WO < CNN_ENG_RX ? at : WO - CNN_ENG_RX;
+            int m = WO - ow < CNN_ENG_RX ? (int)(WO - ow) : CNN_ENG_RX;
+            for (ptrdiff_t b = 0; b < blocks; b++) {
+                ptrdiff_t f0 = b * CNN_ENG_RB;
+                int fb = F - f0 < CNN_ENG_RB ? (int)(F - f0) : CNN_ENG_RB;
+                const T *w = wp + b * span;
+                T *o = orow + ow * F + f0;
+#if CNN_ENG_FLOAT32 && CNN_ENG_X86
+                if (avx2 && m == CNN_ENG_RX) {
+                    cnn_eng_rowtile_avx2(img + ow, Wp, KH, KW, w, bias + f0, relu, o, F, fb);
+                    continue;
+                }
+#endif
+                CNN_ENG_S(cnn_eng_rowtile)(img + ow, Wp, KH, KW, w, bias + f0, relu, o, F, fb, m);
+            }
+        }
+    }
+}
+
 static void CNN_ENG_S(cnn_eng_pool)(const long long *d, const T *x, T *out, ptrdiff_t N) {
     ptrdiff_t C = d[E_C], H = d[E_H], W = d[E_W], HO = d[E_HO], WO = d[E_WO];
     ptrdiff_t KH = d[E_KH], KW = d[E_KW], s = d[E_STRIDE];
@@ -477,6 +547,9 @@ static void CNN_ENG_S(cnn_eng_run)(const long long *desc, const double *eps, int
             switch (d[E_KIND]) {
             case CNN_ENG_CONV:
                 CNN_ENG_S(cnn_eng_conv)(d, params, offs, src, dst, nb, padded);
+                break;
+            case CNN_ENG_ROWCONV:
+                CNN_ENG_S(cnn_eng_rowconv)(d, params, src, dst, nb, padded);
                 break;
             case CNN_ENG_WINO:
                 CNN_ENG_S(cnn_eng_wino)(d, params, src, dst, nb, padded, wino);

@@ -16,6 +16,8 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_MR
     int CNN_ENG_NR
     int CNN_ENG_WINO_SKEW
+    int CNN_ENG_RB
+    int CNN_ENG_RX
     void cnn_eng_set_portable(int flag)
     int cnn_eng_uses_avx2()
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
@@ -33,6 +35,8 @@ FIELDS = CNN_ENG_FIELDS
 MR = CNN_ENG_MR
 NR = CNN_ENG_NR
 WINO_SKEW = CNN_ENG_WINO_SKEW
+RB = CNN_ENG_RB
+RX = CNN_ENG_RX
 
 
 def set_portable(bint flag):

@@ -338,6 +338,38 @@ def test_winograd_convs_equal_the_layer_path(cpu_path, dtype, band_bytes, monkey
         assert_close(plan(x), model.scores(x))
 
 
+# One input channel at stride 1, rows at least engine RX wide: ROWCONV, vectorised along the
+# rows. 13 filters: two whole blocks of 6 and one of 1; 19 output columns: a row's last tile
+# overlaps the one before; a non-square kernel with padding.
+NET_R = (
+    (1, 13, 21),
+    [
+        {"type": "conv", "filters": 13, "size": [3, 5], "stride": 1, "pad": 1},  # (13, 13, 19)
+        {"type": "spatial_batchnorm"},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 3, "stride": 2},  # (13, 6, 9)
+        {"type": "conv", "filters": 6, "size": 3, "stride": 1, "pad": 0},  # (6, 4, 7)
+        {"type": "affine", "units": 5},
+    ],
+)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("filters", [13, 6])
+def test_single_channel_convs_run_along_rows_exactly(cpu_path, dtype, filters):
+    shape, layers = NET_R
+    layers = [{**layers[0], "filters": filters}, *layers[1:]]
+    model = make((shape, layers), dtype)
+    plan = engine.compile(model, max_batch=3)
+    assert plan.ops[0] == "conv 3x5 s1 p1 rowwise +relu"
+    assert plan.ops[2] == "conv 3x3 s1 p0"  # 13 or 6 channels in: the channel tiles
+    for N in (1, 7):
+        x = inputs((N, *shape), dtype, seed=N)
+        assert_close(plan(x), model.scores(x))
+    narrow = make(((1, 13, 14), layers[:1] + layers[-1:]), dtype)  # 12 columns out: too few
+    assert engine.compile(narrow).ops[0] == "conv 3x5 s1 p1"
+
+
 def test_wide_3x3_convs_run_as_winograd():
     shape = (engine.WINO_MIN_CHANNELS, 5, 6)
     conv = {"type": "conv", "filters": engine.WINO_MIN_CHANNELS, "size": 3, "stride": 1, "pad": 1}

@@ -61,7 +61,7 @@ def _fresh_locks_in_child() -> None:
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
-CONV, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU, TRANSPOSE, WINO = range(9)
+CONV, MAXPOOL, AVGPOOL, SCALE, CNORM, GNORM, RELU, TRANSPOSE, WINO, ROWCONV = range(10)
 _NAMES = {
     CONV: "conv",
     MAXPOOL: "max_pool",
@@ -72,6 +72,7 @@ _NAMES = {
     RELU: "relu",
     TRANSPOSE: "transpose",
     WINO: "conv",
+    ROWCONV: "conv",
 }
 (
     F_KIND,
@@ -159,12 +160,14 @@ class _Op:
             text = "affine"
         elif self.kind == TRANSPOSE:
             text = "to NCHW" if self.back else "to NHWC"
-        elif self.kind in (CONV, WINO, MAXPOOL, AVGPOOL):
+        elif self.kind in (CONV, WINO, ROWCONV, MAXPOOL, AVGPOOL):
             text += f" {self.size[0]}x{self.size[1]} s{self.stride}"
-            if self.kind in (CONV, WINO):
+            if self.kind in (CONV, WINO, ROWCONV):
                 text += f" p{self.pad}"
             if self.kind == WINO:
                 text += " winograd"
+            elif self.kind == ROWCONV:
+                text += " rowwise"
         if self.relu and self.kind != RELU:
             text += " +relu"
         return text
@@ -306,6 +309,16 @@ class _Builder:
             C, F = op.in_shape[0], op.out_shape[0]
             if op.kind == CONV and op.pad and not op.copy:
                 op.copy = 1
+            # one input channel at stride 1, rows of at least RX outputs: vectorised along the
+            # rows (LeNet's first conv on 256 images: 2.1 ms as CONV, 0.64 ms as ROWCONV)
+            if (
+                op.kind == CONV
+                and not op.affine
+                and C == 1
+                and op.stride == 1
+                and op.out_shape[2] >= _kernels.RX
+            ):
+                op.kind = ROWCONV
             if (
                 op.kind == CONV
                 and not op.affine
@@ -491,7 +504,16 @@ class Plan:
                 row[F_OFF_OFS] = put(window, offsets, "offs", np.int64)
                 if op.copy:
                     padded = max(padded, (H + 2 * op.pad) * Wp * C * max_batch)
-            if op.kind in (CONV, WINO):  # the bias of a whole last panel (the tile reads NR values)
+            if op.kind == ROWCONV:
+                F, _, kh, kw = op.weight.shape
+                w = np.zeros((-(-F // _kernels.RB) * _kernels.RB, kh * kw))
+                w[:F] = op.weight.reshape(F, -1)
+                w = w.reshape(-1, _kernels.RB, kh * kw).transpose(0, 2, 1)  # [block][k][RB]
+                row[F_W_OFS] = put(w, chunks, "params", dtype)
+                if op.copy:
+                    _, H, W = op.in_shape
+                    padded = max(padded, (H + 2 * op.pad) * (W + 2 * op.pad) * max_batch)
+            if op.kind in (CONV, WINO, ROWCONV):  # the bias of a whole last panel (NR values)
                 nr = _kernels.NR
                 bias = np.zeros(-(-op.a.size // nr) * nr)
                 bias[: op.a.size] = op.a
