@@ -40,6 +40,7 @@ import numpy as np
 
 from cnnserve._checks import check_dtype, check_int
 from cnnserve._ext import engine as _kernels
+from cnnserve.engine._aligned import ALIGN, _aligned, _aligned_empty
 
 __all__ = ["Plan", "PlanCache", "compile", "set_portable", "uses_avx2"]
 
@@ -102,8 +103,6 @@ assert _kernels.FIELDS == 19  # the descriptor layout of cnn_engine.h
 WINO_MIN_CHANNELS = 128
 #: Bytes of a Winograd band's transformed tiles (V and M): about what stays in the L3 cache.
 WINO_BAND_BYTES = 4 * 2**20
-#: Alignment in bytes of the packed parameters, of each array in them and of the buffers.
-ALIGN = 64
 # F(2x2, 3x3): the filter transform G (the input's B^T and the output's A^T are in the C)
 _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 #: Bytes of buffers that idle plans keep for their next calls, all plans together: a call's
@@ -395,23 +394,6 @@ def _from_converted(model: Any, builder: _Builder) -> None:
             builder.norm(GNORM, p[names[0]], p[names[1]], layer.eps, spec["groups"])
         else:
             raise ValueError(f"{where}: no engine op for layer type {layer.kind!r}")
-
-
-def _aligned_empty(size: int, dtype) -> np.ndarray:
-    """An uninitialised 1-D array of ``size`` values starting on a cache line (ALIGN bytes):
-    numpy only promises 16 bytes, and a filter panel that straddles cache lines costs the
-    tiles that load it."""
-    dtype = np.dtype(dtype)
-    raw = np.empty(size * dtype.itemsize + ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start : start + size * dtype.itemsize].view(dtype)
-
-
-def _aligned(values: np.ndarray) -> np.ndarray:
-    """A copy of 1-D ``values`` starting on a cache line."""
-    out = _aligned_empty(values.size, values.dtype)
-    out[...] = values
-    return out
 
 
 def _pack(weight: np.ndarray) -> np.ndarray:
