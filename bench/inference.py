@@ -33,6 +33,7 @@ Usage::
     .venv/bin/pip install -e ".[bench]"          # torch and onnxruntime: bench extra only
     .venv/bin/python bench/inference.py           # every case, every engine that imports
     .venv/bin/python bench/inference.py --only digits --rounds 5
+    .venv/bin/python bench/inference.py --only vgg --profile 20   # each plan op's time
 """
 
 from __future__ import annotations
@@ -473,12 +474,38 @@ def report(results: list[dict], engines: list[str]) -> None:
     )
 
 
+def profile(cases: list[str], calls: int) -> int:
+    """Each case's plan op by op (Plan.profile), in this process, at THREADS threads."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from cnnserve import engine as plans
+
+    threadpool_limits(limits=THREADS)
+    for case in cases:
+        what, network, shape = CASES[case]
+        x = case_input(shape)
+        plan = plans.compile(build(network), shape[1:], dtype=np.float32, max_batch=shape[0])
+        rows = plan.profile(x, calls=calls)
+        total = sum(t for _, t in rows)
+        print(f"{case}: {what}; {total * 1e3:.3f} ms a call, {load_text()}")
+        for k, (op, t) in enumerate(rows):
+            print(f"  {k:>2} {op:<36} {t * 1e3:>9.3f} ms {100 * t / total:>5.1f}%")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engines")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case")
     parser.add_argument("--round-seconds", type=float, default=0.3, help="per engine and round")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="CALLS",
+        help="instead: time each op of each case's plan over CALLS calls (Plan.profile)",
+    )
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -489,6 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args.worker, args.case, args.folder)
 
+    cases = [c for c in CASES if args.only in c]
+    if not cases:
+        parser.error(f"--only {args.only!r} matches no case; cases: {', '.join(CASES)}")
+    if args.profile is not None:
+        if args.profile < 1:
+            parser.error("--profile: CALLS must be at least 1")
+        os.environ.update(OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS))
+        return profile(cases, args.profile)
     wanted = [e for e in args.engines.split(",") if e]
     unknown = sorted(set(wanted) - set(ENGINES))
     if unknown:
@@ -503,9 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     for e in wanted:
         if e not in engines:
             log(f"skipping engine {e}: not available (pip install -e '.[bench]' for torch and ort)")
-    cases = [c for c in CASES if args.only in c]
-    if not cases:
-        parser.error(f"--only {args.only!r} matches no case; cases: {', '.join(CASES)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS))
     print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"threads per engine: {THREADS}; rounds {args.rounds}; start {load_text()}")

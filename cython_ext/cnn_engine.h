@@ -51,6 +51,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 
 #include "cnn_simd.h"
 #include "cnn_threads.h"
@@ -109,6 +110,13 @@ enum {
 
 static inline int cnn_eng_threads(ptrdiff_t work) {
     return work >= CNN_ENG_PARALLEL_MIN_WORK ? cnn_threads_for(work) : 1;
+}
+
+/* A monotonic clock in seconds, for the per-op times of a profiled run. */
+static inline double cnn_eng_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 static int cnn_eng_portable = 0;

@@ -532,18 +532,20 @@ static void CNN_ENG_S(cnn_eng_transpose)(const long long *d, const T *x, T *out,
 
 /* The whole forward: ops in order over batches of at most max_batch images. buf0 and buf1
  * hold the intermediate activations (op k writes buffer k & 1; the last op writes out),
- * padded the convs' padded copies of their inputs, wino the Winograd convs' bands. */
+ * padded the convs' padded copies of their inputs, wino the Winograd convs' bands. times
+ * (NULL, or nops values): each op's seconds are added to its value (Plan.profile). */
 static void CNN_ENG_S(cnn_eng_run)(const long long *desc, const double *eps, int nops,
                                    const T *params, const long long *offs, const T *x, T *out,
                                    ptrdiff_t N, ptrdiff_t max_batch, ptrdiff_t in_size,
                                    ptrdiff_t out_size, T *buf0, T *buf1, T *padded,
-                                   T *wino) {
+                                   T *wino, double *times) {
     for (ptrdiff_t n0 = 0; n0 < N; n0 += max_batch) {
         ptrdiff_t nb = N - n0 < max_batch ? N - n0 : max_batch;
         const T *src = x + n0 * in_size;
         for (int k = 0; k < nops; k++) {
             const long long *d = desc + (ptrdiff_t)k * CNN_ENG_FIELDS;
             T *dst = k == nops - 1 ? out + n0 * out_size : ((k & 1) ? buf1 : buf0);
+            double start = times ? cnn_eng_seconds() : 0.0;
             switch (d[E_KIND]) {
             case CNN_ENG_CONV:
                 CNN_ENG_S(cnn_eng_conv)(d, params, offs, src, dst, nb, padded);
@@ -572,6 +574,7 @@ static void CNN_ENG_S(cnn_eng_run)(const long long *desc, const double *eps, int
                 CNN_ENG_S(cnn_eng_transpose)(d, src, dst, nb);
                 break;
             }
+            if (times) times[k] += cnn_eng_seconds() - start;
             src = dst;
         }
     }

@@ -23,12 +23,12 @@ cdef extern from "cnn_engine.h" nogil:
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
                        const long long* offs, const float* x, float* out, Py_ssize_t N,
                        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size,
-                       float* buf0, float* buf1, float* padded, float* wino)
+                       float* buf0, float* buf1, float* padded, float* wino, double* times)
     void cnn_eng_run_d(const long long* desc, const double* eps, int nops,
                        const double* params, const long long* offs, const double* x,
                        double* out, Py_ssize_t N, Py_ssize_t max_batch, Py_ssize_t in_size,
                        Py_ssize_t out_size, double* buf0, double* buf1, double* padded,
-                       double* wino)
+                       double* wino, double* times)
 
 
 FIELDS = CNN_ENG_FIELDS
@@ -53,15 +53,22 @@ def uses_avx2():
 def run(const long long[:, ::1] desc, const double[::1] eps, const floating[::1] params,
         const long long[::1] offs, const floating[::1] x, floating[::1] out, Py_ssize_t N,
         Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size, floating[::1] buf0,
-        floating[::1] buf1, floating[::1] padded, floating[::1] wino):
-    """Every op of ``desc`` on ``x`` (N images of ``in_size`` values) into ``out``."""
+        floating[::1] buf1, floating[::1] padded, floating[::1] wino,
+        double[::1] times=None):
+    """Every op of ``desc`` on ``x`` (N images of ``in_size`` values) into ``out``; with
+    ``times`` (one value per op), each op's seconds are added to its value."""
     cdef int nops = desc.shape[0]
+    cdef double* clock = NULL
+    if times is not None:
+        if times.shape[0] != nops:
+            raise ValueError(f"times must hold {nops} values, got {times.shape[0]}")
+        clock = &times[0]
     with nogil:
         if floating is float:
             cnn_eng_run_f(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
                           max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0],
-                          &wino[0])
+                          &wino[0], clock)
         else:
             cnn_eng_run_d(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
                           max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0],
-                          &wino[0])
+                          &wino[0], clock)

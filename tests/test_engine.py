@@ -463,3 +463,17 @@ def test_a_nan_in_a_max_pool_window_wins(cpu_path, dtype):
     np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
     ok = np.isfinite(want)
     assert_close(np.where(ok, got, 0), np.where(ok, want, 0))
+
+
+def test_a_profile_times_every_op_and_leaves_the_plan_exact():
+    model = make(NET_A, np.float32)
+    x = inputs((7, *NET_A[0]), np.float32)
+    plan = engine.compile(model, max_batch=3)
+    rows = plan.profile(x, calls=2)
+    assert [op for op, _ in rows] == plan.ops
+    assert all(t >= 0 for _, t in rows) and sum(t for _, t in rows) > 0
+    assert_close(plan(x), model.scores(x))
+    with pytest.raises(ValueError, match="calls"):
+        plan.profile(x, calls=0)
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        plan.profile(x[0])

@@ -308,6 +308,10 @@ class Plan:
             raise TypeError(f"out must be a numpy array of {self.dtype.name}, got {got}")
         elif out.shape != shape or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous array of shape {shape}, got {out.shape}")
+        self._run(x, out)
+        return out
+
+    def _run(self, x: np.ndarray, out: np.ndarray, times: np.ndarray | None = None) -> None:
         ws = self._workspace()
         try:
             _kernels.run(
@@ -317,15 +321,38 @@ class Plan:
                 self._offs,
                 x.reshape(-1),
                 out.reshape(-1),
-                N,
+                x.shape[0],
                 self.max_batch,
                 self._in_size,
                 self._out_size,
                 *ws,
+                times,
             )
         finally:
             self._keep(ws)
-        return out
+
+    def profile(self, x: np.ndarray, calls: int = 10) -> list[tuple[str, float]]:
+        """Where a call's time goes: ``x`` run ``calls`` times (after one untimed call that
+        warms the buffers and caches), each op timed inside the engine.
+
+        Parameters
+        ----------
+        x : ndarray, shape ``(N, *input_shape)``
+            As for a call.
+        calls : int
+            Timed calls; the figures are their means.
+
+        Returns
+        -------
+        list of (str, float)
+            Each op's description (as in :attr:`ops`) and its mean seconds per call.
+        """
+        calls = check_int(calls, "calls", 1)
+        out = self(x)
+        times = np.zeros(len(self.ops))
+        for _ in range(calls):
+            self._run(x, out, times)
+        return [(op, float(t) / calls) for op, t in zip(self.ops, times, strict=True)]
 
     def __repr__(self) -> str:
         return (
