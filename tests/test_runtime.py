@@ -144,19 +144,21 @@ def test_scratch_pool_reuses_and_bounds_buffers():
 
 
 def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
-    """Idle OpenMP threads sleep and idle OpenBLAS workers stop spinning after ~2**20 cycles,
-    unless the environment chose otherwise; set by `import cnnserve`, before NumPy loads."""
+    """Idle OpenMP threads spin briefly then sleep and idle OpenBLAS workers stop spinning
+    after ~2**20 cycles, unless the environment chose otherwise; set by `import cnnserve`,
+    before NumPy loads."""
     script = (
         "import os, sys\n"
         "import cnnserve\n"
         "assert 'numpy' not in sys.modules\n"
         "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'],\n"
+        "      os.environ.get('GOMP_SPINCOUNT', '-'),\n"
         "      ','.join(cnnserve._ext.ENV_SET_BY_CNNSERVE))\n"
     )
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+        if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")
     }
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -167,7 +169,8 @@ def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["PASSIVE", "20", "OMP_WAIT_POLICY,OPENBLAS_THREAD_TIMEOUT"]
+    set_all = "OMP_WAIT_POLICY,OPENBLAS_THREAD_TIMEOUT,GOMP_SPINCOUNT"
+    assert result.stdout.split() == ["PASSIVE", "20", "10000", set_all]
     env["OPENBLAS_THREAD_TIMEOUT"] = "28"
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -177,4 +180,15 @@ def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
         cwd=ROOT,
         timeout=60,
     )
-    assert result.stdout.split() == ["PASSIVE", "28", "OMP_WAIT_POLICY"]  # only what it set
+    # only what it set
+    assert result.stdout.split() == ["PASSIVE", "28", "10000", "OMP_WAIT_POLICY,GOMP_SPINCOUNT"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a policy of the user's own: no spin count either
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.stdout.split() == ["ACTIVE", "28", "-"]  # and set nothing

@@ -6,11 +6,16 @@ release the GIL and never validate their arguments: :mod:`cnnserve.layers` does 
 Three process-wide thread settings live here (``cnnserve/__init__.py`` imports this module
 first, so that they are in the environment before NumPy loads its BLAS):
 
-* Idle OpenMP threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, unless the
-  environment already sets it): the layers alternate OpenMP kernels with BLAS calls whose own
-  threads need the same cores, and on a 2-core machine a spinning OpenMP thread slowed a
-  convolution backward pass by more than ten times. The setting is read when the OpenMP
-  runtime loads, so it applies when cnnserve is imported before anything else that uses
+* Idle OpenMP threads spin only briefly, then sleep (``OMP_WAIT_POLICY=PASSIVE`` with
+  ``GOMP_SPINCOUNT=10000``, about 0.1 ms; neither is set when the environment sets either):
+  the layers alternate OpenMP kernels with BLAS calls whose own threads need the same cores,
+  and on a 2-core machine an OpenMP thread left spinning (GNU OpenMP's default, milliseconds)
+  slowed a convolution backward pass by more than ten times. But a thread that sleeps at once
+  must be woken by the kernel for the next parallel region, tens of microseconds on a virtual
+  machine: a compiled plan runs one region per layer, and a VGG-style net on one image took
+  0.6 ms with no spin against 0.31 ms with this one (the training benchmark,
+  ``bench/layers.py``, the same with and without it). The settings are read when the OpenMP
+  runtime loads, so they apply when cnnserve is imported before anything else that uses
   OpenMP.
 * Idle OpenBLAS worker threads spin for about 0.5 ms (``OPENBLAS_THREAD_TIMEOUT=20``, 2**20
   cycles, unless the environment sets it) instead of OpenBLAS's default 2**28 cycles (about
@@ -30,6 +35,8 @@ import sys
 from types import ModuleType
 
 _ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "20"}
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    _ENV_DEFAULTS["GOMP_SPINCOUNT"] = "10000"
 #: The variables cnnserve put in the environment (those the environment did not set): a
 #: process that starts another program (a benchmark's PyTorch helper) can leave them out.
 ENV_SET_BY_CNNSERVE = tuple(name for name in _ENV_DEFAULTS if name not in os.environ)
