@@ -103,10 +103,12 @@ enum {
     CNN_ENG_FIELDS
 };
 
-/* Below this many inner-loop operations an op runs on one thread: a parallel region's start
- * and barrier cost microseconds, and on a busy machine a waiting thread can lose a whole
- * scheduler slice (milliseconds), far more than such an op takes. */
-#define CNN_ENG_PARALLEL_MIN_WORK (1 << 20)
+/* Below this many inner-loop operations (about 1 us of one core's FMAs) an op runs on one
+ * thread: a parallel region's start and barrier cost a microsecond or two with the threads
+ * still spinning from the op before (GOMP_SPINCOUNT, cnnserve/_ext), tens when they must be
+ * woken, and on a busy machine a waiting thread can lose a whole scheduler slice. 2**17 to
+ * 2**18 ran the batch-1 cases fastest; 2**20 left a 3-channel first layer on one core. */
+#define CNN_ENG_PARALLEL_MIN_WORK (1 << 17)
 
 static inline int cnn_eng_threads(ptrdiff_t work) {
     return work >= CNN_ENG_PARALLEL_MIN_WORK ? cnn_threads_for(work) : 1;
