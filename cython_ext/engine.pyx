@@ -5,10 +5,14 @@
 the input; this module only runs it. See cnn_engine.h for the ops and the kernels.
 """
 
-from cython cimport floating
+import numpy as np
+
+cimport numpy as cnp
 
 
 include "cnn_threads.pxi"
+
+cnp.import_array()
 
 
 cdef extern from "cnn_engine.h" nogil:
@@ -50,25 +54,73 @@ def uses_avx2():
     return cnn_eng_uses_avx2() == 1
 
 
-def run(const long long[:, ::1] desc, const double[::1] eps, const floating[::1] params,
-        const long long[::1] offs, const floating[::1] x, floating[::1] out, Py_ssize_t N,
-        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size, floating[::1] buf0,
-        floating[::1] buf1, floating[::1] padded, floating[::1] wino,
-        double[::1] times=None):
-    """Every op of ``desc`` on ``x`` (N images of ``in_size`` values) into ``out``; with
-    ``times`` (one value per op), each op's seconds are added to its value."""
-    cdef int nops = desc.shape[0]
-    cdef double* clock = NULL
-    if times is not None:
-        if times.shape[0] != nops:
-            raise ValueError(f"times must hold {nops} values, got {times.shape[0]}")
-        clock = &times[0]
-    with nogil:
-        if floating is float:
-            cnn_eng_run_f(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
-                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0],
-                          &wino[0], clock)
+cdef class Program:
+    """A compiled plan's fixed arrays (descriptors, eps, parameters, window offsets), held
+    with their pointers so that a call only passes its input, output and buffers.
+
+    ``cnnserve.engine.Plan`` builds it and checks every call's arrays (dtype, shape,
+    C-contiguity) before :meth:`run`; this class checks only that their dtypes match.
+    """
+
+    cdef object arrays
+    cdef const long long* desc
+    cdef const double* eps
+    cdef const void* params
+    cdef const long long* offs
+    cdef int nops
+    cdef int typenum
+    cdef Py_ssize_t max_batch, in_size, out_size
+
+    def __cinit__(self, cnp.ndarray desc, cnp.ndarray eps, cnp.ndarray params,
+                  cnp.ndarray offs, Py_ssize_t max_batch, Py_ssize_t in_size,
+                  Py_ssize_t out_size):
+        cdef const long long[:, ::1] d = desc
+        cdef const double[::1] e = eps
+        cdef const long long[::1] o = offs
+        if params.dtype != np.float32 and params.dtype != np.float64:
+            raise TypeError(f"params must be float32 or float64, got {params.dtype}")
+        if not params.flags.c_contiguous or params.ndim != 1:
+            raise ValueError("params must be a C-contiguous vector")
+        if d.shape[0] < 1 or d.shape[1] != CNN_ENG_FIELDS or e.shape[0] != d.shape[0]:
+            raise ValueError("desc must be (ops, FIELDS) and eps hold one value per op")
+        self.arrays = (desc, eps, params, offs)
+        self.desc = &d[0, 0]
+        self.eps = &e[0]
+        self.params = cnp.PyArray_DATA(params)
+        self.offs = &o[0]
+        self.nops = d.shape[0]
+        self.typenum = cnp.PyArray_TYPE(params)
+        self.max_batch = max_batch
+        self.in_size = in_size
+        self.out_size = out_size
+
+    def run(self, cnp.ndarray x, cnp.ndarray out, tuple ws, cnp.ndarray times=None):
+        """Every op on ``x`` (N images, C-contiguous) into ``out``, with the call's buffers
+        ``ws`` (buf0, buf1, padded, wino); with ``times`` (float64, one value per op), each
+        op's seconds are added to its value."""
+        cdef cnp.ndarray b0 = ws[0], b1 = ws[1], pad = ws[2], wino = ws[3]
+        cdef double* clock = NULL
+        cdef Py_ssize_t N = x.shape[0]
+        for a in (x, out, b0, b1, pad, wino):
+            if cnp.PyArray_TYPE(a) != self.typenum:
+                raise TypeError(f"every array must be of the plan's dtype, got {a.dtype}")
+        if times is not None:
+            if cnp.PyArray_TYPE(times) != cnp.NPY_DOUBLE or times.shape[0] != self.nops:
+                raise ValueError(f"times must be {self.nops} float64 values")
+            clock = <double*>cnp.PyArray_DATA(times)
+        if self.typenum == cnp.NPY_FLOAT:
+            with nogil:
+                cnn_eng_run_f(self.desc, self.eps, self.nops, <const float*>self.params,
+                              self.offs, <const float*>cnp.PyArray_DATA(x),
+                              <float*>cnp.PyArray_DATA(out), N, self.max_batch, self.in_size,
+                              self.out_size, <float*>cnp.PyArray_DATA(b0),
+                              <float*>cnp.PyArray_DATA(b1), <float*>cnp.PyArray_DATA(pad),
+                              <float*>cnp.PyArray_DATA(wino), clock)
         else:
-            cnn_eng_run_d(&desc[0, 0], &eps[0], nops, &params[0], &offs[0], &x[0], &out[0], N,
-                          max_batch, in_size, out_size, &buf0[0], &buf1[0], &padded[0],
-                          &wino[0], clock)
+            with nogil:
+                cnn_eng_run_d(self.desc, self.eps, self.nops, <const double*>self.params,
+                              self.offs, <const double*>cnp.PyArray_DATA(x),
+                              <double*>cnp.PyArray_DATA(out), N, self.max_batch,
+                              self.in_size, self.out_size, <double*>cnp.PyArray_DATA(b0),
+                              <double*>cnp.PyArray_DATA(b1), <double*>cnp.PyArray_DATA(pad),
+                              <double*>cnp.PyArray_DATA(wino), clock)

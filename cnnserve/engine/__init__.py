@@ -64,10 +64,11 @@ def _fresh_locks_in_child() -> None:
     _kept_lock = threading.Lock()
     _kept[0] = 0
     for holder in list(_LOCKED):
-        holder._lock = threading.Lock()
-        if isinstance(holder, Plan):
+        if isinstance(holder, Plan):  # its buffers are counted under _kept_lock
             holder._free = []
             holder._held[0] = 0
+        else:
+            holder._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
@@ -250,30 +251,29 @@ class Plan:
             max([1] + [out_sizes[k] * max_batch for k in range(len(ops) - 1) if k % 2 == b])
             for b in (0, 1)
         ] + [padded, wino]
+        self._ws_bytes = sum(self._buf_sizes) * self.dtype.itemsize
         self._free: list[tuple[np.ndarray, ...]] = []
         self._held = [0]  # bytes of self._free, counted in _kept
-        self._lock = threading.Lock()
         _LOCKED.add(self)
         weakref.finalize(self, _release, self._held)
+        self._program = _kernels.Program(
+            desc, eps, self._params, self._offs, max_batch, self._in_size, self._out_size
+        )
 
     def _workspace(self) -> tuple[np.ndarray, ...]:
-        with self._lock:
+        with _kept_lock:
             if self._free:
-                ws = self._free.pop()
-                with _kept_lock:
-                    size = sum(buf.nbytes for buf in ws)
-                    self._held[0] -= size
-                    _kept[0] -= size
-                return ws
+                self._held[0] -= self._ws_bytes
+                _kept[0] -= self._ws_bytes
+                return self._free.pop()
         return tuple(_aligned_empty(size, self.dtype) for size in self._buf_sizes)
 
     def _keep(self, ws: tuple[np.ndarray, ...]) -> None:
         """Keep a call's buffers for the next call while the plans' total allows."""
-        size = sum(buf.nbytes for buf in ws)
-        with self._lock, _kept_lock:
-            if _kept[0] + size <= KEEP_BYTES:
-                _kept[0] += size
-                self._held[0] += size
+        with _kept_lock:
+            if _kept[0] + self._ws_bytes <= KEEP_BYTES:
+                _kept[0] += self._ws_bytes
+                self._held[0] += self._ws_bytes
                 self._free.append(ws)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -314,20 +314,7 @@ class Plan:
     def _run(self, x: np.ndarray, out: np.ndarray, times: np.ndarray | None = None) -> None:
         ws = self._workspace()
         try:
-            _kernels.run(
-                self._desc,
-                self._eps,
-                self._params,
-                self._offs,
-                x.reshape(-1),
-                out.reshape(-1),
-                x.shape[0],
-                self.max_batch,
-                self._in_size,
-                self._out_size,
-                *ws,
-                times,
-            )
+            self._program.run(x, out, ws, times)
         finally:
             self._keep(ws)
 
