@@ -390,6 +390,41 @@ static void CNN_ENG_S(cnn_eng_rowconv)(const long long *d, const T *params, cons
     }
 }
 
+/* One output row of a pool of few channels (C < CNN_ENG_POOL_ROW_C): the window's positions
+ * outermost, each pass running along the whole row (WO x C values), so that the loops are
+ * long even when a pixel's C are not; C a constant where the caller can make it one. */
+static inline __attribute__((always_inline)) void CNN_ENG_S(cnn_eng_pool_row)(
+    const T *win, T *dst, ptrdiff_t C, ptrdiff_t W, ptrdiff_t WO, ptrdiff_t KH, ptrdiff_t KW,
+    ptrdiff_t s, int is_max, int relu, T inv) {
+    for (ptrdiff_t wo = 0; wo < WO; wo++) {
+        for (ptrdiff_t c = 0; c < C; c++) dst[wo * C + c] = win[wo * s * C + c];
+    }
+    for (ptrdiff_t i = 0; i < KH; i++) {
+        for (ptrdiff_t j = i == 0; j < KW; j++) {
+            const T *u = win + (i * W + j) * C;
+            for (ptrdiff_t wo = 0; wo < WO; wo++) {
+                const T *restrict uu = u + wo * s * C;
+                T *restrict o = dst + wo * C;
+                if (is_max) {
+                    CNN_SIMD
+                    for (ptrdiff_t c = 0; c < C; c++) o[c] = (uu[c] > o[c] || uu[c] != uu[c]) ? uu[c] : o[c];
+                } else {
+                    CNN_SIMD
+                    for (ptrdiff_t c = 0; c < C; c++) o[c] += uu[c];
+                }
+            }
+        }
+    }
+    if (!is_max || relu) {
+        for (ptrdiff_t k = 0; k < WO * C; k++) {
+            T v = is_max ? dst[k] : dst[k] * inv;
+            dst[k] = (relu && v < 0) ? (T)0 : v;
+        }
+    }
+}
+
+#define CNN_ENG_POOL_ROW_C 16
+
 static void CNN_ENG_S(cnn_eng_pool)(const long long *d, const T *x, T *out, ptrdiff_t N) {
     ptrdiff_t C = d[E_C], H = d[E_H], W = d[E_W], HO = d[E_HO], WO = d[E_WO];
     ptrdiff_t KH = d[E_KH], KW = d[E_KW], s = d[E_STRIDE];
@@ -397,6 +432,27 @@ static void CNN_ENG_S(cnn_eng_pool)(const long long *d, const T *x, T *out, ptrd
     ptrdiff_t rows = N * HO;
     int threads = cnn_eng_threads(rows * WO * C * KH * KW);
     T inv = (T)(1.0 / (double)(KH * KW));
+    if (C < CNN_ENG_POOL_ROW_C) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            ptrdiff_t n = r / HO, ho = r % HO;
+            const T *win = x + (n * H + ho * s) * W * C;
+            T *dst = out + r * WO * C;
+#define CNN_ENG_POOL_ROW(CC)                                                              \
+    CNN_ENG_S(cnn_eng_pool_row)(win, dst, CC, W, WO, KH, KW, s, is_max, relu, inv)
+            switch (C) { /* the usual few channels as constants: unrolled inner loops */
+            case 1: CNN_ENG_POOL_ROW(1); break;
+            case 2: CNN_ENG_POOL_ROW(2); break;
+            case 3: CNN_ENG_POOL_ROW(3); break;
+            case 4: CNN_ENG_POOL_ROW(4); break;
+            case 6: CNN_ENG_POOL_ROW(6); break;
+            case 8: CNN_ENG_POOL_ROW(8); break;
+            default: CNN_ENG_POOL_ROW(C); break;
+            }
+#undef CNN_ENG_POOL_ROW
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (ptrdiff_t r = 0; r < rows; r++) {
         ptrdiff_t n = r / HO, ho = r % HO;
