@@ -41,9 +41,10 @@
  * - TRANSPOSE: NCHW to NHWC (E_F = 0) or back (E_F = 1), the plan's first or last op.
  * Every op has a RELU flag (fused ReLU on its output). Statistics of the norms are in double.
  *
- * The float32 tiles have an AVX2/FMA version (target attribute, chosen at run time when the
- * CPU has it) and a portable one; cnn_eng_set_portable(1) forces the portable tiles so tests
- * cover both. float64 always uses the portable tile.
+ * The float32 tiles have AVX2/FMA versions, an AVX-512 one for pairs of panels (CONV: 6
+ * pixels x 32 channels) and portable ones, chosen at run time by what the CPU has (target
+ * attributes); cnn_eng_set_cap caps the choice (AVX2, or portable) so that tests cover each
+ * path on one machine. float64 always uses the portable tiles.
  */
 #ifndef CNN_ENGINE_H
 #define CNN_ENGINE_H
@@ -121,16 +122,28 @@ static inline double cnn_eng_seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static int cnn_eng_portable = 0;
+/* The float32 tiles' instruction sets, best last; cnn_eng_cap caps the one used (tests force
+ * each). */
+enum { CNN_ENG_PORTABLE = 0, CNN_ENG_AVX2 = 1, CNN_ENG_AVX512 = 2 };
 
-static inline void cnn_eng_set_portable(int flag) { cnn_eng_portable = flag ? 1 : 0; }
+static int cnn_eng_cap = CNN_ENG_AVX512;
 
-/* 1 if the float32 tiles run the AVX2/FMA code on this CPU (and it is not switched off). */
-static inline int cnn_eng_uses_avx2(void) {
+static inline void cnn_eng_set_cap(int cap) {
+    cnn_eng_cap = cap < CNN_ENG_PORTABLE ? CNN_ENG_PORTABLE
+                  : cap > CNN_ENG_AVX512 ? CNN_ENG_AVX512 : cap;
+}
+
+/* The tiles float32 ops run on this CPU under the cap: CNN_ENG_AVX512 (AVX-512F, beside the
+ * AVX2 ones), CNN_ENG_AVX2 (AVX2 and FMA) or CNN_ENG_PORTABLE. */
+static inline int cnn_eng_isa(void) {
 #if CNN_ENG_X86
-    return !cnn_eng_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int have = CNN_ENG_PORTABLE;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        have = __builtin_cpu_supports("avx512f") ? CNN_ENG_AVX512 : CNN_ENG_AVX2;
+    }
+    return have < cnn_eng_cap ? have : cnn_eng_cap;
 #else
-    return 0;
+    return CNN_ENG_PORTABLE;
 #endif
 }
 
@@ -276,6 +289,72 @@ __attribute__((target("avx2,fma"))) static void cnn_eng_tile1_avx2(
 }
 #undef CNN_ENG_LOAD
 #undef CNN_ENG_STORE
+
+/* The 6 x 32 AVX-512 tile: two panels at once (w and w + wstep, the next panel's chunk), the
+ * sums of two 6 x 16 tiles in 12 zmm accumulators, each broadcast feeding two FMAs of 16
+ * lanes; fw (17 to 32) channels stored, the second panel's through a mask. Zen 4 runs a zmm
+ * FMA as two halves, so the gain over AVX2 is not more FLOPs per cycle but half the loads and
+ * loop work per FMA. */
+__attribute__((target("avx512f"))) static void cnn_eng_tile6x32_avx512(
+    ptrdiff_t npos, const ptrdiff_t *off, ptrdiff_t c0, ptrdiff_t cn, const float *w,
+    ptrdiff_t wstep, const float *const *b, float *const *o, int fw, int load,
+    const float *bias, int relu) {
+    __mmask16 m1 = (__mmask16)(fw >= 32 ? 0xFFFFu : (1u << (fw - 16)) - 1u);
+    __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+#define CNN_ENG_LOAD2(r, lo, hi)                                                          \
+    lo = _mm512_loadu_ps(o[r]);                                                           \
+    hi = _mm512_maskz_loadu_ps(m1, o[r] + 16)
+    if (load) {
+        CNN_ENG_LOAD2(0, c00, c01); CNN_ENG_LOAD2(1, c10, c11); CNN_ENG_LOAD2(2, c20, c21);
+        CNN_ENG_LOAD2(3, c30, c31); CNN_ENG_LOAD2(4, c40, c41); CNN_ENG_LOAD2(5, c50, c51);
+    } else {
+        c00 = c01 = c10 = c11 = c20 = c21 = _mm512_setzero_ps();
+        c30 = c31 = c40 = c41 = c50 = c51 = _mm512_setzero_ps();
+    }
+#undef CNN_ENG_LOAD2
+    const float *b0 = b[0] + c0, *b1 = b[1] + c0, *b2 = b[2] + c0;
+    const float *b3 = b[3] + c0, *b4 = b[4] + c0, *b5 = b[5] + c0;
+    for (ptrdiff_t p = 0; p < npos; p++) {
+        ptrdiff_t d = off[p];
+        for (ptrdiff_t c = d; c < d + cn; c++, w += 16) {
+            __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + wstep), v;
+            v = _mm512_set1_ps(b0[c]);
+            c00 = _mm512_fmadd_ps(v, w0, c00);
+            c01 = _mm512_fmadd_ps(v, w1, c01);
+            v = _mm512_set1_ps(b1[c]);
+            c10 = _mm512_fmadd_ps(v, w0, c10);
+            c11 = _mm512_fmadd_ps(v, w1, c11);
+            v = _mm512_set1_ps(b2[c]);
+            c20 = _mm512_fmadd_ps(v, w0, c20);
+            c21 = _mm512_fmadd_ps(v, w1, c21);
+            v = _mm512_set1_ps(b3[c]);
+            c30 = _mm512_fmadd_ps(v, w0, c30);
+            c31 = _mm512_fmadd_ps(v, w1, c31);
+            v = _mm512_set1_ps(b4[c]);
+            c40 = _mm512_fmadd_ps(v, w0, c40);
+            c41 = _mm512_fmadd_ps(v, w1, c41);
+            v = _mm512_set1_ps(b5[c]);
+            c50 = _mm512_fmadd_ps(v, w0, c50);
+            c51 = _mm512_fmadd_ps(v, w1, c51);
+        }
+    }
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = bias0, z = bias0;
+    if (bias) { /* a pair's biases: whole panels, padded with zeros (cnnserve/engine) */
+        bias0 = _mm512_loadu_ps(bias);
+        bias1 = _mm512_loadu_ps(bias + 16);
+    }
+#define CNN_ENG_STORE2(r, lo, hi)                                                         \
+    do {                                                                                  \
+        lo = _mm512_add_ps(lo, bias0);                                                    \
+        hi = _mm512_add_ps(hi, bias1);                                                    \
+        if (relu) lo = _mm512_max_ps(z, lo), hi = _mm512_max_ps(z, hi);                   \
+        _mm512_storeu_ps(o[r], lo);                                                       \
+        _mm512_mask_storeu_ps(o[r] + 16, m1, hi);                                         \
+    } while (0)
+    CNN_ENG_STORE2(0, c00, c01); CNN_ENG_STORE2(1, c10, c11); CNN_ENG_STORE2(2, c20, c21);
+    CNN_ENG_STORE2(3, c30, c31); CNN_ENG_STORE2(4, c40, c41); CNN_ENG_STORE2(5, c50, c51);
+#undef CNN_ENG_STORE2
+}
 
 /* ROWCONV's tile: 16 consecutive output pixels of a row x 6 channels. img is the window's
  * top-left input value of the first pixel (one channel: the 16 pixels' values at a position

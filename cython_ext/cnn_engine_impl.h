@@ -119,9 +119,9 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         }
     }
 #if CNN_ENG_FLOAT32
-    int avx2 = cnn_eng_uses_avx2();
+    int isa = cnn_eng_isa(), avx2 = isa >= CNN_ENG_AVX2;
 #else
-    int avx2 = 0;
+    int isa = CNN_ENG_PORTABLE, avx2 = 0;
 #endif
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (ptrdiff_t item = 0; item < items; item++) {
@@ -132,7 +132,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         T *o[CNN_ENG_TB_WIDE][MR];
         ptrdiff_t first[CNN_ENG_TB_WIDE]; /* the tile's first pixel */
         int rows[CNN_ENG_TB_WIDE];        /* and its number of pixels */
-        T spare[MR][NR];         /* rows nobody reads */
+        T spare[MR][2 * NR];     /* rows nobody reads (as wide as a pair of panels) */
         /* the pixels' windows, walking (n, oh, ow) from the block's first pixel (no division
          * per pixel: with a short window they would cost more than the tile) */
         ptrdiff_t q = t0 * MR, n = q / P, oh = (q % P) / WO, ow = q % WO;
@@ -149,9 +149,12 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
             }
             for (ptrdiff_t i = m; i < MR; i++) base[t][i] = base[t][m - 1];
         }
-        for (ptrdiff_t pn = p0; pn < p1; pn++) {
-            ptrdiff_t f0 = pn * NR;
-            int fw = F - f0 < NR ? (int)(F - f0) : NR;
+        /* panels one at a time, or two (the AVX-512 tile) while the item has two left */
+        for (ptrdiff_t pn = p0, step; pn < p1; pn += step) {
+            int pair = isa == CNN_ENG_AVX512 && pn + 1 < p1;
+            step = pair ? 2 : 1;
+            ptrdiff_t f0 = pn * NR, width = step * NR;
+            int fw = F - f0 < width ? (int)(F - f0) : (int)width;
             for (ptrdiff_t t = 0; t < nt; t++) {
                 for (int i = 0; i < MR; i++) {
                     o[t][i] = i < rows[t] ? out + (first[t] + i) * F + f0 : spare[i];
@@ -164,10 +167,25 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
                     ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
                     int load = pos > 0 || c0 > 0, last = pos + np == npos && c0 + cn == C;
                     const T *w = wpanel + (pos * C + c0) * NR;
+                    const T *bs = last ? bias + f0 : NULL;
                     for (ptrdiff_t t = 0; t < nt; t++) {
+#if CNN_ENG_FLOAT32 && CNN_ENG_X86
+                        if (pair && rows[t] > 1) {
+                            cnn_eng_tile6x32_avx512(np, off + pos, c0, cn, w, K * NR, base[t],
+                                                    o[t], fw, load, bs, last && relu);
+                            continue;
+                        }
+#endif
                         CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn, w,
-                                                    base[t], o[t], fw, load,
-                                                    last ? bias + f0 : NULL, last && relu);
+                                                    base[t], o[t], fw < NR ? fw : NR, load, bs,
+                                                    last && relu);
+                        if (pair) { /* a lone pixel: the second panel on its own */
+                            T *o2[MR];
+                            for (int i = 0; i < MR; i++) o2[i] = o[t][i] + NR;
+                            CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn,
+                                                        w + K * NR, base[t], o2, fw - NR, load,
+                                                        bs ? bs + NR : NULL, last && relu);
+                        }
                     }
                 }
             }
@@ -199,9 +217,9 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
     }
     static const ptrdiff_t zero_off[1] = {0};
 #if CNN_ENG_FLOAT32
-    int avx2 = cnn_eng_uses_avx2();
+    int isa = cnn_eng_isa(), avx2 = isa >= CNN_ENG_AVX2;
 #else
-    int avx2 = 0;
+    int isa = CNN_ENG_PORTABLE, avx2 = 0;
 #endif
     for (ptrdiff_t b0 = 0; b0 < tiles; b0 += band) {
         ptrdiff_t nt = tiles - b0 < band ? tiles - b0 : band;
@@ -362,7 +380,7 @@ static void CNN_ENG_S(cnn_eng_rowconv)(const long long *d, const T *params, cons
     int relu = (int)d[E_RELU];
     int threads = cnn_eng_threads(rows * WO * F * KH * KW);
 #if CNN_ENG_FLOAT32
-    int avx2 = cnn_eng_uses_avx2();
+    int avx2 = cnn_eng_isa() >= CNN_ENG_AVX2;
 #endif
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (ptrdiff_t r = 0; r < rows; r++) {

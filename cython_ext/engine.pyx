@@ -22,8 +22,11 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_WINO_SKEW
     int CNN_ENG_RB
     int CNN_ENG_RX
-    void cnn_eng_set_portable(int flag)
-    int cnn_eng_uses_avx2()
+    int CNN_ENG_PORTABLE
+    int CNN_ENG_AVX2
+    int CNN_ENG_AVX512
+    void cnn_eng_set_cap(int cap)
+    int cnn_eng_isa()
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
                        const long long* offs, const float* x, float* out, Py_ssize_t N,
                        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size,
@@ -43,15 +46,18 @@ RB = CNN_ENG_RB
 RX = CNN_ENG_RX
 
 
-def set_portable(bint flag):
-    """Force the portable tiles (True) instead of the AVX2 ones, for every plan."""
-    cnn_eng_set_portable(1 if flag else 0)
+#: The float32 tiles' instruction sets, by name, in order.
+ISAS = {"portable": CNN_ENG_PORTABLE, "avx2": CNN_ENG_AVX2, "avx512": CNN_ENG_AVX512}
 
 
-def uses_avx2():
-    """True when float32 plans run the AVX2/FMA tiles on this CPU (and they are not switched
-    off)."""
-    return cnn_eng_uses_avx2() == 1
+def set_cap(int cap):
+    """Cap the float32 tiles at ``cap`` (a value of :data:`ISAS`) for every plan."""
+    cnn_eng_set_cap(cap)
+
+
+def isa():
+    """The float32 tiles in use: the best the CPU has, under the cap (a value of ISAS)."""
+    return cnn_eng_isa()
 
 
 cdef class Program:

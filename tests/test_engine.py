@@ -109,20 +109,29 @@ def assert_close(got: np.ndarray, want: np.ndarray) -> None:
     assert float(np.abs(got - want).max()) <= tol * scale
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=engine.available_cpu_paths())
 def cpu_path(request):
-    """Both GEMM tiles: the AVX2 one (when the CPU has it) and the portable one."""
-    engine.set_portable(request.param == "portable")
+    """Every path of the float32 tiles this CPU runs: AVX-512 and AVX2 where it has them
+    (forced one at a time), and the portable one."""
+    engine.set_cpu_path(request.param)
+    assert engine.cpu_path() == request.param
     yield request.param
-    engine.set_portable(False)
+    engine.set_cpu_path()
 
 
-def test_the_avx2_switch_changes_the_path():
-    engine.set_portable(True)
+def test_the_cpu_path_switch_changes_the_path():
+    assert engine.cpu_path() == engine.available_cpu_paths()[0]
+    assert engine.available_cpu_paths()[-1] == "portable"
+    engine.set_cpu_path("portable")
     try:
-        assert not engine.uses_avx2()
+        assert engine.cpu_path() == "portable"
+        paths = engine.available_cpu_paths()  # what the CPU has, whatever the cap
+        assert engine.cpu_path() == "portable"  # and asking changes nothing
+        assert paths == tuple(p for p in engine.CPU_PATHS if p in paths)
     finally:
-        engine.set_portable(False)
+        engine.set_cpu_path()
+    with pytest.raises(ValueError, match="path must be 'best' or one of avx512, avx2"):
+        engine.set_cpu_path("sse")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -415,6 +424,26 @@ def test_long_sums_run_in_chunks_exactly(cpu_path, dtype):
     model = make((shape, layers), dtype)
     x = inputs((9, *shape), dtype)
     assert_close(engine.compile(model, max_batch=9)(x), model.loss(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 2, 13])
+@pytest.mark.parametrize("filters", [32, 40, 56, 80])
+def test_pairs_of_panels_and_a_panel_left_over(cpu_path, dtype, N, filters):
+    """The AVX-512 tile runs two panels of 16 channels at once: 32 (a pair), 40 (a pair, the
+    second panel partly used), 56 (a pair and a partial panel left) and 80 (two pairs and one
+    left, or the panels split between threads for one image), on tiles of 6 pixels, a short
+    last tile and lone pixels (the affine layer at N = 1), chunked sums included."""
+    shape = (50, 7, 8)
+    layers = [
+        {"type": "conv", "filters": filters, "size": [3, 2], "stride": 2, "pad": 1},
+        {"type": "relu"},
+        {"type": "conv", "filters": filters, "size": 3, "stride": 1, "pad": 1},
+        {"type": "affine", "units": filters},
+    ]
+    model = make((shape, layers), dtype)
+    x = inputs((N, *shape), dtype)
+    assert_close(engine.compile(model, max_batch=N)(x), model.loss(x))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -52,7 +52,15 @@ from cnnserve.engine._build import (
     from_convnet,
 )
 
-__all__ = ["Plan", "PlanCache", "compile", "set_portable", "uses_avx2"]
+__all__ = [
+    "CPU_PATHS",
+    "Plan",
+    "PlanCache",
+    "available_cpu_paths",
+    "compile",
+    "cpu_path",
+    "set_cpu_path",
+]
 
 # Every Plan and PlanCache: a fork copies their locks in whatever state another thread left
 # them, so the child gets fresh ones (and drops the parent's spare buffers).
@@ -120,15 +128,42 @@ def _release(held: list) -> None:
         held[0] = 0
 
 
-def set_portable(flag: bool) -> None:
-    """Run float32 plans on the portable tiles (True) or the AVX2 ones when the CPU has them
-    (False, the default). For tests: both paths give the same results up to rounding."""
-    _kernels.set_portable(bool(flag))
+#: The CPU paths of float32 plans, best first: AVX-512 tiles (where the CPU has AVX-512F),
+#: AVX2/FMA tiles, portable C.
+CPU_PATHS = ("avx512", "avx2", "portable")
 
 
-def uses_avx2() -> bool:
-    """True when float32 plans run the AVX2/FMA tiles."""
-    return _kernels.uses_avx2()
+def set_cpu_path(path: str = "best") -> None:
+    """Cap the tiles float32 plans run on, for every plan: ``"best"`` (the default: the best
+    the CPU has), ``"avx2"`` (never AVX-512) or ``"portable"`` (plain C). For tests and
+    comparisons: every path gives the same results up to rounding.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is none of these.
+    """
+    if path == "best":
+        path = CPU_PATHS[0]
+    if path not in CPU_PATHS:
+        raise ValueError(f"path must be 'best' or one of {', '.join(CPU_PATHS)}; got {path!r}")
+    _kernels.set_cap(_kernels.ISAS[path])
+
+
+def cpu_path() -> str:
+    """The tiles float32 plans run on now: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
+    return {v: k for k, v in _kernels.ISAS.items()}[_kernels.isa()]
+
+
+def available_cpu_paths() -> tuple[str, ...]:
+    """The paths this CPU can run, best first (``"portable"`` always)."""
+    isa = _kernels.isa()
+    try:
+        set_cpu_path("best")
+        best = _kernels.isa()
+    finally:
+        _kernels.set_cap(isa)
+    return tuple(p for p in CPU_PATHS if _kernels.ISAS[p] <= best)
 
 
 def _pack(weight: np.ndarray) -> np.ndarray:
