@@ -105,24 +105,26 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
     ptrdiff_t fsplit = cnn_eng_split(blocks, panels, threads);
     ptrdiff_t items = blocks * fsplit;
     if (items < threads) threads = (int)items;
-    /* chunks of k of at most KC values, as even as whole positions allow (C < KC), or one
-     * position's channels in even parts */
-    ptrdiff_t per = npos, cstep = C;
-    if (K > CNN_ENG_KC) {
-        if (C >= CNN_ENG_KC) {
-            per = 1;
-            ptrdiff_t parts = (C + CNN_ENG_KC - 1) / CNN_ENG_KC;
-            cstep = (C + parts - 1) / parts;
-        } else {
-            ptrdiff_t parts = (npos + CNN_ENG_KC / C - 1) / (CNN_ENG_KC / C);
-            per = (npos + parts - 1) / parts;
-        }
-    }
 #if CNN_ENG_FLOAT32
     int isa = cnn_eng_isa(), avx2 = isa >= CNN_ENG_AVX2;
 #else
     int isa = CNN_ENG_PORTABLE, avx2 = 0;
 #endif
+    /* chunks of k of at most kc values, as even as whole positions allow (C < kc), or one
+     * position's channels in even parts; the AVX-512 tile reads two panels' chunks at once,
+     * so its chunks are half as long (the same bytes in L1) */
+    ptrdiff_t kc = isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
+    ptrdiff_t per = npos, cstep = C;
+    if (K > kc) {
+        if (C >= kc) {
+            per = 1;
+            ptrdiff_t parts = (C + kc - 1) / kc;
+            cstep = (C + parts - 1) / parts;
+        } else {
+            ptrdiff_t parts = (npos + kc / C - 1) / (kc / C);
+            per = (npos + parts - 1) / parts;
+        }
+    }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (ptrdiff_t item = 0; item < items; item++) {
         ptrdiff_t blk = item / fsplit, part = item % fsplit;
