@@ -24,7 +24,10 @@
  *   tile never tests a bound. Long windows are split in chunks of about CNN_ENG_KC values of
  *   k, the panel's chunk staying in L1 while a block of tiles passes; partial sums go through
  *   the output. Threads take (block of tiles, range of panels) items: many blocks go one
- *   block a thread, few (batch 1, affine layers) split the panels between threads.
+ *   block a thread, few (batch 1, affine layers) split the panels between threads. A max
+ *   pool of k x k at stride k after a conv is fused (E_POOL): the conv runs a few pool rows
+ *   at a time into a per-thread slot and pools them into its output, so the unpooled
+ *   output never goes through memory.
  * - ROWCONV: a conv of one input channel at stride 1 whose output rows are at least
  *   CNN_ENG_RX wide (a first layer on grey images), vectorised along the output rows: 16
  *   pixels x 6 channels a tile (see cnn_eng_rowconv).
@@ -100,7 +103,9 @@ enum {
     E_OFF_OFS, /* CONV: KH * KW window offsets in the (padded) NHWC input, in the int64 array */
     E_COPY,    /* CONV: 0 reads its input as it is; 1 copies it padded (NHWC); 2 the same from
                 * the plan's NCHW input */
-    E_WINO,    /* WINO: tiles per band */
+    E_WINO,    /* WINO: tiles per band; CONV with E_POOL: slots (threads at most) */
+    E_POOL,    /* CONV: 0, or a max pool of E_POOL x E_POOL at stride E_POOL fused (E_HO and
+                * E_WO are then the pooled output's) */
     CNN_ENG_FIELDS
 };
 

@@ -83,10 +83,95 @@ static void CNN_ENG_S(cnn_eng_pad)(const long long *d, const T *x, T *dst, ptrdi
     }
 }
 
-/* CONV: see cnn_engine.h. x is the op's input as it is; padded the scratch for its copy. */
+/* A CONV op's constants, shared by its ranges of tiles. */
+typedef struct {
+    const T *in, *wp, *bias;
+    const ptrdiff_t *off;
+    ptrdiff_t C, F, HO, WO, s, Hp, Wp, npos, K, P, per, cstep;
+    int relu, isa, avx2;
+} CNN_ENG_S(cnn_eng_conv_t);
+
+/* Tiles t0 .. t0 + nt - 1 of the pixels qa .. qend - 1 (tile t: pixels qa + t * MR on, at
+ * most MR of them), panels p0 .. p1 - 1; pixel q's channels go to obase + (q - qoff) * F. */
+static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, ptrdiff_t qa,
+                                          ptrdiff_t qend, ptrdiff_t t0, ptrdiff_t nt,
+                                          ptrdiff_t p0, ptrdiff_t p1, T *obase, ptrdiff_t qoff) {
+    ptrdiff_t C = c->C, F = c->F, HO = c->HO, WO = c->WO, s = c->s, Hp = c->Hp, Wp = c->Wp;
+    ptrdiff_t K = c->K, P = c->P, npos = c->npos, per = c->per, cstep = c->cstep;
+    const T *in = c->in, *wp = c->wp, *bias = c->bias;
+    const ptrdiff_t *off = c->off;
+    int relu = c->relu, isa = c->isa, avx2 = c->avx2;
+    const T *base[CNN_ENG_TB_WIDE][MR];
+    T *o[CNN_ENG_TB_WIDE][MR];
+    ptrdiff_t first[CNN_ENG_TB_WIDE]; /* the tile's first pixel */
+    int rows[CNN_ENG_TB_WIDE];        /* and its number of pixels */
+    T spare[MR][2 * NR];              /* rows nobody reads (as wide as a pair of panels) */
+    (void)isa;
+    /* the pixels' windows, walking (n, oh, ow) from the first tile's first pixel (no division
+     * per pixel: with a short window they would cost more than the tile) */
+    ptrdiff_t q = qa + t0 * MR, n = q / P, oh = (q % P) / WO, ow = q % WO;
+    for (ptrdiff_t t = 0; t < nt; t++) {
+        ptrdiff_t q0 = qa + (t0 + t) * MR, m = qend - q0 < MR ? qend - q0 : MR;
+        first[t] = q0 - qoff;
+        rows[t] = (int)m;
+        for (ptrdiff_t i = 0; i < m; i++) {
+            base[t][i] = in + ((n * Hp + oh * s) * Wp + ow * s) * C;
+            if (++ow == WO) {
+                ow = 0;
+                if (++oh == HO) oh = 0, n++;
+            }
+        }
+        for (ptrdiff_t i = m; i < MR; i++) base[t][i] = base[t][m - 1];
+    }
+    /* panels one at a time, or two (the AVX-512 tile) while the range has two left */
+    for (ptrdiff_t pn = p0, step; pn < p1; pn += step) {
+        int pair = isa == CNN_ENG_AVX512 && pn + 1 < p1;
+        step = pair ? 2 : 1;
+        ptrdiff_t f0 = pn * NR, width = step * NR;
+        int fw = F - f0 < width ? (int)(F - f0) : (int)width;
+        for (ptrdiff_t t = 0; t < nt; t++) {
+            for (int i = 0; i < MR; i++) {
+                o[t][i] = i < rows[t] ? obase + (first[t] + i) * F + f0 : spare[i];
+            }
+        }
+        const T *wpanel = wp + pn * K * NR;
+        for (ptrdiff_t pos = 0; pos < npos; pos += per) {
+            ptrdiff_t np = npos - pos < per ? npos - pos : per;
+            for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
+                ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
+                int load = pos > 0 || c0 > 0, last = pos + np == npos && c0 + cn == C;
+                const T *w = wpanel + (pos * C + c0) * NR;
+                const T *bs = last ? bias + f0 : NULL;
+                for (ptrdiff_t t = 0; t < nt; t++) {
+#if CNN_ENG_FLOAT32 && CNN_ENG_X86
+                    if (pair && rows[t] > 1) {
+                        cnn_eng_tile6x32_avx512(np, off + pos, c0, cn, w, K * NR, base[t], o[t],
+                                                fw, load, bs, last && relu);
+                        continue;
+                    }
+#endif
+                    CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn, w, base[t],
+                                                o[t], fw < NR ? fw : NR, load, bs,
+                                                last && relu);
+                    if (pair) { /* a lone pixel: the second panel on its own */
+                        T *o2[MR];
+                        for (int i = 0; i < MR; i++) o2[i] = o[t][i] + NR;
+                        CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn,
+                                                    w + K * NR, base[t], o2, fw - NR, load,
+                                                    bs ? bs + NR : NULL, last && relu);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* CONV: see cnn_engine.h. x is the op's input as it is; padded the scratch for its copy;
+ * scratch (a fused max pool) E_WINO slots of one pool row of conv output each. */
 static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const long long *offs,
-                                    const T *x, T *out, ptrdiff_t N, T *padded) {
-    ptrdiff_t C = d[E_C], F = d[E_F], HO = d[E_HO], WO = d[E_WO], s = d[E_STRIDE];
+                                    const T *x, T *out, ptrdiff_t N, T *padded, T *scratch) {
+    ptrdiff_t pool = d[E_POOL], C = d[E_C], F = d[E_F], s = d[E_STRIDE];
+    ptrdiff_t HO = pool ? d[E_HO] * pool : d[E_HO], WO = pool ? d[E_WO] * pool : d[E_WO];
     ptrdiff_t Hp = d[E_H] + 2 * d[E_PAD], Wp = d[E_W] + 2 * d[E_PAD];
     ptrdiff_t npos = d[E_KH] * d[E_KW], K = npos * C, P = HO * WO, Q = N * P;
     ptrdiff_t panels = (F + NR - 1) / NR, tiles = (Q + MR - 1) / MR;
@@ -98,100 +183,94 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, d[E_COPY] == 2);
         in = padded;
     }
-    const T *wp = params + d[E_W_OFS], *bias = params + d[E_A_OFS];
-    const ptrdiff_t *off = (const ptrdiff_t *)(offs + d[E_OFF_OFS]);
-    int relu = (int)d[E_RELU];
-    int threads = cnn_eng_threads(Q * F * K);
-    ptrdiff_t fsplit = cnn_eng_split(blocks, panels, threads);
-    ptrdiff_t items = blocks * fsplit;
-    if (items < threads) threads = (int)items;
+    CNN_ENG_S(cnn_eng_conv_t) c;
+    c.in = in;
+    c.wp = params + d[E_W_OFS];
+    c.bias = params + d[E_A_OFS];
+    c.off = (const ptrdiff_t *)(offs + d[E_OFF_OFS]);
+    c.C = C, c.F = F, c.HO = HO, c.WO = WO, c.s = s, c.Hp = Hp, c.Wp = Wp;
+    c.npos = npos, c.K = K, c.P = P, c.relu = (int)d[E_RELU];
 #if CNN_ENG_FLOAT32
-    int isa = cnn_eng_isa(), avx2 = isa >= CNN_ENG_AVX2;
+    c.isa = cnn_eng_isa();
 #else
-    int isa = CNN_ENG_PORTABLE, avx2 = 0;
+    c.isa = CNN_ENG_PORTABLE;
 #endif
+    c.avx2 = c.isa >= CNN_ENG_AVX2;
     /* chunks of k of at most kc values, as even as whole positions allow (C < kc), or one
      * position's channels in even parts; the AVX-512 tile reads two panels' chunks at once,
      * so its chunks are half as long (the same bytes in L1) */
-    ptrdiff_t kc = isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
-    ptrdiff_t per = npos, cstep = C;
+    ptrdiff_t kc = c.isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
+    c.per = npos, c.cstep = C;
     if (K > kc) {
         if (C >= kc) {
-            per = 1;
+            c.per = 1;
             ptrdiff_t parts = (C + kc - 1) / kc;
-            cstep = (C + parts - 1) / parts;
+            c.cstep = (C + parts - 1) / parts;
         } else {
             ptrdiff_t parts = (npos + kc / C - 1) / (kc / C);
-            per = (npos + parts - 1) / parts;
+            c.per = (npos + parts - 1) / parts;
         }
     }
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (ptrdiff_t item = 0; item < items; item++) {
-        ptrdiff_t blk = item / fsplit, part = item % fsplit;
-        ptrdiff_t p0 = panels * part / fsplit, p1 = panels * (part + 1) / fsplit;
-        ptrdiff_t t0 = blk * tb, t1 = t0 + tb < tiles ? t0 + tb : tiles, nt = t1 - t0;
-        const T *base[CNN_ENG_TB_WIDE][MR];
-        T *o[CNN_ENG_TB_WIDE][MR];
-        ptrdiff_t first[CNN_ENG_TB_WIDE]; /* the tile's first pixel */
-        int rows[CNN_ENG_TB_WIDE];        /* and its number of pixels */
-        T spare[MR][2 * NR];     /* rows nobody reads (as wide as a pair of panels) */
-        /* the pixels' windows, walking (n, oh, ow) from the block's first pixel (no division
-         * per pixel: with a short window they would cost more than the tile) */
-        ptrdiff_t q = t0 * MR, n = q / P, oh = (q % P) / WO, ow = q % WO;
-        for (ptrdiff_t t = 0; t < nt; t++) {
-            ptrdiff_t q0 = (t0 + t) * MR, m = Q - q0 < MR ? Q - q0 : MR;
-            first[t] = q0;
-            rows[t] = (int)m;
-            for (ptrdiff_t i = 0; i < m; i++) {
-                base[t][i] = in + ((n * Hp + oh * s) * Wp + ow * s) * C;
-                if (++ow == WO) {
-                    ow = 0;
-                    if (++oh == HO) oh = 0, n++;
-                }
-            }
-            for (ptrdiff_t i = m; i < MR; i++) base[t][i] = base[t][m - 1];
-        }
-        /* panels one at a time, or two (the AVX-512 tile) while the item has two left */
-        for (ptrdiff_t pn = p0, step; pn < p1; pn += step) {
-            int pair = isa == CNN_ENG_AVX512 && pn + 1 < p1;
-            step = pair ? 2 : 1;
-            ptrdiff_t f0 = pn * NR, width = step * NR;
-            int fw = F - f0 < width ? (int)(F - f0) : (int)width;
-            for (ptrdiff_t t = 0; t < nt; t++) {
-                for (int i = 0; i < MR; i++) {
-                    o[t][i] = i < rows[t] ? out + (first[t] + i) * F + f0 : spare[i];
-                }
-            }
-            const T *wpanel = wp + pn * K * NR;
-            for (ptrdiff_t pos = 0; pos < npos; pos += per) {
-                ptrdiff_t np = npos - pos < per ? npos - pos : per;
-                for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
-                    ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
-                    int load = pos > 0 || c0 > 0, last = pos + np == npos && c0 + cn == C;
-                    const T *w = wpanel + (pos * C + c0) * NR;
-                    const T *bs = last ? bias + f0 : NULL;
-                    for (ptrdiff_t t = 0; t < nt; t++) {
-#if CNN_ENG_FLOAT32 && CNN_ENG_X86
-                        if (pair && rows[t] > 1) {
-                            cnn_eng_tile6x32_avx512(np, off + pos, c0, cn, w, K * NR, base[t],
-                                                    o[t], fw, load, bs, last && relu);
-                            continue;
-                        }
+    int threads = cnn_eng_threads(Q * F * K);
+    if (pool) {
+        /* a max pool of pool x pool at stride pool fused: each item a few pool rows, their
+         * pool x WO-pixel rows of conv output computed into the thread's slot (in cache),
+         * then pooled into out: the conv's output never goes through memory */
+        ptrdiff_t HOp = d[E_HO], WOp = d[E_WO], prows = N * HOp, rowpx = pool * WO;
+        /* pool rows per item: E_GROUPS (enough for a block of tiles), fewer when that
+         * leaves a thread idle; each thread's slot holds E_GROUPS rows */
+        ptrdiff_t g = d[E_GROUPS];
+        if (prows < g * 2 * threads) g = prows / (2 * threads) > 1 ? prows / (2 * threads) : 1;
+        ptrdiff_t items = (prows + g - 1) / g, slot = (d[E_GROUPS] * rowpx * F + 15) / 16 * 16;
+        if (items < threads) threads = (int)items;
+        if (threads > d[E_WINO]) threads = (int)d[E_WINO];
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+#ifdef _OPENMP
+            T *mine = scratch + omp_get_thread_num() * slot;
+#else
+            T *mine = scratch;
 #endif
-                        CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn, w,
-                                                    base[t], o[t], fw < NR ? fw : NR, load, bs,
-                                                    last && relu);
-                        if (pair) { /* a lone pixel: the second panel on its own */
-                            T *o2[MR];
-                            for (int i = 0; i < MR; i++) o2[i] = o[t][i] + NR;
-                            CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], np, off + pos, c0, cn,
-                                                        w + K * NR, base[t], o2, fw - NR, load,
-                                                        bs ? bs + NR : NULL, last && relu);
+#pragma omp for schedule(static)
+            for (ptrdiff_t item = 0; item < items; item++) {
+                /* pool rows r0 .. r1 - 1 (of all the images, in order): conv rows r0 * pool
+                 * on, the pixels qa .. qb - 1 */
+                ptrdiff_t r0 = item * g, r1 = r0 + g < prows ? r0 + g : prows;
+                ptrdiff_t qa = r0 * rowpx, qb = r1 * rowpx, ptiles = (qb - qa + MR - 1) / MR;
+                for (ptrdiff_t t0 = 0; t0 < ptiles; t0 += tb) {
+                    ptrdiff_t nt = ptiles - t0 < tb ? ptiles - t0 : tb;
+                    CNN_ENG_S(cnn_eng_conv_tiles)(&c, qa, qb, t0, nt, 0, panels, mine, qa);
+                }
+                T *dst = out + r0 * WOp * F;
+                for (ptrdiff_t r = r0; r < r1; r++) {
+                    const T *row = mine + (r - r0) * rowpx * F;
+                    for (ptrdiff_t wp = 0; wp < WOp; wp++, dst += F) {
+                        const T *src = row + wp * pool * F;
+                        memcpy(dst, src, sizeof(T) * F);
+                        for (ptrdiff_t i = 0; i < pool; i++) {
+                            for (ptrdiff_t j = i == 0; j < pool; j++) {
+                                const T *u = src + (i * WO + j) * F;
+                                CNN_SIMD
+                                for (ptrdiff_t f = 0; f < F; f++) {
+                                    dst[f] = (u[f] > dst[f] || u[f] != u[f]) ? u[f] : dst[f];
+                                }
+                            }
                         }
                     }
                 }
             }
         }
+        return;
+    }
+    ptrdiff_t fsplit = cnn_eng_split(blocks, panels, threads);
+    ptrdiff_t items = blocks * fsplit;
+    if (items < threads) threads = (int)items;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (ptrdiff_t item = 0; item < items; item++) {
+        ptrdiff_t blk = item / fsplit, part = item % fsplit;
+        ptrdiff_t p0 = panels * part / fsplit, p1 = panels * (part + 1) / fsplit;
+        ptrdiff_t t0 = blk * tb, nt = t0 + tb < tiles ? tb : tiles - t0;
+        CNN_ENG_S(cnn_eng_conv_tiles)(&c, 0, Q, t0, nt, p0, p1, out, 0);
     }
 }
 
@@ -624,7 +703,7 @@ static void CNN_ENG_S(cnn_eng_run)(const long long *desc, const double *eps, int
             double start = times ? cnn_eng_seconds() : 0.0;
             switch (d[E_KIND]) {
             case CNN_ENG_CONV:
-                CNN_ENG_S(cnn_eng_conv)(d, params, offs, src, dst, nb, padded);
+                CNN_ENG_S(cnn_eng_conv)(d, params, offs, src, dst, nb, padded, wino);
                 break;
             case CNN_ENG_ROWCONV:
                 CNN_ENG_S(cnn_eng_rowconv)(d, params, src, dst, nb, padded);

@@ -161,6 +161,43 @@ def test_compiled_ops_fold_and_fuse():
     assert plan.ops[4] == "scale"
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize(
+    "pool, shape, filters, relu",
+    [(2, (5, 12, 9), 40, True), (3, (4, 11, 10), 7, False), (2, (3, 6, 5), 70, True)],
+)
+def test_a_max_pool_after_a_conv_is_fused_exactly(cpu_path, dtype, N, pool, shape, filters, relu):
+    """A k x k max pool at stride k after a direct conv runs in the conv's epilogue (one pool
+    row at a time, through a slot per thread): the same as conv then pool, ReLU before or
+    after, a pair of panels and one left over (40, 70 channels) or a lone panel (7), a NaN
+    included."""
+    layers = [{"type": "conv", "filters": filters, "size": [3, 2], "stride": 1, "pad": 0}]
+    layers += [{"type": "relu"}] if relu else []
+    layers += [{"type": "max_pool", "size": pool, "stride": pool}, {"type": "affine", "units": 6}]
+    model = make((shape, layers), dtype)
+    plan = engine.compile(model, max_batch=2)
+    fused = "conv 3x2 s1 p0" + (" +relu" if relu else "") + f" +max_pool {pool}x{pool} s{pool}"
+    assert plan.ops == [fused, "affine", "affine"]  # the network's own last affine layer
+    x = inputs((N, *shape), dtype)
+    assert_close(plan(x), model.loss(x))
+    x[-1, 0, 4, 3] = np.nan  # the conv spreads it over a window of pixels, the pool keeps it
+    got, want = plan(x), model.loss(x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[-1]).all() and not np.isnan(got[:-1]).any()
+
+
+def test_only_pools_that_tile_at_their_own_size_are_fused():
+    shape = (2, 9, 9)
+    for size, stride, fused in [(2, 1, False), (3, 2, False), (3, 3, True)]:
+        layers = [
+            {"type": "conv", "filters": 4, "size": 3, "stride": 1, "pad": 1},
+            {"type": "max_pool", "size": size, "stride": stride},
+        ]
+        plan = engine.compile(make((shape, layers), np.float32))
+        assert (len(plan.ops) == 2) == fused, plan.ops  # the conv (and pool), the classes
+
+
 def test_a_plan_keeps_the_weights_it_was_compiled_with():
     model = make(NET_A, np.float64)
     x = inputs((2, *NET_A[0]), np.float64)

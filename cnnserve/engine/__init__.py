@@ -101,12 +101,17 @@ os.register_at_fork(after_in_child=_fresh_locks_in_child)
     F_OFF_OFS,
     F_COPY,
     F_WINO,
-) = range(19)
-assert _kernels.FIELDS == 19  # the descriptor layout of cnn_engine.h
+    F_POOL,
+) = range(20)
+assert _kernels.FIELDS == 20  # the descriptor layout of cnn_engine.h
 #: A 3x3 stride-1 conv with at least this many input and output channels runs as Winograd
 #: F(2x2, 3x3). Fewer channels: moving the transformed tiles through memory costs more than
 #: the multiplications it saves (measured: 32 and 64 channels ran 1.3-1.7x slower).
 WINO_MIN_CHANNELS = 128
+#: Conv output pixels that a conv with a fused max pool computes at a time, at least: a
+#: block of tiles (8 tiles of 6 pixels), so that a panel's chunk of filters, read into L1,
+#: serves as many pixels as in an unfused conv.
+_FUSED_PIXELS = 48
 #: Bytes of a Winograd band's transformed tiles (V and M): about what stays in the L3 cache.
 WINO_BAND_BYTES = 4 * 2**20
 # F(2x2, 3x3): the filter transform G (the input's B^T and the output's A^T are in the C)
@@ -256,6 +261,14 @@ class Plan:
                 row[F_OFF_OFS] = put(window, offsets, "offs", np.int64)
                 if op.copy:
                     padded = max(padded, (H + 2 * op.pad) * Wp * C * max_batch)
+                if op.pool:  # a slot per thread for a few pool rows of the conv's output:
+                    # enough pixels for a block of tiles (as the unfused conv takes them)
+                    F, _, WO = op.out_shape
+                    rowpx = op.pool * op.pool * WO
+                    rows = -(-_FUSED_PIXELS // rowpx)
+                    slots = os.cpu_count() or 1
+                    row[F_POOL], row[F_GROUPS], row[F_WINO] = op.pool, rows, slots
+                    wino = max(wino, slots * -(-rows * rowpx * F // 16) * 16)
             if op.kind == ROWCONV:
                 F, _, kh, kw = op.weight.shape
                 w = np.zeros((-(-F // _kernels.RB) * _kernels.RB, kh * kw))

@@ -40,6 +40,7 @@ class Op:
         self.affine = False
         self.back = False  # TRANSPOSE: NHWC to NCHW (else NCHW to NHWC)
         self.copy = 0  # CONV: F_COPY (0: input as it is, 1: padded NHWC copy, 2: from NCHW)
+        self.pool = 0  # CONV: a max pool of pool x pool at stride pool fused (out_shape its)
         self.weight: np.ndarray | None = None  # CONV: (F, C, KH, KW)
         self.a: np.ndarray | None = None  # bias, scale or gamma (per channel)
         self.b: np.ndarray | None = None  # shift or beta
@@ -60,6 +61,8 @@ class Op:
                 text += " rowwise"
         if self.relu and self.kind != RELU:
             text += " +relu"
+        if self.pool:
+            text += f" +max_pool {self.pool}x{self.pool} s{self.pool}"
         return text
 
 
@@ -218,6 +221,21 @@ class Builder:
                 and min(C, F) >= wino_min
             ):
                 op.kind = WINO
+        # a max pool of k x k at stride k after a direct conv: fused into it (exact: the
+        # conv's ReLU, applied first, commutes with the max)
+        k = 0
+        while k + 1 < len(ops):
+            op, nxt = ops[k], ops[k + 1]
+            if (
+                op.kind == CONV
+                and not op.affine
+                and nxt.kind == MAXPOOL
+                and nxt.size[0] == nxt.size[1] == nxt.stride
+            ):
+                op.pool, op.out_shape = nxt.stride, nxt.out_shape
+                op.relu = op.relu or nxt.relu
+                del ops[k + 1]
+            k += 1
         last = self.flat_from if self.perm is not None else self.shape
         if last[0] > 1 and last[1] * last[2] > 1:
             op = Op(TRANSPOSE, last, last)
