@@ -181,11 +181,10 @@ def case_input(shape):
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-def prepare(case: str, folder: str) -> int:
-    """Write what the torch and ORT workers read: input, tensors, layers, the ONNX file."""
+def prepare(case: str, folder: str, onnx: bool) -> int:
+    """Write what the torch and ORT workers read: input, tensors, layers, and (``onnx``: for
+    the ORT worker) the ONNX file."""
     import numpy as np
-
-    from cnnserve.onnx import export_onnx
 
     _, network, shape = CASES[case]
     model = build(network)
@@ -194,7 +193,10 @@ def prepare(case: str, folder: str) -> int:
     np.savez(os.path.join(folder, "tensors.npz"), **tensors)
     with open(os.path.join(folder, "layers.json"), "w") as f:
         json.dump(layers, f)
-    export_onnx(model, os.path.join(folder, "model.onnx"))
+    if onnx:
+        from cnnserve.onnx import export_onnx
+
+        export_onnx(model, os.path.join(folder, "model.onnx"))
     return 0
 
 
@@ -404,9 +406,8 @@ def check_outputs(folder: str, engines: list[str]) -> str:
 def run_case(case: str, engines: list[str], args, env: dict[str, str]) -> dict:
     what = CASES[case][0]
     with tempfile.TemporaryDirectory() as folder:
-        done = subprocess.run(
-            [sys.executable, __file__, "--prepare", case, "--folder", folder], env=env
-        )
+        command = [sys.executable, __file__, "--prepare", case, "--folder", folder]
+        done = subprocess.run(command + (["--onnx"] if "ort" in engines else []), env=env)
         if done.returncode:
             raise SystemExit(f"preparing {case} failed")
         workers = {}
@@ -509,10 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", choices=sorted(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--onnx", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
-        return prepare(args.prepare, args.folder)
+        return prepare(args.prepare, args.folder, args.onnx)
     if args.worker:
         return worker(args.worker, args.case, args.folder)
 

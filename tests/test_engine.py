@@ -292,6 +292,8 @@ def test_a_wrong_out_is_a_clear_error():
         plan(x, out=np.zeros((2, 4), np.float32))
     with pytest.raises(TypeError, match="out must be a numpy array of float32, got float64"):
         plan(x, out=np.zeros((2, 3), np.float64))
+    with pytest.raises(ValueError, match=r"out must be C-contiguous \(its shape \(2, 3\) is"):
+        plan(x, out=np.zeros((3, 2), np.float32).T)
 
 
 def test_compile_refuses_what_it_cannot_plan():

@@ -354,8 +354,10 @@ class Plan:
         elif not isinstance(out, np.ndarray) or out.dtype != self.dtype:
             got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
             raise TypeError(f"out must be a numpy array of {self.dtype.name}, got {got}")
-        elif out.shape != shape or not out.flags.c_contiguous:
+        elif out.shape != shape:
             raise ValueError(f"out must be a C-contiguous array of shape {shape}, got {out.shape}")
+        elif not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous (its shape {shape} is right)")
         self._run(x, out)
         return out
 
