@@ -27,7 +27,8 @@
  *   block a thread, few (batch 1, affine layers) split the panels between threads. A max
  *   pool of k x k at stride k after a conv is fused (E_POOL): the conv runs a few pool rows
  *   at a time into a per-thread slot and pools them into its output, so the unpooled
- *   output never goes through memory.
+ *   output never goes through memory. A conv followed by a padded conv writes its output
+ *   with the zero border the next one needs (E_OPAD), so that one copies nothing.
  * - ROWCONV: a conv of one input channel at stride 1 whose output rows are at least
  *   CNN_ENG_RX wide (a first layer on grey images), vectorised along the output rows: 16
  *   pixels x 6 channels a tile (see cnn_eng_rowconv).
@@ -106,6 +107,8 @@ enum {
     E_WINO,    /* WINO: tiles per band; CONV with E_POOL: slots (threads at most) */
     E_POOL,    /* CONV: 0, or a max pool of E_POOL x E_POOL at stride E_POOL fused (E_HO and
                 * E_WO are then the pooled output's) */
+    E_OPAD,    /* CONV: 0, or writes its output with a zero border of E_OPAD pixels, the next
+                * conv's padding (that conv then reads it in place: E_COPY 0) */
     CNN_ENG_FIELDS
 };
 

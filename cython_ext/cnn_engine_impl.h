@@ -92,10 +92,13 @@ typedef struct {
 } CNN_ENG_S(cnn_eng_conv_t);
 
 /* Tiles t0 .. t0 + nt - 1 of the pixels qa .. qend - 1 (tile t: pixels qa + t * MR on, at
- * most MR of them), panels p0 .. p1 - 1; pixel q's channels go to obase + (q - qoff) * F. */
+ * most MR of them), panels p0 .. p1 - 1; pixel q = (n, oh, ow)'s channels go to
+ * obase + (q - qoff) * F, or with a border of opad pixels (the next conv's padding) to
+ * obase + ((n * (HO + 2 opad) + oh + opad) * (WO + 2 opad) + ow + opad) * F. */
 static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, ptrdiff_t qa,
                                           ptrdiff_t qend, ptrdiff_t t0, ptrdiff_t nt,
-                                          ptrdiff_t p0, ptrdiff_t p1, T *obase, ptrdiff_t qoff) {
+                                          ptrdiff_t p0, ptrdiff_t p1, T *obase, ptrdiff_t qoff,
+                                          ptrdiff_t opad) {
     ptrdiff_t C = c->C, F = c->F, HO = c->HO, WO = c->WO, s = c->s, Hp = c->Hp, Wp = c->Wp;
     ptrdiff_t K = c->K, P = c->P, npos = c->npos, per = c->per, cstep = c->cstep;
     const T *in = c->in, *wp = c->wp, *bias = c->bias;
@@ -103,8 +106,8 @@ static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, pt
     int relu = c->relu, isa = c->isa, avx2 = c->avx2;
     const T *base[CNN_ENG_TB_WIDE][MR];
     T *o[CNN_ENG_TB_WIDE][MR];
-    ptrdiff_t first[CNN_ENG_TB_WIDE]; /* the tile's first pixel */
-    int rows[CNN_ENG_TB_WIDE];        /* and its number of pixels */
+    T *px[CNN_ENG_TB_WIDE][MR];       /* each pixel's output channels */
+    int rows[CNN_ENG_TB_WIDE];        /* the tile's number of pixels */
     T spare[MR][2 * NR];              /* rows nobody reads (as wide as a pair of panels) */
     (void)isa;
     /* the pixels' windows, walking (n, oh, ow) from the first tile's first pixel (no division
@@ -112,10 +115,12 @@ static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, pt
     ptrdiff_t q = qa + t0 * MR, n = q / P, oh = (q % P) / WO, ow = q % WO;
     for (ptrdiff_t t = 0; t < nt; t++) {
         ptrdiff_t q0 = qa + (t0 + t) * MR, m = qend - q0 < MR ? qend - q0 : MR;
-        first[t] = q0 - qoff;
         rows[t] = (int)m;
         for (ptrdiff_t i = 0; i < m; i++) {
             base[t][i] = in + ((n * Hp + oh * s) * Wp + ow * s) * C;
+            px[t][i] = opad ? obase + ((n * (HO + 2 * opad) + oh + opad) * (WO + 2 * opad) +
+                                       ow + opad) * F
+                            : obase + (q0 + i - qoff) * F;
             if (++ow == WO) {
                 ow = 0;
                 if (++oh == HO) oh = 0, n++;
@@ -131,7 +136,7 @@ static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, pt
         int fw = F - f0 < width ? (int)(F - f0) : (int)width;
         for (ptrdiff_t t = 0; t < nt; t++) {
             for (int i = 0; i < MR; i++) {
-                o[t][i] = i < rows[t] ? obase + (first[t] + i) * F + f0 : spare[i];
+                o[t][i] = i < rows[t] ? px[t][i] + f0 : spare[i];
             }
         }
         const T *wpanel = wp + pn * K * NR;
@@ -182,6 +187,19 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
     if (d[E_COPY]) {
         CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, d[E_COPY] == 2);
         in = padded;
+    }
+    ptrdiff_t opad = d[E_OPAD];
+    if (opad) { /* the border of the output, the next conv's zero padding */
+        ptrdiff_t Ho = d[E_HO], Wo = d[E_WO], Ht = Ho + 2 * opad, Wt = Wo + 2 * opad;
+        for (ptrdiff_t n = 0; n < N; n++) {
+            T *img = out + n * Ht * Wt * F;
+            memset(img, 0, sizeof(T) * opad * Wt * F);
+            memset(img + (opad + Ho) * Wt * F, 0, sizeof(T) * opad * Wt * F);
+            for (ptrdiff_t h = opad; h < opad + Ho; h++) {
+                memset(img + h * Wt * F, 0, sizeof(T) * opad * F);
+                memset(img + (h * Wt + opad + Wo) * F, 0, sizeof(T) * opad * F);
+            }
+        }
     }
     CNN_ENG_S(cnn_eng_conv_t) c;
     c.in = in;
@@ -239,11 +257,12 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
                 ptrdiff_t qa = r0 * rowpx, qb = r1 * rowpx, ptiles = (qb - qa + MR - 1) / MR;
                 for (ptrdiff_t t0 = 0; t0 < ptiles; t0 += tb) {
                     ptrdiff_t nt = ptiles - t0 < tb ? ptiles - t0 : tb;
-                    CNN_ENG_S(cnn_eng_conv_tiles)(&c, qa, qb, t0, nt, 0, panels, mine, qa);
+                    CNN_ENG_S(cnn_eng_conv_tiles)(&c, qa, qb, t0, nt, 0, panels, mine, qa, 0);
                 }
-                T *dst = out + r0 * WOp * F;
                 for (ptrdiff_t r = r0; r < r1; r++) {
                     const T *row = mine + (r - r0) * rowpx * F;
+                    ptrdiff_t rn = r / HOp, rh = r % HOp;
+                    T *dst = out + ((rn * (HOp + 2 * opad) + rh + opad) * (WOp + 2 * opad) + opad) * F;
                     for (ptrdiff_t wp = 0; wp < WOp; wp++, dst += F) {
                         const T *src = row + wp * pool * F;
                         memcpy(dst, src, sizeof(T) * F);
@@ -270,7 +289,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         ptrdiff_t blk = item / fsplit, part = item % fsplit;
         ptrdiff_t p0 = panels * part / fsplit, p1 = panels * (part + 1) / fsplit;
         ptrdiff_t t0 = blk * tb, nt = t0 + tb < tiles ? tb : tiles - t0;
-        CNN_ENG_S(cnn_eng_conv_tiles)(&c, 0, Q, t0, nt, p0, p1, out, 0);
+        CNN_ENG_S(cnn_eng_conv_tiles)(&c, 0, Q, t0, nt, p0, p1, out, 0, opad);
     }
 }
 

@@ -187,6 +187,31 @@ def test_a_max_pool_after_a_conv_is_fused_exactly(cpu_path, dtype, N, pool, shap
     assert np.isnan(got[-1]).all() and not np.isnan(got[:-1]).any()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 5])
+def test_a_conv_writes_the_zero_border_the_next_conv_pads_with(cpu_path, dtype, N):
+    """A direct conv (a fused pool's, too) followed by a padded direct conv writes its output
+    with that conv's zero border, which then reads it in place: the same as copying it padded,
+    over batches larger than max_batch (buffers reused by other ops in between)."""
+    shape = (3, 12, 10)
+    layers = [
+        {"type": "conv", "filters": 20, "size": 3, "stride": 1, "pad": 1},  # (20, 12, 10)
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2, "stride": 2},  # (20, 6, 5), fused
+        {"type": "conv", "filters": 36, "size": [3, 2], "stride": 1, "pad": 2},  # (36, 8, 8)
+        {"type": "conv", "filters": 9, "size": 3, "stride": 1, "pad": 1},  # (9, 8, 8)
+        {"type": "relu"},
+        {"type": "affine", "units": 5},
+    ]
+    model = make((shape, layers), dtype)
+    plan = engine.compile(model, max_batch=2)
+    opad = plan._desc[:, engine.F_OPAD].tolist()
+    copy = plan._desc[:, engine.F_COPY].tolist()
+    assert opad[:3] == [2, 1, 0] and copy[:3] == [2, 0, 0]  # the first conv reads NCHW
+    x = inputs((N, *shape), dtype)
+    assert_close(plan(x), model.loss(x))
+
+
 def test_only_pools_that_tile_at_their_own_size_are_fused():
     shape = (2, 9, 9)
     for size, stride, fused in [(2, 1, False), (3, 2, False), (3, 3, True)]:

@@ -102,8 +102,9 @@ os.register_at_fork(after_in_child=_fresh_locks_in_child)
     F_COPY,
     F_WINO,
     F_POOL,
-) = range(20)
-assert _kernels.FIELDS == 20  # the descriptor layout of cnn_engine.h
+    F_OPAD,
+) = range(21)
+assert _kernels.FIELDS == 21  # the descriptor layout of cnn_engine.h
 #: A 3x3 stride-1 conv with at least this many input and output channels runs as Winograd
 #: F(2x2, 3x3). Fewer channels: moving the transformed tiles through memory costs more than
 #: the multiplications it saves (measured: 32 and 64 channels ran 1.3-1.7x slower).
@@ -231,6 +232,7 @@ class Plan:
             row[F_STRIDE], row[F_PAD], row[F_RELU] = op.stride, op.pad, int(op.relu)
             row[F_GROUPS] = op.groups
             row[F_COPY] = op.copy
+            row[F_OPAD] = op.opad
             eps[k] = op.eps
             if op.kind == TRANSPOSE:
                 row[F_F] = int(op.back)
@@ -291,7 +293,10 @@ class Plan:
         self._eps = eps
         self._params = _aligned(np.concatenate(chunks) if chunks else np.zeros(1, dtype=dtype))
         self._offs = np.concatenate(offsets) if offsets else np.zeros(1, dtype=np.int64)
-        out_sizes = [int(np.prod(op.out_shape)) for op in ops]
+        out_sizes = [
+            op.out_shape[0] * (op.out_shape[1] + 2 * op.opad) * (op.out_shape[2] + 2 * op.opad)
+            for op in ops
+        ]
         self._in_size = int(np.prod(self.input_shape))
         self._out_size = out_sizes[-1]
         # op k writes buffer k % 2, the last op writes the output

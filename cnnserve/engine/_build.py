@@ -41,6 +41,7 @@ class Op:
         self.back = False  # TRANSPOSE: NHWC to NCHW (else NCHW to NHWC)
         self.copy = 0  # CONV: F_COPY (0: input as it is, 1: padded NHWC copy, 2: from NCHW)
         self.pool = 0  # CONV: a max pool of pool x pool at stride pool fused (out_shape its)
+        self.opad = 0  # CONV: its output written with the next conv's zero border
         self.weight: np.ndarray | None = None  # CONV: (F, C, KH, KW)
         self.a: np.ndarray | None = None  # bias, scale or gamma (per channel)
         self.b: np.ndarray | None = None  # shift or beta
@@ -236,6 +237,11 @@ class Builder:
                 op.relu = op.relu or nxt.relu
                 del ops[k + 1]
             k += 1
+        # a direct conv followed by a padded direct conv writes its output with the border
+        # the next one needs, which then reads it in place (no padded copy)
+        for op, nxt in zip(ops, ops[1:], strict=False):
+            if op.kind == CONV and nxt.kind == CONV and nxt.copy == 1 and not op.affine:
+                op.opad, nxt.copy = nxt.pad, 0
         last = self.flat_from if self.perm is not None else self.shape
         if last[0] > 1 and last[1] * last[2] > 1:
             op = Op(TRANSPOSE, last, last)
