@@ -113,17 +113,19 @@ static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, pt
     /* the pixels' windows, walking (n, oh, ow) from the first tile's first pixel (no division
      * per pixel: with a short window they would cost more than the tile) */
     ptrdiff_t q = qa + t0 * MR, n = q / P, oh = (q % P) / WO, ow = q % WO;
+    ptrdiff_t Wt = WO + 2 * opad; /* the output's row, its border included */
+    T *dst = opad ? obase + ((n * (HO + 2 * opad) + oh + opad) * Wt + ow + opad) * F
+                  : obase + (q - qoff) * F;
     for (ptrdiff_t t = 0; t < nt; t++) {
         ptrdiff_t q0 = qa + (t0 + t) * MR, m = qend - q0 < MR ? qend - q0 : MR;
         rows[t] = (int)m;
-        for (ptrdiff_t i = 0; i < m; i++) {
+        for (ptrdiff_t i = 0; i < m; i++, dst += F) {
             base[t][i] = in + ((n * Hp + oh * s) * Wp + ow * s) * C;
-            px[t][i] = opad ? obase + ((n * (HO + 2 * opad) + oh + opad) * (WO + 2 * opad) +
-                                       ow + opad) * F
-                            : obase + (q0 + i - qoff) * F;
-            if (++ow == WO) {
+            px[t][i] = dst;
+            if (++ow == WO) { /* past the border: the right one and the next row's left */
                 ow = 0;
-                if (++oh == HO) oh = 0, n++;
+                dst += 2 * opad * F;
+                if (++oh == HO) oh = 0, n++, dst += 2 * opad * Wt * F;
             }
         }
         for (ptrdiff_t i = m; i < MR; i++) base[t][i] = base[t][m - 1];
