@@ -141,18 +141,21 @@ static inline void cnn_eng_set_cap(int cap) {
                   : cap > CNN_ENG_AVX512 ? CNN_ENG_AVX512 : cap;
 }
 
-/* The tiles float32 ops run on this CPU under the cap: CNN_ENG_AVX512 (AVX-512F, beside the
- * AVX2 ones), CNN_ENG_AVX2 (AVX2 and FMA) or CNN_ENG_PORTABLE. */
-static inline int cnn_eng_isa(void) {
+/* The best tiles this CPU runs: CNN_ENG_AVX512 (AVX-512F, beside the AVX2 ones),
+ * CNN_ENG_AVX2 (AVX2 and FMA) or CNN_ENG_PORTABLE. */
+static inline int cnn_eng_best_isa(void) {
 #if CNN_ENG_X86
-    int have = CNN_ENG_PORTABLE;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        have = __builtin_cpu_supports("avx512f") ? CNN_ENG_AVX512 : CNN_ENG_AVX2;
+        return __builtin_cpu_supports("avx512f") ? CNN_ENG_AVX512 : CNN_ENG_AVX2;
     }
-    return have < cnn_eng_cap ? have : cnn_eng_cap;
-#else
-    return CNN_ENG_PORTABLE;
 #endif
+    return CNN_ENG_PORTABLE;
+}
+
+/* The tiles float32 ops run: the best the CPU has, under the cap. */
+static inline int cnn_eng_isa(void) {
+    int have = cnn_eng_best_isa();
+    return have < cnn_eng_cap ? have : cnn_eng_cap;
 }
 
 /* The number of panel ranges per block of tiles, for the thread count. */

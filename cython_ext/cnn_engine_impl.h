@@ -318,11 +318,7 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
         cstep = (C + parts - 1) / parts;
     }
     static const ptrdiff_t zero_off[1] = {0};
-#if CNN_ENG_FLOAT32
-    int isa = cnn_eng_isa(), avx2 = isa >= CNN_ENG_AVX2;
-#else
-    int isa = CNN_ENG_PORTABLE, avx2 = 0;
-#endif
+    int avx2 = CNN_ENG_FLOAT32 && cnn_eng_isa() >= CNN_ENG_AVX2;
     for (ptrdiff_t b0 = 0; b0 < tiles; b0 += band) {
         ptrdiff_t nt = tiles - b0 < band ? tiles - b0 : band;
         /* one point xi's tiles to the next: a cache line more than they take, since a power

@@ -27,6 +27,7 @@ cdef extern from "cnn_engine.h" nogil:
     int CNN_ENG_AVX512
     void cnn_eng_set_cap(int cap)
     int cnn_eng_isa()
+    int cnn_eng_best_isa()
     void cnn_eng_run_f(const long long* desc, const double* eps, int nops, const float* params,
                        const long long* offs, const float* x, float* out, Py_ssize_t N,
                        Py_ssize_t max_batch, Py_ssize_t in_size, Py_ssize_t out_size,
@@ -53,6 +54,11 @@ ISAS = {"portable": CNN_ENG_PORTABLE, "avx2": CNN_ENG_AVX2, "avx512": CNN_ENG_AV
 def set_cap(int cap):
     """Cap the float32 tiles at ``cap`` (a value of :data:`ISAS`) for every plan."""
     cnn_eng_set_cap(cap)
+
+
+def best_isa():
+    """The best float32 tiles this CPU runs, whatever the cap (a value of ISAS)."""
+    return cnn_eng_best_isa()
 
 
 def isa():

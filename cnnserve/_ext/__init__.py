@@ -7,7 +7,8 @@ Three process-wide thread settings live here (``cnnserve/__init__.py`` imports t
 first, so that they are in the environment before NumPy loads its BLAS):
 
 * Idle OpenMP threads spin only briefly, then sleep (``OMP_WAIT_POLICY=PASSIVE`` with
-  ``GOMP_SPINCOUNT=10000``, about 0.1 ms; neither is set when the environment sets either):
+  ``GOMP_SPINCOUNT=10000``, about 0.1 ms; each only when the environment does not set it,
+  and no spin count when it sets a wait policy of its own):
   the layers alternate OpenMP kernels with BLAS calls whose own threads need the same cores,
   and on a 2-core machine an OpenMP thread left spinning (GNU OpenMP's default, milliseconds)
   slowed a convolution backward pass by more than ten times. But a thread that sleeps at once

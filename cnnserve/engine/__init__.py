@@ -163,12 +163,7 @@ def cpu_path() -> str:
 
 def available_cpu_paths() -> tuple[str, ...]:
     """The paths this CPU can run, best first (``"portable"`` always)."""
-    isa = _kernels.isa()
-    try:
-        set_cpu_path("best")
-        best = _kernels.isa()
-    finally:
-        _kernels.set_cap(isa)
+    best = _kernels.best_isa()
     return tuple(p for p in CPU_PATHS if _kernels.ISAS[p] <= best)
 
 
