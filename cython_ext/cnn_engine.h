@@ -329,24 +329,17 @@ __attribute__((target("avx512f"))) static void cnn_eng_tile6x32_avx512(
         ptrdiff_t d = off[p];
         for (ptrdiff_t c = d; c < d + cn; c++, w += 16) {
             __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + wstep), v;
-            v = _mm512_set1_ps(b0[c]);
-            c00 = _mm512_fmadd_ps(v, w0, c00);
-            c01 = _mm512_fmadd_ps(v, w1, c01);
-            v = _mm512_set1_ps(b1[c]);
-            c10 = _mm512_fmadd_ps(v, w0, c10);
-            c11 = _mm512_fmadd_ps(v, w1, c11);
-            v = _mm512_set1_ps(b2[c]);
-            c20 = _mm512_fmadd_ps(v, w0, c20);
-            c21 = _mm512_fmadd_ps(v, w1, c21);
-            v = _mm512_set1_ps(b3[c]);
-            c30 = _mm512_fmadd_ps(v, w0, c30);
-            c31 = _mm512_fmadd_ps(v, w1, c31);
-            v = _mm512_set1_ps(b4[c]);
-            c40 = _mm512_fmadd_ps(v, w0, c40);
-            c41 = _mm512_fmadd_ps(v, w1, c41);
-            v = _mm512_set1_ps(b5[c]);
-            c50 = _mm512_fmadd_ps(v, w0, c50);
-            c51 = _mm512_fmadd_ps(v, w1, c51);
+#define CNN_ENG_ROW2(bi, lo, hi)                                                          \
+    v = _mm512_set1_ps(bi[c]);                                                            \
+    lo = _mm512_fmadd_ps(v, w0, lo);                                                      \
+    hi = _mm512_fmadd_ps(v, w1, hi)
+            CNN_ENG_ROW2(b0, c00, c01);
+            CNN_ENG_ROW2(b1, c10, c11);
+            CNN_ENG_ROW2(b2, c20, c21);
+            CNN_ENG_ROW2(b3, c30, c31);
+            CNN_ENG_ROW2(b4, c40, c41);
+            CNN_ENG_ROW2(b5, c50, c51);
+#undef CNN_ENG_ROW2
         }
     }
     __m512 bias0 = _mm512_setzero_ps(), bias1 = bias0, z = bias0;

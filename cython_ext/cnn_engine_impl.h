@@ -55,6 +55,14 @@ static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, ptrdiff_t npos,
     CNN_ENG_S(cnn_eng_tile)(m, npos, off, c0, cn, w, b, o, fw, load, bias, relu);
 }
 
+/* dst[j] = max(dst[j], u[j]) for j < n, a NaN winning (u > v, or u NaN: a NaN, once in,
+ * stays, since no u is above it): every max pool's step, fused or not. */
+static inline __attribute__((always_inline)) void CNN_ENG_S(cnn_eng_max_into)(
+    T *restrict dst, const T *restrict u, ptrdiff_t n) {
+    CNN_SIMD
+    for (ptrdiff_t j = 0; j < n; j++) dst[j] = (u[j] > dst[j] || u[j] != u[j]) ? u[j] : dst[j];
+}
+
 /* Copies N images (C, H, W) into a zero-bordered NHWC buffer of Hp x Wp pixels, the image
  * at (pad, pad): from NHWC (nchw == 0) or NCHW (nchw == 1). */
 static void CNN_ENG_S(cnn_eng_pad)(const long long *d, const T *x, T *dst, ptrdiff_t N,
@@ -281,11 +289,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
                         memcpy(dst, src, sizeof(T) * F);
                         for (ptrdiff_t i = 0; i < pool; i++) {
                             for (ptrdiff_t j = i == 0; j < pool; j++) {
-                                const T *u = src + (i * WO + j) * F;
-                                CNN_SIMD
-                                for (ptrdiff_t f = 0; f < F; f++) {
-                                    dst[f] = (u[f] > dst[f] || u[f] != u[f]) ? u[f] : dst[f];
-                                }
+                                CNN_ENG_S(cnn_eng_max_into)(dst, src + (i * WO + j) * F, F);
                             }
                         }
                     }
@@ -533,8 +537,7 @@ static inline __attribute__((always_inline)) void CNN_ENG_S(cnn_eng_pool_row)(
                 const T *restrict uu = u + wo * s * C;
                 T *restrict o = dst + wo * C;
                 if (is_max) {
-                    CNN_SIMD
-                    for (ptrdiff_t c = 0; c < C; c++) o[c] = (uu[c] > o[c] || uu[c] != uu[c]) ? uu[c] : o[c];
+                    CNN_ENG_S(cnn_eng_max_into)(o, uu, C);
                 } else {
                     CNN_SIMD
                     for (ptrdiff_t c = 0; c < C; c++) o[c] += uu[c];
@@ -586,15 +589,11 @@ static void CNN_ENG_S(cnn_eng_pool)(const long long *d, const T *x, T *out, ptrd
         for (ptrdiff_t wo = 0; wo < WO; wo++) {
             const T *win = x + ((n * H + ho * s) * W + wo * s) * C;
             T *dst = out + (r * WO + wo) * C;
-            if (is_max) { /* u > v, or u NaN: a NaN, once in, stays (no u is above it) */
+            if (is_max) {
                 memcpy(dst, win, sizeof(T) * C);
                 for (ptrdiff_t i = 0; i < KH; i++) {
                     for (ptrdiff_t j = 0; j < KW; j++) {
-                        const T *u = win + (i * W + j) * C;
-                        CNN_SIMD
-                        for (ptrdiff_t c = 0; c < C; c++) {
-                            dst[c] = (u[c] > dst[c] || u[c] != u[c]) ? u[c] : dst[c];
-                        }
+                        CNN_ENG_S(cnn_eng_max_into)(dst, win + (i * W + j) * C, C);
                     }
                 }
             } else {

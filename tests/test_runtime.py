@@ -160,35 +160,23 @@ def test_importing_cnnserve_sets_thread_defaults_before_numpy_loads_blas():
         for k, v in os.environ.items()
         if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")
     }
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    result = run()
     assert result.returncode == 0, result.stderr
     set_all = "OMP_WAIT_POLICY,OPENBLAS_THREAD_TIMEOUT,GOMP_SPINCOUNT"
     assert result.stdout.split() == ["PASSIVE", "20", "10000", set_all]
     env["OPENBLAS_THREAD_TIMEOUT"] = "28"
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
     # only what it set
-    assert result.stdout.split() == ["PASSIVE", "28", "10000", "OMP_WAIT_POLICY,GOMP_SPINCOUNT"]
+    assert run().stdout.split() == ["PASSIVE", "28", "10000", "OMP_WAIT_POLICY,GOMP_SPINCOUNT"]
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # a policy of the user's own: no spin count either
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert result.stdout.split() == ["ACTIVE", "28", "-"]  # and set nothing
+    assert run().stdout.split() == ["ACTIVE", "28", "-"]  # and set nothing
