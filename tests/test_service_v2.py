@@ -180,6 +180,23 @@ def test_errors_have_the_protocols_form(server):
             assert json.load(exc) == {"error": "inputs must be a list of one tensor named 'image'"}
 
 
+def test_finite_fp32_values_that_overflow_the_network_are_refused(server):
+    """3e38 is a finite float32, but the network's sums overflow: a 400 naming it, not a 200
+    of NaN scores (which JSON cannot even carry)."""
+    body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32"}]}
+    body["inputs"][0]["data"] = [3e38] * 64
+    req = urllib.request.Request(
+        server + "/v2/models/digits/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    with info.value as exc:
+        assert exc.code == 400
+        assert "overflows the network: its scores are not finite" in json.load(exc)["error"]
+
+
 def test_a_huge_declared_shape_is_refused_not_wrapped(server):
     head = json.dumps(
         {

@@ -375,6 +375,11 @@ async def _infer(service: Any, request: Request, model: LoadedModel) -> Response
     if classify:
         x = _classify_inputs(model, image)
         scores = await service.classify(request, model, x)  # (N, K)
+        if not np.all(np.isfinite(scores)):  # finite FP32 values too large for the network
+            raise _bad(
+                "input 'image' (FP32) overflows the network: its scores are not finite; "
+                "send it preprocessed as the model's metadata says (values of order 1)"
+            )
         results = {"scores": scores, "probabilities": _softmax(scores, 1)}
     else:
         rows, cols = fcn.geometry.map_size(H, W)
