@@ -32,9 +32,10 @@
  * - ROWCONV: a conv of one input channel at stride 1 whose output rows are at least
  *   CNN_ENG_RX wide (a first layer on grey images), vectorised along the output rows: 16
  *   pixels x 6 channels a tile (see cnn_eng_rowconv).
- * - WINO: a 3x3 stride-1 conv of many input and output channels (the plan decides:
+ * - WINO: a 3x3 stride-1 conv of enough input and output channels (the plan decides:
  *   WINO_MIN_CHANNELS), as Winograd F(2x2, 3x3) (see cnn_eng_wino): 2.25 times fewer
- *   multiplications.
+ *   multiplications. A 2 x 2 max pool at stride 2 is fused (a max over each 2 x 2 block of
+ *   outputs), and it writes and reads zero borders in place as CONV does.
  * - MAXPOOL / AVGPOOL: no padding, any window and stride, vectors along channels; a NaN in a
  *   window wins, as in the layer kernels.
  * - SCALE: per-channel y = x * a[c] + b[c] (a batch norm that could not be folded).
@@ -100,15 +101,15 @@ enum {
     E_W_OFS,   /* CONV: packed filters */
     E_A_OFS,   /* bias (CONV), scale or gamma (SCALE, norms) */
     E_B_OFS,   /* shift or beta (SCALE, norms) */
-    E_GROUPS,  /* GNORM */
+    E_GROUPS,  /* GNORM: groups; CONV with E_POOL: pool rows per item; WINO: slots */
     E_OFF_OFS, /* CONV: KH * KW window offsets in the (padded) NHWC input, in the int64 array */
-    E_COPY,    /* CONV: 0 reads its input as it is; 1 copies it padded (NHWC); 2 the same from
-                * the plan's NCHW input */
-    E_WINO,    /* WINO: tiles per band; CONV with E_POOL: slots (threads at most) */
-    E_POOL,    /* CONV: 0, or a max pool of E_POOL x E_POOL at stride E_POOL fused (E_HO and
-                * E_WO are then the pooled output's) */
-    E_OPAD,    /* CONV: 0, or writes its output with a zero border of E_OPAD pixels, the next
-                * conv's padding (that conv then reads it in place: E_COPY 0) */
+    E_COPY,    /* CONV, WINO: 0 reads its input as it is; 1 copies it padded (NHWC); 2 the
+                * same from the plan's NCHW input */
+    E_WINO,    /* WINO: tiles per band at most; CONV with E_POOL: slots (threads at most) */
+    E_POOL,    /* CONV, WINO: 0, or a max pool of E_POOL x E_POOL at stride E_POOL fused (E_HO
+                * and E_WO are then the pooled output's) */
+    E_OPAD,    /* CONV, WINO: 0, or writes its output with a zero border of E_OPAD pixels, the
+                * next conv's padding (that conv then reads it in place: E_COPY 0) */
     CNN_ENG_FIELDS
 };
 

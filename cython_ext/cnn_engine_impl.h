@@ -91,6 +91,23 @@ static void CNN_ENG_S(cnn_eng_pad)(const long long *d, const T *x, T *dst, ptrdi
     }
 }
 
+/* The zero border of opad pixels (the next conv's padding) around N images of Ho x Wo
+ * pixels of F channels, written by a conv (E_OPAD). */
+static void CNN_ENG_S(cnn_eng_border)(T *out, ptrdiff_t N, ptrdiff_t F, ptrdiff_t Ho,
+                                      ptrdiff_t Wo, ptrdiff_t opad) {
+    if (!opad) return;
+    ptrdiff_t Ht = Ho + 2 * opad, Wt = Wo + 2 * opad;
+    for (ptrdiff_t n = 0; n < N; n++) {
+        T *img = out + n * Ht * Wt * F;
+        memset(img, 0, sizeof(T) * opad * Wt * F);
+        memset(img + (opad + Ho) * Wt * F, 0, sizeof(T) * opad * Wt * F);
+        for (ptrdiff_t h = opad; h < opad + Ho; h++) {
+            memset(img + h * Wt * F, 0, sizeof(T) * opad * F);
+            memset(img + (h * Wt + opad + Wo) * F, 0, sizeof(T) * opad * F);
+        }
+    }
+}
+
 /* A CONV op's constants, shared by its ranges of tiles. */
 typedef struct {
     const T *in, *wp, *bias;
@@ -210,18 +227,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         in = padded;
     }
     ptrdiff_t opad = d[E_OPAD];
-    if (opad) { /* the border of the output, the next conv's zero padding */
-        ptrdiff_t Ho = d[E_HO], Wo = d[E_WO], Ht = Ho + 2 * opad, Wt = Wo + 2 * opad;
-        for (ptrdiff_t n = 0; n < N; n++) {
-            T *img = out + n * Ht * Wt * F;
-            memset(img, 0, sizeof(T) * opad * Wt * F);
-            memset(img + (opad + Ho) * Wt * F, 0, sizeof(T) * opad * Wt * F);
-            for (ptrdiff_t h = opad; h < opad + Ho; h++) {
-                memset(img + h * Wt * F, 0, sizeof(T) * opad * F);
-                memset(img + (h * Wt + opad + Wo) * F, 0, sizeof(T) * opad * F);
-            }
-        }
-    }
+    CNN_ENG_S(cnn_eng_border)(out, N, F, d[E_HO], d[E_WO], opad);
     CNN_ENG_S(cnn_eng_conv_t) c;
     c.in = in;
     c.wp = params + d[E_W_OFS];
@@ -314,113 +320,120 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
  * block of input, V = B^T d B per channel, then for each of the 16 points xi a product
  * M[xi] = V[xi] U[xi] (tiles x C by C x F, the filters transformed at compile time,
  * U = G g G^T, and packed as the direct tiles read them), then Y = A^T M A, bias and ReLU:
- * 16 C F multiplications for 4 outputs instead of 36 C F. The tiles of the batch go in
- * bands of E_WINO (V and M of a band in `wino`: 16 x band x (C + panels x NR) values); the
- * input is copied padded to 2 x tiles + 2 pixels a side (E_COPY). */
-static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T *x, T *out,
-                                    ptrdiff_t N, T *padded, T *wino) {
-    ptrdiff_t C = d[E_C], F = d[E_F], HO = d[E_HO], WO = d[E_WO], pad = d[E_PAD];
-    ptrdiff_t th = (HO + 1) / 2, tw = (WO + 1) / 2, Hp = 2 * th + 2, Wp = 2 * tw + 2;
-    ptrdiff_t panels = (F + NR - 1) / NR, Fp = panels * NR, tiles = N * th * tw;
-    ptrdiff_t band = d[E_WINO];
-    (void)pad;
-    CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, d[E_COPY] == 2);
-    const T *U = params + d[E_W_OFS], *bias = params + d[E_A_OFS];
-    int relu = (int)d[E_RELU];
-    ptrdiff_t cstep = C;
-    if (C > CNN_ENG_KC) {
-        ptrdiff_t parts = (C + CNN_ENG_KC - 1) / CNN_ENG_KC;
-        cstep = (C + parts - 1) / parts;
-    }
-    static const ptrdiff_t zero_off[1] = {0};
-    int avx2 = CNN_ENG_FLOAT32 && cnn_eng_isa() >= CNN_ENG_AVX2;
-    for (ptrdiff_t b0 = 0; b0 < tiles; b0 += band) {
-        ptrdiff_t nt = tiles - b0 < band ? tiles - b0 : band;
-        /* one point xi's tiles to the next: a cache line more than they take, since a power
-         * of two apart the 16 streams would fall in the same cache sets */
-        ptrdiff_t vs = nt * C + CNN_ENG_WINO_SKEW, ms = nt * Fp + CNN_ENG_WINO_SKEW;
-        T *V = wino, *M = wino + 16 * vs;
-        ptrdiff_t ptiles = (nt + MR - 1) / MR, blocks = (ptiles + TB - 1) / TB;
-        ptrdiff_t items = 16 * blocks;
-        int threads = cnn_eng_threads(nt * 16 * C * F);
-        if (items < threads) threads = (int)items;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-        {
-#pragma omp for schedule(static)
-            for (ptrdiff_t t = 0; t < nt; t++) { /* V = B^T d B */
-                ptrdiff_t tt = b0 + t, n = tt / (th * tw), ty = (tt / tw) % th, tx = tt % tw;
-                const T *src = padded + ((n * Hp + 2 * ty) * Wp + 2 * tx) * C;
-                T *v = V + t * C;
-                ptrdiff_t xs = vs;
-                const T *r0 = src, *r1 = src + Wp * C, *r2 = src + 2 * Wp * C;
-                const T *r3 = src + 3 * Wp * C;
-                /* named values, not arrays: the loop over channels vectorises */
+ * 16 C F multiplications for 4 outputs instead of 36 C F. Each thread takes whole bands of
+ * tiles and runs the three steps on them in its own slot (V and M of a band, at most E_WINO
+ * tiles, in cache), so no thread waits for another. A 2 x 2 max pool at stride 2 after it
+ * (E_POOL) is a max over each block of outputs. The input is read as it is when it already
+ * has the zero border and whole 4 x 4 blocks (E_COPY 0), else copied padded. */
+typedef struct {
+    const T *in, *U, *bias;
+    T *out;
+    ptrdiff_t C, F, Fp, panels, th, tw, Hp, Wp, cstep, pool, HOy, WOy, opad;
+    int relu, isa, avx2;
+} CNN_ENG_S(cnn_eng_wino_t);
+
+/* V = B^T d B for the band's tiles ta .. ta + nt - 1 (tile t = (n, ty, tx)): point xi of
+ * tile t at V + xi * vs + (t - ta) * C. */
+static void CNN_ENG_S(cnn_eng_wino_in)(const CNN_ENG_S(cnn_eng_wino_t) *w, ptrdiff_t ta,
+                                       ptrdiff_t nt, T *V, ptrdiff_t vs) {
+    ptrdiff_t C = w->C, th = w->th, tw = w->tw, Hp = w->Hp, Wp = w->Wp;
+    for (ptrdiff_t t = 0; t < nt; t++) {
+        ptrdiff_t tt = ta + t, n = tt / (th * tw), ty = (tt / tw) % th, tx = tt % tw;
+        const T *r0 = w->in + ((n * Hp + 2 * ty) * Wp + 2 * tx) * C;
+        const T *r1 = r0 + Wp * C, *r2 = r1 + Wp * C, *r3 = r2 + Wp * C;
+        T *v = V + t * C;
+        /* named values, not arrays: the loop over channels vectorises */
 #define CNN_ENG_BT_COL(j)                                                                 \
     T u0##j = r0[j * C + c] - r2[j * C + c], u1##j = r1[j * C + c] + r2[j * C + c];       \
     T u2##j = r2[j * C + c] - r1[j * C + c], u3##j = r1[j * C + c] - r3[j * C + c]
 #define CNN_ENG_BT_ROW(i)                                                                 \
-    v[(i * 4 + 0) * xs + c] = u##i##0 - u##i##2;                                          \
-    v[(i * 4 + 1) * xs + c] = u##i##1 + u##i##2;                                          \
-    v[(i * 4 + 2) * xs + c] = u##i##2 - u##i##1;                                          \
-    v[(i * 4 + 3) * xs + c] = u##i##1 - u##i##3
-                CNN_SIMD
-                for (ptrdiff_t c = 0; c < C; c++) {
-                    CNN_ENG_BT_COL(0);
-                    CNN_ENG_BT_COL(1);
-                    CNN_ENG_BT_COL(2);
-                    CNN_ENG_BT_COL(3);
-                    CNN_ENG_BT_ROW(0);
-                    CNN_ENG_BT_ROW(1);
-                    CNN_ENG_BT_ROW(2);
-                    CNN_ENG_BT_ROW(3);
-                }
+    v[(i * 4 + 0) * vs + c] = u##i##0 - u##i##2;                                          \
+    v[(i * 4 + 1) * vs + c] = u##i##1 + u##i##2;                                          \
+    v[(i * 4 + 2) * vs + c] = u##i##2 - u##i##1;                                          \
+    v[(i * 4 + 3) * vs + c] = u##i##1 - u##i##3
+        CNN_SIMD
+        for (ptrdiff_t c = 0; c < C; c++) {
+            CNN_ENG_BT_COL(0);
+            CNN_ENG_BT_COL(1);
+            CNN_ENG_BT_COL(2);
+            CNN_ENG_BT_COL(3);
+            CNN_ENG_BT_ROW(0);
+            CNN_ENG_BT_ROW(1);
+            CNN_ENG_BT_ROW(2);
+            CNN_ENG_BT_ROW(3);
+        }
 #undef CNN_ENG_BT_COL
 #undef CNN_ENG_BT_ROW
-            }
-#pragma omp for schedule(static)
-            for (ptrdiff_t item = 0; item < items; item++) { /* M[xi] = V[xi] U[xi] */
-                ptrdiff_t xi = item / blocks, blk = item % blocks;
-                ptrdiff_t t0 = blk * TB, t1 = t0 + TB < ptiles ? t0 + TB : ptiles;
-                const T *base[TB][MR];
-                T *o[TB][MR];
-                int rows[TB];
-                T spare[MR][NR];
-                for (ptrdiff_t t = t0; t < t1; t++) {
-                    ptrdiff_t q0 = t * MR, m = nt - q0 < MR ? nt - q0 : MR;
-                    rows[t - t0] = (int)m;
-                    for (ptrdiff_t i = 0; i < MR; i++) {
-                        ptrdiff_t q = q0 + (i < m ? i : m - 1);
-                        base[t - t0][i] = V + xi * vs + q * C;
+    }
+}
+
+/* M[xi] = V[xi] U[xi] for the band's nt tiles, all Fp columns (U's padding columns are
+ * zero): the direct conv's tiles with one position, MR tiles' rows at a time, pairs of
+ * panels on the AVX-512 path. */
+static void CNN_ENG_S(cnn_eng_wino_mul)(const CNN_ENG_S(cnn_eng_wino_t) *w, ptrdiff_t nt,
+                                        const T *V, ptrdiff_t vs, T *M, ptrdiff_t ms) {
+    static const ptrdiff_t zero_off[1] = {0};
+    ptrdiff_t C = w->C, Fp = w->Fp, panels = w->panels, cstep = w->cstep;
+    ptrdiff_t groups = (nt + MR - 1) / MR;
+    T spare[MR][2 * NR]; /* rows nobody reads */
+    for (ptrdiff_t xi = 0; xi < 16; xi++) {
+        const T *Vx = V + xi * vs, *Ux = w->U + xi * panels * C * NR;
+        T *Mx = M + xi * ms;
+        for (ptrdiff_t pn = 0, step; pn < panels; pn += step) {
+            int pair = w->isa == CNN_ENG_AVX512 && pn + 1 < panels;
+            step = pair ? 2 : 1;
+            const T *wpanel = Ux + pn * C * NR;
+            for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
+                ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
+                int load = c0 > 0;
+                for (ptrdiff_t g = 0; g < groups; g++) {
+                    ptrdiff_t q0 = g * MR;
+                    int rows = nt - q0 < MR ? (int)(nt - q0) : MR;
+                    const T *b[MR];
+                    T *o[MR];
+                    for (int i = 0; i < MR; i++) {
+                        b[i] = Vx + (q0 + (i < rows ? i : rows - 1)) * C;
+                        o[i] = i < rows ? Mx + (q0 + i) * Fp + pn * NR : spare[i];
+                    }
+#if CNN_ENG_FLOAT32 && CNN_ENG_X86
+                    if (pair && rows > 1) {
+                        cnn_eng_tile6x32_avx512(1, zero_off, c0, cn, wpanel + c0 * NR, C * NR,
+                                                b, o, 2 * NR, load, NULL, 0);
+                        continue;
+                    }
+#endif
+                    CNN_ENG_S(cnn_eng_tile_any)(w->avx2, rows, 1, zero_off, c0, cn,
+                                                wpanel + c0 * NR, b, o, NR, load, NULL, 0);
+                    if (pair) { /* a lone tile: the second panel on its own */
+                        for (int i = 0; i < MR; i++) o[i] += NR;
+                        CNN_ENG_S(cnn_eng_tile_any)(w->avx2, rows, 1, zero_off, c0, cn,
+                                                    wpanel + (C + c0) * NR, b, o, NR, load,
+                                                    NULL, 0);
                     }
                 }
-                for (ptrdiff_t pn = 0; pn < panels; pn++) {
-                    for (ptrdiff_t t = 0; t < t1 - t0; t++) {
-                        for (int i = 0; i < MR; i++) {
-                            o[t][i] = i < rows[t] ? M + xi * ms + ((t0 + t) * MR + i) * Fp + pn * NR
-                                                  : spare[i];
-                        }
-                    }
-                    const T *wpanel = U + (xi * panels + pn) * C * NR;
-                    for (ptrdiff_t c0 = 0; c0 < C; c0 += cstep) {
-                        ptrdiff_t cn = C - c0 < cstep ? C - c0 : cstep;
-                        for (ptrdiff_t t = 0; t < t1 - t0; t++) {
-                            CNN_ENG_S(cnn_eng_tile_any)(avx2, rows[t], 1, zero_off, c0, cn,
-                                                        wpanel + c0 * NR, base[t], o[t], NR,
-                                                        c0 > 0, NULL, 0);
-                        }
-                    }
-                }
             }
-#pragma omp for schedule(static)
-            for (ptrdiff_t t = 0; t < nt; t++) { /* Y = A^T M A, bias, ReLU */
-                ptrdiff_t tt = b0 + t, n = tt / (th * tw), ty = (tt / tw) % th, tx = tt % tw;
-                const T *m = M + t * Fp;
-                ptrdiff_t xs = ms;
-                int h2 = 2 * ty + 1 < HO, w2 = 2 * tx + 1 < WO;
-                T *dst = out + ((n * HO + 2 * ty) * WO + 2 * tx) * F;
+        }
+    }
+}
+
+/* Y = A^T M A for the band's tiles ta .. ta + nt - 1, bias and ReLU, into the output (with
+ * its border of opad pixels); with a fused pool, the max of each 2 x 2 block instead (a NaN
+ * winning: the pool's own rule). */
+static void CNN_ENG_S(cnn_eng_wino_out)(const CNN_ENG_S(cnn_eng_wino_t) *w, ptrdiff_t ta,
+                                        ptrdiff_t nt, const T *M, ptrdiff_t ms) {
+    ptrdiff_t F = w->F, Fp = w->Fp, th = w->th, tw = w->tw, HOy = w->HOy, WOy = w->WOy;
+    ptrdiff_t opad = w->opad, Wt = WOy + 2 * opad;
+    const T *bias = w->bias;
+    int relu = w->relu;
+    for (ptrdiff_t t = 0; t < nt; t++) {
+        ptrdiff_t tt = ta + t, n = tt / (th * tw), ty = (tt / tw) % th, tx = tt % tw;
+        const T *m = M + t * Fp;
+        ptrdiff_t oy = w->pool ? ty : 2 * ty, ox = w->pool ? tx : 2 * tx;
+        int h2 = !w->pool && oy + 1 < HOy, w2 = !w->pool && ox + 1 < WOy;
+        T *dst = w->out + ((n * (HOy + 2 * opad) + oy + opad) * Wt + ox + opad) * F;
 #define CNN_ENG_AT_COL(j)                                                                 \
-    T m0##j = m[j * xs + f], m1##j = m[(4 + j) * xs + f];                                 \
-    T m2##j = m[(8 + j) * xs + f], m3##j = m[(12 + j) * xs + f];                          \
+    T m0##j = m[j * ms + f], m1##j = m[(4 + j) * ms + f];                                 \
+    T m2##j = m[(8 + j) * ms + f], m3##j = m[(12 + j) * ms + f];                          \
     T a0##j = m0##j + m1##j + m2##j, a1##j = m1##j - m2##j - m3##j
 #define CNN_ENG_AT_OUT(i, name0, name1)                                                   \
     T name0 = a##i##0 + a##i##1 + a##i##2 + bias[f];                                      \
@@ -429,24 +442,118 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
         name0 = name0 < 0 ? (T)0 : name0;                                                 \
         name1 = name1 < 0 ? (T)0 : name1;                                                 \
     }
-                CNN_SIMD
-                for (ptrdiff_t f = 0; f < F; f++) {
-                    CNN_ENG_AT_COL(0);
-                    CNN_ENG_AT_COL(1);
-                    CNN_ENG_AT_COL(2);
-                    CNN_ENG_AT_COL(3);
-                    CNN_ENG_AT_OUT(0, y00, y01);
-                    CNN_ENG_AT_OUT(1, y10, y11);
-                    dst[f] = y00;
-                    if (w2) dst[F + f] = y01;
-                    if (h2) {
-                        dst[WO * F + f] = y10;
-                        if (w2) dst[(WO + 1) * F + f] = y11;
-                    }
-                }
+#define CNN_ENG_MAX(a, u) a = (u > a || u != u) ? u : a
+        if (w->pool) {
+            CNN_SIMD
+            for (ptrdiff_t f = 0; f < F; f++) {
+                CNN_ENG_AT_COL(0);
+                CNN_ENG_AT_COL(1);
+                CNN_ENG_AT_COL(2);
+                CNN_ENG_AT_COL(3);
+                CNN_ENG_AT_OUT(0, y00, y01);
+                CNN_ENG_AT_OUT(1, y10, y11);
+                CNN_ENG_MAX(y00, y01);
+                CNN_ENG_MAX(y00, y10);
+                CNN_ENG_MAX(y00, y11);
+                dst[f] = y00;
+            }
+            continue;
+        }
+        if (h2 && w2) { /* a whole block: no tests in the loop, which then vectorises */
+            CNN_SIMD
+            for (ptrdiff_t f = 0; f < F; f++) {
+                CNN_ENG_AT_COL(0);
+                CNN_ENG_AT_COL(1);
+                CNN_ENG_AT_COL(2);
+                CNN_ENG_AT_COL(3);
+                CNN_ENG_AT_OUT(0, y00, y01);
+                CNN_ENG_AT_OUT(1, y10, y11);
+                dst[f] = y00;
+                dst[F + f] = y01;
+                dst[Wt * F + f] = y10;
+                dst[(Wt + 1) * F + f] = y11;
+            }
+            continue;
+        }
+        for (ptrdiff_t f = 0; f < F; f++) { /* the last row or column of an odd output */
+            CNN_ENG_AT_COL(0);
+            CNN_ENG_AT_COL(1);
+            CNN_ENG_AT_COL(2);
+            CNN_ENG_AT_COL(3);
+            CNN_ENG_AT_OUT(0, y00, y01);
+            CNN_ENG_AT_OUT(1, y10, y11);
+            dst[f] = y00;
+            if (w2) dst[F + f] = y01;
+            if (h2) dst[Wt * F + f] = y10;
+            (void)y11;
+        }
 #undef CNN_ENG_AT_COL
 #undef CNN_ENG_AT_OUT
-            }
+#undef CNN_ENG_MAX
+    }
+}
+
+/* WINO (see above): x the op's input, padded the scratch for its padded copy, wino the
+ * threads' slots (E_GROUPS of them, each 16 x (E_WINO x (C + Fp) + 2 SKEW) values). */
+static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T *x, T *out,
+                                    ptrdiff_t N, T *padded, T *wino) {
+    CNN_ENG_S(cnn_eng_wino_t) w;
+    ptrdiff_t C = d[E_C], F = d[E_F], pool = d[E_POOL];
+    /* the conv's rows and columns computed: all of them, or those the pool reads */
+    ptrdiff_t HO = pool ? 2 * d[E_HO] : d[E_HO], WO = pool ? 2 * d[E_WO] : d[E_WO];
+    ptrdiff_t th = (HO + 1) / 2, tw = (WO + 1) / 2, tiles = N * th * tw;
+    ptrdiff_t Hp = d[E_H] + 2 * d[E_PAD], Wp = d[E_W] + 2 * d[E_PAD];
+    if (Hp < 2 * th + 2) Hp = 2 * th + 2; /* a copy then, with whole blocks */
+    if (Wp < 2 * tw + 2) Wp = 2 * tw + 2;
+    w.in = x;
+    if (d[E_COPY]) {
+        CNN_ENG_S(cnn_eng_pad)(d, x, padded, N, Hp, Wp, d[E_COPY] == 2);
+        w.in = padded;
+    }
+    w.U = params + d[E_W_OFS], w.bias = params + d[E_A_OFS], w.out = out;
+    w.C = C, w.F = F, w.panels = (F + NR - 1) / NR, w.Fp = w.panels * NR;
+    w.th = th, w.tw = tw, w.Hp = Hp, w.Wp = Wp, w.pool = pool;
+    w.HOy = d[E_HO], w.WOy = d[E_WO], w.opad = d[E_OPAD], w.relu = (int)d[E_RELU];
+    CNN_ENG_S(cnn_eng_border)(out, N, F, w.HOy, w.WOy, w.opad);
+#if CNN_ENG_FLOAT32
+    w.isa = cnn_eng_isa();
+#else
+    w.isa = CNN_ENG_PORTABLE;
+#endif
+    w.avx2 = w.isa >= CNN_ENG_AVX2;
+    ptrdiff_t kc = w.isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
+    ptrdiff_t parts = (C + kc - 1) / kc;
+    w.cstep = (C + parts - 1) / parts;
+    /* bands of at most E_WINO tiles, as many as a multiple of the threads (each thread the
+     * same share), a thread at most per MR tiles */
+    ptrdiff_t band = d[E_WINO], slots = d[E_GROUPS];
+    int threads = cnn_eng_threads(tiles * 16 * C * F);
+    if (threads > slots) threads = (int)slots;
+    if (threads > (tiles + MR - 1) / MR) threads = (int)((tiles + MR - 1) / MR);
+    if (threads < 1) threads = 1;
+    ptrdiff_t bands = (tiles + band - 1) / band;
+    bands = (bands + threads - 1) / threads * threads;
+    ptrdiff_t bt = (tiles + bands - 1) / bands;
+    bands = (tiles + bt - 1) / bt;
+    ptrdiff_t vmax = band * C + CNN_ENG_WINO_SKEW, mmax = band * w.Fp + CNN_ENG_WINO_SKEW;
+    ptrdiff_t slot = (16 * (vmax + mmax) + 15) / 16 * 16;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        T *V = wino + omp_get_thread_num() * slot;
+#else
+        T *V = wino;
+#endif
+        T *M = V + 16 * vmax;
+#pragma omp for schedule(static)
+        for (ptrdiff_t b = 0; b < bands; b++) {
+            ptrdiff_t ta = b * bt, nt = tiles - ta < bt ? tiles - ta : bt;
+            /* one point xi's tiles to the next: a cache line more than they take, since a
+             * power of two apart the 16 streams would fall in the same cache sets */
+            ptrdiff_t vs = nt * C + CNN_ENG_WINO_SKEW, ms = nt * w.Fp + CNN_ENG_WINO_SKEW;
+            CNN_ENG_S(cnn_eng_wino_in)(&w, ta, nt, V, vs);
+            CNN_ENG_S(cnn_eng_wino_mul)(&w, nt, V, vs, M, ms);
+            CNN_ENG_S(cnn_eng_wino_out)(&w, ta, nt, M, ms);
         }
     }
 }

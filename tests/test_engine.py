@@ -411,6 +411,52 @@ def test_winograd_convs_equal_the_layer_path(cpu_path, dtype, band_bytes, monkey
         assert_close(plan(x), model.scores(x))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 5])
+def test_winograd_fuses_its_pool_and_reads_and_writes_borders_in_place(cpu_path, dtype, N):
+    """A Winograd conv after a direct one reads that conv's output in place (its zero border),
+    pools each 2 x 2 block of outputs, and writes the border the next Winograd conv, then a
+    direct one, pad with (odd sizes, which need a padded copy, are NET_W's). A NaN in a pool
+    window wins as in conv then pool."""
+    shape = (3, 12, 12)
+    layers = [
+        {"type": "conv", "filters": 24, "size": 3, "stride": 1, "pad": 1},  # (24, 12, 12)
+        {"type": "conv", "filters": 24, "size": 3, "stride": 1, "pad": 1},
+        {"type": "relu"},
+        {"type": "max_pool", "size": 2, "stride": 2},  # (24, 6, 6)
+        {"type": "conv", "filters": 26, "size": 3, "stride": 1, "pad": 1},  # (26, 6, 6)
+        {"type": "conv", "filters": 9, "size": [3, 2], "stride": 1, "pad": 1},  # (9, 6, 7)
+        {"type": "affine", "units": 5},
+    ]
+    model = make((shape, layers), dtype)
+    plan = engine.compile(model, max_batch=2)
+    assert plan.ops[:4] == [
+        "conv 3x3 s1 p1",
+        "conv 3x3 s1 p1 winograd +relu +max_pool 2x2 s2",
+        "conv 3x3 s1 p1 winograd",
+        "conv 3x2 s1 p1",
+    ]
+    opad = plan._desc[:4, engine.F_OPAD].tolist()
+    copy = plan._desc[:4, engine.F_COPY].tolist()
+    assert opad == [1, 1, 1, 0] and copy == [2, 0, 0, 0]
+    x = inputs((N, *shape), dtype)
+    assert_close(plan(x), model.loss(x))
+    x[-1, 0, 5, 3] = np.nan
+    got, want = plan(x), model.loss(x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[-1]).all() and not np.isnan(got[:-1]).any()
+
+
+def test_a_first_layer_runs_as_winograd_from_the_nchw_input():
+    shape = (24, 9, 8)  # odd rows: a half block at the bottom
+    conv = {"type": "conv", "filters": 40, "size": 3, "stride": 1, "pad": 1}
+    model = make((shape, [conv, {"type": "affine", "units": 4}]), np.float32)
+    plan = engine.compile(model, max_batch=3)
+    assert plan.ops[0] == "conv 3x3 s1 p1 winograd" and plan._desc[0, engine.F_COPY] == 2
+    x = inputs((4, *shape), np.float32)
+    assert_close(plan(x), model.scores(x))
+
+
 # One input channel at stride 1, rows at least engine RX wide: ROWCONV, vectorised along the
 # rows. 13 filters: two whole blocks of 6 and one of 1; 19 output columns: a row's last tile
 # overlaps the one before; a non-square kernel with padding.

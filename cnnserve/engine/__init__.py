@@ -106,15 +106,20 @@ os.register_at_fork(after_in_child=_fresh_locks_in_child)
 ) = range(21)
 assert _kernels.FIELDS == 21  # the descriptor layout of cnn_engine.h
 #: A 3x3 stride-1 conv with at least this many input and output channels runs as Winograd
-#: F(2x2, 3x3). Fewer channels: moving the transformed tiles through memory costs more than
-#: the multiplications it saves (measured: 32 and 64 channels ran 1.3-1.7x slower).
-WINO_MIN_CHANNELS = 128
+#: F(2x2, 3x3). Measured on one core, 3x3 pad 1, against the direct conv: 64 -> 64 over
+#: 16 x 16 1.6x faster, 32 -> 64 1.6x, 24 -> 24 over 32 x 32 1.35x; 16 -> 16 and 8 -> 16
+#: 1.1-1.3x slower (the transforms cost more than the multiplications they save).
+WINO_MIN_CHANNELS = 24
 #: Conv output pixels that a conv with a fused max pool computes at a time, at least: a
 #: block of tiles (8 tiles of 6 pixels), so that a panel's chunk of filters, read into L1,
 #: serves as many pixels as in an unfused conv.
 _FUSED_PIXELS = 48
-#: Bytes of a Winograd band's transformed tiles (V and M): about what stays in the L3 cache.
-WINO_BAND_BYTES = 4 * 2**20
+#: Bytes of a Winograd band's transformed tiles (V and M), each thread its own band: about
+#: half the L2 cache, the rest for the filters and the input's rows.
+WINO_BAND_BYTES = 2**19
+#: Tiles in a Winograd band at least (wide layers): each point's filters (C x F values, read
+#: from L3 when large) serve this many tiles.
+_WINO_MIN_BAND = 48
 # F(2x2, 3x3): the filter transform G (the input's B^T and the output's A^T are in the C)
 _WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 #: Bytes of buffers that idle plans keep for their next calls, all plans together: a call's
@@ -234,14 +239,19 @@ class Plan:
             if op.kind == WINO:
                 C, H, W = op.in_shape
                 F, HO, WO = op.out_shape
-                tiles = -(-HO // 2) * -(-WO // 2)
-                padded = max(padded, (2 * -(-HO // 2) + 2) * (2 * -(-WO // 2) + 2) * C * max_batch)
+                if op.pool:  # the conv's rows and columns the pool reads
+                    HO, WO = HO * op.pool, WO * op.pool
+                th, tw = -(-HO // 2), -(-WO // 2)
+                if op.copy:
+                    Hp, Wp = max(H + 2 * op.pad, 2 * th + 2), max(W + 2 * op.pad, 2 * tw + 2)
+                    padded = max(padded, Hp * Wp * C * max_batch)
                 width = C + -(-F // _kernels.NR) * _kernels.NR
                 band = WINO_BAND_BYTES // (16 * width * dtype.itemsize)
-                band = max(48, band // 48 * 48)
-                band = min(band, tiles * max_batch)
-                row[F_WINO] = band
-                wino = max(wino, 16 * (band * width + 2 * _kernels.WINO_SKEW))
+                band = min(max(_WINO_MIN_BAND, band), th * tw * max_batch)
+                slots = os.cpu_count() or 1
+                row[F_WINO], row[F_GROUPS], row[F_POOL] = band, slots, op.pool
+                skew = _kernels.WINO_SKEW
+                wino = max(wino, slots * -(-16 * (band * width + 2 * skew) // 16) * 16)
                 U = np.einsum("ai,fcij,bj->fcab", _WINO_G, op.weight, _WINO_G)
                 packed = [
                     _pack(U[:, :, a, b][:, :, None, None]) for a in range(4) for b in range(4)

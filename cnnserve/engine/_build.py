@@ -232,16 +232,33 @@ class Builder:
                 and not op.affine
                 and nxt.kind == MAXPOOL
                 and nxt.size[0] == nxt.size[1] == nxt.stride
+                or op.kind == WINO
+                and nxt.kind == MAXPOOL
+                and nxt.size[0] == nxt.size[1] == nxt.stride == 2  # a block of outputs
             ):
                 op.pool, op.out_shape = nxt.stride, nxt.out_shape
                 op.relu = op.relu or nxt.relu
                 del ops[k + 1]
             k += 1
-        # a direct conv followed by a padded direct conv writes its output with the border
-        # the next one needs, which then reads it in place (no padded copy)
-        for op, nxt in zip(ops, ops[1:], strict=False):
-            if op.kind == CONV and nxt.kind == CONV and nxt.copy == 1 and not op.affine:
-                op.opad, nxt.copy = nxt.pad, 0
+        # a conv followed by a padded conv writes its output with the border the next one
+        # needs, which then reads it in place (no padded copy); a Winograd conv reads its
+        # input in place when it holds whole 4 x 4 blocks
+        for k, op in enumerate(ops):
+            prev = ops[k - 1] if k else None
+            by_prev = prev is not None and prev.kind in (CONV, WINO) and not prev.affine
+            if op.kind == CONV and op.copy == 1 and by_prev:
+                prev.opad, op.copy = op.pad, 0
+            if op.kind == WINO and op.copy != 2:
+                _, H, W = op.in_shape
+                F, HO, WO = op.out_shape
+                if op.pool:
+                    HO, WO = HO * op.pool, WO * op.pool
+                blocks = (
+                    H + 2 * op.pad >= 2 * -(-HO // 2) + 2 and W + 2 * op.pad >= 2 * -(-WO // 2) + 2
+                )
+                op.copy = 0 if blocks and (not op.pad or by_prev) else 1
+                if blocks and op.pad and by_prev:
+                    prev.opad = op.pad
         last = self.flat_from if self.perm is not None else self.shape
         if last[0] > 1 and last[1] * last[2] > 1:
             op = Op(TRANSPOSE, last, last)
