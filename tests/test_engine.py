@@ -341,10 +341,15 @@ def test_compile_refuses_what_it_cannot_plan():
         engine.compile(grouped, (2, 9, 9))
 
 
-def test_plans_are_safe_to_call_from_several_threads():
-    model = make(NET_B, np.float32)
+@pytest.mark.parametrize("name", ["NET_B", "NET_W"])
+def test_plans_are_safe_to_call_from_several_threads(name, monkeypatch):
+    """Each call has its own buffers (NET_W: the Winograd convs' per-thread slots too)."""
+    monkeypatch.setattr(engine, "WINO_MIN_CHANNELS", 5)
+    net = globals()[name]
+    model = make(net, np.float32)
     plan = engine.compile(model, max_batch=4)
-    xs = [inputs((k + 1, *NET_B[0]), np.float32, seed=k) for k in range(6)]
+    assert any("winograd" in op for op in plan.ops) == (name == "NET_W")
+    xs = [inputs((k + 1, *net[0]), np.float32, seed=k) for k in range(6)]
     want = [model.scores(x) for x in xs]
     errors = []
 
