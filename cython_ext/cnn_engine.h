@@ -101,13 +101,14 @@ enum {
     E_W_OFS,   /* CONV: packed filters */
     E_A_OFS,   /* bias (CONV), scale or gamma (SCALE, norms) */
     E_B_OFS,   /* shift or beta (SCALE, norms) */
-    E_GROUPS,  /* GNORM: groups; CONV with E_POOL: pool rows per item; WINO: slots */
+    E_GROUPS,  /* GNORM: groups; CONV with E_POOL: pool rows per item; WINO: tiles per
+                * band at most */
     E_OFF_OFS, /* CONV: KH * KW window offsets in the (padded) NHWC input, in the int64 array */
     E_COPY,    /* CONV, WINO: 0 reads its input as it is; 1 copies it padded (NHWC); 2 the
                 * same from the plan's NCHW input */
-    E_WINO,    /* WINO: tiles per band at most; CONV with E_POOL: slots (threads at most) */
+    E_SLOTS,   /* WINO, CONV with E_POOL: slots of the scratch buffer (threads at most) */
     E_POOL,    /* CONV, WINO: 0, or a max pool of E_POOL x E_POOL at stride E_POOL fused (E_HO
-                * and E_WO are then the pooled output's) */
+                * and E_WO are then the pooled output's); WINO fuses 2 x 2 pools only */
     E_OPAD,    /* CONV, WINO: 0, or writes its output with a zero border of E_OPAD pixels, the
                 * next conv's padding (that conv then reads it in place: E_COPY 0) */
     CNN_ENG_FIELDS
@@ -170,6 +171,10 @@ static inline ptrdiff_t cnn_eng_split(ptrdiff_t blocks, ptrdiff_t panels, int th
 }
 
 #if CNN_ENG_X86
+/* max(v, u), a NaN winning (u > v, or u NaN: a NaN, once in, stays, since no u is above
+ * it; v NaN: u > v is false): the max pools' rule, as in the layer kernels. */
+#define CNN_ENG_MAX(v, u) ((u) > (v) || (u) != (u) ? (u) : (v))
+
 /* The first n (< 8) lanes of a vector from and to memory, through the stack: AMD's masked
  * moves (vmaskmovps) are microcoded and far slower than a few scalar moves. */
 __attribute__((target("avx2"))) static inline __m256 cnn_eng_load_part(const float *p, int n) {

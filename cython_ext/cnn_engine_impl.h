@@ -55,12 +55,12 @@ static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, ptrdiff_t npos,
     CNN_ENG_S(cnn_eng_tile)(m, npos, off, c0, cn, w, b, o, fw, load, bias, relu);
 }
 
-/* dst[j] = max(dst[j], u[j]) for j < n, a NaN winning (u > v, or u NaN: a NaN, once in,
- * stays, since no u is above it): every max pool's step, fused or not. */
+/* dst[j] = max(dst[j], u[j]) for j < n, a NaN winning (CNN_ENG_MAX): every max pool's
+ * step, fused or not. */
 static inline __attribute__((always_inline)) void CNN_ENG_S(cnn_eng_max_into)(
     T *restrict dst, const T *restrict u, ptrdiff_t n) {
     CNN_SIMD
-    for (ptrdiff_t j = 0; j < n; j++) dst[j] = (u[j] > dst[j] || u[j] != u[j]) ? u[j] : dst[j];
+    for (ptrdiff_t j = 0; j < n; j++) dst[j] = CNN_ENG_MAX(dst[j], u[j]);
 }
 
 /* Copies N images (C, H, W) into a zero-bordered NHWC buffer of Hp x Wp pixels, the image
@@ -210,7 +210,7 @@ static void CNN_ENG_S(cnn_eng_conv_tiles)(const CNN_ENG_S(cnn_eng_conv_t) *c, pt
 }
 
 /* CONV: see cnn_engine.h. x is the op's input as it is; padded the scratch for its copy;
- * scratch (a fused max pool) E_WINO slots of one pool row of conv output each. */
+ * scratch (a fused max pool) E_SLOTS slots of E_GROUPS pool rows of conv output each. */
 static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const long long *offs,
                                     const T *x, T *out, ptrdiff_t N, T *padded, T *scratch) {
     ptrdiff_t pool = d[E_POOL], C = d[E_C], F = d[E_F], s = d[E_STRIDE];
@@ -268,7 +268,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         if (prows < g * 2 * threads) g = prows / (2 * threads) > 1 ? prows / (2 * threads) : 1;
         ptrdiff_t items = (prows + g - 1) / g, slot = (d[E_GROUPS] * rowpx * F + 15) / 16 * 16;
         if (items < threads) threads = (int)items;
-        if (threads > d[E_WINO]) threads = (int)d[E_WINO];
+        if (threads > d[E_SLOTS]) threads = (int)d[E_SLOTS];
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
 #ifdef _OPENMP
@@ -321,7 +321,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
  * M[xi] = V[xi] U[xi] (tiles x C by C x F, the filters transformed at compile time,
  * U = G g G^T, and packed as the direct tiles read them), then Y = A^T M A, bias and ReLU:
  * 16 C F multiplications for 4 outputs instead of 36 C F. Each thread takes whole bands of
- * tiles and runs the three steps on them in its own slot (V and M of a band, at most E_WINO
+ * tiles and runs the three steps on them in its own slot (V and M of a band, at most E_GROUPS
  * tiles, in cache), so no thread waits for another. A 2 x 2 max pool at stride 2 after it
  * (E_POOL) is a max over each block of outputs. The input is read as it is when it already
  * has the zero border and whole 4 x 4 blocks (E_COPY 0), else copied padded. */
@@ -431,6 +431,7 @@ static void CNN_ENG_S(cnn_eng_wino_out)(const CNN_ENG_S(cnn_eng_wino_t) *w, ptrd
         ptrdiff_t oy = w->pool ? ty : 2 * ty, ox = w->pool ? tx : 2 * tx;
         int h2 = !w->pool && oy + 1 < HOy, w2 = !w->pool && ox + 1 < WOy;
         T *dst = w->out + ((n * (HOy + 2 * opad) + oy + opad) * Wt + ox + opad) * F;
+/* the block's four outputs y00 .. y11 of channel f: A^T M A, bias, ReLU */
 #define CNN_ENG_AT_COL(j)                                                                 \
     T m0##j = m[j * ms + f], m1##j = m[(4 + j) * ms + f];                                 \
     T m2##j = m[(8 + j) * ms + f], m3##j = m[(12 + j) * ms + f];                          \
@@ -442,68 +443,57 @@ static void CNN_ENG_S(cnn_eng_wino_out)(const CNN_ENG_S(cnn_eng_wino_t) *w, ptrd
         name0 = name0 < 0 ? (T)0 : name0;                                                 \
         name1 = name1 < 0 ? (T)0 : name1;                                                 \
     }
-#define CNN_ENG_MAX(a, u) a = (u > a || u != u) ? u : a
+#define CNN_ENG_AT_BLOCK                                                                  \
+    CNN_ENG_AT_COL(0);                                                                    \
+    CNN_ENG_AT_COL(1);                                                                    \
+    CNN_ENG_AT_COL(2);                                                                    \
+    CNN_ENG_AT_COL(3);                                                                    \
+    CNN_ENG_AT_OUT(0, y00, y01);                                                          \
+    CNN_ENG_AT_OUT(1, y10, y11)
         if (w->pool) {
             CNN_SIMD
             for (ptrdiff_t f = 0; f < F; f++) {
-                CNN_ENG_AT_COL(0);
-                CNN_ENG_AT_COL(1);
-                CNN_ENG_AT_COL(2);
-                CNN_ENG_AT_COL(3);
-                CNN_ENG_AT_OUT(0, y00, y01);
-                CNN_ENG_AT_OUT(1, y10, y11);
-                CNN_ENG_MAX(y00, y01);
-                CNN_ENG_MAX(y00, y10);
-                CNN_ENG_MAX(y00, y11);
-                dst[f] = y00;
+                CNN_ENG_AT_BLOCK;
+                dst[f] = CNN_ENG_MAX(CNN_ENG_MAX(y00, y01), CNN_ENG_MAX(y10, y11));
             }
-            continue;
-        }
-        if (h2 && w2) { /* a whole block: no tests in the loop, which then vectorises */
+        } else if (h2 && w2) { /* a whole block: no tests in the loop, which then vectorises */
             CNN_SIMD
             for (ptrdiff_t f = 0; f < F; f++) {
-                CNN_ENG_AT_COL(0);
-                CNN_ENG_AT_COL(1);
-                CNN_ENG_AT_COL(2);
-                CNN_ENG_AT_COL(3);
-                CNN_ENG_AT_OUT(0, y00, y01);
-                CNN_ENG_AT_OUT(1, y10, y11);
+                CNN_ENG_AT_BLOCK;
                 dst[f] = y00;
                 dst[F + f] = y01;
                 dst[Wt * F + f] = y10;
                 dst[(Wt + 1) * F + f] = y11;
             }
-            continue;
-        }
-        for (ptrdiff_t f = 0; f < F; f++) { /* the last row or column of an odd output */
-            CNN_ENG_AT_COL(0);
-            CNN_ENG_AT_COL(1);
-            CNN_ENG_AT_COL(2);
-            CNN_ENG_AT_COL(3);
-            CNN_ENG_AT_OUT(0, y00, y01);
-            CNN_ENG_AT_OUT(1, y10, y11);
-            dst[f] = y00;
-            if (w2) dst[F + f] = y01;
-            if (h2) dst[Wt * F + f] = y10;
-            (void)y11;
+        } else { /* the last row or column of an odd output: the block's other half dropped */
+            for (ptrdiff_t f = 0; f < F; f++) {
+                CNN_ENG_AT_BLOCK;
+                dst[f] = y00;
+                if (w2) dst[F + f] = y01;
+                if (h2) dst[Wt * F + f] = y10;
+                (void)y11;
+            }
         }
 #undef CNN_ENG_AT_COL
 #undef CNN_ENG_AT_OUT
-#undef CNN_ENG_MAX
+#undef CNN_ENG_AT_BLOCK
     }
 }
 
 /* WINO (see above): x the op's input, padded the scratch for its padded copy, wino the
- * threads' slots (E_GROUPS of them, each 16 x (E_WINO x (C + Fp) + 2 SKEW) values). */
+ * threads' slots (E_SLOTS of them, each 16 x (E_GROUPS x (C + Fp) + 2 SKEW) values: the plan
+ * sizes it with the same formula). */
 static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T *x, T *out,
                                     ptrdiff_t N, T *padded, T *wino) {
     CNN_ENG_S(cnn_eng_wino_t) w;
     ptrdiff_t C = d[E_C], F = d[E_F], pool = d[E_POOL];
-    /* the conv's rows and columns computed: all of them, or those the pool reads */
-    ptrdiff_t HO = pool ? 2 * d[E_HO] : d[E_HO], WO = pool ? 2 * d[E_WO] : d[E_WO];
+    /* the conv's rows and columns computed: all of them, or those the pool reads (a 2 x 2
+     * pool: a block of outputs each) */
+    ptrdiff_t HO = pool ? pool * d[E_HO] : d[E_HO], WO = pool ? pool * d[E_WO] : d[E_WO];
     ptrdiff_t th = (HO + 1) / 2, tw = (WO + 1) / 2, tiles = N * th * tw;
     ptrdiff_t Hp = d[E_H] + 2 * d[E_PAD], Wp = d[E_W] + 2 * d[E_PAD];
-    if (Hp < 2 * th + 2) Hp = 2 * th + 2; /* a copy then, with whole blocks */
+    if (Hp < 2 * th + 2) Hp = 2 * th + 2; /* a copy then, with whole blocks (the plan sizes
+                                           * `padded` and decides E_COPY by the same rule) */
     if (Wp < 2 * tw + 2) Wp = 2 * tw + 2;
     w.in = x;
     if (d[E_COPY]) {
@@ -524,9 +514,9 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
     ptrdiff_t kc = w.isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
     ptrdiff_t parts = (C + kc - 1) / kc;
     w.cstep = (C + parts - 1) / parts;
-    /* bands of at most E_WINO tiles, as many as a multiple of the threads (each thread the
+    /* bands of at most E_GROUPS tiles, as many as a multiple of the threads (each thread the
      * same share), a thread at most per MR tiles */
-    ptrdiff_t band = d[E_WINO], slots = d[E_GROUPS];
+    ptrdiff_t band = d[E_GROUPS], slots = d[E_SLOTS];
     int threads = cnn_eng_threads(tiles * 16 * C * F);
     if (threads > slots) threads = (int)slots;
     if (threads > (tiles + MR - 1) / MR) threads = (int)((tiles + MR - 1) / MR);
@@ -536,7 +526,7 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
     ptrdiff_t bt = (tiles + bands - 1) / bands;
     bands = (tiles + bt - 1) / bt;
     ptrdiff_t vmax = band * C + CNN_ENG_WINO_SKEW, mmax = band * w.Fp + CNN_ENG_WINO_SKEW;
-    ptrdiff_t slot = (16 * (vmax + mmax) + 15) / 16 * 16;
+    ptrdiff_t slot = 16 * (vmax + mmax);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #ifdef _OPENMP
@@ -548,7 +538,7 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
 #pragma omp for schedule(static)
         for (ptrdiff_t b = 0; b < bands; b++) {
             ptrdiff_t ta = b * bt, nt = tiles - ta < bt ? tiles - ta : bt;
-            /* one point xi's tiles to the next: a cache line more than they take, since a
+            /* one point xi's tiles to the next: SKEW values more than they take, since a
              * power of two apart the 16 streams would fall in the same cache sets */
             ptrdiff_t vs = nt * C + CNN_ENG_WINO_SKEW, ms = nt * w.Fp + CNN_ENG_WINO_SKEW;
             CNN_ENG_S(cnn_eng_wino_in)(&w, ta, nt, V, vs);

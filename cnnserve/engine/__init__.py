@@ -100,7 +100,7 @@ os.register_at_fork(after_in_child=_fresh_locks_in_child)
     F_GROUPS,
     F_OFF_OFS,
     F_COPY,
-    F_WINO,
+    F_SLOTS,
     F_POOL,
     F_OPAD,
 ) = range(21)
@@ -115,7 +115,8 @@ WINO_MIN_CHANNELS = 24
 #: serves as many pixels as in an unfused conv.
 _FUSED_PIXELS = 48
 #: Bytes of a Winograd band's transformed tiles (V and M), each thread its own band: about
-#: half the L2 cache, the rest for the filters and the input's rows.
+#: half the L2 cache, the rest for the filters and the input's rows (wide layers take more:
+#: _WINO_MIN_BAND tiles, 3 MiB a thread for 512 channels).
 WINO_BAND_BYTES = 2**19
 #: Tiles in a Winograd band at least (wide layers): each point's filters (C x F values, read
 #: from L3 when large) serve this many tiles.
@@ -242,16 +243,16 @@ class Plan:
                 if op.pool:  # the conv's rows and columns the pool reads
                     HO, WO = HO * op.pool, WO * op.pool
                 th, tw = -(-HO // 2), -(-WO // 2)
-                if op.copy:
+                if op.copy:  # padded to whole 4 x 4 blocks, as cnn_eng_wino copies it
                     Hp, Wp = max(H + 2 * op.pad, 2 * th + 2), max(W + 2 * op.pad, 2 * tw + 2)
                     padded = max(padded, Hp * Wp * C * max_batch)
                 width = C + -(-F // _kernels.NR) * _kernels.NR
                 band = WINO_BAND_BYTES // (16 * width * dtype.itemsize)
                 band = min(max(_WINO_MIN_BAND, band), th * tw * max_batch)
-                slots = os.cpu_count() or 1
-                row[F_WINO], row[F_GROUPS], row[F_POOL] = band, slots, op.pool
-                skew = _kernels.WINO_SKEW
-                wino = max(wino, slots * -(-16 * (band * width + 2 * skew) // 16) * 16)
+                # a slot per thread that can have work (MR tiles at least), as cnn_eng_wino
+                slots = min(os.cpu_count() or 1, -(-th * tw * max_batch // _kernels.MR))
+                row[F_GROUPS], row[F_SLOTS], row[F_POOL] = band, slots, op.pool
+                wino = max(wino, slots * 16 * (band * width + 2 * _kernels.WINO_SKEW))
                 U = np.einsum("ai,fcij,bj->fcab", _WINO_G, op.weight, _WINO_G)
                 packed = [
                     _pack(U[:, :, a, b][:, :, None, None]) for a in range(4) for b in range(4)
@@ -274,7 +275,7 @@ class Plan:
                     rowpx = op.pool * op.pool * WO
                     rows = -(-_FUSED_PIXELS // rowpx)
                     slots = os.cpu_count() or 1
-                    row[F_POOL], row[F_GROUPS], row[F_WINO] = op.pool, rows, slots
+                    row[F_POOL], row[F_GROUPS], row[F_SLOTS] = op.pool, rows, slots
                     wino = max(wino, slots * -(-rows * rowpx * F // 16) * 16)
             if op.kind == ROWCONV:
                 F, _, kh, kw = op.weight.shape

@@ -39,9 +39,10 @@ class Op:
         self.eps = 0.0
         self.affine = False
         self.back = False  # TRANSPOSE: NHWC to NCHW (else NCHW to NHWC)
-        self.copy = 0  # CONV: F_COPY (0: input as it is, 1: padded NHWC copy, 2: from NCHW)
-        self.pool = 0  # CONV: a max pool of pool x pool at stride pool fused (out_shape its)
-        self.opad = 0  # CONV: its output written with the next conv's zero border
+        self.copy = 0  # CONV, WINO: F_COPY (0: input as it is, 1: padded NHWC copy, 2: NCHW)
+        self.pool = 0  # CONV, WINO: a max pool of pool x pool at stride pool fused (out_shape
+        # its); WINO: 2 x 2 only
+        self.opad = 0  # CONV, WINO: its output written with the next conv's zero border
         self.weight: np.ndarray | None = None  # CONV: (F, C, KH, KW)
         self.a: np.ndarray | None = None  # bias, scale or gamma (per channel)
         self.b: np.ndarray | None = None  # shift or beta
@@ -242,7 +243,9 @@ class Builder:
             k += 1
         # a conv followed by a padded conv writes its output with the border the next one
         # needs, which then reads it in place (no padded copy); a Winograd conv reads its
-        # input in place when it holds whole 4 x 4 blocks
+        # input in place when that holds whole 4 x 4 blocks (the rows and columns it computes
+        # are even: cnn_eng_wino pads to blocks by the same rule) and, if it pads, the conv
+        # before it writes the border
         for k, op in enumerate(ops):
             prev = ops[k - 1] if k else None
             by_prev = prev is not None and prev.kind in (CONV, WINO) and not prev.affine
@@ -250,7 +253,7 @@ class Builder:
                 prev.opad, op.copy = op.pad, 0
             if op.kind == WINO and op.copy != 2:
                 _, H, W = op.in_shape
-                F, HO, WO = op.out_shape
+                _, HO, WO = op.out_shape
                 if op.pool:
                     HO, WO = HO * op.pool, WO * op.pool
                 blocks = (
