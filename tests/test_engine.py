@@ -319,6 +319,11 @@ def test_a_wrong_out_is_a_clear_error():
         plan(x, out=np.zeros((2, 3), np.float64))
     with pytest.raises(ValueError, match=r"out must be C-contiguous \(its shape \(2, 3\) is"):
         plan(x, out=np.zeros((3, 2), np.float32).T)
+    frozen = np.zeros((2, 3), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        plan(x, out=frozen)
+    assert not frozen.any()
 
 
 def test_compile_refuses_what_it_cannot_plan():

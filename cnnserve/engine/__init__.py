@@ -348,7 +348,7 @@ class Plan:
             ``x`` or ``out`` is not a numpy array of the plan's dtype.
         ValueError
             ``x`` is not ``(N, *input_shape)`` with N >= 1, is not C-contiguous, or ``out``
-            does not have the output's shape or is not C-contiguous.
+            does not have the output's shape, is not C-contiguous or is read-only.
         """
         if not isinstance(x, np.ndarray) or x.dtype != self.dtype:
             got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
@@ -369,6 +369,8 @@ class Plan:
             raise ValueError(f"out must be a C-contiguous array of shape {shape}, got {out.shape}")
         elif not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous (its shape {shape} is right)")
+        elif not out.flags.writeable:
+            raise ValueError("out is read-only")
         self._run(x, out)
         return out
 
