@@ -55,6 +55,32 @@ static inline void CNN_ENG_S(cnn_eng_tile_any)(int avx2, int m, ptrdiff_t npos,
     CNN_ENG_S(cnn_eng_tile)(m, npos, off, c0, cn, w, b, o, fw, load, bias, relu);
 }
 
+/* The tiles this dtype's convs run: the CPU's best under the cap (float64: portable). */
+static inline int CNN_ENG_S(cnn_eng_tiles_isa)(void) {
+#if CNN_ENG_FLOAT32
+    return cnn_eng_isa();
+#else
+    return CNN_ENG_PORTABLE;
+#endif
+}
+
+/* Values of k in a chunk at most: the AVX-512 tile reads two panels' chunks at once, so its
+ * chunks are half as long (the same bytes in L1). */
+static inline ptrdiff_t CNN_ENG_S(cnn_eng_kc)(int isa) {
+    return isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
+}
+
+/* The calling thread's slot of a scratch buffer of slots of `slot` values (a thread's number
+ * is below the slots: ops cap their threads at E_SLOTS). */
+static inline T *CNN_ENG_S(cnn_eng_my_slot)(T *scratch, ptrdiff_t slot) {
+#ifdef _OPENMP
+    return scratch + omp_get_thread_num() * slot;
+#else
+    (void)slot;
+    return scratch;
+#endif
+}
+
 /* dst[j] = max(dst[j], u[j]) for j < n, a NaN winning (CNN_ENG_MAX): every max pool's
  * step, fused or not. */
 static inline __attribute__((always_inline)) void CNN_ENG_S(cnn_eng_max_into)(
@@ -235,16 +261,11 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
     c.off = (const ptrdiff_t *)(offs + d[E_OFF_OFS]);
     c.C = C, c.F = F, c.HO = HO, c.WO = WO, c.s = s, c.Hp = Hp, c.Wp = Wp;
     c.npos = npos, c.K = K, c.P = P, c.relu = (int)d[E_RELU];
-#if CNN_ENG_FLOAT32
-    c.isa = cnn_eng_isa();
-#else
-    c.isa = CNN_ENG_PORTABLE;
-#endif
+    c.isa = CNN_ENG_S(cnn_eng_tiles_isa)();
     c.avx2 = c.isa >= CNN_ENG_AVX2;
     /* chunks of k of at most kc values, as even as whole positions allow (C < kc), or one
-     * position's channels in even parts; the AVX-512 tile reads two panels' chunks at once,
-     * so its chunks are half as long (the same bytes in L1) */
-    ptrdiff_t kc = c.isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
+     * position's channels in even parts */
+    ptrdiff_t kc = CNN_ENG_S(cnn_eng_kc)(c.isa);
     c.per = npos, c.cstep = C;
     if (K > kc) {
         if (C >= kc) {
@@ -271,11 +292,7 @@ static void CNN_ENG_S(cnn_eng_conv)(const long long *d, const T *params, const l
         if (threads > d[E_SLOTS]) threads = (int)d[E_SLOTS];
 #pragma omp parallel num_threads(threads) if (threads > 1)
         {
-#ifdef _OPENMP
-            T *mine = scratch + omp_get_thread_num() * slot;
-#else
-            T *mine = scratch;
-#endif
+            T *mine = CNN_ENG_S(cnn_eng_my_slot)(scratch, slot);
 #pragma omp for schedule(static)
             for (ptrdiff_t item = 0; item < items; item++) {
                 /* pool rows r0 .. r1 - 1 (of all the images, in order): conv rows r0 * pool
@@ -505,13 +522,9 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
     w.th = th, w.tw = tw, w.Hp = Hp, w.Wp = Wp, w.pool = pool;
     w.HOy = d[E_HO], w.WOy = d[E_WO], w.opad = d[E_OPAD], w.relu = (int)d[E_RELU];
     CNN_ENG_S(cnn_eng_border)(out, N, F, w.HOy, w.WOy, w.opad);
-#if CNN_ENG_FLOAT32
-    w.isa = cnn_eng_isa();
-#else
-    w.isa = CNN_ENG_PORTABLE;
-#endif
+    w.isa = CNN_ENG_S(cnn_eng_tiles_isa)();
     w.avx2 = w.isa >= CNN_ENG_AVX2;
-    ptrdiff_t kc = w.isa == CNN_ENG_AVX512 ? CNN_ENG_KC / 2 : CNN_ENG_KC;
+    ptrdiff_t kc = CNN_ENG_S(cnn_eng_kc)(w.isa);
     ptrdiff_t parts = (C + kc - 1) / kc;
     w.cstep = (C + parts - 1) / parts;
     /* bands of at most E_GROUPS tiles, as many as a multiple of the threads (each thread the
@@ -529,12 +542,7 @@ static void CNN_ENG_S(cnn_eng_wino)(const long long *d, const T *params, const T
     ptrdiff_t slot = 16 * (vmax + mmax);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#ifdef _OPENMP
-        T *V = wino + omp_get_thread_num() * slot;
-#else
-        T *V = wino;
-#endif
-        T *M = V + 16 * vmax;
+        T *V = CNN_ENG_S(cnn_eng_my_slot)(wino, slot), *M = V + 16 * vmax;
 #pragma omp for schedule(static)
         for (ptrdiff_t b = 0; b < bands; b++) {
             ptrdiff_t ta = b * bt, nt = tiles - ta < bt ? tiles - ta : bt;
