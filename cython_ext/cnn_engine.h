@@ -179,7 +179,7 @@ static inline ptrdiff_t cnn_eng_split(ptrdiff_t blocks, ptrdiff_t panels, int th
  * moves (vmaskmovps) are microcoded and far slower than a few scalar moves. */
 __attribute__((target("avx2"))) static inline __m256 cnn_eng_load_part(const float *p, int n) {
     float t[8] = {0};
-    for (int j = 0; j < n; j++) t[j] = p[j];
+    for (int j = 0; j < n && j < 8; j++) t[j] = p[j]; /* n < 8: the bound tells GCC so */
     return _mm256_loadu_ps(t);
 }
 
@@ -187,7 +187,7 @@ __attribute__((target("avx2"))) static inline void cnn_eng_store_part(float *p, 
                                                                       __m256 v) {
     float t[8];
     _mm256_storeu_ps(t, v);
-    for (int j = 0; j < n; j++) p[j] = t[j];
+    for (int j = 0; j < n && j < 8; j++) p[j] = t[j];
 }
 
 /* A row of a tile (one pixel's channels) in and out: whole vectors, or the first fw channels
