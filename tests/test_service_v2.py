@@ -23,6 +23,8 @@ from tritonclient.utils import InferenceServerException
 from cnnserve.convert import load_fully_convolutional
 from cnnserve.data import digits_canvas
 from cnnserve.dense import score_map
+from cnnserve.service.errors import ServiceError
+from cnnserve.service.routes.v2 import parse_request
 from tests.live_server import server_process
 from tests.test_service import probabilities
 
@@ -178,6 +180,38 @@ def test_errors_have_the_protocols_form(server):
         with exc:
             assert exc.code == 400
             assert json.load(exc) == {"error": "inputs must be a list of one tensor named 'image'"}
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "message"),
+    [
+        (b'{"id": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, "nested too deep"),
+        (b'{"data": [' + b"9" * 5000 + b"]}", None, "a number it cannot read"),
+        (b"{}", "9" * 5000, "5000 digits long: too large"),
+        (b"{}", "12", "more than the body's 2 bytes"),
+        (b"[1]", None, "must be a JSON object"),
+    ],
+)
+def test_hostile_request_bodies_are_refused_before_any_work(body, header, message):
+    """Bodies that made Python's own parsers raise (found by a hostile client: 500s) are 400s."""
+    with pytest.raises(ServiceError, match=re.escape(message)) as info:
+        parse_request(body, header)
+    assert info.value.status == 400
+
+
+def test_a_datatype_that_is_not_a_string_is_a_400(server):
+    body = {"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": ["UINT8"]}]}
+    body["inputs"][0]["data"] = [0] * 64
+    req = urllib.request.Request(
+        server + "/v2/models/digits/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    with info.value as exc:
+        assert exc.code == 400
+        assert "has datatype ['UINT8']; expected UINT8 or FP32" in json.load(exc)["error"]
 
 
 def test_finite_fp32_values_that_overflow_the_network_are_refused(server):

@@ -195,6 +195,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()):
             raise _bad(f"{HEADER_LENGTH} {header_length!r} is not a number")
+        if len(header_length) > 18:  # more bytes than any body (and int() refuses 4300 digits)
+            raise _bad(f"{HEADER_LENGTH} is {len(header_length)} digits long: too large")
         n = int(header_length)
         if n > len(body):
             raise _bad(f"{HEADER_LENGTH} is {n}, more than the body's {len(body)} bytes")
@@ -205,6 +207,10 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         request = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"the inference request is not JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("the inference request is JSON nested too deep") from None
+    except ValueError as exc:  # an integer literal of more digits than Python converts
+        raise _bad(f"the inference request holds a number it cannot read: {exc}") from None
     if not isinstance(request, dict):
         raise _bad("the inference request must be a JSON object")
     return request, binary
@@ -218,7 +224,7 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     if name != "image":
         raise _bad(f"unknown input {name!r}: the one input is 'image'")
     datatype = spec.get("datatype")
-    if datatype not in _DTYPES:
+    if not isinstance(datatype, str) or datatype not in _DTYPES:
         raise _bad(f"input 'image' has datatype {datatype!r}; expected UINT8 or FP32")
     shape = spec.get("shape")
     if (
@@ -372,8 +378,8 @@ async def _infer(service: Any, request: Request, model: LoadedModel) -> Response
             "image send it as UINT8 (N, H, W, C)"
         )
     outputs = _outputs(inference, _CLASS_OUTPUTS if classify else _MAP_OUTPUTS)
-    if classify:
-        x = _classify_inputs(model, image)
+    if classify:  # off the event loop: decoding many UINT8 images takes a while
+        x = await asyncio.to_thread(_classify_inputs, model, image)
         scores = await service.classify(request, model, x)  # (N, K)
         if not np.all(np.isfinite(scores)):  # finite FP32 values too large for the network
             raise _bad(
